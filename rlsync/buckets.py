@@ -1,0 +1,206 @@
+"""Bucket layout: plan named tensors into aligned buckets, pack them, view them back, fingerprint.
+
+A plan is a plain `BucketPlan` value (see `rlsync.protocol`): computed once from names,
+dtypes and shapes, cached while those stay the same, and sent as metadata so the receiver
+can validate the whole update before a single byte arrives. Packing copies (and casts) each
+tensor into its slot of a flat uint8 buffer; unpacking returns zero-copy views. Nothing here
+knows which transport moves the buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from rlsync.protocol import Bucket, BucketPlan, TensorSpec
+
+DEFAULT_ALIGNMENT = 256
+DEFAULT_BUCKET_BYTES = 64 << 20
+MAX_PLAN_BYTES = 1 << 44  # 16 TiB: anything above is a corrupt plan, not a model
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+              torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        _DTYPES[_name] = getattr(torch, _name)
+
+
+class PlanError(ValueError):
+    """A bucket plan that cannot describe a real buffer; the message names the tensor."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise PlanError(f"unknown dtype {name!r}") from None
+
+
+def align_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    return math.prod(shape) * dtype_from_name(dtype).itemsize
+
+
+def plan_buckets(specs: Iterable[tuple[str, str, Sequence[int]]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 alignment: int = DEFAULT_ALIGNMENT) -> BucketPlan:
+    """Greedy, order-preserving plan: fill a bucket until the next tensor would overflow it.
+
+    A tensor larger than `bucket_bytes` gets a bucket of its own. Each tensor starts at an
+    `alignment`-byte offset and each bucket's size is rounded up to `alignment`.
+    """
+    if bucket_bytes <= 0 or alignment <= 0 or alignment % 8:
+        raise PlanError(f"bucket_bytes={bucket_bytes} and alignment={alignment} must be >0 (alignment %8)")
+    buckets: list[Bucket] = []
+    current: list[TensorSpec] = []
+    used = 0
+    for name, dtype, shape in specs:
+        nbytes = tensor_nbytes(dtype, shape)
+        start = align_up(used, alignment)
+        if current and start + nbytes > bucket_bytes:
+            buckets.append(Bucket(nbytes=align_up(used, alignment), tensors=current))
+            current, start = [], 0
+        current.append(TensorSpec(name=name, dtype=dtype, shape=list(shape), offset=start, nbytes=nbytes))
+        used = start + nbytes
+    if current:
+        buckets.append(Bucket(nbytes=max(align_up(used, alignment), alignment), tensors=current))
+    plan = BucketPlan(alignment=alignment, buckets=buckets)
+    validate_plan(plan)
+    return plan
+
+
+def specs_of(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
+             ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of each tensor: the key a cached plan is valid for."""
+    return [(n, dtype_name(dtype or t.dtype), tuple(t.shape)) for n, t in named_tensors]
+
+
+def validate_plan(plan: BucketPlan) -> int:
+    """Check a plan describes real, disjoint, aligned slots; return its total bytes."""
+    if plan.alignment <= 0 or plan.alignment % 8:
+        raise PlanError(f"alignment {plan.alignment} must be a positive multiple of 8")
+    total, seen = 0, set()
+    for b, bucket in enumerate(plan.buckets):
+        if bucket.nbytes <= 0 or bucket.nbytes % plan.alignment:
+            raise PlanError(f"bucket {b}: nbytes {bucket.nbytes} not a positive multiple of {plan.alignment}")
+        end = 0
+        for spec in bucket.tensors:
+            _validate_spec(spec, bucket, b, plan.alignment, end)
+            if spec.name in seen:
+                raise PlanError(f"{spec.name}: appears twice in the plan")
+            seen.add(spec.name)
+            end = spec.offset + spec.nbytes
+        total += bucket.nbytes
+        if total > MAX_PLAN_BYTES:
+            raise PlanError(f"bucket {b}: plan exceeds {MAX_PLAN_BYTES} bytes")
+    return total
+
+
+def _validate_spec(spec: TensorSpec, bucket: Bucket, b: int, alignment: int, prev_end: int) -> None:
+    where = f"bucket {b} tensor {spec.name!r}"
+    if any((not isinstance(d, int)) or d < 0 for d in spec.shape):
+        raise PlanError(f"{where}: negative or non-int dim in shape {spec.shape}")
+    expected = tensor_nbytes(spec.dtype, spec.shape)
+    if spec.nbytes != expected:
+        raise PlanError(f"{where}: nbytes {spec.nbytes} != {expected} for {spec.dtype}{spec.shape}")
+    if spec.offset % alignment:
+        raise PlanError(f"{where}: offset {spec.offset} not aligned to {alignment}")
+    if spec.offset < prev_end:
+        raise PlanError(f"{where}: offset {spec.offset} overlaps the previous tensor (ends {prev_end})")
+    if spec.offset + spec.nbytes > bucket.nbytes:
+        raise PlanError(f"{where}: ends at {spec.offset + spec.nbytes}, past bucket size {bucket.nbytes}")
+
+
+def plan_total_bytes(plan: BucketPlan) -> int:
+    return sum(b.nbytes for b in plan.buckets)
+
+
+def plan_tensor_specs(plan: BucketPlan) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in the plan."""
+    return {s.name: (s.dtype, tuple(s.shape)) for b in plan.buckets for s in b.tensors}
+
+
+def pack_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Copy each tensor of `bucket` into `out` (uint8, >= bucket.nbytes), casting to the plan's
+    dtype; padding is zeroed so equal weights always give equal bytes and fingerprints."""
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < bucket.nbytes:
+        raise PlanError(f"pack target must be a 1-D uint8 buffer of >= {bucket.nbytes} bytes")
+    end = 0
+    for spec in bucket.tensors:
+        if spec.offset > end:
+            out[end:spec.offset].zero_()
+        _view(out, spec).copy_(tensors[spec.name])
+        end = spec.offset + spec.nbytes
+    if bucket.nbytes > end:
+        out[end:bucket.nbytes].zero_()
+
+
+def bucket_views(bucket: Bucket, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Zero-copy (name, tensor) views of a packed bucket; they share storage with `buf`."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < bucket.nbytes:
+        raise PlanError(f"bucket buffer must be a 1-D uint8 tensor of >= {bucket.nbytes} bytes")
+    return [(spec.name, _view(buf, spec)) for spec in bucket.tensors]
+
+
+def _view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    raw = buf[spec.offset:spec.offset + spec.nbytes]
+    return raw.view(dtype_from_name(spec.dtype)).view(spec.shape)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+_MIX_POS = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: spreads word positions
+_MIX_VAL = -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64, odd: keeps every bit flip visible
+_CHUNK_WORDS = 1 << 21
+_pos_cache: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def fingerprint(buf: torch.Tensor) -> torch.Tensor:
+    """A 64-bit fingerprint of a byte buffer, as a 0-dim int64 tensor on the buffer's device.
+
+    sum_i ((w_i ^ (i * A)) * B) mod 2^64 over the 8-byte words w_i. B is odd, so flipping any
+    single bit changes the sum; the position term makes swapped words visible. Runs as torch
+    ops on the buffer's own device (no host round trip on a GPU), in bounded chunks.
+    """
+    flat = buf.reshape(-1).view(torch.uint8)
+    tail = flat.numel() % 8
+    if tail:
+        flat = torch.cat([flat, flat.new_zeros(8 - tail)])
+    words = flat.view(torch.int64)
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), _CHUNK_WORDS):
+        chunk = words[start:start + _CHUNK_WORDS]
+        pos = _positions(words.device, chunk.numel()) + _wrap64(start * _MIX_POS)
+        total += ((chunk ^ pos) * _MIX_VAL).sum()
+    return total + flat.numel()
+
+
+def _wrap64(n: int) -> int:
+    return (n + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def fingerprint_int(buf: torch.Tensor) -> int:
+    return int(fingerprint(buf).item())
+
+
+def tensor_fingerprint(t: torch.Tensor) -> int:
+    """Fingerprint of a tensor's logical bytes (contiguous copy if strided)."""
+    return fingerprint_int(t.detach().contiguous().reshape(-1).view(torch.uint8))
+
+
+def _positions(device: torch.device, n: int) -> torch.Tensor:
+    key = (device, n)
+    if key not in _pos_cache:
+        _pos_cache[key] = torch.arange(n, dtype=torch.int64, device=device) * _MIX_POS
+    return _pos_cache[key]
