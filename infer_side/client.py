@@ -1,0 +1,226 @@
+"""Talk to an engine process: typed methods over `rlsync.rpc.RpcClient`, and `launch_engine`.
+
+    with launch_engine(model_dir, kv_tokens=2048) as engine:
+        outs = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))
+        engine.flush_cache()
+
+Control methods raise `RpcError` when the engine says no, `RpcTimeout` when it does not answer
+and `EngineDead` when its process is gone. Generation never raises for a rejected request:
+its output carries `error`. Nothing here knows how the engine works inside.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from rlsync.endpoints import private_ipc_endpoint, remove_private_endpoint
+from rlsync.protocol import (
+    Abort,
+    ContinueGeneration,
+    FlushCache,
+    Generate,
+    GenerateOutput,
+    GetInfo,
+    GetWeightsFingerprint,
+    PauseGeneration,
+    PauseMode,
+    Result,
+    SamplingParams,
+    Shutdown,
+)
+from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
+
+READY_PREFIX = "ready at "
+
+
+class EngineStartError(RuntimeError):
+    """The engine process exited or stayed silent before printing `ready at`."""
+
+
+class EngineClient:
+    """Typed calls to one engine; owns the engine's process when `launch_engine` started it."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 120.0,
+                 process: subprocess.Popen | None = None, owns_endpoint: bool = False,
+                 logs: tuple[IO[bytes], IO[bytes]] | None = None):
+        self.endpoint = endpoint
+        self.process = process
+        liveness = (lambda: process.poll() is None) if process is not None else None
+        self.rpc = RpcClient(endpoint, timeout_s=timeout_s, liveness=liveness)
+        self._logs = logs
+        self._cleanup = weakref.finalize(self, _reap, process, endpoint if owns_endpoint else None,
+                                         self.rpc, logs)
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, timeout_s: float | None = None) -> list[GenerateOutput]:
+        """One finished output per prompt, in prompt order."""
+        requests = _requests(prompts, sampling, stream=False)
+        index = {req.request_id: i for i, req in enumerate(requests)}
+        results: list[GenerateOutput | None] = [None] * len(requests)
+        for out in self.rpc.generate(requests, timeout_s):
+            results[index[out.request_id]] = out
+        assert all(out is not None for out in results), "rpc.generate ends when all finished"
+        return results  # type: ignore[return-value]
+
+    def generate_stream(self, prompts: Sequence[Sequence[int]],
+                        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                        *, timeout_s: float | None = None) -> Iterator[tuple[int, GenerateOutput]]:
+        """(prompt index, chunk) as tokens arrive; each chunk holds only the new tokens, and
+        the last chunk of a prompt has `finished=True`. `chunk.request_id` can be aborted."""
+        requests = _requests(prompts, sampling, stream=True)
+        index = {req.request_id: i for i, req in enumerate(requests)}
+        for out in self.rpc.generate(requests, timeout_s):
+            yield index[out.request_id], out
+
+    # ------------------------------------------------------------ control
+
+    def abort(self, request_id: str) -> Result:
+        return self.rpc.call_ok(Abort(target_id=request_id))
+
+    def flush_cache(self, empty_cache: bool = True) -> Result:
+        """Reset the prefix cache and KV pool (fails unless the engine is idle)."""
+        return self.rpc.call_ok(FlushCache(empty_cache=empty_cache))
+
+    def pause(self, mode: PauseMode = "abort") -> Result:
+        return self.rpc.call_ok(PauseGeneration(mode=mode))
+
+    def continue_generation(self) -> Result:
+        return self.rpc.call_ok(ContinueGeneration())
+
+    def info(self) -> dict[str, Any]:
+        """GetInfo's payload: weight version, model config, KV pool and prefix-cache usage."""
+        return self.rpc.call_ok(GetInfo()).payload
+
+    def fingerprints(self, names: list[str] | None = None) -> dict[str, Any]:
+        """GetWeightsFingerprint's payload (None: every tensor)."""
+        return self.rpc.call_ok(GetWeightsFingerprint(names=names)).payload
+
+    def shutdown(self, timeout_s: float | None = None) -> Result:
+        """Ask the engine to stop; waits for its process to exit when this client started it."""
+        result = self.rpc.call_ok(Shutdown(), timeout_s)
+        if self.process is not None:
+            self.process.wait(timeout=self.rpc.timeout_s if timeout_s is None else timeout_s)
+        return result
+
+    # ------------------------------------------------------------ lifetime
+
+    def stderr_tail(self, max_bytes: int = 4000) -> str:
+        """The end of the engine process's stderr (only when launch_engine started it)."""
+        return _tail(self._logs[1], max_bytes) if self._logs else ""
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Close the socket; stop the process this client started (Shutdown, then terminate,
+        then kill) and remove its private endpoint directory. Safe to call twice."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.rpc.call(Shutdown(), timeout_s=grace_s)
+                self.process.wait(timeout=grace_s)
+            except (RpcTimeout, EngineDead, RuntimeError, subprocess.TimeoutExpired):
+                pass  # _reap terminates it
+        self._cleanup()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
+                  kv_tokens: int = 4096, device: str = "cpu", dtype: str | None = None,
+                  threads: int | None = None, extra_args: Sequence[str] = (),
+                  start_timeout_s: float = 120.0, call_timeout_s: float = 120.0) -> EngineClient:
+    """Start `python -m infer_side.server` and return a client once it prints `ready at`.
+
+    Without `endpoint` the engine listens on a fresh private ipc:// socket that the client
+    removes on close. Raises EngineStartError (with the engine's stderr tail) if the process
+    dies or is not ready within `start_timeout_s`.
+    """
+    owns_endpoint = endpoint is None
+    endpoint = endpoint or private_ipc_endpoint("engine")
+    cmd = [sys.executable, "-m", "infer_side.server", "--model", os.path.abspath(model_dir),
+           "--endpoint", endpoint, "--kv-tokens", str(kv_tokens), "--device", device,
+           *(["--dtype", dtype] if dtype else []),
+           *(["--threads", str(threads)] if threads else []), *extra_args]
+    logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
+    process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logs[0], stderr=logs[1],
+                               env=_child_env())
+    try:
+        bound = _wait_ready(process, logs, start_timeout_s)
+    except BaseException:
+        _reap(process, endpoint if owns_endpoint else None, None, logs)
+        raise
+    return EngineClient(bound, timeout_s=call_timeout_s, process=process,
+                        owns_endpoint=owns_endpoint, logs=logs)
+
+
+def _requests(prompts: Sequence[Sequence[int]],
+              sampling: SamplingParams | Sequence[SamplingParams] | None,
+              stream: bool) -> list[Generate]:
+    if sampling is None or isinstance(sampling, SamplingParams):
+        sampling = [sampling or SamplingParams()] * len(prompts)
+    if len(sampling) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(sampling)} SamplingParams")
+    return [Generate(request_id=os.urandom(16).hex(), input_ids=list(p), sampling=s, stream=stream)
+            for p, s in zip(prompts, sampling, strict=True)]
+
+
+def _wait_ready(process: subprocess.Popen, logs: tuple[IO[bytes], IO[bytes]],
+                timeout_s: float) -> str:
+    """Poll the engine's stdout for the `ready at` line; return the endpoint it names."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in _tail(logs[0], 1 << 16).splitlines():
+            if line.startswith(READY_PREFIX):
+                return line[len(READY_PREFIX):].strip()
+        if process.poll() is not None:
+            raise EngineStartError(f"engine exited with code {process.returncode} before it was "
+                                   f"ready; stderr tail:\n{_tail(logs[1], 4000)}")
+        time.sleep(0.02)
+    raise EngineStartError(f"engine not ready within {timeout_s:g} s; stderr tail:\n"
+                           f"{_tail(logs[1], 4000)}")
+
+
+def _tail(log: IO[bytes], max_bytes: int) -> str:
+    """Last bytes of a log file the child writes to (pread: our offset is the child's too)."""
+    if log.closed:
+        return ""
+    size = os.fstat(log.fileno()).st_size
+    start = max(0, size - max_bytes)
+    return os.pread(log.fileno(), size - start, start).decode(errors="replace")
+
+
+def _reap(process: subprocess.Popen | None, endpoint: str | None, rpc: RpcClient | None,
+          logs: tuple[IO[bytes], IO[bytes]] | None) -> None:
+    """Stop the process (terminate, then kill), close the socket, remove the private dir."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if rpc is not None:
+        rpc.close()
+    if endpoint is not None:
+        remove_private_endpoint(endpoint)
+    for log in logs or ():
+        log.close()
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with this checkout first on PYTHONPATH so the child runs our server."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}

@@ -1,0 +1,225 @@
+"""The engine process: a ZMQ ROUTER socket around an EngineCore, driven by one busy loop.
+
+The core holds all engine logic; this file only moves frames. It knows nothing about models,
+KV or weights: it decodes requests, hands them to `core.process`, steps the core while it has
+work, and routes every output back to the client that sent its request_id.
+
+    python -m infer_side.server --model DIR [--endpoint E] [--kv-tokens N] [--device cpu]
+
+prints `ready at ENDPOINT` on stdout once the model is loaded and the socket is bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+import zmq
+
+from rlsync.codec import ProtocolError, decode, encode
+from rlsync.endpoints import check_endpoint, private_ipc_endpoint, remove_private_endpoint
+from rlsync.protocol import Message, Result
+from rlsync.rpc import ENGINE_DEAD_PREFIX, is_final
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 50
+"""How long the loop sleeps in poll when the core has no work."""
+SEND_LINGER_MS = 2000
+"""On exit, how long queued replies (e.g. Shutdown's Result) may take to leave."""
+
+
+class Core(Protocol):
+    """What the server needs from an engine core (infer_side.engine_core.EngineCore)."""
+
+    shutdown_requested: bool
+
+    def process(self, msg: Message) -> list[Message]: ...
+    def step(self) -> list[Message]: ...
+    def has_work(self) -> bool: ...
+
+
+def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | None = None,
+          *, context: zmq.Context | None = None) -> None:
+    """Bind `endpoint` and run the busy loop until a Shutdown has been processed.
+
+    Loop: drain every pending frame -> core.process each -> core.step() if it has work ->
+    route outputs to their senders -> sleep in poll only when idle. If the core raises, every
+    client with a request in flight gets Result(success=False, "engine dead: ...") and the
+    exception propagates (the process exits non-zero).
+    """
+    sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+    try:
+        sock.bind(check_endpoint(endpoint))
+        router = Router(sock)
+        if ready_callback is not None:
+            ready_callback(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        try:
+            while not core.shutdown_requested:
+                for msg in router.drain():
+                    router.route(core.process(msg))
+                if core.has_work():
+                    router.route(core.step())
+                elif not core.shutdown_requested:
+                    sock.poll(POLL_MS, zmq.POLLIN)
+        except Exception as exc:
+            router.fail_all(f"{ENGINE_DEAD_PREFIX}{type(exc).__name__}: {exc}")
+            raise
+        router.fail_all("engine shut down before this request finished")
+    finally:
+        sock.close(linger=SEND_LINGER_MS)
+
+
+class Router:
+    """Frames in and out of the ROUTER socket, and who asked for which request_id."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.owners: dict[str, bytes] = {}
+        """request_id -> identity of the client awaiting it; dropped after the final reply."""
+
+    def drain(self) -> list[Message]:
+        """Every frame waiting on the socket, decoded; bad ones are answered here and skipped."""
+        batch = []
+        while True:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return batch
+            msg = self._accept(parts)
+            if msg is not None:
+                batch.append(msg)
+
+    def route(self, outputs: list[Message]) -> None:
+        """Send each output to the client that owns its request_id."""
+        for out in outputs:
+            identity = self.owners.get(out.request_id)
+            if identity is None:
+                log.warning("dropping %s for unknown request_id %r", type(out).__name__,
+                            out.request_id)
+                continue
+            if is_final(out):
+                self.owners.pop(out.request_id, None)
+            self._send(identity, out)
+
+    def fail_all(self, message: str) -> None:
+        """Give every request still in flight a failed Result, so no client waits for it."""
+        for rid, identity in self.owners.items():
+            self._send(identity, Result(request_id=rid, success=False, message=message))
+        self.owners.clear()
+
+    def _accept(self, parts: list[bytes]) -> Message | None:
+        identity, frames = parts[0], parts[1:]
+        if len(frames) != 1:
+            return self._reject(identity, "", f"expected one frame per message, got {len(frames)}")
+        try:
+            msg = decode(frames[0])
+        except ProtocolError as exc:
+            return self._reject(identity, _guess_request_id(frames[0]), f"ProtocolError: {exc}")
+        if not msg.request_id:
+            return self._reject(identity, "", f"{type(msg).__name__}.request_id: must not be empty")
+        if msg.request_id in self.owners:
+            return self._reject(identity, msg.request_id,
+                                f"{type(msg).__name__}.request_id: {msg.request_id!r} is already in flight")
+        self.owners[msg.request_id] = identity
+        return msg
+
+    def _reject(self, identity: bytes, rid: str, message: str) -> None:
+        log.warning("rejected a frame (request_id %r): %s", rid, message)
+        self._send(identity, Result(request_id=rid, success=False, message=message))
+
+    def _send(self, identity: bytes, msg: Message) -> None:
+        try:
+            frame = encode(msg)
+        except Exception as exc:  # a core reply msgpack cannot hold; say so instead of dying
+            frame = encode(Result(request_id=msg.request_id, success=False,
+                                  message=f"reply {type(msg).__name__} not encodable: {exc}"))
+        # ROUTER drops (never blocks on) messages to clients that are gone or too slow.
+        self.sock.send_multipart([identity, frame], zmq.NOBLOCK)
+
+
+def _guess_request_id(frame: bytes) -> str:
+    """The request_id of an invalid frame, when its envelope is readable; else ""."""
+    try:
+        raw = msgpack.unpackb(frame, raw=False, max_str_len=1 << 16, max_bin_len=1 << 16)
+        rid = raw[1]["request_id"]
+    except Exception:  # any malformation just means "not attributable"
+        return ""
+    return rid if isinstance(rid, str) and len(rid) <= 128 else ""
+
+
+# ---------------------------------------------------------------- process entry point
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine options shared by `python -m infer_side.server` and `rlsync serve`."""
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--endpoint", default=None,
+                        help="ipc:///path or tcp://host:port (default: private ipc:// socket)")
+    parser.add_argument("--kv-tokens", type=int, default=4096, help="KV pool size in tokens")
+    parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="weights dtype (default: checkpoint's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: leave torch's default)")
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    """Load the model, bind, print `ready at ENDPOINT`, serve until Shutdown. Returns the
+    exit code: 0 after Shutdown, 1 if the core crashed, 2 for bad options."""
+    import torch
+
+    from infer_side.engine_core import EngineCore
+    from rlsync.config import ConfigError, EngineConfig
+
+    endpoint = args.endpoint or private_ipc_endpoint("engine")
+    try:
+        check_endpoint(endpoint)
+        cfg = EngineConfig(kv_tokens=args.kv_tokens, max_running=args.max_running,
+                           device=args.device, dtype=args.dtype, endpoint=endpoint)
+    except (ValueError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        core = EngineCore.from_checkpoint(args.model, cfg)
+        serve(core, endpoint, _print_ready)
+    except zmq.ZMQError as exc:
+        print(f"error: cannot serve on {endpoint}: {exc}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        if args.endpoint is None:
+            remove_private_endpoint(endpoint)
+    return 0
+
+
+def _print_ready(endpoint: str) -> None:
+    print(f"ready at {endpoint}", flush=True)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, closing the socket
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infer_side.server", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return run_engine(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Calls to an engine over one ZMQ DEALER socket: control calls, pipelined sends, generation.
+
+Used by both sides (the trainer's weight pusher and the engine client), so it knows nothing
+about either: it sends protocol messages, pairs replies with calls by `request_id`, and bounds
+every wait. Waits poll the socket in short slices so a dead peer (`liveness()` returns False)
+raises `EngineDead` within a slice instead of waiting out the timeout.
+
+Thread safety: one lock guards the socket; whichever thread holds it reads every pending
+reply into a per-request inbox, so concurrent calls from several threads each get their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import TypeVar
+
+import zmq
+
+from rlsync.codec import ProtocolError, decode, encode
+from rlsync.endpoints import check_endpoint
+from rlsync.protocol import Abort, Generate, GenerateOutput, Message, Result
+
+log = logging.getLogger(__name__)
+
+ENGINE_DEAD_PREFIX = "engine dead: "
+"""A Result whose message starts with this says the engine crashed; clients raise EngineDead."""
+SLICE_S = 0.05
+"""Longest single poll; liveness is checked between slices."""
+
+M = TypeVar("M", bound=Message)
+
+
+class RpcTimeout(TimeoutError):
+    """No reply within the timeout."""
+
+
+class EngineDead(RuntimeError):
+    """The engine process is gone (liveness check failed or it reported its own crash)."""
+
+
+class RpcError(RuntimeError):
+    """The engine answered a control call with success=False; the message is the engine's."""
+
+    def __init__(self, msg: Message, result: Result):
+        super().__init__(f"{type(msg).__name__} failed: {result.message}")
+        self.result = result
+
+
+def is_final(msg: Message) -> bool:
+    """True for the last reply a request gets: a finished GenerateOutput, or a Result that is
+    not an interim "accepted" (weight updates answer twice: accepted, then done)."""
+    if isinstance(msg, GenerateOutput):
+        return msg.finished
+    return not (isinstance(msg, Result) and msg.payload.get("stage") == "accepted")
+
+
+class RpcClient:
+    """Request/reply client of one engine endpoint."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float,
+                 liveness: Callable[[], bool] | None = None, context: zmq.Context | None = None):
+        self.endpoint = check_endpoint(endpoint)
+        self.timeout_s = timeout_s
+        self.liveness = liveness
+        self._lock = threading.Lock()
+        self._inbox: dict[str, deque[Message]] = {}
+        self._loose: dict[str, str] = {}  # id -> type name of messages sent with send()
+        self._sock: zmq.Socket | None = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+
+    # ------------------------------------------------------------ public calls
+
+    def call(self, msg: Message, timeout_s: float | None = None) -> Result:
+        """Send a control message and wait for its Result (success or not)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        rid = self._send(msg, timeout)
+        try:
+            reply = self._wait_for(rid, _deadline(timeout), msg, timeout)
+        finally:
+            self._forget(rid)
+        if not isinstance(reply, Result):
+            raise ProtocolError(type(reply).__name__, f"expected a Result for {type(msg).__name__}")
+        return reply
+
+    def call_ok(self, msg: Message, timeout_s: float | None = None) -> Result:
+        """`call`, raising RpcError when the engine answers success=False."""
+        result = self.call(msg, timeout_s)
+        if not result.success:
+            raise RpcError(msg, result)
+        return result
+
+    def send(self, msg: M) -> M:
+        """Send without waiting; collect the reply with `recv`. Returns the message as sent
+        (with its request_id filled in)."""
+        msg = _with_id(msg)
+        self._send(msg, self.timeout_s)
+        with self._lock:
+            self._loose[msg.request_id] = type(msg).__name__
+        return msg
+
+    def recv(self, timeout_s: float | None = None) -> Message:
+        """The next reply to any message sent with `send`."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = _deadline(timeout)
+        while True:
+            reply = self._pop_loose()
+            if reply is not None:
+                return _raise_if_dead(reply)
+            if not self._loose:
+                raise RuntimeError("recv: nothing was sent with send() that still awaits a reply")
+            self._pump(deadline, ", ".join(sorted(set(self._loose.values()))), timeout)
+
+    def generate(self, requests: Iterable[Generate],
+                 timeout_s: float | None = None) -> Iterator[GenerateOutput]:
+        """Send every request, then yield outputs in the order they finish (stream chunks as
+        they come). `timeout_s` bounds the whole batch; on timeout or early exit the unfinished
+        requests are aborted. A Result for a request (rejected) is yielded as an error output.
+        """
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = _deadline(timeout)
+        waiting: set[str] = set()
+        try:
+            for req in requests:
+                waiting.add(self._send(req, timeout))
+            while waiting:
+                yield from self._take_outputs(waiting)
+                if waiting:
+                    self._pump(deadline, f"Generate x{len(waiting)}", timeout)
+        finally:
+            self._abandon(waiting)
+
+    def close(self) -> None:
+        """Close the socket at once (linger 0: unsent messages are dropped)."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close(linger=0)
+                self._sock = None
+
+    def __enter__(self) -> RpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _send(self, msg: Message, timeout: float, *, track: bool = True) -> str:
+        """Send one message; with `track`, its replies are kept for this client to collect."""
+        msg = _with_id(msg)
+        frame = encode(msg)
+        with self._lock:
+            sock = self._open_socket()
+            if track:
+                self._inbox.setdefault(msg.request_id, deque())
+            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                self._inbox.pop(msg.request_id, None)
+                raise RpcTimeout(f"{self.endpoint}: could not send {type(msg).__name__} "
+                                 f"within {timeout:g} s")
+            sock.send(frame, zmq.NOBLOCK)
+        return msg.request_id
+
+    def _wait_for(self, rid: str, deadline: float, msg: Message, timeout: float) -> Message:
+        while True:
+            replies = self._take(rid)
+            if replies:
+                return _raise_if_dead(replies[0])
+            self._pump(deadline, type(msg).__name__, timeout)
+
+    def _pump(self, deadline: float, what: str, timeout: float) -> None:
+        """Wait one slice for replies and file them; raise on timeout or a dead peer.
+
+        A dead peer's last replies may still be in flight, so after liveness fails we keep
+        reading while slices bring data, and raise EngineDead at the first empty slice.
+        """
+        alive = self.liveness is None or self.liveness()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RpcTimeout(f"{self.endpoint}: no reply to {what} within {timeout:g} s")
+        with self._lock:
+            sock = self._open_socket()
+            got = bool(sock.poll(int(min(remaining, SLICE_S) * 1000) + 1, zmq.POLLIN))
+            if got:
+                self._drain(sock)
+        if not alive and not got:
+            raise EngineDead(f"{self.endpoint}: engine is gone (liveness check failed) "
+                             f"while waiting for {what}")
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = decode(frame)
+            except ProtocolError as exc:
+                log.warning("%s: dropping an undecodable reply: %s", self.endpoint, exc)
+                continue
+            box = self._inbox.get(reply.request_id)
+            if box is None:
+                log.debug("%s: dropping %s for unknown request_id %r", self.endpoint,
+                          type(reply).__name__, reply.request_id)
+                continue
+            box.append(reply)
+
+    def _take(self, rid: str) -> list[Message]:
+        with self._lock:
+            box = self._inbox.get(rid)
+            replies = list(box) if box else []
+            if box:
+                box.clear()
+            return replies
+
+    def _take_outputs(self, waiting: set[str]) -> list[GenerateOutput]:
+        """Outputs that arrived for `waiting`; finished requests leave it."""
+        outputs = []
+        for rid in list(waiting):
+            for reply in self._take(rid):
+                out = _as_output(reply)
+                if out.finished:
+                    waiting.discard(rid)
+                    self._forget(rid)
+                outputs.append(out)
+        return outputs
+
+    def _pop_loose(self) -> Message | None:
+        with self._lock:
+            for rid in list(self._loose):
+                box = self._inbox.get(rid)
+                if box:
+                    reply = box.popleft()
+                    if is_final(reply):
+                        del self._loose[rid]
+                        del self._inbox[rid]
+                    return reply
+        return None
+
+    def _forget(self, rid: str) -> None:
+        with self._lock:
+            self._inbox.pop(rid, None)
+
+    def _abandon(self, rids: set[str]) -> None:
+        """Stop waiting for unfinished generations and ask the engine to abort them; the
+        Abort's own Result and any late outputs are dropped on arrival."""
+        for rid in rids:
+            self._forget(rid)
+            try:
+                self._send(Abort(target_id=rid), SLICE_S, track=False)
+            except (RpcTimeout, zmq.ZMQError, RuntimeError):
+                log.debug("%s: could not abort %s", self.endpoint, rid)
+
+    def _open_socket(self) -> zmq.Socket:
+        if self._sock is None:
+            raise RuntimeError(f"{self.endpoint}: client is closed")
+        return self._sock
+
+
+def _deadline(timeout: float) -> float:
+    return time.monotonic() + timeout
+
+
+def _with_id(msg: M) -> M:
+    if msg.request_id:
+        return msg
+    return replace(msg, request_id=uuid.uuid4().hex)
+
+
+def _raise_if_dead(reply: Message) -> Message:
+    if isinstance(reply, Result) and not reply.success and reply.message.startswith(ENGINE_DEAD_PREFIX):
+        raise EngineDead(reply.message)
+    return reply
+
+
+def _as_output(reply: Message) -> GenerateOutput:
+    _raise_if_dead(reply)
+    if isinstance(reply, GenerateOutput):
+        return reply
+    message = reply.message if isinstance(reply, Result) else f"unexpected {type(reply).__name__}"
+    return GenerateOutput(request_id=reply.request_id, finished=True, finish_reason="abort",
+                          error=message or "request rejected")
