@@ -1,0 +1,135 @@
+"""How an engine validates and receives one weight update, per transport.
+
+`validate` runs on the loop thread before anything is accepted; `receive` runs on the update's
+worker thread and writes only into the target store it is given (the shadow copy, or the live
+weights while the engine refuses to generate). The bytes themselves move through
+`rlsync.transports`; this module only maps buckets and files onto the engine's weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infer_side.update_job import UpdateJob
+from infer_side.weights import ModelWeights
+from rlsync.buckets import bucket_views, plan_total_bytes, validate_plan
+from rlsync.protocol import (
+    Bucket, BucketPlan, InitWeightsGroup, UpdateWeightsFromDisk, UpdateWeightsFromDistributed,
+    UpdateWeightsFromIPC,
+)
+from rlsync.transports import disk
+from rlsync.transports.broadcast import BroadcastGroup, recv_buckets
+from rlsync.transports.ipc import open_receiver
+
+
+class Links:
+    """The engine's transport endpoints that outlive one update: broadcast groups by name and
+    IPC receivers by buffer name (opened once, reused for every push)."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, BroadcastGroup] = {}
+        self.ipc: dict[str, Any] = {}
+
+    def init_group(self, msg: InitWeightsGroup) -> None:
+        if msg.group_name in self.groups:
+            raise ValueError(f"group {msg.group_name!r} already exists; destroy it first")
+        self.groups[msg.group_name] = BroadcastGroup.create(
+            master_address=msg.master_address, master_port=msg.master_port,
+            rank=msg.rank_offset, world_size=msg.world_size, backend=msg.backend,
+            timeout_s=msg.timeout_s, group_name=msg.group_name)
+
+    def destroy_group(self, name: str) -> bool:
+        group = self.groups.pop(name, None)
+        if group is not None:
+            group.destroy()
+        return group is not None
+
+    def receiver(self, msg: UpdateWeightsFromIPC) -> Any:
+        """The IPC receiver for this buffer, opened on first use; a new name replaces it."""
+        key = f"{msg.buffer.kind}:{msg.buffer.control_name}"
+        current = self.ipc.get(key)
+        if current is None or current.buffer_name != msg.buffer.name:
+            if current is not None:
+                current.close()
+            self.ipc[key] = open_receiver(msg.buffer)
+        return self.ipc[key]
+
+    def close(self) -> None:
+        for name in list(self.groups):
+            self.destroy_group(name)
+        for receiver in self.ipc.values():
+            receiver.close()
+        self.ipc.clear()
+
+
+def validate(msg: Any, weights: ModelWeights, links: Links) -> tuple[str, int]:
+    """Check the update names exactly this model's tensors, shapes and dtypes; return its
+    transport kind and byte count. Raises with the offending tensor or field named."""
+    if isinstance(msg, UpdateWeightsFromDisk):
+        specs = disk.read_specs(msg.path)
+        weights.validate(specs, complete=True)
+        return "disk", sum(_nbytes(d, s) for _, d, s in specs)
+    if isinstance(msg, UpdateWeightsFromDistributed) and msg.group_name not in links.groups:
+        raise ValueError(f"group_name {msg.group_name!r}: no such weights group (InitWeightsGroup first)")
+    if isinstance(msg, UpdateWeightsFromIPC) and msg.buffer.kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("buffer.kind 'cuda' but this engine has no CUDA device")
+    total = validate_plan(msg.plan)
+    weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
+    kind = "broadcast" if isinstance(msg, UpdateWeightsFromDistributed) else "ipc"
+    return kind, total
+
+
+def _nbytes(dtype: str, shape: Any) -> int:
+    from rlsync.buckets import tensor_nbytes
+    return tensor_nbytes(dtype, shape)
+
+
+def receive(job: UpdateJob, target: ModelWeights, links: Links) -> None:
+    """Receive the whole update into `target` (worker thread). Raises on any failure."""
+    msg = job.msg
+    with torch.inference_mode():
+        if isinstance(msg, UpdateWeightsFromDisk):
+            _receive_disk(job, target)
+            return
+        on_bucket = _bucket_loader(job, target)
+        start = time.perf_counter()
+        if isinstance(msg, UpdateWeightsFromDistributed):
+            recv_buckets(links.groups[msg.group_name], msg.plan, on_bucket,
+                         verify=msg.verify, timeout_s=msg.timeout_s)
+        else:
+            links.receiver(msg).receive(msg.plan, msg.push_id, on_bucket,
+                                        verify=msg.verify, timeout_s=msg.timeout_s)
+        job.timings["recv_s"] = time.perf_counter() - start - job.timings["load_s"]
+
+
+def _bucket_loader(job: UpdateJob, target: ModelWeights) -> Any:
+    """on_bucket callback: copy each view of a received bucket into the target's weights."""
+    views = target.hf_views()
+    job.timings["buckets_loaded"] = 0
+
+    def on_bucket(index: int, bucket: Bucket, buf: torch.Tensor) -> None:
+        start = time.perf_counter()
+        for name, view in bucket_views(bucket, buf):
+            views[name].copy_(view)
+        job.timings["buckets_loaded"] += 1
+        job.timings["load_s"] += time.perf_counter() - start
+
+    return on_bucket
+
+
+def _receive_disk(job: UpdateJob, target: ModelWeights) -> None:
+    start = time.perf_counter()
+    views = target.hf_views()
+    job.timings["buckets_loaded"] = 0
+    for name, tensor in disk.read_weights(Path(job.msg.path), verify=job.msg.verify):
+        views[name].copy_(tensor)
+        job.timings["buckets_loaded"] += 1
+    job.timings["load_s"] = time.perf_counter() - start
+
+
+def plan_bytes(plan: BucketPlan) -> int:
+    return plan_total_bytes(plan)

@@ -1,0 +1,61 @@
+"""`rlsync push`: push a Hugging Face checkpoint directory to running engines.
+
+    rlsync push --checkpoint DIR --endpoint E [--endpoint E2 ...] --transport ipc --version 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="push a checkpoint's weights to running engines")
+    p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--endpoint", action="append", required=True, help="engine endpoint (repeatable)")
+    p.add_argument("--transport", choices=["broadcast", "ipc", "disk"], default="ipc")
+    p.add_argument("--version", type=int, required=True, help="weight version to publish (> current)")
+    p.add_argument("--no-flush", action="store_true", help="keep the KV/prefix cache (stale KV!)")
+    p.add_argument("--torch-empty-cache", action="store_true",
+                   help="also call torch.cuda.empty_cache() in the flush (syncs every CUDA stream)")
+    p.add_argument("--verify", action="store_true", help="check every bucket's fingerprint on arrival")
+    p.add_argument("--load-mode", choices=["in_place", "shadow"], default="in_place")
+    p.add_argument("--pause-mode", choices=["abort", "retract", "in_place"], default=None)
+    p.add_argument("--bucket-mb", type=float, default=64.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds for every wait")
+    p.add_argument("--json", action="store_true", help="print the per-engine report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlsync.checkpoint_io import iter_checkpoint_tensors
+    from rlsync.config import SyncConfig
+    from trainer_side.push_report import PushError
+    from trainer_side.pusher import WeightPusher
+
+    cfg = SyncConfig(transport=args.transport, bucket_mb=args.bucket_mb, load_mode=args.load_mode,
+                     pause_mode=args.pause_mode, flush_cache=not args.no_flush,
+                     torch_empty_cache=args.torch_empty_cache, verify=args.verify,
+                     timeout_s=args.timeout)
+    endpoints = {f"engine{i}": e for i, e in enumerate(args.endpoint)}
+    with tempfile.TemporaryDirectory(prefix="rlsync-push-") as work:
+        try:
+            pusher = WeightPusher(cfg, endpoints, work)
+        except Exception as exc:
+            print(f"error: cannot reach the engines: {exc}", file=sys.stderr)
+            return 2
+        try:
+            report = pusher.push(dict(iter_checkpoint_tensors(args.checkpoint)), args.version)
+        except PushError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            pusher.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"version {report.version} via {report.transport}: {report.bytes / 1e6:.1f} MB in "
+              f"{report.seconds:.3f}s ({report.gbps:.2f} GB/s); {report.summary()}")
+    return 1 if report.failed else 0

@@ -1,0 +1,72 @@
+"""The engines a pusher serves: one RPC client each, bounded fan-out calls, and who is dead.
+
+Every wait shares one deadline across engines, so N engines never cost N timeouts. An engine
+that does not answer is reported by name; it is never waited on again until it answers a ping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from rlsync.protocol import GetInfo, Message, Result
+from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
+
+PING_TIMEOUT_S = 3.0
+
+
+class EngineSet:
+    """RPC clients by engine name, plus the names found dead."""
+
+    def __init__(self, endpoints: Mapping[str, str], timeout_s: float):
+        if not endpoints:
+            raise ValueError("endpoints: at least one engine is needed")
+        self.clients = {name: RpcClient(ep, timeout_s=timeout_s) for name, ep in endpoints.items()}
+        self.dead: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.clients)
+
+    def live(self) -> list[str]:
+        return [n for n in self.clients if n not in self.dead]
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def send(self, msgs: Mapping[str, Message]) -> dict[str, str]:
+        """Send one message per engine without waiting; returns name -> request_id."""
+        return {name: self.clients[name].send(msg).request_id for name, msg in msgs.items()}
+
+    def gather(self, rids: Mapping[str, str], timeout_s: float) -> dict[str, Result]:
+        """The next reply to each request id, all within one shared deadline. A silent or dead
+        engine gets a failed Result saying so."""
+        deadline = time.monotonic() + timeout_s
+        return {name: self._next_reply(name, rid, deadline) for name, rid in rids.items()}
+
+    def call_all(self, make: Callable[[], Message], timeout_s: float) -> dict[str, Result]:
+        """Send `make()` to every live engine, then gather the replies."""
+        return self.gather(self.send({n: make() for n in self.live()}), timeout_s)
+
+    def find_dead(self, timeout_s: float = PING_TIMEOUT_S) -> list[str]:
+        """Ping every live engine; those that do not answer are marked dead and returned."""
+        for name, result in self.call_all(GetInfo, timeout_s).items():
+            if not result.success and result.payload.get("unreachable"):
+                self.dead.add(name)
+        return sorted(self.dead)
+
+    def _next_reply(self, name: str, rid: str, deadline: float) -> Result:
+        client = self.clients[name]
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                reply = client.recv(max(left, 0.0))
+            except (RpcTimeout, EngineDead, RuntimeError) as exc:
+                return Result(request_id=rid, success=False, payload={"unreachable": True},
+                              message=f"engine {name} did not answer: {exc}")
+            if reply.request_id == rid and isinstance(reply, Result):
+                return reply
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
