@@ -71,6 +71,7 @@ class RpcClient:
         self._lock = threading.Lock()
         self._inbox: dict[str, deque[Message]] = {}
         self._loose: dict[str, str] = {}  # id -> type name of messages sent with send()
+        self._loose_box: deque[Message] = deque()  # their replies, in arrival order
         self._sock: zmq.Socket | None = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
@@ -100,9 +101,7 @@ class RpcClient:
         """Send without waiting; collect the reply with `recv`. Returns the message as sent
         (with its request_id filled in)."""
         msg = _with_id(msg)
-        self._send(msg, self.timeout_s)
-        with self._lock:
-            self._loose[msg.request_id] = type(msg).__name__
+        self._send(msg, self.timeout_s, self._loose_box)
         return msg
 
     def recv(self, timeout_s: float | None = None) -> Message:
@@ -126,11 +125,12 @@ class RpcClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = _deadline(timeout)
         waiting: set[str] = set()
+        box: deque[Message] = deque()
         try:
             for req in requests:
-                waiting.add(self._send(req, timeout))
+                waiting.add(self._send(req, timeout, box))
             while waiting:
-                yield from self._take_outputs(waiting)
+                yield from self._take_outputs(box, waiting)
                 if waiting:
                     self._pump(deadline, f"Generate x{len(waiting)}", timeout)
         finally:
@@ -151,16 +151,22 @@ class RpcClient:
 
     # ------------------------------------------------------------ internals
 
-    def _send(self, msg: Message, timeout: float, *, track: bool = True) -> str:
-        """Send one message; with `track`, its replies are kept for this client to collect."""
+    def _send(self, msg: Message, timeout: float, box: deque[Message] | None = None, *,
+              track: bool = True) -> str:
+        """Send one message. Its replies are filed, in arrival order, into `box` (shared by
+        the requests of one generate or by every `send`), or a fresh inbox; with track=False
+        they are dropped on arrival."""
         msg = _with_id(msg)
         frame = encode(msg)
         with self._lock:
             sock = self._open_socket()
+            if box is self._loose_box:
+                self._loose[msg.request_id] = type(msg).__name__
             if track:
-                self._inbox.setdefault(msg.request_id, deque())
+                self._inbox[msg.request_id] = deque() if box is None else box
             if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
                 self._inbox.pop(msg.request_id, None)
+                self._loose.pop(msg.request_id, None)
                 raise RpcTimeout(f"{self.endpoint}: could not send {type(msg).__name__} "
                                  f"within {timeout:g} s")
             sock.send(frame, zmq.NOBLOCK)
@@ -218,29 +224,27 @@ class RpcClient:
                 box.clear()
             return replies
 
-    def _take_outputs(self, waiting: set[str]) -> list[GenerateOutput]:
-        """Outputs that arrived for `waiting`; finished requests leave it."""
-        outputs = []
-        for rid in list(waiting):
-            for reply in self._take(rid):
-                out = _as_output(reply)
-                if out.finished:
-                    waiting.discard(rid)
-                    self._forget(rid)
-                outputs.append(out)
+    def _take_outputs(self, box: deque[Message], waiting: set[str]) -> list[GenerateOutput]:
+        """Outputs that arrived in `box`, in order; finished requests leave `waiting`."""
+        with self._lock:
+            replies = list(box)
+            box.clear()
+        outputs = [_as_output(reply) for reply in replies]
+        for out in outputs:
+            if out.finished:
+                waiting.discard(out.request_id)
+                self._forget(out.request_id)
         return outputs
 
     def _pop_loose(self) -> Message | None:
         with self._lock:
-            for rid in list(self._loose):
-                box = self._inbox.get(rid)
-                if box:
-                    reply = box.popleft()
-                    if is_final(reply):
-                        del self._loose[rid]
-                        del self._inbox[rid]
-                    return reply
-        return None
+            if not self._loose_box:
+                return None
+            reply = self._loose_box.popleft()
+            if is_final(reply):
+                self._loose.pop(reply.request_id, None)
+                self._inbox.pop(reply.request_id, None)
+            return reply
 
     def _forget(self, rid: str) -> None:
         with self._lock:
