@@ -1,0 +1,87 @@
+"""InferenceActor: a thin Ray actor shell around one engine server process.
+
+The actor starts `python -m infer_side.server` through `launch_engine`, reports the endpoint
+the engine bound, and forwards generate / info / fingerprint calls to its `EngineClient`.
+The weights reach the engine directly from the trainer over that endpoint (the actor is not
+in the data path). Every call is bounded by the engine config's call timeout; a dead engine
+process raises `EngineDead` here, which Ray hands to the caller.
+
+The class is plain Python; the launcher wraps it with `ray.remote`. It knows nothing about
+trainers, PPO or placement.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from infer_side.client import EngineClient, launch_engine
+from rlsync.config import EngineConfig
+from rlsync.protocol import GenerateOutput, SamplingParams
+
+
+def engine_device(device: str) -> str:
+    """Under Ray a GPU actor sees only its own GPU(s): any `cuda:N` becomes `cuda`."""
+    return "cuda" if device.startswith("cuda") else device
+
+
+def node_address() -> str:
+    """This node's address as Ray sees it (where other nodes reach this engine)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class InferenceActor:
+    """One engine: started in __init__, stopped by `close` (or when the actor dies)."""
+
+    def __init__(self, name: str, model_dir: str, cfg: dict[str, Any],
+                 endpoint: str | None = None, threads: int | None = 1) -> None:
+        """`endpoint` None: the config's (default: a private ipc:// socket); "{host}" in it
+        becomes this node's address, e.g. "tcp://{host}:*" for a cross-node engine."""
+        self.name = name
+        self.cfg = EngineConfig(**cfg)
+        if endpoint is not None and "{host}" in endpoint:
+            endpoint = endpoint.format(host=node_address())
+        extra = ["--max-running", str(self.cfg.max_running)]
+        self.client: EngineClient | None = launch_engine(
+            model_dir, endpoint=endpoint or self.cfg.endpoint, kv_tokens=self.cfg.kv_tokens,
+            device=engine_device(self.cfg.device), dtype=self.cfg.dtype, threads=threads,
+            extra_args=extra, start_timeout_s=self.cfg.start_timeout_s,
+            call_timeout_s=self.cfg.call_timeout_s)
+
+    def _engine(self) -> EngineClient:
+        if self.client is None:
+            raise RuntimeError(f"engine {self.name} is closed")
+        return self.client
+
+    def endpoint(self) -> str:
+        """The endpoint the engine bound (a tcp://host:* request comes back with its port)."""
+        return self._engine().endpoint
+
+    def pids(self) -> dict[str, int]:
+        """This actor's pid and the engine process's pid (for diagnostics and failure tests)."""
+        proc = self._engine().process
+        return {"actor": os.getpid(), "engine": proc.pid if proc is not None else -1}
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams) -> list[GenerateOutput]:
+        """One finished output per prompt, in order; each names the weight version it used."""
+        return self._engine().generate(prompts, sampling, timeout_s=self.cfg.call_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return self._engine().info()
+
+    def fingerprints(self) -> dict[str, Any]:
+        """GetWeightsFingerprint payload: weight_version, fingerprints (name -> int), specs."""
+        return self._engine().fingerprints()
+
+    def stderr_tail(self, max_bytes: int = 4000) -> str:
+        return self._engine().stderr_tail(max_bytes)
+
+    def close(self) -> None:
+        """Stop the engine process (Shutdown, then terminate); safe to call twice."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None

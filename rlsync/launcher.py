@@ -1,0 +1,306 @@
+"""The RL loop on Ray: the one module that knows both the trainer side and the inference side.
+
+    result = run(load_config("configs/colocated_cpu.yaml"))
+
+Build (`RLRun.__init__`): placement -> trainer ranks (group + Learner) -> rank 0 writes the
+initial checkpoint -> engines start from it (weight_version 0) -> rank 0's WeightPusher
+connects to every engine. Then per step (`RLRun.step`):
+    1. sample prompts (task), `group_size` copies each, groups dealt to the engines
+    2. rollouts on every engine; each sample names the weight version that produced it
+    3. PPO step on every trainer rank (its share of whole groups); the trainer refuses
+       rollouts older than `staleness` allows
+    4. rank 0 pushes the new version to every engine; a failed engine ends the run
+    5. one line in runs/NAME/metrics.jsonl; the progress bar shows reward, KL, push time
+At the end (`RLRun.finish`): engine fingerprints must equal the trainer's, the final
+checkpoint goes to runs/NAME/final, metrics.png is drawn. Every wait is bounded: an actor
+that dies or hangs ends the run with a RunError naming it and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from tqdm import tqdm
+
+from infer_side.actor import InferenceActor
+from rlsync import ray_session
+from rlsync.config import ConfigError, RunConfig, to_dict
+from rlsync.metrics import MetricsLog, mean_over_ranks, push_stats, reward_stats
+from rlsync.plot import plot_metrics
+from rlsync.protocol import GenerateOutput, SamplingParams
+from rlsync.ray_session import ActorCallError, gather
+from trainer_side.actor import TrainerActor
+from trainer_side.learner import RolloutBatch
+from trainer_side.task import get_task
+
+TRAIN_TIMEOUT_S = 1800.0
+"""Bound on one PPO step of one rank (no config key for it yet)."""
+SETUP_SLACK_S = 60.0
+"""Added to a configured timeout for Ray's own part (worker start, transfer)."""
+
+
+class RunError(RuntimeError):
+    """The run could not go on; the message names the actor, the step and the reason."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    final_checkpoint: Path
+    wall_s: float
+    mismatches: dict[str, list[str]]
+
+
+def checked(cfg: RunConfig) -> RunConfig:
+    """The config this run uses: placement decides the transport; shapes must split evenly."""
+    if cfg.placement == "disaggregated" and cfg.sync.transport == "ipc":
+        cfg = replace(cfg, sync=replace(cfg.sync, transport="broadcast"))
+    if cfg.task.prompts_per_step % cfg.trainer.world_size:
+        raise ConfigError(f"task.prompts_per_step={cfg.task.prompts_per_step} must be a multiple "
+                          f"of trainer.world_size={cfg.trainer.world_size} (whole groups per rank)")
+    if cfg.task.prompts_per_step < cfg.num_engines:
+        raise ConfigError(f"task.prompts_per_step={cfg.task.prompts_per_step} leaves some of the "
+                          f"num_engines={cfg.num_engines} engines idle")
+    return cfg
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
+    """Start (or join) Ray, run every step, check and save; Ray is left as it was found."""
+    cfg = checked(cfg)
+    run_dir = Path(cfg.run_dir).resolve() / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    actors = cfg.trainer.world_size + cfg.num_engines
+    session = ray_session.connect(cfg.ray_address, run_dir / "ray", num_cpus=actors + 1)
+    try:
+        start = time.perf_counter()
+        with RLRun(cfg, run_dir) as rl, tqdm(total=cfg.steps, desc=cfg.name, unit="step",
+                                             disable=not progress) as bar:
+            for step in range(cfg.steps):
+                row = rl.step(step)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
+                                push_ms=f"{row['push_s'] * 1e3:.1f}")
+                bar.update()
+            return rl.finish(time.perf_counter() - start)
+    finally:
+        ray_session.disconnect(session)
+
+
+def deal(n_groups: int, n_parts: int) -> list[range]:
+    """Contiguous, as-even-as-possible ranges of group indices, one per part."""
+    base, extra = divmod(n_groups, n_parts)
+    bounds = [0]
+    for i in range(n_parts):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return [range(bounds[i], bounds[i + 1]) for i in range(n_parts)]
+
+
+class RLRun:
+    """The actors of one run and the step loop over them."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.task = get_task(cfg.task.name, cfg.model)
+        self.rng = random.Random(cfg.task.seed)
+        self.trainers: dict[str, Any] = {}
+        self.engines: dict[str, Any] = {}
+        self.placement: ray_session.Placement | None = None
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ build
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        use_gpu = cfg.engine.device.startswith("cuda")
+        self.placement = ray_session.place(cfg.placement, cfg.trainer.world_size, cfg.num_engines,
+                                           use_gpu, timeout_s=cfg.engine.start_timeout_s)
+        self._start_trainers()
+        model_dir = cfg.trainer.init_checkpoint or str(self.run_dir / "initial")
+        if not cfg.trainer.init_checkpoint:
+            self._call_rank0("save_checkpoint", "writing the initial checkpoint", model_dir)
+        self._start_engines(model_dir)
+        endpoints = self._wait(self._each(self.engines, "endpoint"), "start", self._start_s())
+        self._call_rank0("connect_engines", "connecting the weight pusher to the engines",
+                         endpoints)
+
+    def _start_trainers(self) -> None:
+        assert self.placement is not None
+        remote = ray.remote(TrainerActor)
+        for rank in range(self.cfg.trainer.world_size):
+            self.trainers[f"trainer rank {rank}"] = remote.options(
+                **self.placement.trainer_options(rank)).remote(to_dict(self.cfg), rank,
+                                                               str(self.run_dir))
+        rdzv: tuple[str | None, int | None] = (None, None)
+        if self.cfg.trainer.world_size > 1:
+            rdzv = self._call_rank0("rendezvous", "opening the trainers' rendezvous")
+        self._wait({n: a.setup.remote(*rdzv) for n, a in self.trainers.items()},
+                   "setup", self._start_s())
+
+    def _start_engines(self, model_dir: str) -> None:
+        assert self.placement is not None
+        remote = ray.remote(InferenceActor)
+        endpoint = None
+        if self.cfg.placement == "disaggregated" and self.cfg.engine.endpoint is None:
+            endpoint = "tcp://{host}:*"  # each engine binds its node's address, any port
+        for i in range(self.cfg.num_engines):
+            name = f"engine{i}"
+            self.engines[name] = remote.options(**self.placement.engine_options(i)).remote(
+                name, model_dir, to_dict(self.cfg.engine), endpoint)
+
+    def _start_s(self) -> float:
+        return self.cfg.engine.start_timeout_s + SETUP_SLACK_S
+
+    # ------------------------------------------------------------ one step
+
+    def step(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        version = step  # every step waits for its push, so step k samples version k
+        prompts, outputs, rollout_s = self._rollouts(step)
+        batch, versions = self._batch(prompts, outputs, step)
+        t1 = time.perf_counter()
+        stats = self._train(batch, versions, step)
+        t2 = time.perf_counter()
+        report = self._push(step, version + 1)
+        tokens = sum(len(o.output_ids) for o in outputs)
+        row = {"step": step, "weight_version": min(versions), **reward_stats(batch.rewards),
+               **stats, **push_stats(report), "rollout_s": rollout_s, "rollout_tokens": tokens,
+               "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9), "train_s": t2 - t1,
+               "step_s": time.perf_counter() - t0, "pushed_version": report["version"]}
+        self.metrics.write(row)
+        return row
+
+    def _rollouts(self, step: int) -> tuple[list[list[int]], list[GenerateOutput], float]:
+        task = self.cfg.task
+        groups = self.task.sample_prompts(task.prompts_per_step, self.rng)
+        sampling = SamplingParams(max_new_tokens=max(task.max_new_tokens, self.task.answer_len),
+                                  temperature=task.temperature)
+        parts = deal(len(groups), len(self.engines))
+        calls = {}
+        for (name, engine), part in zip(self.engines.items(), parts, strict=True):
+            prompts = [groups[g] for g in part for _ in range(task.group_size)]
+            calls[name] = engine.generate.remote(prompts, sampling)
+        t0 = time.perf_counter()
+        results = self._wait(calls, f"rollouts at step {step}",
+                             self.cfg.engine.call_timeout_s + SETUP_SLACK_S)
+        rollout_s = time.perf_counter() - t0
+        prompts = [groups[g] for part in parts for g in part for _ in range(task.group_size)]
+        outputs = [out for name in self.engines for out in results[name]]
+        self._check_outputs(outputs, step)
+        return prompts, outputs, rollout_s
+
+    def _check_outputs(self, outputs: list[GenerateOutput], step: int) -> None:
+        bad = [o.error for o in outputs if o.error]
+        if bad:
+            raise RunError(f"step {step}: {len(bad)} rollouts failed on the engines: {bad[0]}")
+
+    def _batch(self, prompts: list[list[int]], outputs: list[GenerateOutput],
+               step: int) -> tuple[RolloutBatch, list[int]]:
+        completions = [list(o.output_ids) for o in outputs]
+        rewards = [self.task.reward(p, c) for p, c in zip(prompts, completions, strict=True)]
+        batch = RolloutBatch(prompts, completions, [list(o.logprobs) for o in outputs], rewards)
+        versions = [min(o.weight_version, o.min_weight_version) for o in outputs]
+        return batch, versions
+
+    def _train(self, batch: RolloutBatch, versions: list[int], step: int) -> dict[str, float]:
+        size = self.cfg.task.group_size
+        parts = deal(len(batch.prompts) // size, len(self.trainers))
+        calls = {}
+        for (name, trainer), part in zip(self.trainers.items(), parts, strict=True):
+            rows = range(part.start * size, part.stop * size)
+            shard = RolloutBatch(*([getattr(batch, f)[i] for i in rows]
+                                   for f in ("prompts", "completions", "logprobs", "rewards")))
+            calls[name] = trainer.train_step.remote(shard, [versions[i] for i in rows])
+        stats = self._wait(calls, f"the PPO step at step {step}", TRAIN_TIMEOUT_S)
+        return mean_over_ranks(list(stats.values()), self.cfg.trainer.kl_coef > 0)
+
+    def _push(self, step: int, version: int) -> dict[str, Any]:
+        report = self._call_rank0("push", f"the push of version {version} at step {step}")
+        if report["failed"]:
+            details = "; ".join(f"{n}: {report['engines'][n]['message']}" for n in report["failed"])
+            raise RunError(f"step {step}: the push of version {version} failed on "
+                           f"{', '.join(report['failed'])} ({details})")
+        return report
+
+    # ------------------------------------------------------------ end of run
+
+    def finish(self, wall_s: float) -> RunResult:
+        """Compare engine and trainer weights, save the final checkpoint, plot, summarise."""
+        final = self.run_dir / "final"
+        self._call_rank0("save_checkpoint", "saving the final checkpoint", str(final))
+        mismatches = self._compare_weights()
+        rows = self.metrics.rows
+        if rows:
+            plot_metrics(rows, self.run_dir / "metrics.png", title=self.cfg.name)
+        summary = {"steps": len(rows), "wall_s": wall_s, "final_checkpoint": str(final),
+                   "weights_match": not any(mismatches.values()), "mismatches": mismatches,
+                   "reward_first": rows[0]["reward_mean"] if rows else None,
+                   "reward_last": rows[-1]["reward_mean"] if rows else None}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if any(mismatches.values()):
+            raise RunError(f"after the last push the engines' weights differ from the trainer's: "
+                           f"{ {n: m[:3] for n, m in mismatches.items() if m} }")
+        return RunResult(self.run_dir, rows, final, wall_s, mismatches)
+
+    def _compare_weights(self) -> dict[str, list[str]]:
+        """engine (or trainer rank) -> names whose fingerprint differs from rank 0's."""
+        engines = self._wait(self._each(self.engines, "fingerprints"), "fingerprints",
+                             self.cfg.engine.call_timeout_s)
+        specs = next(iter(engines.values()))["specs"]
+        dtypes = {name: spec[0] for name, spec in specs.items()}
+        mine = self._wait({n: t.fingerprints.remote(dtypes) for n, t in self.trainers.items()},
+                          "fingerprints", TRAIN_TIMEOUT_S)
+        ref = mine.pop("trainer rank 0")
+        out = {n: sorted(k for k in ref if fp.get(k) != ref[k]) for n, fp in mine.items()}
+        version = self.cfg.steps
+        for name, payload in engines.items():
+            diff = sorted(k for k in ref if payload["fingerprints"].get(k) != ref[k])
+            if payload["weight_version"] != version:
+                diff.insert(0, f"weight_version={payload['weight_version']} (expected {version})")
+            out[name] = diff
+        return out
+
+    # ------------------------------------------------------------ calls and cleanup
+
+    def _each(self, actors: dict[str, Any], method: str) -> dict[str, Any]:
+        return {name: getattr(actor, method).remote() for name, actor in actors.items()}
+
+    def _call_rank0(self, method: str, what: str, *args: Any) -> Any:
+        ref = getattr(self.trainers["trainer rank 0"], method).remote(*args)
+        timeout = max(TRAIN_TIMEOUT_S if method == "push" else 0, self._start_s())
+        return self._wait({"trainer rank 0": ref}, what, timeout)["trainer rank 0"]
+
+    def _wait(self, calls: dict[str, Any], what: str, timeout_s: float) -> dict[str, Any]:
+        try:
+            return gather(calls, what, timeout_s)
+        except ActorCallError as exc:
+            raise RunError(str(exc)) from exc
+
+    def close(self) -> None:
+        """Close every actor (engines stop their processes), then kill them; bounded."""
+        self.metrics.close()
+        actors = {**self.trainers, **self.engines}
+        refs = [a.close.remote() for a in actors.values()]
+        ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        for actor in actors.values():
+            ray.kill(actor)
+        if self.placement is not None:
+            self.placement.remove()
+
+    def __enter__(self) -> RLRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
