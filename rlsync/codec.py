@@ -47,8 +47,10 @@ def decode(frame: bytes, max_bytes_field: int = MAX_BYTES_FIELD) -> Message:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("frame", f"{len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
+        # bin length is capped per field below (so the error names the field); the frame
+        # size already bounds what msgpack can allocate.
         raw = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True, use_list=True,
-                              max_bin_len=max_bytes_field, max_str_len=1 << 20)
+                              max_bin_len=MAX_FRAME_BYTES, max_str_len=1 << 20)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("frame", f"not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str)):
@@ -79,18 +81,36 @@ def _build(cls: type, fields: Any, where: str, cap: int, depth: int) -> Any:
     if not isinstance(fields, dict):
         raise ProtocolError(where, f"expected a map of fields, got {type(fields).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - set(known))
+    unknown = sorted(set(fields) - set(known), key=repr)  # keys may mix str and bytes
     if unknown:
         raise ProtocolError(f"{where}.{unknown[0]}", "unknown field")
     hints = _hints(cls)
     kwargs = {}
     for name, f in known.items():
         if name not in fields:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if name in _required(cls):
                 raise ProtocolError(f"{where}.{name}", "required field missing")
             continue
         kwargs[name] = _check(hints[name], fields[name], f"{where}.{name}", f.metadata, cap, depth + 1)
     return cls(**kwargs)
+
+
+@functools.cache
+def _required(cls: type) -> frozenset[str]:
+    """Fields a frame must carry: those without a default, or whose default is not itself a
+    valid value (e.g. a str field defaulting to None, a port defaulting to 0 below its minimum)."""
+    required = set()
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            continue
+        if f.default is dataclasses.MISSING:
+            required.add(f.name)
+            continue
+        try:
+            _check(_hints(cls)[f.name], f.default, f.name, f.metadata, MAX_BYTES_FIELD, 0)
+        except ProtocolError:
+            required.add(f.name)
+    return frozenset(required)
 
 
 def _check(tp: Any, value: Any, where: str, meta: Any, cap: int, depth: int) -> Any:
