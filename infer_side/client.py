@@ -21,7 +21,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from rlsync.endpoints import private_ipc_endpoint, remove_private_endpoint
+from rlsync.endpoints import (
+    EndpointError,
+    check_endpoint,
+    ipc_path,
+    private_ipc_endpoint,
+    remove_private_endpoint,
+)
 from rlsync.protocol import (
     Abort,
     ContinueGeneration,
@@ -43,6 +49,14 @@ READY_PREFIX = "ready at "
 
 class EngineStartError(RuntimeError):
     """The engine process exited or stayed silent before printing `ready at`."""
+
+
+class EngineUnreachable(ConnectionError):
+    """No engine listens at the endpoint (its ipc socket file does not exist)."""
+
+
+UNREACHABLE_ERRORS = (EndpointError, EngineUnreachable, EngineStartError, RpcTimeout, EngineDead)
+"""Errors meaning "could not talk to an engine" (as opposed to RpcError: the engine said no)."""
 
 
 class EngineClient:
@@ -135,6 +149,15 @@ class EngineClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def connect(endpoint: str, *, timeout_s: float = 120.0) -> EngineClient:
+    """A client of an engine already running at `endpoint` (not owned: close leaves it up)."""
+    check_endpoint(endpoint)
+    path = ipc_path(endpoint)
+    if path is not None and not path.is_socket():
+        raise EngineUnreachable(f"no engine at {endpoint}: {path} is not a socket")
+    return EngineClient(endpoint, timeout_s=timeout_s)
 
 
 def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,

@@ -211,14 +211,19 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through `finally`, closing the socket
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer_side.server", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def run_foreground(args: argparse.Namespace) -> int:
+    """`run_engine` as a process's main job: logs to stderr, SIGTERM exits cleanly."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return run_engine(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infer_side.server",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_foreground(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
