@@ -25,7 +25,7 @@ _DTYPES: dict[str, torch.dtype] = {
     for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 }
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
     if hasattr(torch, _name):
         _DTYPES[_name] = getattr(torch, _name)
 
@@ -69,15 +69,20 @@ def plan_buckets(specs: Iterable[tuple[str, str, Sequence[int]]], bucket_bytes: 
         nbytes = tensor_nbytes(dtype, shape)
         start = align_up(used, alignment)
         if current and start + nbytes > bucket_bytes:
-            buckets.append(Bucket(nbytes=align_up(used, alignment), tensors=current))
+            buckets.append(Bucket(nbytes=_bucket_size(used, alignment), tensors=current))
             current, start = [], 0
         current.append(TensorSpec(name=name, dtype=dtype, shape=list(shape), offset=start, nbytes=nbytes))
         used = start + nbytes
     if current:
-        buckets.append(Bucket(nbytes=max(align_up(used, alignment), alignment), tensors=current))
+        buckets.append(Bucket(nbytes=_bucket_size(used, alignment), tensors=current))
     plan = BucketPlan(alignment=alignment, buckets=buckets)
     validate_plan(plan)
     return plan
+
+
+def _bucket_size(used: int, alignment: int) -> int:
+    # at least one alignment unit: a bucket holding only empty tensors is still a real buffer
+    return max(align_up(used, alignment), alignment)
 
 
 def specs_of(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
@@ -111,7 +116,12 @@ def _validate_spec(spec: TensorSpec, bucket: Bucket, b: int, alignment: int, pre
     where = f"bucket {b} tensor {spec.name!r}"
     if any((not isinstance(d, int)) or d < 0 for d in spec.shape):
         raise PlanError(f"{where}: negative or non-int dim in shape {spec.shape}")
-    expected = tensor_nbytes(spec.dtype, spec.shape)
+    try:
+        expected = tensor_nbytes(spec.dtype, spec.shape)
+    except PlanError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    if expected > MAX_PLAN_BYTES:
+        raise PlanError(f"{where}: {expected} bytes exceeds {MAX_PLAN_BYTES}")
     if spec.nbytes != expected:
         raise PlanError(f"{where}: nbytes {spec.nbytes} != {expected} for {spec.dtype}{spec.shape}")
     if spec.offset % alignment:
@@ -138,9 +148,12 @@ def pack_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.
         raise PlanError(f"pack target must be a 1-D uint8 buffer of >= {bucket.nbytes} bytes")
     end = 0
     for spec in bucket.tensors:
+        src = tensors[spec.name]
+        if tuple(src.shape) != tuple(spec.shape):  # copy_ would broadcast a wrong shape
+            raise PlanError(f"{spec.name}: shape {tuple(src.shape)} != planned {tuple(spec.shape)}")
         if spec.offset > end:
             out[end:spec.offset].zero_()
-        _view(out, spec).copy_(tensors[spec.name])
+        _view(out, spec).copy_(src)
         end = spec.offset + spec.nbytes
     if bucket.nbytes > end:
         out[end:bucket.nbytes].zero_()
@@ -169,21 +182,25 @@ _pos_cache: dict[tuple[torch.device, int], torch.Tensor] = {}
 def fingerprint(buf: torch.Tensor) -> torch.Tensor:
     """A 64-bit fingerprint of a byte buffer, as a 0-dim int64 tensor on the buffer's device.
 
-    sum_i ((w_i ^ (i * A)) * B) mod 2^64 over the 8-byte words w_i. B is odd, so flipping any
-    single bit changes the sum; the position term makes swapped words visible. Runs as torch
-    ops on the buffer's own device (no host round trip on a GPU), in bounded chunks.
+    n + sum_i ((w_i ^ (i * A)) * B) mod 2^64 over the little-endian 8-byte words w_i of the
+    buffer zero-padded to a multiple of 8, where n is the unpadded byte length (so trailing
+    zero bytes count). B is odd, so flipping any single bit changes the sum; the position
+    term makes swapped words visible. Runs as torch ops on the buffer's own device (no host
+    round trip on a GPU), in bounded chunks.
     """
     flat = buf.reshape(-1).view(torch.uint8)
-    tail = flat.numel() % 8
-    if tail:
-        flat = torch.cat([flat, flat.new_zeros(8 - tail)])
+    nbytes = flat.numel()
+    if nbytes % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - nbytes % 8)])
+    elif flat.storage_offset() % 8:
+        flat = flat.clone()  # an int64 view needs an 8-byte-aligned start
     words = flat.view(torch.int64)
     total = torch.zeros((), dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK_WORDS):
         chunk = words[start:start + _CHUNK_WORDS]
         pos = _positions(words.device, chunk.numel()) + _wrap64(start * _MIX_POS)
         total += ((chunk ^ pos) * _MIX_VAL).sum()
-    return total + flat.numel()
+    return total + nbytes
 
 
 def _wrap64(n: int) -> int:
@@ -200,7 +217,9 @@ def tensor_fingerprint(t: torch.Tensor) -> int:
 
 
 def _positions(device: torch.device, n: int) -> torch.Tensor:
-    key = (device, n)
+    """i * A for i < n (n <= _CHUNK_WORDS): slices of one cached chunk per device, so the
+    cache stays at _CHUNK_WORDS words however many buffer sizes are fingerprinted."""
+    key = (device, _CHUNK_WORDS)
     if key not in _pos_cache:
-        _pos_cache[key] = torch.arange(n, dtype=torch.int64, device=device) * _MIX_POS
-    return _pos_cache[key]
+        _pos_cache[key] = torch.arange(_CHUNK_WORDS, dtype=torch.int64, device=device) * _MIX_POS
+    return _pos_cache[key][:n]
