@@ -1,0 +1,226 @@
+"""Broadcast transport: a dedicated weights group (trainer = rank 0, engines = ranks 1..N).
+
+The group is built from its own TCPStore rendezvous (hosted by rank 0, keys under a
+`group_name` prefix) and the backend is constructed directly - gloo on CPU, NCCL on CUDA,
+same code - so it is never registered as torch.distributed's default group and lives beside
+a trainer's own DDP/FSDP group. Every wait is bounded: the rendezvous, each broadcast (the
+op's own timeout plus a bounded `Work.wait`), and a peer that dies breaks the connection
+and raises at once. After any error, `destroy()` the group and create a fresh one (on a new
+port); the process keeps running.
+
+Pushes are double-buffered: the sender packs bucket g+1 into the second buffer while
+bucket g is on the wire, and a receiver posts the receive of bucket g+1 before loading g.
+The two buffers are allocated once per group (grown if a plan needs more) and reused.
+
+NCCL note: a collective that outlives the group timeout trips NCCL's watchdog, whose
+default reaction (TORCH_NCCL_ASYNC_ERROR_HANDLING) may end the process; engines that must
+survive a dead trainer should set that variable to 2 (abort the communicator only).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
+
+from rlsync.buckets import pack_bucket, plan_total_bytes
+from rlsync.protocol import BucketPlan
+from rlsync.transports import OnBucket, TransferStats, TransportError, TransportTimeout, integrity
+
+Backend = Literal["gloo", "nccl"]
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now, for the next group's rendezvous."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(kw_only=True, eq=False)
+class BroadcastGroup:
+    """One rank's handle on a dedicated broadcast group (rank 0 sends)."""
+
+    rank: int
+    world_size: int
+    backend: Backend
+    group_name: str
+    device: torch.device
+    timeout_s: float
+    _pg: Any = field(repr=False)
+    _store: Any = field(repr=False)
+    _buffers: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def create(cls, master_address: str, master_port: int, rank: int, world_size: int,
+               backend: Backend = "gloo", timeout_s: float = 60.0, group_name: str = "weights",
+               device: torch.device | str | None = None) -> BroadcastGroup:
+        """Rendezvous at master_address:master_port (rank 0 hosts the store) and connect.
+
+        Returns once every rank has joined; raises TransportTimeout when a peer does not show
+        up within `timeout_s`.
+        """
+        if not 0 <= rank < world_size or world_size < 2:
+            raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < size, size >= 2")
+        where = f"broadcast group {group_name!r} rank {rank}/{world_size}"
+        dev = _device(backend, device)
+        try:
+            store = TCPStore(master_address, master_port, world_size, rank == 0,
+                             timedelta(seconds=timeout_s), wait_for_workers=True)
+            prefixed = PrefixStore(group_name, store)
+            pg = _make_backend(backend, prefixed, rank, world_size, timeout_s, master_address)
+        except RuntimeError as e:
+            raise _translate(e, f"{where}: rendezvous at {master_address}:{master_port}") from e
+        group = cls(rank=rank, world_size=world_size, backend=backend, group_name=group_name,
+                    device=dev, timeout_s=timeout_s, _pg=pg, _store=store)
+        group.broadcast(torch.zeros(1, device=dev), timeout_s)  # every rank is in; NCCL is up
+        return group
+
+    def broadcast_async(self, tensor: torch.Tensor, timeout_s: float | None = None) -> Any:
+        """Start a broadcast from rank 0 into `tensor` on every rank; returns the work handle."""
+        if self._pg is None:
+            raise TransportError(f"broadcast group {self.group_name!r}: used after destroy()")
+        timeout = timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            return self._pg.broadcast(tensor, 0, timeout)
+        except RuntimeError as e:
+            raise _translate(e, self._where("broadcast")) from e
+
+    def wait(self, work: Any, timeout_s: float | None = None, what: str = "broadcast") -> None:
+        """Block until `work` is done, at most `timeout_s` (raises TransportTimeout/Error)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            done = work.wait(timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise _translate(e, self._where(what)) from e
+        if done is False:
+            raise TransportTimeout(f"{self._where(what)}: not done after {timeout:.1f}s")
+
+    def broadcast(self, tensor: torch.Tensor, timeout_s: float | None = None) -> None:
+        """Broadcast from rank 0 into `tensor` on every rank and wait for it."""
+        self.wait(self.broadcast_async(tensor, timeout_s), timeout_s)
+
+    def buffers(self, nbytes: int) -> list[torch.Tensor]:
+        """Two reusable uint8 buffers of >= nbytes on the group's device (pre-faulted)."""
+        if not self._buffers or self._buffers[0].numel() < nbytes:
+            self._buffers = []  # free the old pair before allocating the new one
+            self._buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+                             for _ in range(2)]
+        return self._buffers
+
+    def destroy(self) -> None:
+        """Tear the group down (safe after errors, idempotent); the port is released."""
+        pg, self._pg, self._store, self._buffers = self._pg, None, None, []
+        if pg is not None:
+            try:
+                pg.abort() if self.backend == "nccl" else pg.shutdown()
+            except RuntimeError:
+                pass  # already broken: dropping the last reference releases it
+
+    def _where(self, what: str) -> str:
+        return f"broadcast group {self.group_name!r} rank {self.rank}/{self.world_size}: {what}"
+
+
+def _device(backend: Backend, device: torch.device | str | None) -> torch.device:
+    if backend == "gloo":
+        return torch.device(device or "cpu")
+    if backend == "nccl":
+        return torch.device(device) if device is not None else \
+            torch.device("cuda", torch.cuda.current_device())
+    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+
+
+def _make_backend(backend: Backend, store: Any, rank: int, size: int, timeout_s: float,
+                  master_address: str) -> Any:
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        opts = ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        local = master_address in _LOOPBACK
+        opts._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1") if local
+                         else ProcessGroupGloo.create_default_device()]
+        return ProcessGroupGloo(store, rank, size, opts)
+    from torch.distributed import ProcessGroupNCCL  # absent from CPU-only builds
+
+    opts = ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return ProcessGroupNCCL(store, rank, size, opts)
+
+
+def _translate(e: Exception, where: str) -> TransportError:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+    return (TransportTimeout if timed_out else TransportError)(f"{where}: {text}")
+
+
+def _wire_bytes(plan: BucketPlan, verify: bool) -> int:
+    return max((integrity.wire_bytes(b.nbytes, verify) for b in plan.buckets), default=0)
+
+
+def send_buckets(group: BroadcastGroup, plan: BucketPlan, tensors: Mapping[str, torch.Tensor],
+                 *, verify: bool = False, timeout_s: float = 60.0) -> TransferStats:
+    """Rank 0: broadcast every bucket of `plan`, packing bucket g+1 while g is in flight."""
+    if group.rank != 0:
+        raise TransportError(f"send_buckets on rank {group.rank}: only rank 0 sends")
+    t0 = time.perf_counter()
+    stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+    bufs = group.buffers(_wire_bytes(plan, verify))
+    inflight: list[Any] = [None, None]
+    for g, bucket in enumerate(plan.buckets):
+        k = g % 2
+        _finish(group, inflight[k], timeout_s, f"bucket {g - 2}", stats)  # frees buffer k
+        t = time.perf_counter()
+        buf = bufs[k][:integrity.wire_bytes(bucket.nbytes, verify)]
+        pack_bucket(bucket, tensors, buf)
+        if verify:
+            integrity.seal(g, buf, bucket.nbytes)
+        stats.add("pack", time.perf_counter() - t)
+        inflight[k] = group.broadcast_async(buf, timeout_s)
+    n = len(plan.buckets)
+    for g in (n - 2, n - 1):
+        if g >= 0:
+            _finish(group, inflight[g % 2], timeout_s, f"bucket {g}", stats)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *,
+                 verify: bool = False, timeout_s: float = 60.0) -> TransferStats:
+    """Ranks > 0: receive every bucket of `plan` and hand it to `on_bucket`; the receive of
+    bucket g+1 is posted before bucket g is loaded."""
+    if group.rank == 0:
+        raise TransportError("recv_buckets on rank 0: rank 0 sends")
+    t0 = time.perf_counter()
+    stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+    bufs = group.buffers(_wire_bytes(plan, verify))
+    views = [bufs[g % 2][:integrity.wire_bytes(b.nbytes, verify)]
+             for g, b in enumerate(plan.buckets)]
+    pending = group.broadcast_async(views[0], timeout_s) if views else None
+    for g, bucket in enumerate(plan.buckets):
+        following = group.broadcast_async(views[g + 1], timeout_s) if g + 1 < len(views) else None
+        _finish(group, pending, timeout_s, f"bucket {g}", stats)
+        t = time.perf_counter()
+        if verify:
+            integrity.check(g, views[g], bucket.nbytes)
+            stats.add("verify", time.perf_counter() - t)
+            t = time.perf_counter()
+        on_bucket(g, bucket, views[g][:bucket.nbytes])
+        stats.add("load", time.perf_counter() - t)
+        pending = following
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _finish(group: BroadcastGroup, work: Any, timeout_s: float, what: str,
+            stats: TransferStats) -> None:
+    if work is not None:
+        t = time.perf_counter()
+        group.wait(work, timeout_s, what)
+        stats.add("wait", time.perf_counter() - t)

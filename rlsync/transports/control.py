@@ -1,0 +1,258 @@
+"""Shared-memory plumbing of the IPC transports: named POSIX shm segments, the control
+segment of progress counters, and the geometry of the slot buffer.
+
+Segments are our own `/dev/shm/rlsync-<pid>-<token>-<role>` files mapped with mmap (no fd
+kept open, no resource tracker): the creator unlinks them on close, and
+`remove_orphan_segments` cleans up after a creator that was killed. Names read from the
+wire are validated before anything is opened. Nothing here knows tensors' meaning or who
+reads them; `shm` and `cuda_ipc` build the sender/engine protocol on top.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import threading
+import time
+
+import torch
+
+from rlsync.buckets import align_up
+from rlsync.protocol import BucketPlan, IpcBuffer
+from rlsync.transports import TransportError
+from rlsync.transports.integrity import TRAILER_BYTES
+
+SHM_DIR = "/dev/shm"
+PREFIX = "rlsync"
+REGION_ALIGN = 256
+COUNT_BITS = 20
+MAX_PUSH_ID = (1 << 42) - 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_MAGIC = 0x726C7379_6E6301
+_HDR_WORDS, _ENGINE_WORDS = 16, 8  # one 64-byte line per engine: no false sharing
+_MAGIC_W, _ENGINES_W, _SLOTS_W, _SLOT_BYTES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 2, 3, 4, 8, 9
+_FENCE = threading.Lock()
+
+
+def seq(push_id: int, count: int) -> int:
+    """Counter value for "count buckets of push `push_id`": monotonic across pushes."""
+    return ((push_id + 1) << COUNT_BITS) | count
+
+
+def seq_push(value: int) -> int:
+    return (value >> COUNT_BITS) - 1
+
+
+def fence() -> None:
+    """Order earlier memory accesses before later ones as the peer process sees them.
+
+    x86 keeps stores (and loads) in program order already; on weakly ordered CPUs a lock
+    release followed by an acquire is a full barrier, so two lock round trips do it.
+    """
+    with _FENCE:
+        pass
+    with _FENCE:
+        pass
+
+
+class Backoff:
+    """Poll pacing: a few quick re-checks, then sleeps of 50 growing to 200 microseconds."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def pause(self) -> None:
+        self.rounds += 1
+        if self.rounds > 16:
+            time.sleep(min(200e-6, 50e-6 * (1 + (self.rounds - 16) // 64)))
+
+
+class Segment:
+    """A named POSIX shm segment mapped into this process; the creator unlinks it on close."""
+
+    def __init__(self, name: str, nbytes: int | None = None, *, create: bool = False):
+        if not _NAME.fullmatch(name):
+            raise TransportError(f"shm: invalid segment name {name!r}")
+        self.name, self.owner = name, create
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        except OSError as e:
+            raise TransportError(f"shm {name}: cannot open ({e})") from e
+        try:
+            self.nbytes = self._size(fd, nbytes, create)
+            # MAP_POPULATE maps every page now, so no push pays first-touch page faults.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self.mm: mmap.mmap | None = mmap.mmap(fd, self.nbytes, flags=flags)
+        except BaseException:
+            if create:
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+
+    def _size(self, fd: int, nbytes: int | None, create: bool) -> int:
+        if create:
+            assert nbytes is not None and nbytes > 0
+            os.ftruncate(fd, nbytes)
+            return nbytes
+        size = os.fstat(fd).st_size
+        if size <= 0 or (nbytes is not None and size != nbytes):
+            raise TransportError(f"shm {self.name}: size {size} != expected {nbytes}")
+        return size
+
+    def tensor(self) -> torch.Tensor:
+        assert self.mm is not None, "segment closed"
+        return torch.frombuffer(self.mm, dtype=torch.uint8)
+
+    def close(self) -> None:
+        """Unmap (once no tensor views remain) and, for the creator, unlink the name."""
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a caller still holds a view; the GC unmaps it later
+                pass
+            self.mm = None
+        if self.owner:
+            self.owner = False
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            except FileNotFoundError:
+                pass
+
+
+def new_segment_name(role: str) -> str:
+    return f"{PREFIX}-{os.getpid()}-{secrets.token_hex(6)}-{role}"
+
+
+def remove_orphan_segments() -> list[str]:
+    """Unlink rlsync segments whose creating process is gone (e.g. a SIGKILLed trainer)."""
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        parts = name.split("-")
+        if len(parts) == 4 and parts[0] == PREFIX and parts[1].isdigit() and \
+                not os.path.exists(f"/proc/{parts[1]}"):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+class Control:
+    """The counters shared by one sender and its engines: int64 words in a small segment,
+    each written by one side only (see `shm` for the protocol)."""
+
+    def __init__(self, seg: Segment):
+        self.seg = seg
+        self.words = memoryview(seg.mm).cast("q")  # aligned 8-byte loads/stores: atomic
+        self.num_engines = (len(self.words) - _HDR_WORDS) // _ENGINE_WORDS
+
+    @classmethod
+    def create(cls, num_engines: int, num_slots: int, slot_bytes: int) -> Control:
+        nbytes = 8 * (_HDR_WORDS + _ENGINE_WORDS * num_engines)
+        ctl = cls(Segment(new_segment_name("ctl"), nbytes, create=True))
+        for word, value in ((_ENGINES_W, num_engines), (_SLOTS_W, num_slots),
+                            (_SLOT_BYTES_W, slot_bytes), (_PID_W, os.getpid())):
+            ctl.words[word] = value
+        fence()
+        ctl.words[_MAGIC_W] = _MAGIC
+        return ctl
+
+    @classmethod
+    def open(cls, buffer: IpcBuffer) -> Control:
+        """Map the control segment a descriptor names and check it matches the descriptor."""
+        ctl = cls(Segment(buffer.control_name))
+        got = (ctl.words[_MAGIC_W], ctl.words[_SLOTS_W], ctl.words[_SLOT_BYTES_W])
+        if got != (_MAGIC, buffer.num_slots, buffer.slot_bytes) or \
+                buffer.engine_index >= ctl.num_engines:
+            ctl.close()
+            raise TransportError(
+                f"shm {buffer.control_name}: control segment (magic, slots, slot bytes) = {got} "
+                f"with {ctl.num_engines} engines does not match engine {buffer.engine_index}'s "
+                f"descriptor")
+        return ctl
+
+    @property
+    def name(self) -> str:
+        return self.seg.name
+
+    @property
+    def sender_pid(self) -> int:
+        return self.words[_PID_W]
+
+    def ready(self) -> int:
+        return self.words[_READY_W]
+
+    def set_ready(self, value: int) -> None:
+        self.words[_READY_W] = value
+
+    def aborted(self) -> int:
+        return self.words[_ABORTED_W]
+
+    def set_aborted(self, push_id: int) -> None:
+        self.words[_ABORTED_W] = push_id + 1
+
+    def consumed(self, engine: int) -> int:
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine]
+
+    def set_consumed(self, engine: int, value: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine] = value
+
+    def evicted(self, engine: int) -> int:
+        """push_id + 1 of the last push the sender gave up on this engine in (0: never)."""
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 1]
+
+    def evict(self, engine: int, push_id: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 1] = push_id + 1
+
+    def close(self) -> None:
+        self.words.release()
+        self.seg.close()
+
+
+# ---------------------------------------------------------------- data buffer geometry
+
+def region_bytes(nbytes: int) -> int:
+    """Bytes one bucket occupies in the data buffer: payload + trailer, 256-aligned."""
+    return align_up(nbytes + TRAILER_BYTES, REGION_ALIGN)
+
+
+def packed_bytes(plan: BucketPlan) -> int:
+    return sum(region_bytes(b.nbytes) for b in plan.buckets)
+
+
+def geometry(plan: BucketPlan | None, num_slots: int | None,
+             capacity_bytes: int | None) -> tuple[int, int, int]:
+    """(num_slots, slot_bytes, nbytes) of a data buffer; slot_bytes 0 = packed layout."""
+    if plan is None and capacity_bytes is None:
+        raise ValueError("give a plan or capacity_bytes")
+    if num_slots is None:
+        nbytes = max(capacity_bytes or 0, packed_bytes(plan) if plan else 0)
+        return (max(1, len(plan.buckets)) if plan else 1), 0, align_up(nbytes, REGION_ALIGN)
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    slot = max((region_bytes(b.nbytes) for b in plan.buckets), default=0) if plan else 0
+    slot = max(slot, (capacity_bytes or 0) // num_slots // REGION_ALIGN * REGION_ALIGN)
+    if slot <= 0:
+        raise ValueError("slot size is zero: give a plan or a larger capacity_bytes")
+    return num_slots, slot, num_slots * slot
+
+
+def layout(plan: BucketPlan, slot_bytes: int, num_slots: int, capacity: int) -> list[int]:
+    """Byte offset of each bucket in the data buffer; raises if the plan does not fit."""
+    if len(plan.buckets) >= 1 << COUNT_BITS:
+        raise TransportError(f"ipc: {len(plan.buckets)} buckets exceed the counter range")
+    offsets, end = [], 0
+    for g, bucket in enumerate(plan.buckets):
+        size = region_bytes(bucket.nbytes)
+        if slot_bytes and size > slot_bytes:
+            raise TransportError(f"ipc: bucket {g} needs {size} bytes, slots hold {slot_bytes}")
+        offsets.append((g % num_slots) * slot_bytes if slot_bytes else end)
+        end += size
+    if not slot_bytes and end > capacity:
+        raise TransportError(f"ipc: plan needs {end} bytes, the buffer holds {capacity}")
+    return offsets
