@@ -72,7 +72,8 @@ class LlamaForInference:
         sequence's new tokens attend causally over all of its `seq_slots`.
         """
         self._check_pools(k_cache, v_cache)
-        plan = plan_attention(batch)
+        plan = plan_attention(
+            batch, self.cfg.num_attention_heads // self.cfg.num_key_value_heads)
         hidden = self._run_layers(
             batch.input_ids, batch.positions,
             lambda n, q, k, v: self._attend_paged(n, q, k, v, batch, plan, k_cache, v_cache))

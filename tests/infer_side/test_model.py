@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from infer_side import layers
 from infer_side.checkpoint import load_model
 from infer_side.forward_batch import ForwardBatch
 from infer_side.model import LlamaForInference, allocate_kv_cache, kv_cache_shape
@@ -106,7 +107,14 @@ def test_paged_forward_matches_transformers(ckpt):
         assert_same_generation(ours, hf_reference(hf, prompt))
 
 
-def test_batch_of_mixed_prompts_matches_each_alone(ckpt):
+@pytest.fixture(params=["padded", "one-by-one"])
+def prefill_mode(request, monkeypatch):
+    """Force several prefills into one padded SDPA call, or one call per sequence."""
+    monkeypatch.setattr(layers, "PAD_WASTE_LIMIT", 1e9 if request.param == "padded" else 0.0)
+    return request.param
+
+
+def test_batch_of_mixed_prompts_matches_each_alone(ckpt, prefill_mode):
     model = LlamaForInference(*load_model(ckpt))
     together = paged_greedy(model, PROMPTS)
     for prompt, got in zip(PROMPTS, together, strict=True):
@@ -115,15 +123,16 @@ def test_batch_of_mixed_prompts_matches_each_alone(ckpt):
         assert max(abs(a - b) for a, b in zip(got[1], alone[1], strict=True)) < 1e-5
 
 
-def test_chunked_prefill_beside_decode_matches_full_recompute(ckpt):
-    """A sequence prefilling its second chunk (cached prefix) in the same batch as a decode."""
+def test_chunked_prefill_beside_decode_matches_full_recompute(ckpt, prefill_mode):
+    """Sequences prefilling a second chunk (over a cached prefix) in one batch with a decode."""
     model = LlamaForInference(*load_model(ckpt))
     runner = PagedRunner(model, seed=3)
-    long, short = PROMPTS[1], PROMPTS[0]
-    runner.step([long[:4], short])
-    logits = runner.step([long[4:], [11]])
-    assert torch.allclose(logits[0], model.forward_full(torch.tensor(long))[-1], atol=1e-4)
-    assert torch.allclose(logits[1], model.forward_full(torch.tensor(short + [11]))[-1], atol=1e-4)
+    long, short, tiny = PROMPTS[1], PROMPTS[0], PROMPTS[2]
+    runner.step([long[:4], short, tiny])
+    logits = runner.step([long[4:], [11], [5, 6, 7]])
+    for row, seq in enumerate([long, short + [11], tiny + [5, 6, 7]]):
+        want = model.forward_full(torch.tensor(seq))[-1]
+        assert torch.allclose(logits[row], want, atol=1e-4), row
 
 
 def test_weights_swap_between_forwards(ckpt, tmp_path):
