@@ -8,6 +8,8 @@ environment; the launcher passes what it needs explicitly.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ import yaml
 from rlsync.model_config import ModelConfig, ModelConfigError
 
 Transport = Literal["broadcast", "ipc", "disk"]
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""1e-4 and friends: YAML 1.1 (PyYAML) reads a float without a dot as a string."""
 
 
 class ConfigError(ValueError):
@@ -177,7 +181,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def build(cls: type, raw: Any, prefix: str) -> Any:
     """Construct dataclass `cls` from a mapping, checking keys and value types."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(raw).__name__}")
+        where = prefix.removesuffix(".") or cls.__name__
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -208,10 +213,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_convert(args[0], v, key) for v in value]
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be finite, got {value!r}")
     return value
 
 
