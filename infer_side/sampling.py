@@ -9,10 +9,11 @@ sampled from (after temperature, top-k and top-p, renormalized over the kept tok
 greedy rows the sampled distribution is a point mass (logprob 0, useless), so they report the
 model's own log-softmax of the raw logits (temperature 1, no filtering).
 
-Randomness is per request and per output position: the draw for token i of a request uses a
-generator seeded from (request seed, i), so the same seed gives the same tokens whatever
-else is in the batch, and a retracted request that restarts draws the same numbers again.
-The draw is Gumbel-max (argmax of logp - log E, E ~ Exp(1)), exact sampling from softmax.
+Randomness is per request and per output position, counter-based instead of a stateful
+torch.Generator: the draw for output token i of a request is a uniform number hashed from
+(request seed, i) (splitmix64), turned into a token by inverse-CDF over the probabilities.
+So the same seed gives the same tokens whatever else is in the batch, a retracted request
+that restarts draws the same numbers again, and no generator state lives on any device.
 Nothing here knows about requests, the KV pool or the model.
 """
 
@@ -35,6 +36,11 @@ def mix_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def uniform(seed: int, index: int) -> float:
+    """The request's uniform draw in [0, 1) for output token `index` (53 random bits)."""
+    return (mix_seed(seed, index) >> 10) / float(1 << 53)
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
            positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] int64 and their logprobs [B] float32 for logits [B, vocab].
@@ -53,39 +59,43 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
     scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
     logp = torch.log_softmax(filter_top_k_top_p(scaled, top_k, top_p), dim=-1)
-    noise = _exponential_noise(logp.shape[1], seeds, positions, greedy.tolist(), dev)
-    drawn = (logp - noise.log()).argmax(dim=-1)
+    u = torch.tensor([uniform(s, i) for s, i in zip(seeds, positions, strict=True)],
+                     dtype=torch.float64, device=dev)
+    drawn = _inverse_cdf(logp.exp(), u)
     drawn_logprobs = logp.gather(1, drawn[:, None]).squeeze(1)
     return torch.where(greedy, tokens, drawn), torch.where(greedy, logprobs, drawn_logprobs)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row b's token: the first whose cumulative probability exceeds u[b] (never a 0-prob one)."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u * cdf[:, -1])[:, None]
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return torch.where(index < probs.shape[1], index, probs.argmax(dim=-1))  # u*total rounded up
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
                        top_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every logit outside each row's top-k, then outside its top-p nucleus.
 
-    top_k 0 and top_p 1 turn a filter off. The best token always survives.
+    top_k 0 and top_p 1 turn a filter off; rows with both off come back untouched. The best
+    token always survives. Only the rows that filter are sorted, and only as deep as needed.
     """
     use_k, use_p = top_k > 0, top_p < 1
-    if not bool(use_k.any() or use_p.any()):
+    rows = (use_k | use_p).nonzero().squeeze(1)
+    if rows.numel() == 0:
         return logits
     vocab = logits.shape[1]
-    values, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= torch.where(use_k, top_k, vocab)[:, None]
+    k = torch.where(use_k, top_k, vocab).clamp(max=vocab)[rows]
+    values, order = logits[rows].topk(int(k.max()), dim=-1)  # sorted, best first
+    ranks = torch.arange(values.shape[1], device=logits.device)[None, :]
+    drop = ranks >= k[:, None]
     probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= (mass_before >= top_p[:, None]) & use_p[:, None]
+    drop |= (mass_before >= top_p[rows, None]) & use_p[rows, None]
     drop[:, 0] = False
-    return torch.empty_like(logits).scatter_(1, order, values.masked_fill(drop, float("-inf")))
-
-
-def _exponential_noise(vocab: int, seeds: Sequence[int], positions: Sequence[int],
-                       skip: Sequence[bool], device: torch.device) -> torch.Tensor:
-    """Exp(1) noise [B, vocab], row b drawn from its own (seed, position) generator."""
-    noise = torch.ones((len(seeds), vocab), dtype=torch.float32, device=device)
-    gen = torch.Generator(device=device)
-    for b, (seed, pos) in enumerate(zip(seeds, positions, strict=True)):
-        if not skip[b]:
-            gen.manual_seed(mix_seed(seed, pos))
-            noise[b].exponential_(generator=gen)
-    return noise.clamp_(min=torch.finfo(torch.float32).tiny)  # log(0) would pick a masked token
+    kept = torch.full_like(logits[rows], float("-inf"))
+    kept.scatter_(1, order, values.masked_fill(drop, float("-inf")))
+    out = logits.clone()
+    out[rows] = kept
+    return out
