@@ -8,6 +8,8 @@ the slot allocator, sampling or where the weights came from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,9 @@ from infer_side.layers import (
 from infer_side.weights import LayerWeights, ModelWeights
 from rlsync.model_config import ModelConfig
 
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(layer, q [T, H, d], k [T, KV, d], v [T, KV, d]) -> attention output [T, H, d]."""
+
 
 def kv_cache_shape(cfg: ModelConfig, num_slots: int) -> tuple[int, int, int, int]:
     """[num_layers, num_slots, num_kv_heads, head_dim]: the layout ForwardBatch assumes."""
@@ -33,12 +38,14 @@ def kv_cache_shape(cfg: ModelConfig, num_slots: int) -> tuple[int, int, int, int
 
 def allocate_kv_cache(cfg: ModelConfig, num_slots: int, dtype: torch.dtype,
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed K and V pools. Allocate outside inference_mode so the engine can reset them."""
+    """Zeroed K and V pools: normal tensors even under inference_mode, so the engine may
+    reset them in place anywhere."""
     if num_slots <= 0:
         raise ValueError(f"num_slots must be > 0, got {num_slots}")
     shape = kv_cache_shape(cfg, num_slots)
-    return (torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device))
+    with torch.inference_mode(False):
+        return (torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device))
 
 
 class LlamaForInference:
@@ -82,6 +89,8 @@ class LlamaForInference:
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 logits [T, vocab] for one sequence, recomputed from scratch (no KV pool)."""
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids: expected a non-empty 1-D tensor, got {list(input_ids.shape)}")
         positions = torch.arange(input_ids.numel(), device=input_ids.device)
         hidden = self._run_layers(input_ids, positions, lambda n, q, k, v: attend_full(q, k, v))
         return self._logits(hidden)
@@ -98,7 +107,8 @@ class LlamaForInference:
         v_pool.index_copy_(0, batch.out_slots, v)
         return attend_paged(q, k_pool, v_pool, plan)
 
-    def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                    attend: Attend) -> torch.Tensor:
         cfg, w = self.cfg, self.weights
         hidden = F.embedding(input_ids, w.embed_tokens)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, w.dtype)
@@ -108,7 +118,7 @@ class LlamaForInference:
         return hidden
 
     def _attention(self, n: int, layer: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, attend) -> torch.Tensor:
+                   sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(hidden, layer.input_layernorm, cfg.rms_norm_eps)
         qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)

@@ -55,12 +55,17 @@ class ModelWeights:
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> ModelWeights:
-        """Allocate zeroed storage for `cfg` (dtype defaults to the config's)."""
+        """Allocate zeroed storage for `cfg` (dtype defaults to the config's).
+
+        Always normal tensors, even when called under inference_mode, so any thread may
+        later write the views in place.
+        """
         dtype = dtype or cfg.dtype
         h, i, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
 
         def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
+            with torch.inference_mode(False):
+                return torch.zeros(shape, dtype=dtype, device=device)
 
         layers = [LayerWeights(
             input_layernorm=zeros(h), qkv_proj=zeros(qkv, h),

@@ -216,3 +216,20 @@ def test_kv_cache_and_batch_validation(tmp_path):
     batch.new_lens = [3]
     with pytest.raises(ValueError, match="new_lens"):
         model.forward(batch, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_paged_forward_on_cuda_matches_cpu(tmp_path, dtype):
+    path = make_hf_checkpoint(tmp_path, kv_heads=1)
+    cpu = LlamaForInference(*load_model(path, dtype="float32"))
+    gpu = LlamaForInference(*load_model(path, dtype=dtype, device="cuda"))
+    k, v = allocate_kv_cache(gpu.cfg, 32, gpu.weights.dtype, "cuda")
+    prompt = torch.tensor(PROMPTS[1], device="cuda")
+    n = prompt.numel()
+    slots = torch.randperm(32, device="cuda")[:n]
+    batch = ForwardBatch(prompt, torch.arange(n, device="cuda"), slots, [slots], [n])
+    got = gpu.forward(batch, k, v)[0].cpu()
+    want = cpu.forward_full(prompt.cpu())[-1]
+    assert torch.allclose(got, want, atol=1e-3 if dtype == "float32" else 0.1 * want.abs().max())

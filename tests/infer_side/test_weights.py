@@ -124,3 +124,14 @@ def test_fingerprint_changes_with_one_element(cfg):
     assert weights.fingerprints([name]) == {name: after[name]}
     with pytest.raises(WeightError, match="nope"):
         weights.fingerprints(["nope"])
+
+
+def test_store_made_under_inference_mode_is_writable_outside(cfg):
+    with torch.inference_mode():
+        weights = ModelWeights.empty(cfg)
+        shadow = weights.clone_empty()
+    src = random_tensors(cfg)
+    weights.hf_views()["model.norm.weight"].copy_(src["model.norm.weight"])
+    shadow.load(src.items())
+    weights.copy_from(shadow)
+    assert weights.fingerprints() == shadow.fingerprints()
