@@ -37,7 +37,7 @@ Backend = Literal["gloo", "nccl"]
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def pick_free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now, for the next group's rendezvous."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))

@@ -73,12 +73,20 @@ class IpcSender:
     def _descriptor_fields(self, engine_index: int) -> dict:
         return {}
 
+    def fits(self, plan: BucketPlan) -> bool:
+        """Whether `plan` can be pushed through this buffer."""
+        try:
+            layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
+        except TransportError:
+            return False
+        return True
+
     def push(self, plan: BucketPlan, tensors: Mapping[str, torch.Tensor], push_id: int, *,
-             verify: bool = False, timeout_s: float = 60.0, engines: Sequence[int] | None = None,
+             verify: bool = False, timeout_s: float = 60.0, readers: Sequence[int] | None = None,
              wait: bool = True) -> TransferStats:
         """Pack bucket after bucket into its region, publishing each as ready.
 
-        `engines` (default: all) take part; one that makes no progress for `timeout_s` is
+        `readers` (engine indices, default: all) take part; one that makes no progress for `timeout_s` is
         evicted and listed in `timed_out_engines` while the others go on. With `wait`, return
         once every live engine consumed the whole push; else the next push waits for that
         first. `push_id` must grow from push to push.
@@ -86,7 +94,7 @@ class IpcSender:
         t0 = time.perf_counter()
         offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
-        live = self._begin(push_id, engines, stats, timeout_s)
+        live = self._begin(push_id, readers, stats, timeout_s)
         try:
             for g, bucket in enumerate(plan.buckets):
                 if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?
@@ -104,7 +112,7 @@ class IpcSender:
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _begin(self, push_id: int, engines: Sequence[int] | None, stats: TransferStats,
+    def _begin(self, push_id: int, readers: Sequence[int] | None, stats: TransferStats,
                timeout_s: float) -> set[int]:
         if not 0 <= push_id <= MAX_PUSH_ID:
             raise ValueError(f"push_id {push_id} out of range")
@@ -113,9 +121,9 @@ class IpcSender:
             if push_id <= prev:
                 raise ValueError(f"push_id {push_id} must be greater than the previous {prev}")
             self._await(live, seq(prev, count), prev, stats, timeout_s)  # drain the last push
-        live = set(range(self.control.num_engines) if engines is None else engines)
+        live = set(range(self.control.num_engines) if readers is None else readers)
         if any(not 0 <= e < self.control.num_engines for e in live):
-            raise ValueError(f"engines {sorted(live)} not in [0, {self.control.num_engines})")
+            raise ValueError(f"readers {sorted(live)} not in [0, {self.control.num_engines})")
         self.control.set_ready(seq(push_id, 0))
         return live
 

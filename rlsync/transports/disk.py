@@ -1,0 +1,124 @@
+"""Disk transport: weights as a safetensors checkpoint directory (also how a checkpoint on
+disk is pushed to engines).
+
+The files are written by `rlsync.checkpoint_io` (Hugging Face layout, atomic: temp dir +
+rename, so an engine sees the old weights, the new ones, or none). Two metadata keys ride in
+every shard's header: the weight version and a JSON map name -> fingerprint of each
+tensor's bytes, which `read_weights(verify=True)` checks tensor by tensor. Only safetensors
+is ever read. Nothing here knows either side's model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from rlsync.buckets import tensor_fingerprint
+from rlsync.checkpoint_io import (
+    CheckpointError,
+    iter_checkpoint_tensors,
+    read_checkpoint_metadata,
+    write_checkpoint,
+)
+from rlsync.model_config import ModelConfig
+from rlsync.transports import IntegrityError, TransferStats, TransportError
+
+VERSION_KEY = "rlsync_weight_version"
+FINGERPRINTS_KEY = "rlsync_fingerprints"
+
+
+class _WeightsOnly:
+    """Stands in for a ModelConfig when only weights are pushed: config.json says so."""
+
+    def to_hf_dict(self) -> dict[str, str]:
+        return {"rlsync": "weights only; the model config travels separately"}
+
+
+def write_weights(path: str | Path, tensors: Mapping[str, torch.Tensor], version: int, *,
+                  cfg: ModelConfig | None = None, fingerprints: bool = True,
+                  max_shard_bytes: int = 2 << 30,
+                  metadata: Mapping[str, str] | None = None) -> TransferStats:
+    """Write `tensors` as a checkpoint at `path` (replacing any), tagged with `version`.
+
+    With `cfg`, config.json is the model's (a loadable Hugging Face checkpoint); without,
+    it only marks the directory as weights-only. With `fingerprints`, each tensor's fingerprint goes into the metadata for
+    `read_weights(verify=True)`. `metadata` adds str -> str entries of the caller's.
+    """
+    t0 = time.perf_counter()
+    stats = TransferStats(nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+                          buckets=len(tensors))
+    meta = {**(metadata or {}), VERSION_KEY: str(int(version))}
+    if fingerprints:
+        t = time.perf_counter()
+        meta[FINGERPRINTS_KEY] = json.dumps(
+            {name: f"{tensor_fingerprint(x) & (2**64 - 1):016x}" for name, x in tensors.items()})
+        stats.add("fingerprint", time.perf_counter() - t)
+    t = time.perf_counter()
+    try:
+        write_checkpoint(path, cfg or _WeightsOnly(), tensors,  # type: ignore[arg-type]
+                         max_shard_bytes=max_shard_bytes, metadata=meta)
+    except CheckpointError as e:
+        raise TransportError(f"disk: cannot write weights to {path}: {e}") from e
+    stats.add("write", time.perf_counter() - t)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def read_weights_metadata(path: str | Path) -> tuple[int | None, dict[str, str]]:
+    """(weight version or None, name -> fingerprint hex) written by `write_weights`."""
+    try:
+        meta = read_checkpoint_metadata(path)
+        version = int(meta[VERSION_KEY]) if VERSION_KEY in meta else None
+        prints = json.loads(meta[FINGERPRINTS_KEY]) if FINGERPRINTS_KEY in meta else {}
+    except (CheckpointError, ValueError) as e:
+        raise TransportError(f"disk: unreadable weights metadata in {path}: {e}") from e
+    if not isinstance(prints, dict) or not all(isinstance(v, str) for v in prints.values()):
+        raise TransportError(f"disk: {path}: {FINGERPRINTS_KEY} must map names to hex strings")
+    return version, prints
+
+
+def read_weights(path: str | Path, *, verify: bool = False,
+                 expect_version: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every tensor at `path`, file by file, read lazily; the
+    metadata is read and checked at once.
+
+    With `verify`, each tensor's fingerprint must match the one written with it
+    (IntegrityError names the tensor) and every fingerprinted tensor must be present.
+    `expect_version` raises TransportError when the files carry another version.
+    """
+    version, prints = read_weights_metadata(path)
+    if expect_version is not None and version != expect_version:
+        raise TransportError(f"disk: {path} holds weight version {version}, "
+                             f"expected {expect_version}")
+    if verify and not prints:
+        raise IntegrityError(f"disk: {path} carries no fingerprints to verify")
+    return _iter_verified(path, prints if verify else None)
+
+
+def _iter_verified(path: str | Path, prints: dict[str, str] | None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    seen = set()
+    try:
+        for name, tensor in iter_checkpoint_tensors(path):
+            if prints is not None:
+                _check(path, name, tensor, prints)
+                seen.add(name)
+            yield name, tensor
+    except CheckpointError as e:
+        raise TransportError(f"disk: cannot read weights from {path}: {e}") from e
+    missing = sorted(set(prints) - seen) if prints is not None else []
+    if missing:
+        raise IntegrityError(f"disk: {path}: {len(missing)} fingerprinted tensors missing, "
+                             f"e.g. {missing[:3]}", name=missing[0])
+
+
+def _check(path: str | Path, name: str, tensor: torch.Tensor, prints: dict[str, str]) -> None:
+    expected = prints.get(name)
+    got = f"{tensor_fingerprint(tensor) & (2**64 - 1):016x}"
+    if expected != got:
+        raise IntegrityError(f"disk: {path}: tensor {name!r} fingerprint {got} != written "
+                             f"{expected}", name=name)
