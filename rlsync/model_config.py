@@ -47,6 +47,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"model_type={self.model_type!r}: supported {SUPPORTED_MODEL_TYPES}")
+        if self.model_type == "llama" and self.attention_bias:
+            # HF Llama's attention_bias also puts a bias on o_proj, which neither side has
+            raise ModelConfigError("attention_bias=True is not supported for llama (o_proj bias)")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
@@ -91,6 +94,7 @@ class ModelConfig:
             raise ModelConfigError("use_sliding_window=True is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs.update(_rope_theta(raw))
         kwargs.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         kwargs["torch_dtype"] = str(dtype).replace("torch.", "")
@@ -139,3 +143,18 @@ class ModelConfig:
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, h)
         return shapes
+
+
+def _rope_theta(raw: dict[str, Any]) -> dict[str, float]:
+    """rope_theta from a config.json: top-level (transformers < 5) or in `rope_parameters`
+    (transformers >= 5 writes only that); anything but plain default rope is refused."""
+    rope = raw.get("rope_parameters") or {}
+    if not rope:
+        return {}
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+        raise ModelConfigError(f"rope_parameters={rope!r} is not supported (default rope only)")
+    if "rope_theta" not in rope:
+        return {}
+    if "rope_theta" in raw and raw["rope_theta"] != rope["rope_theta"]:
+        raise ModelConfigError(f"rope_theta={raw['rope_theta']} disagrees with rope_parameters={rope!r}")
+    return {"rope_theta": rope["rope_theta"]}
