@@ -216,3 +216,24 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from e
     meta.pop(FORMAT_KEY, None)
     return meta
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def checkpoint_specs(path: str | Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype name, shape) of every tensor, from the file headers alone (no tensor is
+    read), so a receiver can validate a whole checkpoint before loading any of it."""
+    specs = []
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), part.get_dtype())
+                    specs.append((name, dtype, tuple(part.get_shape())))
+        except _READ_ERRORS as e:
+            raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from e
+    return specs

@@ -10,6 +10,7 @@ import torch
 from rlsync.checkpoint_io import (
     INDEX_FILE,
     CheckpointError,
+    checkpoint_specs,
     iter_checkpoint_tensors,
     read_checkpoint_metadata,
     write_checkpoint,
@@ -58,6 +59,14 @@ def test_sharded_round_trip_with_index(tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in src.values())
     assert_bit_equal(read_all(tmp_path / "ck"), src)
     assert read_checkpoint_metadata(tmp_path / "ck") == {"a": "b"}
+
+
+def test_specs_from_headers_match_tensors(tmp_path):
+    src = {**tensors(torch.bfloat16), "model.norm.weight": torch.ones(32), "ids": torch.arange(3)}
+    write_checkpoint(tmp_path / "ck", CFG, src, max_shard_bytes=20_000)
+    specs = checkpoint_specs(tmp_path / "ck")
+    assert sorted(specs) == sorted((n, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                                   for n, t in src.items())
 
 
 def test_views_strided_and_shared_storage_are_written_as_copies(tmp_path):
