@@ -11,14 +11,16 @@ It knows nothing about PPO, about how weights travel to engines, or about the en
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlsync.checkpoint_io import iter_checkpoint_tensors, write_checkpoint
-from rlsync.model_config import ModelConfig
+from rlsync.model_config import ModelConfig, ModelConfigError
 
 INIT_STD = 0.02
 
@@ -68,15 +70,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.kv_size, bias=bias)
         self.o_proj = nn.Linear(cfg.q_size, h, bias=False)
 
+    def _share_kv(self, x: Tensor) -> Tensor:
+        """[B, kv_heads, T, D] -> [B, heads, T, D]: each kv head serves `heads // kv_heads`.
+
+        Shared heads stay an expanded view and unshared ones are made contiguous: the memory
+        layout transformers' eager path hands its matmul, so float32 rounding matches too.
+        """
+        b, kvh, t, d = x.shape
+        groups = self.heads // kvh
+        if groups == 1:
+            return x.contiguous()
+        return x[:, :, None].expand(b, kvh, groups, t, d).reshape(b, kvh * groups, t, d)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        k, v = self._share_kv(k), self._share_kv(v)
+        # Plain matmul-softmax-matmul (softmax in float32), as transformers' eager path does,
+        # rather than a fused kernel whose rounding differs.
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -130,6 +148,25 @@ def attention_allowed(attention_mask: Tensor | None, batch: int, seq_len: int,
     return (causal & keys) | eye
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """ModelConfig of a checkpoint dir, also from transformers >= 5's `rope_parameters`.
+
+    TODO(model_config owner): `ModelConfig.from_hf_dict` ignores `rope_parameters` (and would
+    silently use the default theta); once it reads them, this is `ModelConfig.from_dir`.
+    """
+    raw: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
+    rope = raw.pop("rope_parameters", None)
+    if rope is not None:
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or \
+                set(rope) - {"rope_type", "rope_theta"}:
+            raise ModelConfigError(f"rope_parameters={rope!r}: only default rope is supported")
+        raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        if raw["rope_theta"] != rope.get("rope_theta", raw["rope_theta"]):
+            raise ModelConfigError(f"rope_theta={raw['rope_theta']} disagrees with "
+                                   f"rope_parameters={rope!r}")
+    return ModelConfig.from_hf_dict(raw)
+
+
 class LlamaPolicy(nn.Module):
     """Llama/Qwen2 causal LM whose parameter names are exactly Hugging Face's.
 
@@ -181,7 +218,7 @@ class LlamaPolicy(nn.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> LlamaPolicy:
         """Load a Hugging Face checkpoint directory; every parameter must be present."""
-        cfg = ModelConfig.from_dir(path)
+        cfg = read_config(path)
         policy = cls(cfg).to(dtype=dtype)
         params = dict(policy.named_parameters())
         seen: set[str] = set()
