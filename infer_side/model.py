@@ -76,9 +76,15 @@ class LlamaForInference:
         """Float32 logits [B, vocab] at each sequence's last new token.
 
         Writes the new tokens' K (after RoPE) and V into `batch.out_slots`, then lets each
-        sequence's new tokens attend causally over all of its `seq_slots`.
+        sequence's new tokens attend causally over all of its `seq_slots`. RoPE uses
+        `batch.positions` (the scheduler keeps them equal to each token's index in its
+        sequence); causality follows the order of `seq_slots`. Every batch tensor must be on
+        the weights' device.
         """
         self._check_pools(k_cache, v_cache)
+        if batch.input_ids.device != self.weights.device:
+            raise ValueError(f"ForwardBatch.input_ids on {batch.input_ids.device}, "
+                             f"weights on {self.weights.device}")
         plan = plan_attention(
             batch, self.cfg.num_attention_heads // self.cfg.num_key_value_heads)
         hidden = self._run_layers(
