@@ -66,7 +66,7 @@ class InferenceActor:
         return {"actor": os.getpid(), "engine": proc.pid if proc is not None else -1}
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams) -> list[GenerateOutput]:
+                 sampling: SamplingParams | Sequence[SamplingParams]) -> list[GenerateOutput]:
         """One finished output per prompt, in order; each names the weight version it used."""
         return self._engine().generate(prompts, sampling, timeout_s=self.cfg.call_timeout_s)
 

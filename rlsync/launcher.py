@@ -18,6 +18,7 @@ that dies or hangs ends the run with a RunError naming it and the step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -86,7 +87,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
                                              disable=not progress) as bar:
             for step in range(cfg.steps):
                 row = rl.step(step)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.2e}",
                                 push_ms=f"{row['push_s'] * 1e3:.1f}")
                 bar.update()
             return rl.finish(time.perf_counter() - start)
@@ -101,6 +102,12 @@ def deal(n_groups: int, n_parts: int) -> list[range]:
     for i in range(n_parts):
         bounds.append(bounds[-1] + base + (1 if i < extra else 0))
     return [range(bounds[i], bounds[i + 1]) for i in range(n_parts)]
+
+
+def weights_fingerprint(fingerprints: dict[str, int]) -> int:
+    """One number for a whole model: a fingerprint of the sorted (name, fingerprint) pairs."""
+    text = ";".join(f"{name}={fingerprints[name]}" for name in sorted(fingerprints))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 class RLRun:
@@ -185,13 +192,12 @@ class RLRun:
     def _rollouts(self, step: int) -> tuple[list[list[int]], list[GenerateOutput], float]:
         task = self.cfg.task
         groups = self.task.sample_prompts(task.prompts_per_step, self.rng)
-        sampling = SamplingParams(max_new_tokens=max(task.max_new_tokens, self.task.answer_len),
-                                  temperature=task.temperature)
         parts = deal(len(groups), len(self.engines))
         calls = {}
         for (name, engine), part in zip(self.engines.items(), parts, strict=True):
             prompts = [groups[g] for g in part for _ in range(task.group_size)]
-            calls[name] = engine.generate.remote(prompts, sampling)
+            first = part.start * task.group_size
+            calls[name] = engine.generate.remote(prompts, self._sampling(step, first, len(prompts)))
         t0 = time.perf_counter()
         results = self._wait(calls, f"rollouts at step {step}",
                              self.cfg.engine.call_timeout_s + SETUP_SLACK_S)
@@ -200,6 +206,14 @@ class RLRun:
         outputs = [out for name in self.engines for out in results[name]]
         self._check_outputs(outputs, step)
         return prompts, outputs, rollout_s
+
+    def _sampling(self, step: int, first: int, count: int) -> list[SamplingParams]:
+        """One seeded stream per sample (task seed, step, index): a run replays exactly."""
+        task = self.cfg.task
+        base = (task.seed * 1_000_003 + step) * 1_000_000 + first
+        return [SamplingParams(max_new_tokens=max(task.max_new_tokens, self.task.answer_len),
+                               temperature=task.temperature, seed=(base + i) % (1 << 62))
+                for i in range(count)]
 
     def _check_outputs(self, outputs: list[GenerateOutput], step: int) -> None:
         bad = [o.error for o in outputs if o.error]
@@ -240,22 +254,24 @@ class RLRun:
         """Compare engine and trainer weights, save the final checkpoint, plot, summarise."""
         final = self.run_dir / "final"
         self._call_rank0("save_checkpoint", "saving the final checkpoint", str(final))
-        mismatches = self._compare_weights()
+        mismatches, fingerprint, versions = self._compare_weights()
         rows = self.metrics.rows
         if rows:
             plot_metrics(rows, self.run_dir / "metrics.png", title=self.cfg.name)
         summary = {"steps": len(rows), "wall_s": wall_s, "final_checkpoint": str(final),
                    "weights_match": not any(mismatches.values()), "mismatches": mismatches,
+                   "weights_fingerprint": fingerprint, "engine_versions": versions,
                    "reward_first": rows[0]["reward_mean"] if rows else None,
                    "reward_last": rows[-1]["reward_mean"] if rows else None}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if any(mismatches.values()):
-            raise RunError(f"after the last push the engines' weights differ from the trainer's: "
-                           f"{ {n: m[:3] for n, m in mismatches.items() if m} }")
+            bad = {n: m[:3] for n, m in mismatches.items() if m}
+            raise RunError(f"after the last push the engines' weights differ from the trainer's: {bad}")
         return RunResult(self.run_dir, rows, final, wall_s, mismatches)
 
-    def _compare_weights(self) -> dict[str, list[str]]:
-        """engine (or trainer rank) -> names whose fingerprint differs from rank 0's."""
+    def _compare_weights(self) -> tuple[dict[str, list[str]], int, dict[str, int]]:
+        """Per engine and trainer rank: names whose fingerprint differs from rank 0's (plus a
+        wrong weight_version); rank 0's combined fingerprint; each engine's version."""
         engines = self._wait(self._each(self.engines, "fingerprints"), "fingerprints",
                              self.cfg.engine.call_timeout_s)
         specs = next(iter(engines.values()))["specs"]
@@ -264,13 +280,13 @@ class RLRun:
                           "fingerprints", TRAIN_TIMEOUT_S)
         ref = mine.pop("trainer rank 0")
         out = {n: sorted(k for k in ref if fp.get(k) != ref[k]) for n, fp in mine.items()}
-        version = self.cfg.steps
         for name, payload in engines.items():
-            diff = sorted(k for k in ref if payload["fingerprints"].get(k) != ref[k])
-            if payload["weight_version"] != version:
-                diff.insert(0, f"weight_version={payload['weight_version']} (expected {version})")
-            out[name] = diff
-        return out
+            out[name] = sorted(k for k in ref if payload["fingerprints"].get(k) != ref[k])
+            if payload["weight_version"] != self.cfg.steps:
+                out[name].insert(0, f"weight_version={payload['weight_version']} "
+                                    f"(expected {self.cfg.steps})")
+        versions = {n: p["weight_version"] for n, p in engines.items()}
+        return out, weights_fingerprint(ref), versions
 
     # ------------------------------------------------------------ calls and cleanup
 

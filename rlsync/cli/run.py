@@ -47,7 +47,7 @@ def _print_summary(result) -> None:  # noqa: ANN001 - RunResult, imported lazily
     rows = result.rows
     for row in rows:
         print(f"step {row['step']:3d}  v{row['weight_version']}  reward {row['reward_mean']:.3f} "
-              f"+- {row['reward_std']:.3f}  kl {row['kl']:.4f}  push {row['push_s'] * 1e3:7.1f} ms "
+              f"+- {row['reward_std']:.3f}  kl {row['kl']:.1e}  push {row['push_s'] * 1e3:7.1f} ms "
               f"({row['push_gbps']:.3f} GB/s, pause {row['engine_pause_ms']:.1f} ms)  "
               f"{row['rollout_tokens_per_s']:.0f} tok/s")
     print(f"done: {len(rows)} steps in {result.wall_s:.1f} s; engine weights == trainer weights; "
