@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -308,3 +311,17 @@ def test_tensor_fingerprint_reads_logical_bytes_of_strided_tensors():
     x = _random(torch.float32, (5, 6))
     assert B.tensor_fingerprint(x.t()) == B.tensor_fingerprint(x.t().contiguous())
     assert B.tensor_fingerprint(x.t()) != B.tensor_fingerprint(x)
+
+
+def _doc_vectors() -> list[tuple[bytes, int]]:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = doc.split("## Fingerprints")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (empty|`[0-9a-f ]+`) \| `(-?\d+)` \|$", section, flags=re.M)
+    return [(b"" if raw == "empty" else bytes.fromhex(raw.strip("`")), int(fp)) for raw, fp in rows]
+
+
+def test_documented_test_vectors():
+    vectors = _doc_vectors()
+    assert len(vectors) >= 4
+    for data, expected in vectors:
+        assert B.fingerprint_int(_u8(data)) == expected == _reference(data), data.hex()

@@ -397,25 +397,24 @@ def test_bytes_field_over_the_configured_cap_is_refused_by_name(name, path, wher
     assert info.value.where == where
 
 
-def test_payload_nesting_is_bounded():
-    shallow = _mutated("Result", ("payload", "deep"), _nest(8))
-    assert decode(shallow).payload["deep"] == _nest(8)
+@pytest.mark.parametrize("wrap", [lambda v: [v], lambda v: {"k": v}], ids=["arrays", "maps"])
+def test_payload_nesting_is_bounded_at_14(wrap):
+    def nest(depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = wrap(value)
+        return value
+
+    assert decode(_mutated("Result", ("payload", "deep"), nest(14))).payload["deep"] == nest(14)
     with pytest.raises(ProtocolError, match="nested too deep") as info:
-        decode(_mutated("Result", ("payload", "deep"), _nest(40)))
-    assert info.value.where.startswith("Result.payload.deep[0][0]")
+        decode(_mutated("Result", ("payload", "deep"), nest(15)))
+    assert info.value.where.startswith("Result.payload.deep")
 
 
 def test_absurdly_deep_frame_is_refused_without_recursion_error():
     head = _frame(["Result", {"payload": {"deep": 0}}])[:-1]  # drop the value 0
     with pytest.raises(ProtocolError):
         decode(head + b"\x91" * 200_000 + b"\x00")  # 200k nested one-element arrays
-
-
-def _nest(depth: int) -> Any:
-    value: Any = 1
-    for _ in range(depth):
-        value = [value]
-    return value
 
 
 def test_duplicate_keys_keep_the_last_value():
@@ -454,10 +453,47 @@ def test_pickled_message_is_refused_as_not_msgpack():
 # ---------------------------------------------------------------- the written protocol
 
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+
+
 def _doc_sections() -> dict[str, str]:
-    text = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
-    parts = re.split(r"^### +`?(\w+)`?.*$", text, flags=re.M)
+    """'### Name' heading -> its text up to the next heading of any level."""
+    parts = re.split(r"^##+ +`?([\w ]+?)`?\s*$", DOC.read_text(), flags=re.M)
     return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _doc_rows(cls: type) -> dict[str, list[str]]:
+    """field -> [type, default, limits, meaning] cells of its row in the class's section."""
+    section = _doc_sections().get(cls.__name__)
+    assert section is not None, f"docs/PROTOCOL.md has no '### {cls.__name__}' section"
+    rows = re.findall(r"^\| `(\w+)` \|(.*)\|\s*$", section, flags=re.M)
+    return {name: [c.strip() for c in re.split(r"(?<!\\)\|", rest)] for name, rest in rows}
+
+
+def _doc_number(text: str) -> float:
+    return eval(text.replace("2^", "2**"), {})  # our own doc: "65535", "2^63-1", "0.1"
+
+
+def _doc_limits(cell: str) -> dict[str, float]:
+    """"1 … 65535, len ≤ 8" style cell -> {"ge": 1, "le": 65535, "max_len": 8}."""
+    limits: dict[str, float] = {}
+    for part in filter(None, (piece.strip() for piece in cell.split(","))):
+        if part.startswith("len ≤ "):
+            limits["max_len"] = _doc_number(part[len("len ≤ "):])
+        elif part.startswith("≥ "):
+            limits["ge"] = _doc_number(part[2:])
+        else:
+            low, high = part.split(" … ")
+            limits["ge"], limits["le"] = _doc_number(low), _doc_number(high)
+    return limits
+
+
+def _doc_default(cell: str) -> Any:
+    if cell == "nil":
+        return None
+    literal = cell.strip("`")
+    return {"true": True, "false": False, "[]": [], "{}": {}}.get(literal) if literal in (
+        "true", "false", "[]", "{}") else literal[1:-1] if literal.startswith('"') else _doc_number(literal)
 
 
 WIRE_TYPES = [*p.MESSAGE_TYPES.values(), p.SamplingParams, p.IpcBuffer, p.BucketPlan, p.Bucket,
@@ -466,7 +502,35 @@ WIRE_TYPES = [*p.MESSAGE_TYPES.values(), p.SamplingParams, p.IpcBuffer, p.Bucket
 
 @pytest.mark.parametrize("cls", WIRE_TYPES, ids=lambda c: c.__name__)
 def test_protocol_doc_lists_every_field(cls):
-    section = _doc_sections().get(cls.__name__)
-    assert section is not None, f"docs/PROTOCOL.md has no '### {cls.__name__}' section"
-    rows = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
-    assert rows == {f.name for f in dataclasses.fields(cls)}
+    assert set(_doc_rows(cls)) == {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("cls", WIRE_TYPES, ids=lambda c: c.__name__)
+def test_protocol_doc_limits_match_the_code(cls):
+    rows = _doc_rows(cls)
+    for f in dataclasses.fields(cls):
+        assert _doc_limits(rows[f.name][2]) == dict(f.metadata), f.name
+
+
+@pytest.mark.parametrize("cls", WIRE_TYPES, ids=lambda c: c.__name__)
+def test_protocol_doc_defaults_match_the_code(cls):
+    rows = _doc_rows(cls)
+    for f in dataclasses.fields(cls):
+        cell = rows[f.name][1]
+        value = _default(f)
+        if cell == "**required**":
+            assert f.name in codec._required(cls), f.name
+        elif isinstance(value, bytes) or dataclasses.is_dataclass(value):
+            assert not cell.startswith("`"), f.name  # said in words: "empty", "defaults"
+        else:
+            assert f.name not in codec._required(cls), f.name
+            assert _doc_default(cell) == value, f.name
+
+
+def test_protocol_doc_example_frame_decodes():
+    block = DOC.read_text().split("35 bytes:")[1].split("```")[1]
+    hexes = [tok for line in block.splitlines() for tok in line.split()[:12]
+             if re.fullmatch(r"[0-9a-f]{2}", tok)]
+    frame = bytes.fromhex("".join(hexes))
+    assert len(frame) == 35
+    assert decode(frame) == p.Abort(request_id="x1", target_id="r1")
