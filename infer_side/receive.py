@@ -16,14 +16,19 @@ import torch
 
 from infer_side.update_job import UpdateJob
 from infer_side.weights import ModelWeights
-from rlsync.buckets import bucket_views, plan_total_bytes, validate_plan
+from rlsync.buckets import bucket_views, tensor_nbytes, validate_plan
+from rlsync.checkpoint_io import checkpoint_specs
 from rlsync.protocol import (
-    Bucket, BucketPlan, InitWeightsGroup, UpdateWeightsFromDisk, UpdateWeightsFromDistributed,
+    Bucket,
+    InitWeightsGroup,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
     UpdateWeightsFromIPC,
 )
 from rlsync.transports import disk
 from rlsync.transports.broadcast import BroadcastGroup, recv_buckets
 from rlsync.transports.ipc import open_receiver
+from rlsync.transports.shm import IpcReceiver
 
 
 class Links:
@@ -32,7 +37,7 @@ class Links:
 
     def __init__(self) -> None:
         self.groups: dict[str, BroadcastGroup] = {}
-        self.ipc: dict[str, Any] = {}
+        self.ipc: dict[str, IpcReceiver] = {}
 
     def init_group(self, msg: InitWeightsGroup) -> None:
         if msg.group_name in self.groups:
@@ -48,15 +53,15 @@ class Links:
             group.destroy()
         return group is not None
 
-    def receiver(self, msg: UpdateWeightsFromIPC) -> Any:
-        """The IPC receiver for this buffer, opened on first use; a new name replaces it."""
-        key = f"{msg.buffer.kind}:{msg.buffer.control_name}"
-        current = self.ipc.get(key)
-        if current is None or current.buffer_name != msg.buffer.name:
-            if current is not None:
-                current.close()
-            self.ipc[key] = open_receiver(msg.buffer)
-        return self.ipc[key]
+    def receiver(self, msg: UpdateWeightsFromIPC) -> IpcReceiver:
+        """The IPC receiver of this buffer kind: mapped on first use, re-mapped only when a
+        push names another buffer (nothing is re-opened per push)."""
+        current = self.ipc.get(msg.buffer.kind)
+        if current is None:
+            current = self.ipc[msg.buffer.kind] = open_receiver(msg.buffer)
+        else:
+            current.attach(msg.buffer)
+        return current
 
     def close(self) -> None:
         for name in list(self.groups):
@@ -70,9 +75,9 @@ def validate(msg: Any, weights: ModelWeights, links: Links) -> tuple[str, int]:
     """Check the update names exactly this model's tensors, shapes and dtypes; return its
     transport kind and byte count. Raises with the offending tensor or field named."""
     if isinstance(msg, UpdateWeightsFromDisk):
-        specs = disk.read_specs(msg.path)
+        specs = checkpoint_specs(msg.path)
         weights.validate(specs, complete=True)
-        return "disk", sum(_nbytes(d, s) for _, d, s in specs)
+        return "disk", sum(tensor_nbytes(d, s) for _, d, s in specs)
     if isinstance(msg, UpdateWeightsFromDistributed) and msg.group_name not in links.groups:
         raise ValueError(f"group_name {msg.group_name!r}: no such weights group (InitWeightsGroup first)")
     if isinstance(msg, UpdateWeightsFromIPC) and msg.buffer.kind == "cuda" and not torch.cuda.is_available():
@@ -81,11 +86,6 @@ def validate(msg: Any, weights: ModelWeights, links: Links) -> tuple[str, int]:
     weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
     kind = "broadcast" if isinstance(msg, UpdateWeightsFromDistributed) else "ipc"
     return kind, total
-
-
-def _nbytes(dtype: str, shape: Any) -> int:
-    from rlsync.buckets import tensor_nbytes
-    return tensor_nbytes(dtype, shape)
 
 
 def receive(job: UpdateJob, target: ModelWeights, links: Links) -> None:
@@ -129,7 +129,3 @@ def _receive_disk(job: UpdateJob, target: ModelWeights) -> None:
         views[name].copy_(tensor)
         job.timings["buckets_loaded"] += 1
     job.timings["load_s"] = time.perf_counter() - start
-
-
-def plan_bytes(plan: BucketPlan) -> int:
-    return plan_total_bytes(plan)

@@ -17,8 +17,13 @@ from infer_side import receive
 from infer_side.update_job import UpdateJob, reply
 from infer_side.weights import ModelWeights
 from rlsync.protocol import (
-    DestroyWeightsGroup, GetWeightsFingerprint, InitWeightsGroup, Message,
-    UpdateWeightsFromDisk, UpdateWeightsFromDistributed, UpdateWeightsFromIPC,
+    DestroyWeightsGroup,
+    GetWeightsFingerprint,
+    InitWeightsGroup,
+    Message,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromIPC,
 )
 
 WORKER_GRACE_S = 5.0
@@ -97,6 +102,7 @@ class WeightSync:
         """
         if job.stage == "waiting" and self._block_generation(job):
             self.core.weights_incomplete = True
+            self.core.pending_weight_version = job.version
             job.start_worker(self._receiver(self.core.model.weights))
         elif job.stage == "receiving" and job.waited_s() > job.msg.timeout_s + job.msg.idle_timeout_s + WORKER_GRACE_S:
             job.error, job.stage = f"receive did not finish in {job.msg.timeout_s:.1f}s", "failed"
@@ -151,6 +157,8 @@ class WeightSync:
     def _fail(self, job: UpdateJob) -> list[Message]:
         if job.msg.load_mode == "in_place" and job.timings.get("buckets_loaded", 0) == 0:
             self.core.weights_incomplete = False  # nothing was written: the old weights stand
+        if job.kind == "broadcast":  # a failed collective leaves the group unusable
+            self.links.destroy_group(job.msg.group_name)
         return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
 
     def _finish(self, job: UpdateJob, ok: bool, text: str) -> list[Message]:

@@ -50,22 +50,14 @@ class WeightPusher:
                  *, device: str | torch.device = "cpu", connect_timeout_s: float = 60.0):
         self.cfg = cfg
         self.engines = EngineSet(endpoints, cfg.timeout_s)
-        self.specs = self._engine_specs(connect_timeout_s)
+        try:
+            self.specs = self.engines.discover(connect_timeout_s)
+        except ValueError as exc:
+            self.engines.close()
+            raise PushError(str(exc)) from None
         self.transport = make_transport(cfg, self.engines, Path(work_dir), torch.device(device))
         self._plan_key: tuple | None = None
         self.plan: BucketPlan | None = None
-
-    def _engine_specs(self, timeout_s: float) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """What every engine expects (name -> dtype, shape); engines must agree."""
-        specs = None
-        for name, result in self.engines.call_all(lambda: GetWeightsFingerprint(names=[]), timeout_s).items():
-            if not result.success:
-                raise PushError(f"engine {name}: cannot read its weight specs: {result.message}")
-            mine = {n: (d, tuple(s)) for n, (d, s) in result.payload["specs"].items()}
-            if specs is not None and mine != specs:
-                raise PushError(f"engine {name}: serves a different model than the other engines")
-            specs = mine
-        return specs or {}
 
     def push(self, weights: WeightsLike, version: int) -> PushReport:
         """Push `weights` as `version` to every live engine; raises PushError only when the
@@ -74,10 +66,9 @@ class WeightPusher:
         plan = self._plan_for(tensors)
         start = time.perf_counter()
         report = self.transport.push(plan, tensors, version)
-        if report.transfer_error and self.transport.can_rebuild:
-            dead = self.engines.find_dead()
-            self.transport.rebuild(exclude=dead)
-            report = self.transport.push(plan, tensors, version, previous=report)
+        if report.transfer_error and self.transport.can_rebuild and self.engines.find_dead():
+            self.transport.rebuild()  # the group without the dead engines, then once more
+            report = self.transport.push(plan, tensors, version)
         report.finish(plan_total_bytes(plan), time.perf_counter() - start)
         if not report.succeeded:
             raise PushError(f"version {version} reached no engine: {report.summary()}", report)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from rlsync.protocol import GetInfo, Message, Result
+from rlsync.model_config import ModelConfig
+from rlsync.protocol import GetInfo, GetWeightsFingerprint, Message, Result
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
 
 PING_TIMEOUT_S = 3.0
@@ -23,6 +24,26 @@ class EngineSet:
             raise ValueError("endpoints: at least one engine is needed")
         self.clients = {name: RpcClient(ep, timeout_s=timeout_s) for name, ep in endpoints.items()}
         self.dead: set[str] = set()
+        self.model_cfg: ModelConfig | None = None
+        """The engines' model architecture, read by `discover`."""
+
+    def discover(self, timeout_s: float) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Read every engine's model config and weight specs (name -> dtype, shape); the
+        engines must all serve the same model. Raises ValueError naming the engine."""
+        specs = None
+        for name, result in self.call_all(lambda: GetWeightsFingerprint(names=[]), timeout_s).items():
+            if not result.success:
+                raise ValueError(f"engine {name}: cannot read its weight specs: {result.message}")
+            mine = {n: (d, tuple(s)) for n, (d, s) in result.payload["specs"].items()}
+            if specs is not None and mine != specs:
+                raise ValueError(f"engine {name}: serves a different model than the other engines")
+            specs = mine
+        info = self.call_all(GetInfo, timeout_s)
+        first = info[self.names[0]]
+        if not first.success:
+            raise ValueError(f"engine {self.names[0]}: GetInfo failed: {first.message}")
+        self.model_cfg = ModelConfig(**first.payload["model"])
+        return specs or {}
 
     @property
     def names(self) -> list[str]:

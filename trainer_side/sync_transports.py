@@ -8,6 +8,7 @@ gather "done". The transports differ only in the message they announce and in `t
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,13 @@ import torch
 from rlsync.buckets import dtype_from_name
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
-    BucketPlan, DestroyWeightsGroup, InitWeightsGroup, Message, UpdateWeightsFromDisk,
-    UpdateWeightsFromDistributed, UpdateWeightsFromIPC,
+    BucketPlan,
+    DestroyWeightsGroup,
+    InitWeightsGroup,
+    Message,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromIPC,
 )
 from rlsync.transports import disk
 from rlsync.transports.broadcast import BroadcastGroup, free_port, send_buckets
@@ -38,8 +44,7 @@ class Transport:
     def __init__(self, cfg: SyncConfig, engines: EngineSet, work_dir: Path, device: torch.device):
         self.cfg, self.engines, self.work_dir, self.device = cfg, engines, work_dir, device
 
-    def push(self, plan: BucketPlan, tensors: Tensors, version: int,
-             previous: PushReport | None = None) -> PushReport:
+    def push(self, plan: BucketPlan, tensors: Tensors, version: int) -> PushReport:
         report = PushReport(version, self.kind)
         names = self.engines.live()
         self.prepare(plan, tensors, version)
@@ -61,7 +66,6 @@ class Transport:
 
     def _transfer(self, report: PushReport, plan: BucketPlan, tensors: Tensors,
                   names: list[str], accepted: list[str]) -> None:
-        import time
         start = time.perf_counter()
         try:
             self.transfer(plan, tensors, names, accepted)
@@ -83,8 +87,8 @@ class Transport:
     def transfer(self, plan: BucketPlan, tensors: Tensors, names: list[str], accepted: list[str]) -> None:
         raise NotImplementedError
 
-    def rebuild(self, exclude: list[str]) -> None:
-        """Re-form the transport without the excluded engines (broadcast only)."""
+    def rebuild(self) -> None:
+        """Re-form the transport around the live engines (broadcast only)."""
 
     def close(self) -> None:
         """Release buffers, groups and files this transport holds."""
@@ -107,7 +111,7 @@ class BroadcastTransport(Transport):
         """Rendezvous: every engine joins from its loop while rank 0 joins here; all bounded."""
         backend = self.cfg.backend if self.cfg.backend != "auto" else (
             "nccl" if self.device.type == "cuda" else "gloo")
-        port, world = free_port(), len(names) + 1
+        port, world = free_port(self.cfg.master_address), len(names) + 1
         self.group_name = f"weights-{uuid.uuid4().hex[:8]}"
         rids = self.engines.send({n: InitWeightsGroup(
             master_address=self.cfg.master_address, master_port=port, rank_offset=i + 1,
@@ -131,9 +135,9 @@ class BroadcastTransport(Transport):
         assert self.group is not None
         send_buckets(self.group, plan, tensors, verify=self.cfg.verify, timeout_s=self.cfg.timeout_s)
 
-    def rebuild(self, exclude: list[str]) -> None:
+    def rebuild(self) -> None:
         self._dissolve()
-        self._form([n for n in self.engines.live() if n not in exclude])
+        self._form(self.engines.live())
 
     def _dissolve(self) -> None:
         if self.group is not None:
@@ -192,7 +196,8 @@ class DiskTransport(Transport):
     def prepare(self, plan: BucketPlan, tensors: Tensors, version: int) -> None:
         dtypes = {s.name: dtype_from_name(s.dtype) for b in plan.buckets for s in b.tensors}
         path = self.root / f"v{version}"
-        disk.write_weights(path, {n: t.to(dtypes[n]) for n, t in tensors.items()}, version=version)
+        disk.write_weights(path, {n: t.to(dtypes[n]) for n, t in tensors.items()}, version,
+                           cfg=self.engines.model_cfg)
         if self.current is not None and self.current != path:
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = path

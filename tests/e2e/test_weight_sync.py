@@ -1,0 +1,191 @@
+"""Weight sync end to end: a real WeightPusher pushes to real engine processes over every
+transport (gloo broadcast group, shared memory, safetensors), and the engines must then hold
+the trainer's weights bit for bit and generate exactly what a fresh engine would."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from infer_side.client import launch_engine
+from rlsync.buckets import plan_buckets
+from rlsync.config import SyncConfig
+from rlsync.model_config import ModelConfig
+from rlsync.protocol import UpdateWeightsFromIPC
+from rlsync.rpc import RpcClient
+from tests.checkpoints import make_hf_checkpoint
+from tests.e2e.sync_helpers import (
+    PROMPTS,
+    fd_count,
+    greedy,
+    own_shm_segments,
+    reference_tokens,
+    trainer_weights,
+)
+from trainer_side.push_report import PushError
+from trainer_side.pusher import WeightPusher
+
+TRANSPORTS = ["broadcast", "ipc", "disk"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def cfg(ckpt) -> ModelConfig:
+    return ModelConfig.from_dir(ckpt)
+
+
+@pytest.fixture(scope="module")
+def engines(ckpt):
+    clients = {f"engine{i}": launch_engine(ckpt, kv_tokens=512, threads=1) for i in range(2)}
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def versions():
+    return itertools.count(1)
+
+
+def endpoints(engines) -> dict[str, str]:
+    return {name: c.endpoint for name, c in engines.items()}
+
+
+def sync_cfg(transport: str, **kw) -> SyncConfig:
+    return SyncConfig(transport=transport, bucket_mb=kw.pop("bucket_mb", 0.05), timeout_s=kw.pop("timeout_s", 20.0), **kw)
+
+
+def push(engines, tmp_path, transport, tensors, version, **kw):
+    pusher = WeightPusher(sync_cfg(transport, **kw), endpoints(engines), tmp_path)
+    try:
+        report = pusher.push(tensors, version)
+        return report, pusher.mismatches(tensors)
+    finally:
+        pusher.close()
+
+
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_push_is_bit_exact_and_serves_new_weights(engines, ckpt, cfg, versions, tmp_path, transport, load_mode):
+    version = next(versions)
+    tensors = trainer_weights(ckpt, version)
+    report, mismatches = push(engines, tmp_path, transport, tensors, version, load_mode=load_mode, verify=True)
+    assert report.failed == [], report.summary()
+    assert report.bytes > 0 and report.gbps > 0
+    assert mismatches == {name: [] for name in engines}
+    want = reference_tokens(cfg, tensors, PROMPTS)
+    for client in engines.values():
+        outs = client.generate(PROMPTS, greedy())
+        assert [o.output_ids for o in outs] == want
+        assert {o.weight_version for o in outs} == {version}
+        assert client.info()["weight_version"] == version
+
+
+def test_stale_prefix_cache_is_flushed_by_update(engines, ckpt, cfg, versions, tmp_path):
+    client = engines["engine0"]
+    prompt = [[7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    client.generate(prompt, greedy(4))
+    assert client.generate(prompt, greedy(4))[0].cached_tokens > 0  # the cache works
+    version = next(versions)
+    tensors = trainer_weights(ckpt, version)
+    report, _ = push(engines, tmp_path, "ipc", tensors, version)
+    assert report.failed == []
+    out = client.generate(prompt, greedy(4))[0]
+    assert out.cached_tokens == 0  # nothing computed with the old weights is reused
+    assert out.output_ids == reference_tokens(cfg, tensors, prompt, 4)[0]
+
+
+def test_push_without_flush_keeps_prefix_cache(engines, ckpt, versions, tmp_path):
+    client = engines["engine1"]
+    prompt = [[21, 22, 23, 24, 25, 26, 27, 28]]
+    client.generate(prompt, greedy(2))
+    version = next(versions)
+    report, _ = push(engines, tmp_path, "ipc", trainer_weights(ckpt, version), version, flush_cache=False)
+    assert report.failed == []
+    assert client.generate(prompt, greedy(2))[0].cached_tokens > 0
+
+
+def _bad_plan_message(engine, mutate) -> tuple[UpdateWeightsFromIPC, dict]:
+    specs = engine.fingerprints(names=[])["specs"]
+    items = [(n, d, tuple(s)) for n, (d, s) in specs.items()]
+    items = mutate(items)
+    msg = UpdateWeightsFromIPC(plan=plan_buckets(items, 1 << 20), weight_version=10_000, push_id=1)
+    return msg, engine.fingerprints()
+
+
+@pytest.mark.parametrize("mutate, named", [
+    (lambda items: items[:-1], "missing"),
+    (lambda items: items + [("model.layers.9.mlp.up_proj.weight", "float32", (2, 2))], "unknown"),
+    (lambda items: [(n, d, (s[0] + 1, *s[1:]) if i == 1 else s) for i, (n, d, s) in enumerate(items)], "shape"),
+    (lambda items: [(n, "bfloat16" if i == 2 else d, s) for i, (n, d, s) in enumerate(items)], "dtype"),
+])
+def test_bad_plan_is_refused_and_changes_nothing(engines, mutate, named):
+    engine = engines["engine0"]
+    msg, before = _bad_plan_message(engine, mutate)
+    with RpcClient(engine.endpoint, timeout_s=10) as rpc:
+        result = rpc.call(msg)
+    assert not result.success
+    assert named in result.message or "expected" in result.message
+    after = engine.fingerprints()
+    assert after["weight_version"] == before["weight_version"]
+    assert after["fingerprints"] == before["fingerprints"]
+    assert engine.generate([[1, 2, 3]], greedy(2))[0].error == ""
+
+
+def test_pusher_refuses_wrong_weights_before_sending(engines, ckpt, versions, tmp_path):
+    before = engines["engine0"].fingerprints()
+    tensors = trainer_weights(ckpt, 99)
+    tensors.pop("model.norm.weight")
+    with pytest.raises(PushError, match="model.norm.weight"):
+        push(engines, tmp_path, "ipc", tensors, next(versions))
+    tensors = trainer_weights(ckpt, 99)
+    tensors["model.norm.weight"] = torch.zeros(3)
+    with pytest.raises(PushError, match="model.norm.weight: shape"):
+        push(engines, tmp_path, "ipc", tensors, next(versions))
+    assert engines["engine0"].fingerprints() == before
+
+
+def test_old_version_is_refused_by_every_engine(engines, ckpt, tmp_path):
+    current = engines["engine0"].info()["weight_version"]
+    before = engines["engine0"].fingerprints()["fingerprints"]
+    with pytest.raises(PushError, match="not newer"):
+        push(engines, tmp_path, "ipc", trainer_weights(ckpt, 5), current)
+    assert engines["engine0"].fingerprints()["fingerprints"] == before
+
+
+def test_bf16_engine_gets_trainer_weights_cast_on_pack(ckpt, tmp_path):
+    engine = launch_engine(ckpt, kv_tokens=256, dtype="bfloat16", threads=1)
+    try:
+        tensors = trainer_weights(ckpt, 3)
+        for transport in TRANSPORTS:
+            pusher = WeightPusher(sync_cfg(transport), {"bf16": engine.endpoint}, tmp_path / transport)
+            try:
+                version = TRANSPORTS.index(transport) + 1
+                assert pusher.push(tensors, version).failed == []
+                assert pusher.mismatches(tensors) == {"bf16": []}
+            finally:
+                pusher.close()
+    finally:
+        engine.close()
+
+
+def test_fifty_pushes_leak_no_shared_memory_or_fds(engines, ckpt, versions, tmp_path):
+    pids = [c.process.pid for c in engines.values()]
+    pusher = WeightPusher(sync_cfg("ipc"), endpoints(engines), tmp_path)
+    try:
+        pusher.push(trainer_weights(ckpt, 0), next(versions))  # warm: buffers opened once
+        fds_before = [fd_count(p) for p in pids]
+        tensors = trainer_weights(ckpt, 1)
+        for _ in range(50):
+            assert pusher.push(tensors, next(versions)).failed == []
+        assert [fd_count(p) for p in pids] == fds_before
+        assert len(own_shm_segments()) == 2  # one data + one control segment, reused
+    finally:
+        pusher.close()
+    assert own_shm_segments() == set()  # everything the pusher created is gone
