@@ -23,7 +23,12 @@ import msgpack
 import zmq
 
 from rlsync.codec import ProtocolError, decode, encode
-from rlsync.endpoints import check_endpoint, private_ipc_endpoint, remove_private_endpoint
+from rlsync.endpoints import (
+    check_endpoint,
+    ipc_path,
+    private_ipc_endpoint,
+    remove_private_endpoint,
+)
 from rlsync.protocol import Message, Result
 from rlsync.rpc import ENGINE_DEAD_PREFIX, is_final
 
@@ -55,11 +60,13 @@ def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | Non
     exception propagates (the process exits non-zero).
     """
     sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+    bound = None
     try:
         sock.bind(check_endpoint(endpoint))
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         router = Router(sock)
         if ready_callback is not None:
-            ready_callback(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            ready_callback(bound)
         try:
             while not core.shutdown_requested:
                 for msg in router.drain():
@@ -74,6 +81,8 @@ def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | Non
         router.fail_all("engine shut down before this request finished")
     finally:
         sock.close(linger=SEND_LINGER_MS)
+        if bound is not None and ipc_path(bound) is not None:
+            ipc_path(bound).unlink(missing_ok=True)  # zmq may not get to it before exit
 
 
 class Router:

@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-token-ids", type=_token_ids, default=[])
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool of a --model engine")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of a --model engine")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole batch")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per prompt")
     p.set_defaults(func=run)
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sampling = _sampling(args)
         if args.model:
-            engine = launch_engine(args.model, kv_tokens=args.kv_tokens,
+            engine = launch_engine(args.model, kv_tokens=args.kv_tokens, threads=args.threads,
                                    start_timeout_s=args.timeout, call_timeout_s=args.timeout)
         else:
             engine = connect(args.endpoint, timeout_s=args.timeout)

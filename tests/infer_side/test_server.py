@@ -54,6 +54,8 @@ BAD_FRAMES = [
     (_frame("GetInfo", {}), "", "request_id: must not be empty"),
 ]
 """(frame, request_id the error reply names, words in its message)"""
+BAD_FRAME_IDS = ["random-bytes", "truncated", "unknown-type", "wrong-field-type",
+                 "negative-max-new-tokens", "unknown-field", "no-request-id"]
 
 
 def raw_call(endpoint: str, frames: list[bytes]) -> Result:
@@ -123,9 +125,11 @@ def test_server_process_generates_what_the_core_generates(engine, reference):
 
 
 def test_many_prompts_at_once_come_back_as_they_finish(engine):
-    lengths = [1 + 4 * i for i in range(12)][::-1]
+    lengths = [1 + 3 * i for i in range(12)][::-1]
     reqs = [Generate(input_ids=[i + 1, 2], sampling=SamplingParams(max_new_tokens=n))
             for i, n in enumerate(lengths)]
+    engine.pause("in_place")  # queue all 12, so that one step admits them together
+    threading.Timer(0.5, engine.continue_generation).start()  # from another thread
     outs = list(engine.rpc.generate(reqs, timeout_s=60))
     assert [len(o.output_ids) for o in outs] == sorted(lengths)
     in_order = engine.generate([r.input_ids for r in reqs],
@@ -139,7 +143,7 @@ def test_endpoint_dir_is_private(engine):
     assert ipc_path(engine.endpoint).is_socket()
 
 
-@pytest.mark.parametrize("frame, rid, words", BAD_FRAMES)
+@pytest.mark.parametrize("frame, rid, words", BAD_FRAMES, ids=BAD_FRAME_IDS)
 def test_server_process_survives_bad_frames(engine, reference, frame, rid, words):
     reply = raw_call(engine.endpoint, [frame])
     assert not reply.success and reply.request_id == rid and words in reply.message
@@ -282,7 +286,7 @@ def test_unencodable_reply_becomes_an_error_result(server):
         assert [o.output_ids for o in rpc.generate([gen(5, 2)])] == [[5, 6]]
 
 
-@pytest.mark.parametrize("frame, rid, words", BAD_FRAMES)
+@pytest.mark.parametrize("frame, rid, words", BAD_FRAMES, ids=BAD_FRAME_IDS)
 def test_bad_frames_get_an_error_reply_and_the_loop_goes_on(server, frame, rid, words):
     reply = raw_call(server.endpoint, [frame])
     assert not reply.success and reply.request_id == rid and words in reply.message

@@ -24,7 +24,14 @@ from rlsync.endpoints import (
     private_ipc_endpoint,
     remove_private_endpoint,
 )
-from rlsync.protocol import Generate, GenerateOutput, GetInfo, GetWeightsFingerprint, Message, Result
+from rlsync.protocol import (
+    Generate,
+    GenerateOutput,
+    GetInfo,
+    GetWeightsFingerprint,
+    Message,
+    Result,
+)
 from rlsync.rpc import ENGINE_DEAD_PREFIX, EngineDead, RpcClient, RpcError, RpcTimeout
 
 pytestmark = pytest.mark.timeout(60)
