@@ -7,9 +7,7 @@ engine's choice. It knows nothing about the model's forward, the KV pool or tran
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,51 +19,16 @@ TIED_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
 
 
-def read_model_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from `path`/config.json, accepting both rope layouts transformers writes.
-
-    transformers >= 5 stores `rope_parameters: {rope_type, rope_theta, ...}` instead of a
-    top-level `rope_theta` and `rope_scaling`; any rope type but "default" is refused.
-    """
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise ModelConfigError(f"{config_path} not found")
-    try:
-        raw = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise ModelConfigError(f"{config_path}: not valid JSON ({e})") from e
-    return ModelConfig.from_hf_dict(_normalize_rope(raw))
-
-
-def _normalize_rope(raw: dict[str, Any]) -> dict[str, Any]:
-    params = raw.get("rope_parameters")
-    if params is None:
-        return raw
-    if not isinstance(params, dict):
-        raise ModelConfigError(f"rope_parameters={params!r} must be a dict")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
-    if rope_type != "default" or extra:
-        raise ModelConfigError(f"rope_parameters={params!r} is not supported "
-                               "(only rope_type 'default' with rope_theta; no rope scaling)")
-    out = {k: v for k, v in raw.items() if k != "rope_parameters"}
-    if "rope_theta" in params:
-        if "rope_theta" in raw and raw["rope_theta"] != params["rope_theta"]:
-            raise ModelConfigError(f"rope_theta={raw['rope_theta']} disagrees with "
-                                   f"rope_parameters.rope_theta={params['rope_theta']}")
-        out["rope_theta"] = params["rope_theta"]
-    return out
-
-
 def load_model(path: str | Path, dtype: str | None = None,
                device: torch.device | str = "cpu") -> tuple[ModelConfig, ModelWeights]:
-    """Read config.json, allocate the store (`dtype` name, default the checkpoint's), and stream
+    """Read config.json (ModelConfig.from_dir: unsupported configs such as rope scaling raise
+    ModelConfigError), allocate the store (`dtype` name, default the checkpoint's), and stream
     every tensor into it, cast to the store's dtype.
 
     A tied model's `lm_head.weight` is skipped only if it equals the embedding; any other
     unknown, duplicate or missing tensor raises WeightError naming it.
     """
-    cfg = read_model_config(path)
+    cfg = ModelConfig.from_dir(path)
     if dtype is not None and dtype not in DTYPES:
         raise ModelConfigError(f"dtype={dtype!r}: supported {sorted(DTYPES)}")
     weights = ModelWeights.empty(cfg, DTYPES[dtype] if dtype else cfg.dtype, device)
