@@ -173,6 +173,16 @@ def test_shutdown_stops_the_process_cleanly(checkpoint):
     assert not sock.parent.exists()
 
 
+def test_close_kills_an_engine_that_does_not_answer(checkpoint):
+    engine = launch_engine(checkpoint, kv_tokens=KV_TOKENS, threads=1)
+    directory = ipc_path(engine.endpoint).parent
+    os.kill(engine.process.pid, signal.SIGSTOP)  # hung: no Shutdown reply, SIGTERM stays pending
+    start = time.monotonic()
+    engine.close(grace_s=0.5)
+    assert engine.process.returncode == -signal.SIGKILL and not directory.exists()
+    assert time.monotonic() - start < 10
+
+
 def test_engine_that_cannot_start_reports_its_stderr(tmp_path):
     with pytest.raises(EngineStartError, match="exited with code 1.*stderr tail"):
         launch_engine(tmp_path / "missing", start_timeout_s=60)
@@ -267,6 +277,14 @@ def test_shutdown_stops_the_loop(server):
         assert rpc.call(Shutdown()).success
     server.thread.join(5)
     assert not server.thread.is_alive() and server.error == []
+
+
+def test_shutdown_fails_requests_still_in_flight(server):
+    with RpcClient(server.endpoint, timeout_s=10) as a, RpcClient(server.endpoint, timeout_s=10) as b:
+        a.send(gen(1, 10_000))
+        assert b.call(Shutdown()).success
+        out = a.recv()
+    assert out.request_id and not out.success and "shut down" in out.message
 
 
 def test_core_crash_fails_pending_requests_fast(server):

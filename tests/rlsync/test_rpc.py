@@ -243,6 +243,16 @@ def test_pipelined_send_then_recv(endpoint, peer_factory):
     assert [r.payload["names"] for r in got] == [["2"], ["1"], ["0"]]
 
 
+def test_recv_with_zero_timeout_returns_replies_already_here(endpoint, peer_factory):
+    peer = peer_factory(echo_names)
+    with RpcClient(endpoint, timeout_s=5.0) as rpc:
+        sent = rpc.send(GetWeightsFingerprint(names=["x"]))
+        while not peer.seen:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert rpc.recv(timeout_s=0).request_id == sent.request_id
+
+
 def test_generate_yields_outputs_as_they_finish(endpoint, peer_factory):
     def finish_in_reverse(seen):  # stream a chunk for each, then finish newest first
         if len(seen) < 3:
