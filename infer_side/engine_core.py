@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from infer_side.forward_batch import ForwardBatch
 from infer_side.kv_pool import KVPool
 from infer_side.model import LlamaForInference
 from infer_side.radix_cache import RadixCache
@@ -98,7 +101,7 @@ class EngineCore:
         model_cfg, weights = load_model(path, dtype=engine_cfg.dtype, device=engine_cfg.device)
         return cls(model_cfg, weights, engine_cfg)
 
-    def _forward(self, batch):
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.forward(batch, self.kv_pool.k, self.kv_pool.v)
 
     # ------------------------------------------------------------------ the two entry points
@@ -135,7 +138,7 @@ class EngineCore:
         out, self._outbox = self._outbox, []
         return out
 
-    def _handlers(self) -> dict[type, object]:
+    def _handlers(self) -> dict[type, Callable[[Any], list[Message]]]:
         return {Generate: self._on_generate, Abort: self._on_abort, FlushCache: self._on_flush,
                 PauseGeneration: self._on_pause, ContinueGeneration: self._on_continue,
                 GetInfo: self._on_info, Shutdown: self._on_shutdown}

@@ -109,11 +109,12 @@ class KVPool:
     @classmethod
     def create(cls, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device,
                max_requests: int, allocate: KVAllocateFn | None = None) -> KVPool:
-        """Allocate the pool once; rows of the table fit `max_position_embeddings` tokens."""
+        """Allocate the pool once. A table row fits the longest sequence that can exist here:
+        `max_position_embeddings` tokens, or the whole pool if that is smaller."""
         if allocate is None:
             from infer_side.model import allocate_kv_cache as allocate
         k, v = allocate(cfg, num_slots, dtype, device)
-        return cls(k, v, max_requests, cfg.max_position_embeddings)
+        return cls(k, v, max_requests, min(cfg.max_position_embeddings, num_slots))
 
     @property
     def available(self) -> int:

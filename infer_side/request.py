@@ -62,6 +62,13 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt + self.output_ids
 
+    def tokens_from(self, start: int) -> list[int]:
+        """Tokens at positions [start, num_tokens) without building the whole sequence."""
+        n = len(self.prompt)
+        if start >= n:
+            return self.output_ids[start - n:]
+        return self.prompt[start:] + self.output_ids
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output_ids)

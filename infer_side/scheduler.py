@@ -48,15 +48,19 @@ class Scheduler:
         self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
         self.num_retracted = 0
 
     # ------------------------------------------------------------------ queues
 
     def add(self, req: Request) -> None:
+        assert req.rid not in self._by_id, f"duplicate request id {req.rid!r}"
+        self._by_id[req.rid] = req
         self.waiting.append(req)
 
     def get(self, rid: str) -> Request | None:
-        return next((r for r in (*self.running, *self.waiting) if r.rid == rid), None)
+        """The waiting or running request with this id."""
+        return self._by_id.get(rid)
 
     def counts(self) -> tuple[int, int]:
         return len(self.waiting), len(self.running)
@@ -71,6 +75,7 @@ class Scheduler:
         else:
             self.running.remove(req)
             self._release(req, cache=True)
+        del self._by_id[rid]
         req.finish_reason = "abort"
         return req.output(True, version)
 
@@ -113,7 +118,7 @@ class Scheduler:
         positions: list[int] = []
         seq_slots, new_lens = [], []
         for req in reqs:
-            ids.extend(req.all_ids[req.kv_len:])
+            ids.extend(req.tokens_from(req.kv_len))
             positions.extend(range(req.kv_len, req.held_len))
             seq_slots.append(self.pool.table.read(req.row, 0, req.held_len))
             new_lens.append(req.held_len - req.kv_len)
@@ -130,6 +135,7 @@ class Scheduler:
             req.append_token(token, logprob, version)
             if req.finish_reason is not None:
                 self.running.remove(req)
+                del self._by_id[req.rid]
                 self._release(req, cache=True)
                 outputs.append(req.output(True, version))
                 continue
@@ -242,6 +248,7 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Assert exact slot ownership and queue consistency (tests call this after steps)."""
         assert all(r.row is None for r in self.waiting)
+        assert len(self._by_id) == len(self.waiting) + len(self.running)
         assert all(r.row is not None and r.prefix_len <= r.kv_len <= r.held_len
                    for r in self.running)
         assert self.pool.table.free_rows == self.pool.table.rows - len(self.running)
