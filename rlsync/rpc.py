@@ -183,17 +183,21 @@ class RpcClient:
         """Wait one slice for replies and file them; raise on timeout or a dead peer.
 
         A dead peer's last replies may still be in flight, so after liveness fails we keep
-        reading while slices bring data, and raise EngineDead at the first empty slice.
+        reading while slices bring data, and raise EngineDead at the first empty slice. Past
+        the deadline, replies already received still count (one non-blocking read).
         """
         alive = self.liveness is None or self.liveness()
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= -SLICE_S:  # replies for others kept coming past our deadline
             raise RpcTimeout(f"{self.endpoint}: no reply to {what} within {timeout:g} s")
         with self._lock:
             sock = self._open_socket()
-            got = bool(sock.poll(int(min(remaining, SLICE_S) * 1000) + 1, zmq.POLLIN))
+            wait_ms = int(min(remaining, SLICE_S) * 1000) + 1 if remaining > 0 else 0
+            got = bool(sock.poll(wait_ms, zmq.POLLIN))
             if got:
                 self._drain(sock)
+        if remaining <= 0 and not got:  # past the deadline: replies already here still count
+            raise RpcTimeout(f"{self.endpoint}: no reply to {what} within {timeout:g} s")
         if not alive and not got:
             raise EngineDead(f"{self.endpoint}: engine is gone (liveness check failed) "
                              f"while waiting for {what}")

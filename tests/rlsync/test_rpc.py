@@ -291,6 +291,34 @@ def test_generate_timeout_aborts_unfinished_requests(endpoint, peer_factory):
     assert peer.seen[1].target_id == "slow"
 
 
+def test_generate_timeout_holds_while_chunks_keep_coming(endpoint):
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    stop = threading.Event()
+
+    def stream_forever() -> None:
+        assert sock.poll(5000)
+        identity, frame = sock.recv_multipart()
+        chunk = encode(GenerateOutput(request_id=decode(frame).request_id, output_ids=[1],
+                                      finished=False))
+        while not stop.wait(0.002):
+            sock.send_multipart([identity, chunk])
+
+    thread = threading.Thread(target=stream_forever, daemon=True)
+    thread.start()
+    try:
+        with RpcClient(endpoint, timeout_s=5.0) as rpc:
+            start = time.monotonic()
+            with pytest.raises(RpcTimeout):
+                for _ in rpc.generate([Generate(input_ids=[1], stream=True)], timeout_s=0.3):
+                    pass
+            assert time.monotonic() - start < 1.0
+    finally:
+        stop.set()
+        thread.join()
+        sock.close(linger=0)
+
+
 def test_closed_client_refuses_calls(endpoint):
     rpc = RpcClient(endpoint, timeout_s=1.0)
     rpc.close()
