@@ -177,7 +177,8 @@ class WeightSync:
         specs = {n: [d, list(s)] for n, (d, s) in weights.expected().items()}
         prints = weights.fingerprints(msg.names) if msg.names != [] else {}
         return reply(msg, True, "ok", weight_version=self.core.weight_version, specs=specs,
-                     fingerprints=prints, weights_incomplete=self.core.weights_incomplete)
+                     fingerprints=prints, weights_incomplete=self.core.weights_incomplete,
+                     update_in_progress=self.job is not None)
 
 
 UPDATE_TYPES = (UpdateWeightsFromDistributed, UpdateWeightsFromIPC, UpdateWeightsFromDisk)
