@@ -107,7 +107,7 @@ class EngineCore:
     # ------------------------------------------------------------------ the two entry points
 
     def process(self, msg: Message) -> list[Message]:
-        """Handle one incoming message; returns its immediate replies (never raises on bad input)."""
+        """Handle one message; returns its immediate replies (never raises on bad input)."""
         handler = self._handlers().get(type(msg))
         if handler is not None:
             self._outbox.extend(handler(msg))

@@ -18,7 +18,8 @@ import torch
 
 from rlsync.model_config import ModelConfig
 
-KVAllocateFn = Callable[[ModelConfig, int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]]
+KVAllocateFn = Callable[[ModelConfig, int, torch.dtype, torch.device],
+                        tuple[torch.Tensor, torch.Tensor]]
 
 
 def slots_for_bytes(cfg: ModelConfig, dtype: torch.dtype, kv_bytes: int) -> int:
@@ -90,6 +91,15 @@ class ReqToTokenTable:
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         self.table[row, start:start + slots.numel()] = slots
+
+    def scatter(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
+        """table[rows[i], cols[i]] = slots[i] for every i, in one write."""
+        self.table[torch.tensor(rows, dtype=torch.int64, device=self.table.device),
+                   torch.tensor(cols, dtype=torch.int64, device=self.table.device)] = slots
+
+    def gather(self, rows: list[int], cols: torch.Tensor) -> torch.Tensor:
+        """table[rows[i], cols[i]] for every i (a copy)."""
+        return self.table[torch.tensor(rows, dtype=torch.int64, device=self.table.device), cols]
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
         """Slots of positions [start, end) of `row` (a view: copy it to keep it)."""

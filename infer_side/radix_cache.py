@@ -174,7 +174,7 @@ class RadixCache:
         self._clear_tree()
 
     def invalidate(self) -> None:
-        """Make every cached prefix unmatchable now; locked nodes free their slots on last unlock."""
+        """Hide every cached prefix now; locked nodes free their slots at their last unlock."""
         dead = set(self._dead)
         for node in self._nodes():
             if node.lock_ref:

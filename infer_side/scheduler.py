@@ -116,17 +116,19 @@ class Scheduler:
     def _build_batch(self, reqs: list[Request]) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
+        rows: list[int] = []
         seq_slots, new_lens = [], []
         for req in reqs:
             ids.extend(req.tokens_from(req.kv_len))
             positions.extend(range(req.kv_len, req.held_len))
+            rows.extend([req.row] * (req.held_len - req.kv_len))
             seq_slots.append(self.pool.table.read(req.row, 0, req.held_len))
             new_lens.append(req.held_len - req.kv_len)
-        out_slots = torch.cat([s[len(s) - n:] for s, n in zip(seq_slots, new_lens, strict=True)])
         dev = self.pool.device
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ForwardBatch(input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-                            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-                            out_slots=out_slots, seq_slots=seq_slots, new_lens=new_lens)
+                            positions=pos, out_slots=self.pool.table.gather(rows, pos),
+                            seq_slots=seq_slots, new_lens=new_lens)
 
     def _commit(self, reqs: list[Request], tokens: list[int], logprobs: list[float],
                 prefilled: list[bool], version: int) -> list[GenerateOutput]:
@@ -183,12 +185,27 @@ class Scheduler:
 
     def _reserve_decodes(self) -> bool:
         """A slot for every running request's next token; returns whether any was retracted."""
+        if self._extend_all():
+            return False
         retracted = False
         for req in list(self.running):
             while req.row is not None and not self._extend(req):
                 self._retract(self.running[-1])
                 retracted = True
         return retracted
+
+    def _extend_all(self) -> bool:
+        """Fast path: one allocation and one table write for the whole running batch."""
+        needs = [r.num_tokens - r.held_len for r in self.running]
+        slots = self._alloc(sum(needs))
+        if slots is None:
+            return False
+        rows = [r.row for r, n in zip(self.running, needs, strict=True) for _ in range(n)]
+        cols = [r.held_len + i for r, n in zip(self.running, needs, strict=True) for i in range(n)]
+        self.pool.table.scatter(rows, cols, slots)
+        for req, n in zip(self.running, needs, strict=True):
+            req.held_len += n
+        return True
 
     def _extend(self, req: Request) -> bool:
         need = req.num_tokens - req.held_len

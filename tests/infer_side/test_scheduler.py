@@ -53,7 +53,8 @@ class TraceModel:
         return torch.stack(rows)
 
 
-def make(kv: int = 256, max_running: int = 8, max_prefill: int = 512) -> tuple[Scheduler, TraceModel]:
+def make(kv: int = 256, max_running: int = 8,
+         max_prefill: int = 512) -> tuple[Scheduler, TraceModel]:
     k = torch.zeros(1, kv, 1, 2)
     pool = KVPool(k, torch.zeros_like(k), max_running, max_len=128)
     model = TraceModel(pool)
