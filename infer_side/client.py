@@ -177,9 +177,10 @@ def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
            *(["--dtype", dtype] if dtype else []),
            *(["--threads", str(threads)] if threads else []), *extra_args]
     logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
-    process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logs[0], stderr=logs[1],
-                               env=_child_env())
+    process = None
     try:
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logs[0], stderr=logs[1],
+                                   env=_child_env())
         bound = _wait_ready(process, logs, start_timeout_s)
     except BaseException:
         _reap(process, endpoint if owns_endpoint else None, None, logs)

@@ -52,37 +52,41 @@ class Core(Protocol):
 
 def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | None = None,
           *, context: zmq.Context | None = None) -> None:
-    """Bind `endpoint` and run the busy loop until a Shutdown has been processed.
-
-    Loop: drain every pending frame -> core.process each -> core.step() if it has work ->
-    route outputs to their senders -> sleep in poll only when idle. If the core raises, every
-    client with a request in flight gets Result(success=False, "engine dead: ...") and the
-    exception propagates (the process exits non-zero).
-    """
+    """Bind `endpoint`, call `ready_callback(bound_endpoint)`, run the loop until Shutdown."""
     sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
     bound = None
     try:
         sock.bind(check_endpoint(endpoint))
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        router = Router(sock)
         if ready_callback is not None:
             ready_callback(bound)
-        try:
-            while not core.shutdown_requested:
-                for msg in router.drain():
-                    router.route(core.process(msg))
-                if core.has_work():
-                    router.route(core.step())
-                elif not core.shutdown_requested:
-                    sock.poll(POLL_MS, zmq.POLLIN)
-        except Exception as exc:
-            router.fail_all(f"{ENGINE_DEAD_PREFIX}{type(exc).__name__}: {exc}")
-            raise
-        router.fail_all("engine shut down before this request finished")
+        run_loop(core, Router(sock))
     finally:
         sock.close(linger=SEND_LINGER_MS)
         if bound is not None and ipc_path(bound) is not None:
             ipc_path(bound).unlink(missing_ok=True)  # zmq may not get to it before exit
+
+
+def run_loop(core: Core, router: Router) -> None:
+    """The busy loop: drain every pending frame -> core.process each -> core.step() if it has
+    work -> route outputs to their senders -> sleep in poll only when idle.
+
+    If anything raises (a core bug, SIGTERM), every client with a request in flight gets
+    Result(success=False, "engine dead: ...") so it fails fast, and the exception propagates
+    (the process exits non-zero). After Shutdown, requests still in flight get a failed Result.
+    """
+    try:
+        while not core.shutdown_requested:
+            for msg in router.drain():
+                router.route(core.process(msg))
+            if core.has_work():
+                router.route(core.step())
+            elif not core.shutdown_requested:
+                router.sock.poll(POLL_MS, zmq.POLLIN)
+    except BaseException as exc:
+        router.fail_all(f"{ENGINE_DEAD_PREFIX}{type(exc).__name__}: {exc}")
+        raise
+    router.fail_all("engine shut down before this request finished")
 
 
 class Router:

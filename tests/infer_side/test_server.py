@@ -137,6 +137,21 @@ def test_many_prompts_at_once_come_back_as_they_finish(engine):
     assert [len(o.output_ids) for o in in_order] == lengths
 
 
+def test_stream_chunks_add_up_and_abort_ends_a_stream(engine, reference):
+    engine.flush_cache()
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    reasons = {}
+    for i, chunk in engine.generate_stream(PROMPTS[:2], [SamplingParams(max_new_tokens=6),
+                                                         SamplingParams(max_new_tokens=200)]):
+        tokens[i] += chunk.output_ids
+        if i == 1 and len(tokens[1]) == 1:
+            assert engine.abort(chunk.request_id).success
+        if chunk.finished:
+            reasons[i] = chunk.finish_reason
+    assert tokens[0] == reference["greedy0"].output_ids and reasons == {0: "length", 1: "abort"}
+    assert 1 <= len(tokens[1]) < 200
+
+
 def test_endpoint_dir_is_private(engine):
     directory = ipc_path(engine.endpoint).parent
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
