@@ -208,7 +208,11 @@ class EngineCore:
         return self.scheduler.counts()
 
     def is_idle(self) -> bool:
-        return self.counts() == (0, 0)
+        """Nothing for a step to do: no running request, and no waiting one that may be
+        admitted (waiting requests held by `hold_admission` hold no KV and do not count).
+        `flush_cache` asks for more: no waiting requests at all."""
+        waiting, running = self.counts()
+        return running == 0 and (waiting == 0 or self.hold_admission)
 
     # ------------------------------------------------------------------ control
 

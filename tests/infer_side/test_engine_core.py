@@ -96,6 +96,15 @@ def test_mixed_prompts_match_full_recompute(ckpt):
         assert out.weight_version == out.min_weight_version == 0 and out.error == ""
 
 
+def test_qwen2_tied_gqa_matches_full_recompute(tmp_path):
+    path = make_hf_checkpoint(tmp_path, model_type="qwen2", tie=True, kv_heads=1, seed=5)
+    core = EngineCore.from_checkpoint(path, EngineConfig(kv_tokens=128, max_running=3))
+    submit(core, *(gen(f"r{i}", p, max_new=5) for i, p in enumerate(PROMPTS)))
+    outs = drain(core)
+    for i, p in enumerate(PROMPTS):
+        assert outs[f"r{i}"][0].output_ids == greedy_ref(core, p, 5)[0]
+
+
 def test_shared_prefix_served_from_cache_with_same_tokens(ckpt):
     core = make_core(ckpt)
     prompt = PROMPTS[0]
@@ -244,9 +253,12 @@ def test_hold_admission_keeps_waiting_requests_waiting(ckpt):
     core.step()
     core.hold_admission = True
     submit(core, gen("b", [3, 4], max_new=3))
+    assert not core.is_idle()
     outs = drain(core)
     assert list(outs) == ["a"] and core.counts() == (1, 0) and not core.has_work()
+    assert core.is_idle() and not core.flush_cache()[0]  # idle for weight sync, not for flush
     core.hold_admission = False
+    assert not core.is_idle()
     assert drain(core)["b"][0].output_ids == greedy_ref(core, [3, 4], 3)[0]
 
 
