@@ -127,12 +127,11 @@ class EngineCore:
         return self._drain()
 
     def has_work(self) -> bool:
+        """Whether step() has anything to do: outputs to hand out, a weight update to advance,
+        or requests to run (unless paused or the weights are incomplete)."""
         if self._outbox or self.weight_sync.busy():
             return True
-        if self.paused is not None or self.weights_incomplete:
-            return False
-        waiting, running = self.counts()
-        return running > 0 or (waiting > 0 and not self.hold_admission)
+        return self.paused is None and not self.weights_incomplete and not self.is_idle()
 
     def _drain(self) -> list[Message]:
         out, self._outbox = self._outbox, []
