@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: cannot reach the engines: {exc}", file=sys.stderr)
             return 2
         try:
-            report = pusher.push(dict(iter_checkpoint_tensors(args.checkpoint)), args.version)
+            tensors = dict(iter_checkpoint_tensors(args.checkpoint))
+            if "lm_head.weight" not in pusher.specs:  # tied embeddings: the engine has no lm_head
+                tensors.pop("lm_head.weight", None)
+            report = pusher.push(tensors, args.version)
         except PushError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

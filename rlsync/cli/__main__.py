@@ -1,0 +1,7 @@
+"""`python -m rlsync.cli ...` is the same as the `rlsync` console script."""
+
+import sys
+
+from rlsync.cli import main
+
+sys.exit(main())
