@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from rlsync.auth import ClientKeys, load_client_keys
 from rlsync.endpoints import (
     EndpointError,
     check_endpoint,
@@ -64,11 +65,11 @@ class EngineClient:
 
     def __init__(self, endpoint: str, *, timeout_s: float = 120.0,
                  process: subprocess.Popen | None = None, owns_endpoint: bool = False,
-                 logs: tuple[IO[bytes], IO[bytes]] | None = None):
+                 logs: tuple[IO[bytes], IO[bytes]] | None = None, auth: ClientKeys | None = None):
         self.endpoint = endpoint
         self.process = process
         liveness = (lambda: process.poll() is None) if process is not None else None
-        self.rpc = RpcClient(endpoint, timeout_s=timeout_s, liveness=liveness)
+        self.rpc = RpcClient(endpoint, timeout_s=timeout_s, liveness=liveness, auth=auth)
         self._logs = logs
         self._cleanup = weakref.finalize(self, _reap, process, endpoint if owns_endpoint else None,
                                          self.rpc, logs)
@@ -151,31 +152,45 @@ class EngineClient:
         self.close()
 
 
-def connect(endpoint: str, *, timeout_s: float = 120.0) -> EngineClient:
-    """A client of an engine already running at `endpoint` (not owned: close leaves it up)."""
+def connect(endpoint: str, *, timeout_s: float = 120.0,
+            auth_keys: str | os.PathLike | None = None) -> EngineClient:
+    """A client of an engine already running at `endpoint` (not owned: close leaves it up).
+    `auth_keys`: key directory with client.key_secret and server.key (`rlsync.auth`)."""
     check_endpoint(endpoint)
     path = ipc_path(endpoint)
     if path is not None and not path.is_socket():
         raise EngineUnreachable(f"no engine at {endpoint}: {path} is not a socket")
-    return EngineClient(endpoint, timeout_s=timeout_s)
+    auth = load_client_keys(auth_keys) if auth_keys is not None else None
+    return EngineClient(endpoint, timeout_s=timeout_s, auth=auth)
 
 
 def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
                   kv_tokens: int = 4096, device: str = "cpu", dtype: str | None = None,
                   threads: int | None = None, extra_args: Sequence[str] = (),
-                  start_timeout_s: float = 120.0, call_timeout_s: float = 120.0) -> EngineClient:
+                  start_timeout_s: float = 120.0, call_timeout_s: float = 120.0,
+                  auth_keys: str | os.PathLike | None = None,
+                  insecure_tcp: bool | None = None) -> EngineClient:
     """Start `python -m infer_side.server` and return a client once it prints `ready at`.
 
     Without `endpoint` the engine listens on a fresh private ipc:// socket that the client
     removes on close. Raises EngineStartError (with the engine's stderr tail) if the process
     dies or is not ready within `start_timeout_s`.
+
+    `auth_keys` (a `rlsync.auth` key directory): the engine accepts only CURVE clients it
+    lists, and this client uses the directory's client key. A tcp:// endpoint without keys
+    needs `insecure_tcp=True`; None (the legacy default) also allows it, with a warning in
+    the engine's log, until every caller passes keys.
     """
+    auth = load_client_keys(auth_keys) if auth_keys is not None else None
     owns_endpoint = endpoint is None
     endpoint = endpoint or private_ipc_endpoint("engine")
+    insecure = insecure_tcp is not False and auth is None and endpoint.startswith("tcp://")
     cmd = [sys.executable, "-m", "infer_side.server", "--model", os.path.abspath(model_dir),
            "--endpoint", endpoint, "--kv-tokens", str(kv_tokens), "--device", device,
            *(["--dtype", dtype] if dtype else []),
-           *(["--threads", str(threads)] if threads else []), *extra_args]
+           *(["--threads", str(threads)] if threads else []),
+           *(["--auth-keys", os.path.abspath(auth_keys)] if auth_keys is not None else []),
+           *(["--insecure-tcp"] if insecure else []), *extra_args]
     logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
     process = None
     try:
@@ -186,7 +201,7 @@ def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
         _reap(process, endpoint if owns_endpoint else None, None, logs)
         raise
     return EngineClient(bound, timeout_s=call_timeout_s, process=process,
-                        owns_endpoint=owns_endpoint, logs=logs)
+                        owns_endpoint=owns_endpoint, logs=logs, auth=auth)
 
 
 def _requests(prompts: Sequence[Sequence[int]],

@@ -5,8 +5,10 @@ KV or weights: it decodes requests, hands them to `core.process`, steps the core
 work, and routes every output back to the client that sent its request_id.
 
     python -m infer_side.server --model DIR [--endpoint E] [--kv-tokens N] [--device cpu]
+                                [--auth-keys DIR | --insecure-tcp]
 
 prints `ready at ENDPOINT` on stdout once the model is loaded and the socket is bound.
+A tcp:// endpoint needs `--auth-keys` (CURVE, see `rlsync.auth`) unless `--insecure-tcp`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, Protocol
 import msgpack
 import zmq
 
-from rlsync.codec import ProtocolError, decode, encode
+from rlsync.auth import AuthGuard, ServerKeys, load_server_keys, require_tcp_auth
+from rlsync.codec import MAX_FRAME_BYTES, ProtocolError, decode, encode
 from rlsync.endpoints import (
     check_endpoint,
     ipc_path,
@@ -51,17 +54,25 @@ class Core(Protocol):
 
 
 def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | None = None,
-          *, context: zmq.Context | None = None) -> None:
-    """Bind `endpoint`, call `ready_callback(bound_endpoint)`, run the loop until Shutdown."""
-    sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+          *, context: zmq.Context | None = None, auth: ServerKeys | None = None) -> None:
+    """Bind `endpoint`, call `ready_callback(bound_endpoint)`, run the loop until Shutdown.
+    With `auth`, only CURVE clients on its allow-list can connect (others are logged)."""
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # drop bigger frames before buffering
+    guard = AuthGuard(ctx, auth) if auth is not None else None
     bound = None
     try:
+        if guard is not None:
+            guard.secure(sock)
         sock.bind(check_endpoint(endpoint))
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if ready_callback is not None:
             ready_callback(bound)
         run_loop(core, Router(sock))
     finally:
+        if guard is not None:
+            guard.close(sock)
         sock.close(linger=SEND_LINGER_MS)
         if bound is not None and ipc_path(bound) is not None:
             ipc_path(bound).unlink(missing_ok=True)  # zmq may not get to it before exit
@@ -181,11 +192,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="weights dtype (default: checkpoint's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: leave torch's default)")
+    parser.add_argument("--auth-keys", default=None, metavar="DIR",
+                        help="CURVE key directory (python -m rlsync.auth DIR): only clients in "
+                             "DIR/authorized_clients may connect; required for tcp://")
+    parser.add_argument("--insecure-tcp", action="store_true",
+                        help="serve tcp:// without authentication (trusted networks only)")
 
 
 def run_engine(args: argparse.Namespace) -> int:
     """Load the model, bind, print `ready at ENDPOINT`, serve until Shutdown. Returns the
     exit code: 0 after Shutdown, 1 if the core crashed, 2 for bad options."""
+    try:
+        keys = _server_keys(args)  # before the heavy imports: a refusal is immediate
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from infer_side.engine_core import EngineCore
@@ -203,7 +224,9 @@ def run_engine(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         core = EngineCore.from_checkpoint(args.model, cfg)
-        serve(core, endpoint, _print_ready)
+        if keys is None and endpoint.startswith("tcp://"):
+            log.warning("serving %s WITHOUT authentication (--insecure-tcp)", endpoint)
+        serve(core, endpoint, _print_ready, auth=keys)
     except zmq.ZMQError as exc:
         print(f"error: cannot serve on {endpoint}: {exc}", file=sys.stderr)
         return 2
@@ -214,6 +237,14 @@ def run_engine(args: argparse.Namespace) -> int:
         if args.endpoint is None:
             remove_private_endpoint(endpoint)
     return 0
+
+
+def _server_keys(args: argparse.Namespace) -> ServerKeys | None:
+    """--auth-keys loaded; a tcp:// endpoint without them is refused unless --insecure-tcp."""
+    keys = load_server_keys(args.auth_keys) if args.auth_keys else None
+    if args.endpoint:
+        require_tcp_auth(check_endpoint(args.endpoint), keys, args.insecure_tcp)
+    return keys
 
 
 def _print_ready(endpoint: str) -> None:

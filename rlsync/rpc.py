@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import zmq
 
+from rlsync.auth import ClientKeys, secure_client_socket
 from rlsync.codec import ProtocolError, decode, encode
 from rlsync.endpoints import check_endpoint
 from rlsync.protocol import Abort, Generate, GenerateOutput, Message, Result
@@ -64,7 +65,9 @@ class RpcClient:
     """Request/reply client of one engine endpoint."""
 
     def __init__(self, endpoint: str, *, timeout_s: float,
-                 liveness: Callable[[], bool] | None = None, context: zmq.Context | None = None):
+                 liveness: Callable[[], bool] | None = None, context: zmq.Context | None = None,
+                 auth: ClientKeys | None = None):
+        """`auth`: CURVE keys for an engine served with --auth-keys (required for tcp://)."""
         self.endpoint = check_endpoint(endpoint)
         self.timeout_s = timeout_s
         self.liveness = liveness
@@ -74,6 +77,8 @@ class RpcClient:
         self._loose_box: deque[Message] = deque()  # their replies, in arrival order
         self._sock: zmq.Socket | None = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if auth is not None:
+            secure_client_socket(self._sock, auth)
         self._sock.connect(self.endpoint)
 
     # ------------------------------------------------------------ public calls

@@ -1,8 +1,11 @@
 """`rlsync serve`: run one inference engine in the foreground until Shutdown or Ctrl-C.
 
     rlsync serve --model DIR [--endpoint E] [--kv-tokens N] [--device cpu] [--threads N]
+                 [--auth-keys DIR | --insecure-tcp]
 
-Prints `ready at ENDPOINT` once the model is loaded and the engine accepts requests.
+Prints `ready at ENDPOINT` once the model is loaded and the engine accepts requests. A
+tcp:// endpoint is refused without `--auth-keys DIR` (CURVE keys from `python -m rlsync.auth
+DIR`) unless `--insecure-tcp` is given.
 """
 
 from __future__ import annotations
