@@ -94,16 +94,16 @@ class Learner:
                  process_group: dist.ProcessGroup | None = None, pad_id: int = 0) -> None:
         self.policy, self.cfg, self.group_size = policy, cfg, group_size
         self.temperature, self.pad_id, self.group = temperature, pad_id, process_group
+        self.device = next(policy.parameters()).device
+        if self.group is not None:
+            self._broadcast_parameters()  # before the reference copy: it must be rank 0's too
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         if reference is None and cfg.kl_coef > 0:
             reference = copy.deepcopy(policy)
-        self.reference = reference.requires_grad_(False).eval() if reference else None
-        self.device = next(policy.parameters()).device
+        self.reference = None if reference is None else reference.requires_grad_(False).eval()
         self.step = 0
         self.rng = torch.Generator().manual_seed(cfg.seed + self._rank())
-        if self.group is not None:
-            self._broadcast_parameters()
 
     # ------------------------------------------------------------ data parallel
 
@@ -132,7 +132,7 @@ class Learner:
 
     def _check_same_minibatch_count(self, count: int) -> None:
         """Ranks with different counts would wait on each other forever; fail together."""
-        counts = torch.tensor([count, -count], dtype=torch.long)
+        counts = torch.tensor([count, -count], dtype=torch.long, device=self.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
         if counts[0].item() != -counts[1].item():
             raise ValueError(f"data-parallel ranks have different minibatch counts "
@@ -156,7 +156,12 @@ class Learner:
         return [order[i: i + size] for i in range(0, n, size)]
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """ppo_epochs x minibatches of clipped PPO on this batch; returns mean stats."""
+        """ppo_epochs x minibatches of clipped PPO on this batch; returns stats.
+
+        Loss stats are means over the minibatch updates (see `ppo_loss`), plus `grad_norm`
+        (before clipping), `reward_mean`, `entropy` (the sampler's mean negative log-prob of
+        its own tokens, an estimate of the policy's entropy) and `step`.
+        """
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
         adv = self.advantages(rewards).to(self.device)
         data = pad_batch(batch, self.pad_id, self.device)

@@ -146,7 +146,7 @@ def _dp_worker(rank: int, world: int, init: str, batches: list[RolloutBatch], ou
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     group = dist.new_group(ranks=list(range(world)), backend="gloo")
-    policy = LlamaPolicy.from_config(SMALL, seed=100 + rank)  # rank 0's weights win
+    policy = LlamaPolicy.from_config(SMALL, seed=100 + rank)  # rank 0 weights (and reference) win
     learner = Learner(policy, cfg, group_size=4, process_group=group)
     try:
         for batch in batches:
@@ -176,7 +176,7 @@ def _split(batch: RolloutBatch, rows: range) -> RolloutBatch:
 
 
 def test_data_parallel_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    cfg = TrainerConfig(lr=1e-2, ppo_epochs=2, minibatch_size=64, max_grad_norm=0.5)
+    cfg = TrainerConfig(lr=1e-2, ppo_epochs=2, minibatch_size=64, max_grad_norm=0.5, kl_coef=0.05)
     policy = LlamaPolicy.from_config(SMALL, seed=100)
     batches = [_batch(policy, seed=s) for s in (1, 2)]  # 2 groups of 4 each
     shards = [[_split(b, range(0, 4)) for b in batches], [_split(b, range(4, 8)) for b in batches]]
