@@ -80,7 +80,11 @@ class BroadcastGroup:
             raise _translate(e, f"{where}: rendezvous at {master_address}:{master_port}") from e
         group = cls(rank=rank, world_size=world_size, backend=backend, group_name=group_name,
                     device=dev, timeout_s=timeout_s, _pg=pg, _store=store)
-        group.broadcast(torch.zeros(1, device=dev), timeout_s)  # every rank is in; NCCL is up
+        try:
+            group.broadcast(torch.zeros(1, device=dev), timeout_s)  # all ranks in; NCCL is up
+        except BaseException:
+            group.destroy()
+            raise
         return group
 
     def broadcast_async(self, tensor: torch.Tensor, timeout_s: float | None = None) -> Any:

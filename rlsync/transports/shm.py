@@ -89,12 +89,15 @@ class IpcSender:
         `readers` (engine indices, default: all) take part; one that makes no progress for `timeout_s` is
         evicted and listed in `timed_out_engines` while the others go on. With `wait`, return
         once every live engine consumed the whole push; else the next push waits for that
-        first. `push_id` must grow from push to push.
+        first (engines stuck there are evicted and reported in this push's stats).
+        `push_id` must grow from push to push.
         """
         t0 = time.perf_counter()
         offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         live = self._begin(push_id, readers, stats, timeout_s)
+        if not plan.buckets:
+            return stats
         try:
             for g, bucket in enumerate(plan.buckets):
                 if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?

@@ -313,6 +313,9 @@ def test_stale_push_id_and_bad_names_are_refused() -> None:
             receiver.receive(plan, 4, collector({}), timeout_s=1)
         with pytest.raises(ValueError, match="must be greater"):
             sender.push(plan, make_tensors(5), 5, timeout_s=0.2)
+        empty = BucketPlan(buckets=[])
+        assert sender.push(empty, {}, 6, timeout_s=0.2).buckets == 0
+        assert receiver.receive(empty, 6, collector({}), timeout_s=0.2).buckets == 0
         bad = sender.descriptor(0)
         bad.name = "../../etc/passwd"
         with pytest.raises(TransportError, match="invalid segment name"):
