@@ -60,6 +60,9 @@ class InferenceActor:
         """The endpoint the engine bound (a tcp://host:* request comes back with its port)."""
         return self._engine().endpoint
 
+    def node_address(self) -> str:
+        return node_address()
+
     def pids(self) -> dict[str, int]:
         """This actor's pid and the engine process's pid (for diagnostics and failure tests)."""
         proc = self._engine().process

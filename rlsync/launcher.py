@@ -2,24 +2,24 @@
 
     result = run(load_config("configs/colocated_cpu.yaml"))
 
-Build (`RLRun.__init__`): placement -> trainer ranks (group + Learner) -> rank 0 writes the
-initial checkpoint -> engines start from it (weight_version 0) -> rank 0's WeightPusher
-connects to every engine. Then per step (`RLRun.step`):
+Build (`RLRun.__init__`): placement groups -> the initial checkpoint (runs/NAME/initial,
+weight_version 0) -> trainer ranks and engines start together, all from that checkpoint ->
+trainers join their data-parallel group -> rank 0's WeightPusher connects to every engine.
+Then per step (`RLRun.step`):
     1. sample prompts (task), `group_size` copies each, groups dealt to the engines
     2. rollouts on every engine; each sample names the weight version that produced it
     3. PPO step on every trainer rank (its share of whole groups); the trainer refuses
        rollouts older than `staleness` allows
     4. rank 0 pushes the new version to every engine; a failed engine ends the run
     5. one line in runs/NAME/metrics.jsonl; the progress bar shows reward, KL, push time
-At the end (`RLRun.finish`): engine fingerprints must equal the trainer's, the final
-checkpoint goes to runs/NAME/final, metrics.png is drawn. Every wait is bounded: an actor
-that dies or hangs ends the run with a RunError naming it and the step.
+At the end (`RLRun.finish`): the final checkpoint goes to runs/NAME/final, engine weights
+must equal the trainer's (fingerprints), metrics.png and summary.json are written. Every
+wait is bounded: an actor that dies or hangs ends the run with a RunError naming it and
+the step.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 from dataclasses import dataclass, replace
@@ -31,18 +31,19 @@ import yaml
 from tqdm import tqdm
 
 from infer_side.actor import InferenceActor
-from rlsync import ray_session
+from rlsync import metrics, ray_session
 from rlsync.config import ConfigError, RunConfig, to_dict
-from rlsync.metrics import MetricsLog, mean_over_ranks, push_stats, reward_stats
 from rlsync.plot import plot_metrics
 from rlsync.protocol import GenerateOutput, SamplingParams
 from rlsync.ray_session import ActorCallError, gather
 from trainer_side.actor import TrainerActor
 from trainer_side.learner import RolloutBatch
+from trainer_side.policy import LlamaPolicy
 from trainer_side.task import get_task
 
 TRAIN_TIMEOUT_S = 1800.0
 """Bound on one PPO step of one rank (no config key for it yet)."""
+CLOSE_TIMEOUT_S = 30.0
 SETUP_SLACK_S = 60.0
 """Added to a configured timeout for Ray's own part (worker start, transfer)."""
 
@@ -76,23 +77,33 @@ def checked(cfg: RunConfig) -> RunConfig:
 def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     """Start (or join) Ray, run every step, check and save; Ray is left as it was found."""
     cfg = checked(cfg)
-    run_dir = Path(cfg.run_dir).resolve() / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run_dir = prepare_run_dir(cfg)
     actors = cfg.trainer.world_size + cfg.num_engines
     session = ray_session.connect(cfg.ray_address, run_dir / "ray", num_cpus=actors + 1)
     try:
-        start = time.perf_counter()
-        with RLRun(cfg, run_dir) as rl, tqdm(total=cfg.steps, desc=cfg.name, unit="step",
-                                             disable=not progress) as bar:
-            for step in range(cfg.steps):
-                row = rl.step(step)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.2e}",
-                                push_ms=f"{row['push_s'] * 1e3:.1f}")
-                bar.update()
-            return rl.finish(time.perf_counter() - start)
+        with RLRun(cfg, run_dir) as rl:
+            return run_steps(rl, progress)
     finally:
         ray_session.disconnect(session)
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """runs/NAME (absolute), with the config this run uses written into it."""
+    run_dir = Path(cfg.run_dir).resolve() / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def run_steps(rl: RLRun, progress: bool = True) -> RunResult:
+    """Every step of `rl.cfg` under a progress bar, then `finish`."""
+    with tqdm(total=rl.cfg.steps, desc=rl.cfg.name, unit="step", disable=not progress) as bar:
+        for step in range(rl.cfg.steps):
+            row = rl.step(step)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.2e}",
+                            push_ms=f"{row['push_s'] * 1e3:.1f}")
+            bar.update()
+    return rl.finish(time.perf_counter() - rl.started)
 
 
 def deal(n_groups: int, n_parts: int) -> list[range]:
@@ -104,23 +115,18 @@ def deal(n_groups: int, n_parts: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(n_parts)]
 
 
-def weights_fingerprint(fingerprints: dict[str, int]) -> int:
-    """One number for a whole model: a fingerprint of the sorted (name, fingerprint) pairs."""
-    text = ";".join(f"{name}={fingerprints[name]}" for name in sorted(fingerprints))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
-
 class RLRun:
     """The actors of one run and the step loop over them."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.started = time.perf_counter()
         self.task = get_task(cfg.task.name, cfg.model)
         self.rng = random.Random(cfg.task.seed)
         self.trainers: dict[str, Any] = {}
         self.engines: dict[str, Any] = {}
         self.placement: ray_session.Placement | None = None
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.metrics = metrics.MetricsLog(run_dir / "metrics.jsonl")
         try:
             self._build()
         except BaseException:
@@ -130,26 +136,36 @@ class RLRun:
     # ------------------------------------------------------------ build
 
     def _build(self) -> None:
+        """Every actor starts at once (worker start-up dominates on small models); engines and
+        trainers all load the same initial checkpoint, so they begin bit-identical."""
         cfg = self.cfg
-        use_gpu = cfg.engine.device.startswith("cuda")
         self.placement = ray_session.place(cfg.placement, cfg.trainer.world_size, cfg.num_engines,
-                                           use_gpu, timeout_s=cfg.engine.start_timeout_s)
-        self._start_trainers()
-        model_dir = cfg.trainer.init_checkpoint or str(self.run_dir / "initial")
-        if not cfg.trainer.init_checkpoint:
-            self._call_rank0("save_checkpoint", "writing the initial checkpoint", model_dir)
+                                           cfg.engine.device.startswith("cuda"),
+                                           timeout_s=cfg.engine.start_timeout_s)
+        model_dir = cfg.trainer.init_checkpoint or self._write_initial_checkpoint()
+        self._start_trainers(model_dir)
         self._start_engines(model_dir)
+        self._setup_trainers()
         endpoints = self._wait(self._each(self.engines, "endpoint"), "start", self._start_s())
         self._call_rank0("connect_engines", "connecting the weight pusher to the engines",
-                         endpoints)
+                         endpoints, self._master_address())
 
-    def _start_trainers(self) -> None:
+    def _write_initial_checkpoint(self) -> str:
+        """runs/NAME/initial: the model the trainers and engines start from (version 0)."""
+        path = self.run_dir / "initial"
+        policy = LlamaPolicy.from_config(self.cfg.model, seed=self.cfg.trainer.seed)
+        return str(policy.save_pretrained(path))
+
+    def _start_trainers(self, model_dir: str) -> None:
         assert self.placement is not None
+        cfg = replace(self.cfg, trainer=replace(self.cfg.trainer, init_checkpoint=model_dir))
         remote = ray.remote(TrainerActor)
-        for rank in range(self.cfg.trainer.world_size):
+        for rank in range(cfg.trainer.world_size):
             self.trainers[f"trainer rank {rank}"] = remote.options(
-                **self.placement.trainer_options(rank)).remote(to_dict(self.cfg), rank,
+                **self.placement.trainer_options(rank)).remote(to_dict(cfg), rank,
                                                                str(self.run_dir))
+
+    def _setup_trainers(self) -> None:
         rdzv: tuple[str | None, int | None] = (None, None)
         if self.cfg.trainer.world_size > 1:
             rdzv = self._call_rank0("rendezvous", "opening the trainers' rendezvous")
@@ -167,6 +183,15 @@ class RLRun:
             self.engines[name] = remote.options(**self.placement.engine_options(i)).remote(
                 name, model_dir, to_dict(self.cfg.engine), endpoint)
 
+    def _master_address(self) -> str | None:
+        """Where engines reach trainer rank 0 for the broadcast group: the configured address,
+        unless it is loopback while some engine runs on another node (then rank 0's node)."""
+        if self.cfg.sync.master_address not in ("127.0.0.1", "localhost"):
+            return None
+        nodes = self._wait(self._each(self.engines, "node_address"), "node_address", 60.0)
+        mine = self._call_rank0("node_address", "node_address")
+        return mine if any(n != mine for n in nodes.values()) else None
+
     def _start_s(self) -> float:
         return self.cfg.engine.start_timeout_s + SETUP_SLACK_S
 
@@ -182,8 +207,9 @@ class RLRun:
         t2 = time.perf_counter()
         report = self._push(step, version + 1)
         tokens = sum(len(o.output_ids) for o in outputs)
-        row = {"step": step, "weight_version": min(versions), **reward_stats(batch.rewards),
-               **stats, **push_stats(report), "rollout_s": rollout_s, "rollout_tokens": tokens,
+        row = {"step": step, "weight_version": min(versions),
+               **metrics.reward_stats(batch.rewards), **stats, **metrics.push_stats(report),
+               "rollout_s": rollout_s, "rollout_tokens": tokens,
                "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9), "train_s": t2 - t1,
                "step_s": time.perf_counter() - t0, "pushed_version": report["version"]}
         self.metrics.write(row)
@@ -238,7 +264,7 @@ class RLRun:
                                    for f in ("prompts", "completions", "logprobs", "rewards")))
             calls[name] = trainer.train_step.remote(shard, [versions[i] for i in rows])
         stats = self._wait(calls, f"the PPO step at step {step}", TRAIN_TIMEOUT_S)
-        return mean_over_ranks(list(stats.values()), self.cfg.trainer.kl_coef > 0)
+        return metrics.mean_over_ranks(list(stats.values()), self.cfg.trainer.kl_coef > 0)
 
     def _push(self, step: int, version: int) -> dict[str, Any]:
         report = self._call_rank0("push", f"the push of version {version} at step {step}")
@@ -251,42 +277,27 @@ class RLRun:
     # ------------------------------------------------------------ end of run
 
     def finish(self, wall_s: float) -> RunResult:
-        """Compare engine and trainer weights, save the final checkpoint, plot, summarise."""
+        """Save the final checkpoint, compare engine and trainer weights, plot, summarise."""
         final = self.run_dir / "final"
         self._call_rank0("save_checkpoint", "saving the final checkpoint", str(final))
-        mismatches, fingerprint, versions = self._compare_weights()
+        engines = self._wait(self._each(self.engines, "fingerprints"), "fingerprints",
+                             self.cfg.engine.call_timeout_s)
+        dtypes = {n: spec[0] for n, spec in next(iter(engines.values()))["specs"].items()}
+        ranks = self._wait({n: t.fingerprints.remote(dtypes) for n, t in self.trainers.items()},
+                           "fingerprints", TRAIN_TIMEOUT_S)
+        mismatches = metrics.compare_fingerprints(ranks, engines, self.cfg.steps)
         rows = self.metrics.rows
         if rows:
             plot_metrics(rows, self.run_dir / "metrics.png", title=self.cfg.name)
-        summary = {"steps": len(rows), "wall_s": wall_s, "final_checkpoint": str(final),
-                   "weights_match": not any(mismatches.values()), "mismatches": mismatches,
-                   "weights_fingerprint": fingerprint, "engine_versions": versions,
-                   "reward_first": rows[0]["reward_mean"] if rows else None,
-                   "reward_last": rows[-1]["reward_mean"] if rows else None}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.write_summary(
+            self.run_dir / "summary.json", rows, wall_s=wall_s, final_checkpoint=final,
+            mismatches=mismatches,
+            weights_fingerprint=metrics.weights_fingerprint(ranks["trainer rank 0"]),
+            engine_versions={n: p["weight_version"] for n, p in engines.items()})
         if any(mismatches.values()):
             bad = {n: m[:3] for n, m in mismatches.items() if m}
             raise RunError(f"after the last push the engines' weights differ from the trainer's: {bad}")
         return RunResult(self.run_dir, rows, final, wall_s, mismatches)
-
-    def _compare_weights(self) -> tuple[dict[str, list[str]], int, dict[str, int]]:
-        """Per engine and trainer rank: names whose fingerprint differs from rank 0's (plus a
-        wrong weight_version); rank 0's combined fingerprint; each engine's version."""
-        engines = self._wait(self._each(self.engines, "fingerprints"), "fingerprints",
-                             self.cfg.engine.call_timeout_s)
-        specs = next(iter(engines.values()))["specs"]
-        dtypes = {name: spec[0] for name, spec in specs.items()}
-        mine = self._wait({n: t.fingerprints.remote(dtypes) for n, t in self.trainers.items()},
-                          "fingerprints", TRAIN_TIMEOUT_S)
-        ref = mine.pop("trainer rank 0")
-        out = {n: sorted(k for k in ref if fp.get(k) != ref[k]) for n, fp in mine.items()}
-        for name, payload in engines.items():
-            out[name] = sorted(k for k in ref if payload["fingerprints"].get(k) != ref[k])
-            if payload["weight_version"] != self.cfg.steps:
-                out[name].insert(0, f"weight_version={payload['weight_version']} "
-                                    f"(expected {self.cfg.steps})")
-        versions = {n: p["weight_version"] for n, p in engines.items()}
-        return out, weights_fingerprint(ref), versions
 
     # ------------------------------------------------------------ calls and cleanup
 
@@ -305,12 +316,13 @@ class RLRun:
             raise RunError(str(exc)) from exc
 
     def close(self) -> None:
-        """Close every actor (engines stop their processes), then kill them; bounded."""
+        """Close the trainers (the pusher leaves the engines' groups), then the engines (they
+        stop their processes), then kill every actor; each stage bounded."""
         self.metrics.close()
-        actors = {**self.trainers, **self.engines}
-        refs = [a.close.remote() for a in actors.values()]
-        ray.wait(refs, num_returns=len(refs), timeout=30.0)
-        for actor in actors.values():
+        for group in (self.trainers, self.engines):
+            refs = [a.close.remote() for a in group.values()]
+            ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT_S)
+        for actor in {**self.trainers, **self.engines}.values():
             ray.kill(actor)
         if self.placement is not None:
             self.placement.remove()

@@ -11,11 +11,14 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
   push (engine_pause_ms: the longest any engine stopped generating).
 - rollout_s, rollout_tokens, rollout_tokens_per_s: generation on all engines together.
 - train_s, step_s: the PPO step and the whole step, wall clock.
-Knows nothing about Ray, engines or models.
+At the end of a run, `summary.json` says whether every engine serves exactly the trainer's
+weights (`compare_fingerprints`) and gives the model's combined `weights_fingerprint`.
+Knows nothing about Ray, engines or models: only numbers and names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -72,3 +75,42 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every row of a metrics.jsonl, in order."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def weights_fingerprint(fingerprints: Mapping[str, int]) -> int:
+    """One number for a whole model: a hash of the sorted (name, tensor fingerprint) pairs."""
+    text = ";".join(f"{name}={fingerprints[name]}" for name in sorted(fingerprints))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def compare_fingerprints(ranks: Mapping[str, Mapping[str, int]],
+                         engines: Mapping[str, Mapping[str, Any]],
+                         expected_version: int) -> dict[str, list[str]]:
+    """Trainer rank or engine -> what differs from trainer rank 0 (empty: identical).
+
+    `ranks`: rank name -> tensor name -> fingerprint, "trainer rank 0" among them.
+    `engines`: engine name -> GetWeightsFingerprint payload (weight_version, fingerprints).
+    """
+    ref = ranks["trainer rank 0"]
+    out: dict[str, list[str]] = {}
+    for name, fps in ranks.items():
+        if name != "trainer rank 0":
+            out[name] = sorted(k for k in ref if fps.get(k) != ref[k])
+    for name, payload in engines.items():
+        diff = sorted(k for k in ref if payload["fingerprints"].get(k) != ref[k])
+        if payload["weight_version"] != expected_version:
+            diff.insert(0, f"weight_version={payload['weight_version']} "
+                           f"(expected {expected_version})")
+        out[name] = diff
+    return out
+
+
+def write_summary(path: Path, rows: Sequence[Mapping[str, Any]], **facts: Any) -> dict[str, Any]:
+    """summary.json: the facts given (paths as strings) plus step count and first/last reward."""
+    summary = {"steps": len(rows), **{k: str(v) if isinstance(v, Path) else v
+                                       for k, v in facts.items()},
+               "weights_match": not any(facts.get("mismatches", {}).values()),
+               "reward_first": rows[0]["reward_mean"] if rows else None,
+               "reward_last": rows[-1]["reward_mean"] if rows else None}
+    path.write_text(json.dumps(summary, indent=2))
+    return summary

@@ -9,24 +9,18 @@ as in tests) leaves it running.
 Placement: `colocated` puts each trainer rank and its share of the engines in one bundle of
 one STRICT_PACK placement group (one node; GPU shared by fractions); `disaggregated` gives
 trainers and engines bundles of their own in two placement groups, so engines may land on
-other nodes. Nothing here knows about models, engines or PPO.
+other nodes. `gather` waits for named actor calls, bounded, and names the actor that died,
+raised or stalled. Nothing here knows about models, engines or PPO.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,105 +228,3 @@ def _death_reason(exc: BaseException) -> str:
     picked = [lines[0].split(", \x1b")[0].split(", ray::")[0]]
     picked += list(dict.fromkeys(found[:1] + found[-1:]))
     return " | ".join(picked)
-
-
-# ---------------------------------------------------------------- a throwaway local cluster
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now (bind to 0, read it, close)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-class LocalHead:
-    """A single-node Ray cluster started with `ray start --head --block` in its own process
-    group, every file under `root` (temp dir via a short symlink, auth token), every port
-    chosen free. `stop` ends exactly this cluster: SIGTERM to its `ray start`, then SIGKILL
-    to whatever is left in its process group. Used by `rlsync submit --local` and tests."""
-
-    def __init__(self, root: Path, num_cpus: int = 4, host: str = "127.0.0.1") -> None:
-        self.root, self.num_cpus, self.host = root.resolve(), num_cpus, host
-        self.ports = {name: free_port(host) for name in _HEAD_PORTS}
-        self.process: subprocess.Popen | None = None
-        self.link_dir: Path | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.ports['port']}"
-
-    @property
-    def dashboard_url(self) -> str:
-        """Where `ray job submit` / JobSubmissionClient talk to this cluster."""
-        return f"http://{self.host}:{self.ports['dashboard-port']}"
-
-    def client_env(self) -> dict[str, str]:
-        """Environment a client of this cluster needs (token auth)."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
-
-    def start(self, timeout_s: float = 120.0) -> LocalHead:
-        self.root.mkdir(parents=True, exist_ok=True)
-        token = self.root / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-        self.link_dir = short_link(self.root).parent
-        ports = [f"--{name}={port}" for name, port in self.ports.items()]
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-               f"--node-ip-address={self.host}", f"--temp-dir={self.link_dir / 'r'}",
-               f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
-               f"--dashboard-host={self.host}", "--disable-usage-stats", *ports]
-        log = (self.root / "ray_start.log").open("wb")
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env={**os.environ, **self.client_env()},
-                                        start_new_session=True)
-        self._wait_ready(timeout_s)
-        return self
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        """Up when the dashboard's HTTP server answers (401 counts: auth is on)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"ray start exited with {self.process.returncode}; see "
-                                   f"{self.root / 'ray_start.log'}")
-            try:
-                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
-                return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"local Ray head not up within {timeout_s:g} s; see "
-                           f"{self.root / 'ray_start.log'}")
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        """End this cluster only: SIGTERM to its process group (all its daemons, workers and
-        engines), SIGKILL to whatever is left after `grace_s`. Safe to call twice."""
-        if self.process is not None:
-            pgid = self.process.pid  # start_new_session: the group id is the leader's pid
-            _signal_group(pgid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-            time.sleep(min(grace_s, 1.0))  # let the daemons exit on their own
-            _signal_group(pgid, signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-        if self.link_dir is not None:
-            shutil.rmtree(self.link_dir, ignore_errors=True)
-            self.link_dir = None
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-               "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "runtime-env-agent-port", "metrics-export-port")

@@ -5,6 +5,8 @@ for it (session scope, lazy), shut down at the end. Its files (session dir, auth
 in a pytest temp dir reached through a short symlink (unix sockets must fit in 107 bytes);
 nothing goes to ~/.ray or /tmp/ray. The launcher finds Ray already initialised and reuses
 it, so every e2e run shares this one instead of starting its own.
+
+`slow`-marked tests (learning runs, soaks) run only when asked for: `pytest -m slow`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-RAY_CPUS = 4
-"""Logical CPUs: enough bundles for 2 trainers + 2 engines; Ray does not pin cores."""
+RAY_CPUS = 8
+"""Logical CPUs (Ray does not pin cores): room for a kept colocated run (2) next to a
+disaggregated one (4)."""
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,13 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield session
     finally:
         disconnect(session)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` tests are opt-in: they run only when the -m expression names `slow`."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

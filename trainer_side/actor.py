@@ -17,6 +17,7 @@ engines beyond their endpoints, and nothing about Ray placement.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,9 +83,7 @@ class TrainerActor:
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the TCP store the ranks meet at (port chosen by the OS)."""
-        import ray
-
-        host = ray.util.get_node_ip_address()
+        host = self.node_address()
         self._store = dist.TCPStore(host, 0, self.world_size, is_master=True,
                                     wait_for_workers=False, timeout=self._timeout())
         return host, self._store.port
@@ -114,13 +113,23 @@ class TrainerActor:
     def _timeout(self) -> timedelta:
         return timedelta(seconds=self.cfg.sync.timeout_s)
 
-    def connect_engines(self, endpoints: dict[str, str]) -> list[str]:
-        """Rank 0: build the WeightPusher for these engines (engine name -> endpoint)."""
+    def node_address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def connect_engines(self, endpoints: dict[str, str],
+                        master_address: str | None = None) -> list[str]:
+        """Rank 0: build the WeightPusher for these engines (engine name -> endpoint);
+        `master_address` replaces sync.master_address (where engines reach this rank)."""
         self._require_rank0("connect_engines")
         from trainer_side.pusher import WeightPusher
 
-        self.pusher = WeightPusher(self.cfg.sync, endpoints, self.run_dir / "sync",
-                                   device=self.device, connect_timeout_s=self.cfg.sync.timeout_s)
+        sync = self.cfg.sync
+        if master_address is not None:
+            sync = replace(sync, master_address=master_address)
+        self.pusher = WeightPusher(sync, endpoints, self.run_dir / "sync",
+                                   device=self.device, connect_timeout_s=sync.timeout_s)
         return sorted(endpoints)
 
     # ------------------------------------------------------------ per step

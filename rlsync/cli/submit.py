@@ -8,8 +8,8 @@ that .gitignore would silently drop. The cluster's Python must already have the 
 (torch, pyzmq, msgpack, safetensors, ray). The job runs `rlsync run config.yaml` on the
 head node; the run directory must be writable there (and, across nodes, on shared storage).
 
-Without --address, `--local` starts a throwaway single-node cluster under runs/NAME/cluster,
-submits to it and stops it afterwards. Token auth: pass --auth-token-file (or set
+Without --address, `--local` starts a throwaway single-node cluster (`LocalHead`, also used by
+the tests) under runs/NAME/cluster, submits to it and stops it, and only it, afterwards. Token auth: pass --auth-token-file (or set
 RAY_AUTH_TOKEN_PATH) when the cluster uses it. Exit code: 0 job succeeded, 1 failed or timed
 out (the job is stopped), 2 bad arguments or config.
 """
@@ -17,11 +17,19 @@ out (the job is stopped), 2 bad arguments or config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
 import shlex
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +80,6 @@ def _submit_local(cfg: Any, args: argparse.Namespace) -> int:
     root = Path(cfg.run_dir) / cfg.name / "cluster"
     # Ray reads the auth mode once, when first imported: set it before the import below.
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "auth_token")})
-    from rlsync.ray_session import LocalHead
-
     head = LocalHead(root, num_cpus=max(4, cfg.trainer.world_size + cfg.num_engines))
     head.start()
     try:
@@ -133,4 +139,113 @@ def follow(client: Any, job_id: str, timeout_s: float) -> int:
             client.stop_job(job_id)
             print(f"job {job_id}: still {status} after {timeout_s:g} s; stopped it", file=sys.stderr)
             return 1
-        time.sleep(1.0)
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- a throwaway local cluster
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free right now (bind to 0, read it, close)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LocalHead:
+    """A single-node Ray cluster started with `ray start --head --block` in its own process
+    group, every file under `root` (temp dir via a short symlink, auth token), every port
+    chosen free. `stop` ends exactly this cluster: SIGTERM to its `ray start`, then SIGKILL
+    to whatever is left in its process group. Used by `rlsync submit --local` and tests."""
+
+    def __init__(self, root: Path, num_cpus: int = 4, host: str = "127.0.0.1") -> None:
+        self.root, self.num_cpus, self.host = root.resolve(), num_cpus, host
+        self.ports = {name: free_port(host) for name in _HEAD_PORTS}
+        self.process: subprocess.Popen | None = None
+        self.link_dir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.ports['port']}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Where `ray job submit` / JobSubmissionClient talk to this cluster."""
+        return f"http://{self.host}:{self.ports['dashboard-port']}"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a client of this cluster needs (token auth)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
+
+    def start(self, timeout_s: float = 120.0) -> LocalHead:
+        from rlsync.ray_session import short_link
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        token = self.root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.link_dir = short_link(self.root).parent
+        ports = [f"--{name}={port}" for name, port in self.ports.items()]
+        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+               f"--node-ip-address={self.host}", f"--temp-dir={self.link_dir / 'r'}",
+               f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
+               f"--dashboard-host={self.host}", "--disable-usage-stats", *ports]
+        log = (self.root / "ray_start.log").open("wb")
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        env=self._env(),
+                                        start_new_session=True)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _env(self) -> dict[str, str]:
+        """Token auth, and this Python first on PATH: the jobs' `python` is ours."""
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, **self.client_env(), "PATH": path}
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Up when the dashboard's HTTP server answers (401 counts: auth is on)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"ray start exited with {self.process.returncode}; see "
+                                   f"{self.root / 'ray_start.log'}")
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"local Ray head not up within {timeout_s:g} s; see "
+                           f"{self.root / 'ray_start.log'}")
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """End this cluster only: SIGTERM to its process group (all its daemons, workers and
+        engines), SIGKILL to whatever is left after `grace_s`. Safe to call twice."""
+        if self.process is not None:
+            pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(min(grace_s, 1.0))  # let the daemons exit on their own
+            _signal_group(pgid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+        if self.link_dir is not None:
+            shutil.rmtree(self.link_dir, ignore_errors=True)
+            self.link_dir = None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+               "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+               "runtime-env-agent-port", "metrics-export-port")
