@@ -105,7 +105,10 @@ def requests() -> list[Generate]:
 
 
 def check_same_as_reference(engine: EngineClient, reference: dict[str, GenerateOutput]) -> None:
+    """Same batches as the reference: all requests queue while paused, one step admits them."""
     engine.flush_cache()
+    engine.pause("in_place")
+    threading.Timer(0.3, engine.continue_generation).start()
     got = {o.request_id: o for o in engine.rpc.generate(requests(), timeout_s=60)}
     assert got.keys() == reference.keys()
     for rid, ref in reference.items():
