@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", required=True, help="engine endpoint (ipc:// or tcp://)")
     p.add_argument("--no-empty-cache", action="store_true",
                    help="skip torch.cuda.empty_cache() (it syncs every CUDA stream)")
+    p.add_argument("--auth-keys", default=None, metavar="DIR",
+                   help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the engine")
     p.set_defaults(func=run)
 
@@ -25,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from rlsync.rpc import RpcError
 
     try:
-        with connect(args.endpoint, timeout_s=args.timeout) as engine:
+        with connect(args.endpoint, timeout_s=args.timeout, auth_keys=args.auth_keys) as engine:
             result = engine.flush_cache(empty_cache=not args.no_empty_cache)
     except RpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except UNREACHABLE_ERRORS as exc:
+    except (*UNREACHABLE_ERRORS, ValueError) as exc:  # ValueError: bad key directory
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"flushed {args.endpoint}" + (f": {result.message}" if result.message else ""))

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-token-ids", type=_token_ids, default=[])
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool of a --model engine")
     p.add_argument("--threads", type=int, default=None, help="torch threads of a --model engine")
+    p.add_argument("--auth-keys", default=None, metavar="DIR",
+                   help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole batch")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per prompt")
     p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             engine = launch_engine(args.model, kv_tokens=args.kv_tokens, threads=args.threads,
                                    start_timeout_s=args.timeout, call_timeout_s=args.timeout)
         else:
-            engine = connect(args.endpoint, timeout_s=args.timeout)
+            engine = connect(args.endpoint, timeout_s=args.timeout, auth_keys=args.auth_keys)
         with engine:
             outputs = engine.generate(args.input_ids, sampling)
     except (ProtocolError, ValueError) as exc:

@@ -17,6 +17,8 @@ from typing import Any
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a running engine's version, model and cache usage")
     p.add_argument("--endpoint", required=True, help="engine endpoint (ipc:// or tcp://)")
+    p.add_argument("--auth-keys", default=None, metavar="DIR",
+                   help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the engine")
     p.add_argument("--json", action="store_true", help="print the payload as JSON")
     p.set_defaults(func=run)
@@ -27,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from rlsync.rpc import RpcError
 
     try:
-        with connect(args.endpoint, timeout_s=args.timeout) as engine:
+        with connect(args.endpoint, timeout_s=args.timeout, auth_keys=args.auth_keys) as engine:
             info = engine.info()
     except RpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except UNREACHABLE_ERRORS as exc:
+    except (*UNREACHABLE_ERRORS, ValueError) as exc:  # ValueError: bad key directory
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -162,6 +162,7 @@ def test_flush_exit_codes(served):
     (["info", "--endpoint", "ipc:///nonexistent-dir/x.sock"], "does not exist"),
     (["flush", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.5"], "no reply"),
     (["info", "--endpoint", "nonsense"], "expected ipc"),
+    (["info", "--endpoint", "tcp://127.0.0.1:9", "--auth-keys", "/nonexistent"], "not found"),
     (["generate", "--endpoint", "ipc:///tmp/x.sock"], "--input-ids"),
     (["generate", "--endpoint", "ipc:///tmp/x.sock", "--input-ids", "1,x"], "comma-separated"),
     (["generate", "--endpoint", "ipc:///tmp/x.sock", "--input-ids", "1", "--max-new-tokens", "0"],
