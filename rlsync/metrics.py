@@ -4,8 +4,8 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
 - step: 0-based step index; weight_version: the version that generated this step's
   rollouts (== step when every push lands, as the loop waits for each push).
 - reward_mean / reward_std: over every rollout of the step (all engines).
-- loss, kl, kl_old, kl_ref, clip_frac, grad_norm: the Learner's stats, averaged over
-  data-parallel ranks. `kl` is KL to the reference when trainer.kl_coef > 0, else KL to
+- loss, kl, kl_old, kl_ref, clip_frac, grad_norm, ratio_mean, entropy: the Learner's stats
+  (those it reports), averaged over data-parallel ranks. `kl` is KL to the reference when trainer.kl_coef > 0, else KL to
   the engine's sampling policy (`kl_old`), which also shows trainer/engine numeric drift.
 - push_s, push_gbps, push_bytes, engine_pause_ms: the WeightPusher's report of this step's
   push (engine_pause_ms: the longest any engine stopped generating).
@@ -27,7 +27,7 @@ from typing import Any
 
 STEP_KEYS = ("step", "reward_mean", "reward_std", "kl", "loss", "push_s", "push_gbps",
              "engine_pause_ms", "weight_version", "rollout_tokens_per_s")
-LEARNER_KEYS = ("loss", "kl", "kl_old", "clip_frac", "grad_norm")
+LEARNER_KEYS = ("loss", "kl", "kl_old", "clip_frac", "grad_norm", "ratio_mean", "entropy")
 
 
 def reward_stats(rewards: Sequence[float]) -> dict[str, float]:
@@ -38,8 +38,10 @@ def reward_stats(rewards: Sequence[float]) -> dict[str, float]:
 
 def mean_over_ranks(per_rank: Sequence[Mapping[str, float]], kl_to_reference: bool) -> dict[str, float]:
     """Average the Learner stats over data-parallel ranks; pick what `kl` means."""
-    out = {key: statistics.fmean(s.get(key, 0.0) for s in per_rank) for key in LEARNER_KEYS}
-    out["kl_ref"] = out.pop("kl")
+    keys = [k for k in LEARNER_KEYS if all(k in s for s in per_rank)]
+    out = {key: statistics.fmean(s[key] for s in per_rank) for key in keys}
+    out["kl_ref"] = out.pop("kl", 0.0)
+    out.setdefault("kl_old", 0.0)
     out["kl"] = out["kl_ref"] if kl_to_reference else out["kl_old"]
     return out
 

@@ -34,7 +34,7 @@ from rlsync.launcher import (
     run,
     run_steps,
 )
-from rlsync.metrics import STEP_KEYS, read_metrics, weights_fingerprint
+from rlsync.metrics import STEP_KEYS, compare_fingerprints, read_metrics, weights_fingerprint
 from rlsync.protocol import GenerateOutput
 from trainer_side.actor import StaleRolloutError, check_versions
 
@@ -117,6 +117,14 @@ def test_deal_and_versions() -> None:
         check_versions([3, 2], current=3, staleness=0)
     with pytest.raises(StaleRolloutError, match="never pushed"):
         check_versions([4], current=3, staleness=0)
+
+
+def test_compare_fingerprints_names_what_differs() -> None:
+    ranks = {"trainer rank 0": {"a": 1, "b": 2}, "trainer rank 1": {"a": 1, "b": 2}}
+    engines = {"engine0": {"weight_version": 3, "fingerprints": {"a": 1, "b": 2}},
+               "engine1": {"weight_version": 2, "fingerprints": {"a": 1, "b": 7}}}
+    assert compare_fingerprints(ranks, engines, expected_version=3) == {
+        "trainer rank 1": [], "engine0": [], "engine1": ["weight_version=2 (expected 3)", "b"]}
 
 
 def test_stale_rollouts_then_dead_engine_then_dead_trainer(finished_runs: dict) -> None:
