@@ -37,9 +37,11 @@ class InferenceActor:
     """One engine: started in __init__, stopped by `close` (or when the actor dies)."""
 
     def __init__(self, name: str, model_dir: str, cfg: dict[str, Any],
-                 endpoint: str | None = None, threads: int | None = 1) -> None:
+                 endpoint: str | None = None, threads: int | None = 1,
+                 auth_keys: str | None = None) -> None:
         """`endpoint` None: the config's (default: a private ipc:// socket); "{host}" in it
-        becomes this node's address, e.g. "tcp://{host}:*" for a cross-node engine."""
+        becomes this node's address, e.g. "tcp://{host}:*" for a cross-node engine.
+        `auth_keys`: a `rlsync.auth` key directory; the engine then accepts CURVE clients only."""
         self.name = name
         self.cfg = EngineConfig(**cfg)
         if endpoint is not None and "{host}" in endpoint:
@@ -49,7 +51,7 @@ class InferenceActor:
             model_dir, endpoint=endpoint or self.cfg.endpoint, kv_tokens=self.cfg.kv_tokens,
             device=engine_device(self.cfg.device), dtype=self.cfg.dtype, threads=threads,
             extra_args=extra, start_timeout_s=self.cfg.start_timeout_s,
-            call_timeout_s=self.cfg.call_timeout_s)
+            call_timeout_s=self.cfg.call_timeout_s, auth_keys=auth_keys)
 
     def _engine(self) -> EngineClient:
         if self.client is None:
