@@ -133,6 +133,11 @@ class EngineCore:
             return True
         return self.paused is None and not self.weights_incomplete and not self.is_idle()
 
+    def idle_wait_ms(self) -> int:
+        """How long the server may sleep when there is no work: briefly while a weight update
+        is arriving on its worker thread, so the commit follows the last byte at once."""
+        return 1 if self.weight_sync.receiving() else 50
+
     def _drain(self) -> list[Message]:
         out, self._outbox = self._outbox, []
         return out

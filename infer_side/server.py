@@ -38,7 +38,7 @@ from rlsync.rpc import ENGINE_DEAD_PREFIX, is_final
 log = logging.getLogger(__name__)
 
 POLL_MS = 50
-"""How long the loop sleeps in poll when the core has no work."""
+"""Longest sleep in poll when the core has no work (the core may ask for less)."""
 SEND_LINGER_MS = 2000
 """On exit, how long queued replies (e.g. Shutdown's Result) may take to leave."""
 
@@ -51,6 +51,7 @@ class Core(Protocol):
     def process(self, msg: Message) -> list[Message]: ...
     def step(self) -> list[Message]: ...
     def has_work(self) -> bool: ...
+    def idle_wait_ms(self) -> int: ...
 
 
 def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | None = None,
@@ -93,7 +94,7 @@ def run_loop(core: Core, router: Router) -> None:
             if core.has_work():
                 router.route(core.step())
             elif not core.shutdown_requested:
-                router.sock.poll(POLL_MS, zmq.POLLIN)
+                router.sock.poll(min(POLL_MS, core.idle_wait_ms()), zmq.POLLIN)
     except BaseException as exc:
         router.fail_all(f"{ENGINE_DEAD_PREFIX}{type(exc).__name__}: {exc}")
         raise

@@ -63,6 +63,10 @@ class WeightSync:
         job = self.job
         return job is not None and (job.stage != "receiving" or job.done_event.is_set())
 
+    def receiving(self) -> bool:
+        """True while a worker thread is receiving an update (the loop should poll often)."""
+        return self.job is not None and self.job.stage == "receiving"
+
     def close(self) -> None:
         self.links.close()
 

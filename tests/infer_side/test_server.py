@@ -250,6 +250,9 @@ class ScriptedCore:
                                            finish_reason="length" if finished else None))
         return outs
 
+    def idle_wait_ms(self) -> int:
+        return 50
+
     def has_work(self) -> bool:
         return bool(self.running)
 
