@@ -16,6 +16,7 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out: Path, title: str = "") 
 
     matplotlib.use("Agg")  # no display; safe inside Ray jobs and CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r["step"] for r in rows]
     mean = [r["reward_mean"] for r in rows]
@@ -33,6 +34,7 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out: Path, title: str = "") 
                 label="engine pause")
     bottom.set_ylabel("ms")
     bottom.set_xlabel("step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.legend(loc="upper right")
     bottom.grid(alpha=0.3)
     fig.suptitle(title or "rlsync run")
