@@ -11,7 +11,10 @@ import sys
 import pytest
 
 from infer_side.client import launch_engine
+from rlsync.checkpoint_io import iter_checkpoint_tensors
+from rlsync.config import SyncConfig
 from tests.checkpoints import make_hf_checkpoint
+from trainer_side.pusher import WeightPusher
 
 
 def rlsync(*args: str) -> subprocess.CompletedProcess:
@@ -32,29 +35,48 @@ def checkpoints(tmp_path_factory):
     return make_hf_checkpoint(root, seed=11), make_hf_checkpoint(root, seed=12)
 
 
-@pytest.mark.parametrize("transport", ["broadcast", "ipc", "disk"])
-def test_cli_push_then_generate_matches_fresh_engine(checkpoints, transport):
-    start, target = checkpoints
-    fresh = generate("--model", str(target))
-    with launch_engine(start, kv_tokens=256, threads=1) as engine:
-        before = generate("--endpoint", engine.endpoint)
-        assert [o["output_ids"] for o in before] != [o["output_ids"] for o in fresh]
-        pushed = rlsync("push", "--checkpoint", str(target), "--endpoint", engine.endpoint,
-                        "--transport", transport, "--version", "3", "--verify", "--json")
-        assert pushed.returncode == 0, pushed.stderr
-        report = json.loads(pushed.stdout)
-        assert report["failed"] == [] and report["version"] == 3
-        assert report["engines"]["engine0"]["weight_version"] == 3
-        after = generate("--endpoint", engine.endpoint)
-    assert [o["output_ids"] for o in after] == [o["output_ids"] for o in fresh]
-    assert [o["weight_version"] for o in after] == [3, 3]
+@pytest.fixture(scope="module")
+def fresh(checkpoints):
+    """What a fresh engine loaded from the target checkpoint generates."""
+    return [o["output_ids"] for o in generate("--model", str(checkpoints[1]))]
 
 
-def test_cli_push_refuses_an_old_version(checkpoints):
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    with launch_engine(checkpoints[0], kv_tokens=256, threads=1) as client:
+        yield client
+
+
+@pytest.mark.parametrize("version, transport", [(1, "broadcast"), (3, "ipc"), (5, "disk")])
+def test_cli_push_then_generate_matches_fresh_engine(checkpoints, fresh, engine, version, transport, tmp_path):
     start, target = checkpoints
-    with launch_engine(start, kv_tokens=256, threads=1) as engine:
-        pushed = rlsync("push", "--checkpoint", str(target), "--endpoint", engine.endpoint,
-                        "--version", "0")
-        assert pushed.returncode == 1
-        assert "not newer" in pushed.stderr
-        assert engine.info()["weight_version"] == 0
+    _reset_to(engine, start, version - 1, tmp_path)  # back to the start weights first
+    assert [o["output_ids"] for o in generate("--endpoint", engine.endpoint)] != fresh
+    pushed = rlsync("push", "--checkpoint", str(target), "--endpoint", engine.endpoint,
+                    "--transport", transport, "--version", str(version), "--verify", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    report = json.loads(pushed.stdout)
+    assert report["failed"] == [] and report["version"] == version
+    assert report["engines"]["engine0"]["weight_version"] == version
+    after = generate("--endpoint", engine.endpoint)
+    assert [o["output_ids"] for o in after] == fresh
+    assert [o["weight_version"] for o in after] == [version, version]
+
+
+def test_cli_push_refuses_an_old_version(checkpoints, engine):
+    current = engine.info()["weight_version"]
+    pushed = rlsync("push", "--checkpoint", str(checkpoints[1]), "--endpoint", engine.endpoint,
+                    "--version", str(current))
+    assert pushed.returncode == 1
+    assert "not newer" in pushed.stderr
+    assert engine.info()["weight_version"] == current
+
+
+def _reset_to(engine, ckpt, version, work_dir) -> None:
+    if version == 0:
+        return
+    pusher = WeightPusher(SyncConfig(), {"engine0": engine.endpoint}, work_dir)
+    try:
+        assert pusher.push(dict(iter_checkpoint_tensors(ckpt)), version).failed == []
+    finally:
+        pusher.close()
