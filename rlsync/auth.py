@@ -42,7 +42,7 @@ CLIENT_SECRET = "client.key_secret"
 ALLOWED_DIR = "authorized_clients"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"rlsync"
-LOG_EVERY_S = 5.0
+LOG_EVERY_S = 2.0
 """A client that keeps failing reconnects every 100 ms; log its failures once per this."""
 _PROTOCOL_ERRORS = {int(getattr(zmq, n)): n[len("PROTOCOL_ERROR_"):].lower()
                     for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_")}
@@ -229,7 +229,8 @@ class AuthGuard:
     def _on_event(self, event: dict) -> None:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return  # already logged by _answer, with the key
-        reason = _PROTOCOL_ERRORS.get(int(event["value"]), f"error {int(event['value'])}")
+        value = int(event["value"])  # a ZMTP protocol error code, or an errno
+        reason = _PROTOCOL_ERRORS.get(value) or os.strerror(value)
         self._warn(reason, f"auth: rejected a connection to {event['endpoint'].decode()}: "
                            f"CURVE handshake failed ({reason}; an unauthenticated client, or one "
                            f"that does not know this engine's public key)")
