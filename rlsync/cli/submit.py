@@ -100,8 +100,7 @@ def runtime_env(staging: Path) -> dict[str, Any]:
 
 def entrypoint(python: str) -> str:
     """The job's command: `rlsync run config.yaml` through the uploaded rlsync package."""
-    code = "import sys; from rlsync.cli import main; sys.exit(main())"
-    return shlex.join([python, "-c", code, "run", "config.yaml"])
+    return shlex.join([python, "-m", "rlsync.cli", "run", "config.yaml"])
 
 
 def submit_and_follow(cfg: Any, address: str, args: argparse.Namespace) -> int:

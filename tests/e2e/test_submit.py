@@ -12,7 +12,7 @@ from pathlib import Path
 from rlsync.cli.submit import LocalHead
 from rlsync.metrics import STEP_KEYS, read_metrics
 
-CLI = [sys.executable, "-c", "import sys; from rlsync.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-m", "rlsync.cli"]
 TINY = ["model.vocab_size=32", "model.hidden_size=32", "model.intermediate_size=64",
         "engine.kv_tokens=1024", "task.prompts_per_step=4", "task.group_size=4",
         "task.max_new_tokens=4"]
