@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from infer_side.actor import InferenceActor
 from rlsync import metrics, ray_session
+from rlsync.auth import generate_keys
 from rlsync.config import ConfigError, RunConfig, to_dict
 from rlsync.plot import plot_metrics
 from rlsync.protocol import GenerateOutput, SamplingParams
@@ -126,6 +127,8 @@ class RLRun:
         self.trainers: dict[str, Any] = {}
         self.engines: dict[str, Any] = {}
         self.placement: ray_session.Placement | None = None
+        self.auth_keys: str | None = None
+        """CURVE key directory when the engines listen on tcp:// (disaggregated)."""
         self.metrics = metrics.MetricsLog(run_dir / "metrics.jsonl")
         try:
             self._build()
@@ -148,7 +151,7 @@ class RLRun:
         self._setup_trainers()
         endpoints = self._wait(self._each(self.engines, "endpoint"), "start", self._start_s())
         self._call_rank0("connect_engines", "connecting the weight pusher to the engines",
-                         endpoints, self._master_address())
+                         endpoints, self._master_address(), self.auth_keys)
 
     def _write_initial_checkpoint(self) -> str:
         """runs/NAME/initial: the model the trainers and engines start from (version 0)."""
@@ -178,10 +181,12 @@ class RLRun:
         endpoint = None
         if self.cfg.placement == "disaggregated" and self.cfg.engine.endpoint is None:
             endpoint = "tcp://{host}:*"  # each engine binds its node's address, any port
+            # tcp:// engines accept CURVE-authenticated clients only: keys for this run
+            self.auth_keys = str(generate_keys(self.run_dir / "keys"))
         for i in range(self.cfg.num_engines):
             name = f"engine{i}"
             self.engines[name] = remote.options(**self.placement.engine_options(i)).remote(
-                name, model_dir, to_dict(self.cfg.engine), endpoint)
+                name, model_dir, to_dict(self.cfg.engine), endpoint, auth_keys=self.auth_keys)
 
     def _master_address(self) -> str | None:
         """Where engines reach trainer rank 0 for the broadcast group: the configured address,

@@ -118,8 +118,8 @@ class TrainerActor:
 
         return ray.util.get_node_ip_address()
 
-    def connect_engines(self, endpoints: dict[str, str],
-                        master_address: str | None = None) -> list[str]:
+    def connect_engines(self, endpoints: dict[str, str], master_address: str | None = None,
+                        auth_keys: str | None = None) -> list[str]:
         """Rank 0: build the WeightPusher for these engines (engine name -> endpoint);
         `master_address` replaces sync.master_address (where engines reach this rank)."""
         self._require_rank0("connect_engines")
@@ -128,8 +128,8 @@ class TrainerActor:
         sync = self.cfg.sync
         if master_address is not None:
             sync = replace(sync, master_address=master_address)
-        self.pusher = WeightPusher(sync, endpoints, self.run_dir / "sync",
-                                   device=self.device, connect_timeout_s=sync.timeout_s)
+        self.pusher = WeightPusher(sync, endpoints, self.run_dir / "sync", device=self.device,
+                                   connect_timeout_s=sync.timeout_s, auth_keys=auth_keys)
         return sorted(endpoints)
 
     # ------------------------------------------------------------ per step

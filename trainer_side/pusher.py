@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rlsync.auth import load_client_keys
 from rlsync.buckets import plan_buckets, plan_total_bytes
 from rlsync.config import SyncConfig
 from rlsync.protocol import BucketPlan, GetWeightsFingerprint
@@ -47,9 +48,12 @@ class WeightPusher:
     """Pushes versions of one model to a fixed set of engines through one transport."""
 
     def __init__(self, cfg: SyncConfig, endpoints: Mapping[str, str], work_dir: str | Path,
-                 *, device: str | torch.device = "cpu", connect_timeout_s: float = 60.0):
+                 *, device: str | torch.device = "cpu", connect_timeout_s: float = 60.0,
+                 auth_keys: str | Path | None = None):
+        """`auth_keys`: a `rlsync.auth` key directory, required for engines on tcp:// endpoints."""
         self.cfg = cfg
-        self.engines = EngineSet(endpoints, cfg.timeout_s)
+        auth = load_client_keys(auth_keys) if auth_keys is not None else None
+        self.engines = EngineSet(endpoints, cfg.timeout_s, auth)
         try:
             self.specs = self.engines.discover(connect_timeout_s)
         except ValueError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+from rlsync.auth import ClientKeys
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import GetInfo, GetWeightsFingerprint, Message, Result
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
@@ -19,10 +20,11 @@ PING_TIMEOUT_S = 3.0
 class EngineSet:
     """RPC clients by engine name, plus the names found dead."""
 
-    def __init__(self, endpoints: Mapping[str, str], timeout_s: float):
+    def __init__(self, endpoints: Mapping[str, str], timeout_s: float, auth: ClientKeys | None = None):
         if not endpoints:
             raise ValueError("endpoints: at least one engine is needed")
-        self.clients = {name: RpcClient(ep, timeout_s=timeout_s) for name, ep in endpoints.items()}
+        self.clients = {name: RpcClient(ep, timeout_s=timeout_s, auth=auth)
+                        for name, ep in endpoints.items()}
         self.dead: set[str] = set()
         self.model_cfg: ModelConfig | None = None
         """The engines' model architecture, read by `discover`."""
