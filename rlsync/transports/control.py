@@ -96,7 +96,14 @@ class Segment:
     def _size(self, fd: int, nbytes: int | None, create: bool) -> int:
         if create:
             assert nbytes is not None and nbytes > 0
-            os.ftruncate(fd, nbytes)
+            # Reserve every page now: with a bare ftruncate a full /dev/shm only shows up as
+            # SIGBUS on the first write to a page that could not be allocated.
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                raise TransportError(f"shm {self.name}: cannot allocate {nbytes} bytes in "
+                                     f"{SHM_DIR} ({e.strerror}); free space there or use "
+                                     f"smaller buckets / fewer slots") from None
             return nbytes
         size = os.fstat(fd).st_size
         if size <= 0 or (nbytes is not None and size != nbytes):
