@@ -1,0 +1,74 @@
+"""The machine's limits for moving the same bytes, against which every method is judged:
+
+- memcpy: one copy of all the bytes from a warm flat buffer into another warm flat buffer
+  (both pre-faulted; torch's copy with this process's thread count, as our sender packs);
+- raw broadcast: one gloo broadcast of one preallocated, pre-faulted buffer of all the bytes
+  to N receiver processes that also hold a warm buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlsync.bench.baselines import group_specs, sender_group
+from rlsync.bench.procs import Receivers
+from rlsync.bench.stats import Row
+
+LIMIT = "limit: no engine"
+
+
+def flat_copy_source(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All the weights' bytes in one flat uint8 buffer (written, so faulted in)."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    flat = torch.empty(total, dtype=torch.uint8)
+    offset = 0
+    for t in tensors.values():
+        n = t.numel() * t.element_size()
+        flat[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        offset += n
+    return flat
+
+
+def run_memcpy(row: Row, tensors: dict[str, torch.Tensor], *, repeat: int) -> Row:
+    """Best/median of `repeat` copies into a warm destination (after one warm-up copy)."""
+    src = flat_copy_source(tensors)
+    dst = torch.zeros_like(src)  # zeros writes every page: warm
+    try:
+        for rep in range(repeat + 1):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+            if rep:
+                row.seconds.append(seconds)
+                row.block_s.append(seconds)
+    finally:
+        del src, dst
+    row.phases = {"threads": float(torch.get_num_threads())}
+    row.pause_note = LIMIT
+    return row
+
+
+def run_raw_broadcast(row: Row, *, repeat: int, work_dir: Path, timeout_s: float) -> Row:
+    """One broadcast of `row.bytes` bytes per repetition to `row.engines` receivers."""
+    specs = group_specs("raw-broadcast", row.engines, timeout_s, nbytes=row.bytes)
+    buf = torch.ones(row.bytes, dtype=torch.uint8)
+    with Receivers(specs, work_dir, timeout_s) as receivers:
+        group = sender_group(specs[0])
+        try:
+            receivers.wait_all("ready")
+            for rep in range(repeat + 1):
+                t0 = time.monotonic()
+                receivers.send({"cmd": "go", "rep": rep})
+                group.broadcast(buf)
+                t_sent = time.monotonic()
+                events = receivers.wait_all("done")
+                if rep:
+                    row.seconds.append(max(ev["t_done"] for ev in events) - t0)
+                    row.block_s.append(t_sent - t0)
+        finally:
+            group.destroy()
+    row.pause_note = LIMIT
+    return row

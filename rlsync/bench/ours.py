@@ -1,0 +1,105 @@
+"""Our transports, measured the way users run them: a real `WeightPusher` pushing to real
+engine processes (`launch_engine`), one pusher per (transport, load mode, engine count).
+
+Each method: one warm-up push (buffers, groups and the shadow copy get allocated and
+faulted in) -> `repeat` timed pushes on idle engines -> one probed push while every engine
+streams a generate (pause_mode "in_place", so the update does not wait for idle) -> a
+fingerprint check that every engine holds the trainer's bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from rlsync.bench.probe import StreamProbe
+from rlsync.bench.stats import Row, median_phases
+from rlsync.config import SyncConfig
+from trainer_side.push_report import PushReport
+from trainer_side.pusher import WeightPusher
+
+PROBE_TOKENS_BEFORE = 6
+PROBE_TOKENS_AFTER = 2
+
+
+def run_ours(row: Row, endpoints: Mapping[str, str], tensors: dict[str, torch.Tensor], *,
+             repeat: int, versions: itertools.count, work_dir: Path, timeout_s: float,
+             bucket_mb: float, probe: bool, device: str = "cpu") -> Row:
+    """Fill `row` (method = transport, mode = load mode) by pushing `tensors` `repeat` times
+    (`device`: where the trainer's tensors live; "cuda" makes ipc a CUDA IPC push)."""
+    cfg = SyncConfig(transport=row.method, load_mode=row.mode, pause_mode="in_place",  # type: ignore[arg-type]
+                     bucket_mb=bucket_mb, timeout_s=timeout_s)
+    pusher = WeightPusher(cfg, endpoints, work_dir, device=device)
+    try:
+        timed_push(pusher, tensors, next(versions))  # warm-up
+        samples = []
+        for _ in range(repeat):
+            seconds, report = timed_push(pusher, tensors, next(versions))
+            row.seconds.append(seconds)
+            row.block_s.append(seconds)  # push() is synchronous: it returns after every ack
+            samples.append(push_phases(report))
+        row.phases = median_phases(samples)
+        if probe:
+            _probed_push(row, pusher, endpoints, tensors, next(versions), timeout_s)
+        row.verified = not any(pusher.mismatches(tensors).values())
+    finally:
+        pusher.close()
+    return row
+
+
+def timed_push(pusher: WeightPusher, tensors: dict[str, torch.Tensor], version: int
+          ) -> tuple[float, PushReport]:
+    start = time.perf_counter()
+    report = pusher.push(tensors, version)
+    seconds = time.perf_counter() - start
+    if report.failed:
+        raise RuntimeError(f"push of version {version} failed: {report.summary()}")
+    return seconds, report
+
+
+def push_phases(report: PushReport) -> dict[str, float]:
+    """Trainer transfer time plus the slowest engine's own timings (seconds)."""
+    out: dict[str, float] = {"transfer_s": report.transfer_s}
+    for key in ("recv_s", "load_s", "flush_s", "total_s"):
+        values = [o.payload[key] for o in report.engines.values() if key in o.payload]
+        if values:
+            out[f"engine_{key}"] = max(values)
+    return out
+
+
+def _probed_push(row: Row, pusher: WeightPusher, endpoints: Mapping[str, str],
+                 tensors: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+    """One push while every engine streams tokens: the pause as the stream saw it."""
+    probes = [StreamProbe(ep, timeout_s=4 * timeout_s).start() for ep in endpoints.values()]
+    try:
+        for p in probes:
+            p.wait_tokens(PROBE_TOKENS_BEFORE)
+        start = time.perf_counter()
+        _, report = timed_push(pusher, tensors, version)
+        end = time.perf_counter()
+        for p in probes:
+            p.wait_tokens(p.count() + PROBE_TOKENS_AFTER)
+    finally:
+        for p in probes:
+            p.stop()
+    gaps = [p.gaps(start, end) for p in probes]
+    row.normal_gap_ms = max(g.normal_ms for g in gaps)
+    row.max_gap_ms = max(g.max_ms for g in gaps)
+    row.engine_pause_ms = report.engine_pause_ms
+    row.phases["probed_push_s"] = end - start
+
+
+def ours_methods(transports: list[str], modes: list[str]) -> list[tuple[str, str]]:
+    """(transport, load mode) pairs to run; disk is run in_place only."""
+    out = []
+    for transport in transports:
+        for mode in modes:
+            if transport == "disk" and mode != "in_place":
+                continue
+            out.append((transport, mode))
+    return out
+
