@@ -170,7 +170,7 @@ def classify_gaps(times: Sequence[float], windows: Sequence[tuple[float, float]]
 
 def format_gpu(result: dict[str, Any]) -> str:
     if "skipped" in result or "error" in result:
-        why = result.get("skipped") or f"FAILED: {result['error']}"
+        why = f"skipped: {result['skipped']}" if "skipped" in result else f"FAILED: {result['error']}"
         return f"\nGPU section: {why}\n"
     d2d = result["d2d"]
     lines = [f"\n### GPU: {result['device']}, {result['size_gib']:g} GiB\n",

@@ -1,0 +1,137 @@
+"""The benchmarks cannot rot: a tiny `rlsync bench sync` and `rlsync bench generate` through
+the CLI entry, every expected row present with positive finite numbers that agree with each
+other; the pure helpers on hand-made values; the pickle baseline fenced in its module."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rlsync.bench.gpu import classify_gaps, format_gpu, run_gpu
+from rlsync.bench.model import GIB, bench_model_config, param_count
+from rlsync.bench.probe import token_gaps
+from rlsync.bench.stats import Row, add_ratios, percentile
+from rlsync.cli import main
+
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ["memcpy", "ipc", "per-tensor", "pickle"]
+
+
+@pytest.fixture(scope="module")
+def sync_result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "sync", "--size-gib", "0.005", "--engines", "1", "--repeat", "2",
+               "--methods", *METHODS, "--no-gpu", "--timeout", "60", "--work-dir", str(out),
+               "--json", str(out / "sync.json"), "--plot", str(out / "sync.png")])
+    assert rc == 0
+    assert (out / "sync.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["sync.json", "sync.png"]  # scratch removed
+    return json.loads((out / "sync.json").read_text())
+
+
+def test_sync_json_has_every_row_with_consistent_numbers(sync_result):
+    rows = {r["label"]: r for r in sync_result["rows"]}
+    assert set(rows) == {"memcpy", "ipc in_place", "ipc shadow", "per-tensor", "pickle"}
+    nbytes = sync_result["models"]["0.005"]["bytes"]
+    for label, r in rows.items():
+        assert r["error"] == "", label
+        assert len(r["seconds"]) == 2 and all(math.isfinite(s) and s > 0 for s in r["seconds"])
+        assert r["bytes"] == nbytes
+        assert r["best_s"] == min(r["seconds"])
+        assert r["gbps"] == pytest.approx(nbytes / r["best_s"] / 1e9)
+        assert r["x_memcpy"] == pytest.approx(r["gbps"] / rows["memcpy"]["gbps"])
+        best_ours = min(rows["ipc in_place"]["best_s"], rows["ipc shadow"]["best_s"])
+        assert r["x_ours"] == pytest.approx(r["best_s"] / best_ours)
+        assert 0 < r["block_median_s"] <= max(r["seconds"]) + 1e-6
+
+
+def test_sync_ours_rows_carry_the_pause_probe_and_are_bit_exact(sync_result):
+    for r in sync_result["rows"]:
+        if r["kind"] == "ours":
+            assert r["verified"] is True
+            assert 0 < r["normal_gap_ms"] <= r["max_gap_ms"] + 1e-9
+            assert r["engine_pause_ms"] >= 0
+            assert r["phases"]["engine_load_s"] > 0
+        elif r["kind"] == "baseline":
+            assert r["max_gap_ms"] is None and "no live engine" in r["pause_note"]
+            assert r["engine_pause_ms"] > 0
+
+
+def test_generate_bench_runs_both_engines_and_hf(capsys, tmp_path):
+    rc = main(["bench", "generate", "--batch", "1", "3", "--max-new-tokens", "3", "--repeat", "1",
+               "--no-server", "--json", str(tmp_path / "gen.json")])
+    assert rc == 0
+    result = json.loads((tmp_path / "gen.json").read_text())
+    assert [r["batch"] for r in result["rows"]] == [1, 3]
+    for r in result["rows"]:
+        assert r["ours"]["best"] > 0 and r["hf"]["best"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"]["best"] / r["hf"]["best"])
+        assert r["match"] == 1.0  # greedy on the same weights: the same tokens
+    assert "| 3 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", [0.005, 0.25, 1.0])
+def test_bench_model_lands_near_the_requested_size(size):
+    cfg = bench_model_config(size)
+    assert param_count(cfg) * 4 == pytest.approx(size * GIB, rel=0.03)
+    assert cfg.num_hidden_layers == 24 and cfg.attention_bias  # many small norms and biases
+
+
+def test_token_gaps_around_a_push():
+    times = [0.0, 5.0, 6.0, 7.0, 8.0, 12.0, 13.0]  # first gap is the prefill; push 8.5..11.5
+    gaps = token_gaps(times, start=8.5, end=11.5)
+    assert gaps.normal_ms == 1000.0 and gaps.max_ms == 4000.0 and gaps.tokens == 7
+    with pytest.raises(ValueError):
+        token_gaps(times[:2], start=8.5, end=11.5)
+
+
+def test_classify_gaps_and_percentile():
+    labels = [lab for lab, _ in classify_gaps([0, 1, 2, 5, 6, 7, 8, 9], [(2.5, 4.5)], 2)]
+    assert labels == ["prefill", "normal", "during", "after", "after", "normal", "normal"]
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert math.isnan(percentile([], 99))
+
+
+def test_ratios_use_the_same_size_and_engine_count():
+    def row(method, kind, engines, seconds):
+        return Row(size_gib=1.0, engines=engines, method=method, kind=kind, bytes=10**9,
+                   seconds=[seconds])
+    rows = [row("memcpy", "limit", 1, 0.1), row("ipc", "ours", 1, 0.4), row("ray", "baseline", 1, 2.0),
+            row("memcpy", "limit", 2, 0.2), row("broadcast", "ours", 2, 0.8)]
+    add_ratios(rows)
+    assert rows[1].x_memcpy == pytest.approx(0.25) and rows[2].x_ours == pytest.approx(5.0)
+    assert rows[4].x_memcpy == pytest.approx(0.25) and rows[4].x_ours == pytest.approx(1.0)
+
+
+def test_gpu_section_skips_cleanly_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU section runs for real (gpu-marked elsewhere)")
+    result = run_gpu(0.005, repeat=1, work_dir=tmp_path, timeout_s=10)
+    assert "skipped" in result and "skipped" in format_gpu(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_imports_the_pickle_baseline():
+    """It runs as its own process only (tests/reliability/test_security.py scans for pickle)."""
+    for package in ("rlsync", "trainer_side", "infer_side", "tests"):
+        for path in (ROOT / package).rglob("*.py"):
+            imported = _imports(path)
+            assert "rlsync.bench.pickle_baseline" not in imported, path
+            assert "pickle_baseline" not in {n.rsplit(".", 1)[-1] for n in imported}, path
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
