@@ -3,7 +3,8 @@
     python scripts/bench_transports.py --gib 1 --bucket-mib 64 --repeats 3
 
 Measures, for a plan of ~`gib` GiB of fp32 tensors in `bucket-mib` buckets:
-  memcpy     pack_bucket of every bucket into a warm (pre-faulted) buffer: the ceiling
+  memcpy     one byte copy of the plan's size, and pack_bucket of every bucket, into warm
+             (pre-faulted) buffers: the ceiling every transport's copies run into
   shm xN     ShmSender.push -> N engine processes copying each bucket into warm weights;
              end to end (push returns once every engine has loaded everything)
   gloo       send_buckets -> recv_buckets (engine copies into warm weights) vs one raw
@@ -50,20 +51,32 @@ def best(fn: Callable[[], float], repeats: int) -> float:
     return min(fn() for _ in range(repeats))
 
 
-def bench_memcpy(plan: BucketPlan, tensors: dict[str, torch.Tensor], repeats: int) -> float:
+def bench_memcpy(plan: BucketPlan, tensors: dict[str, torch.Tensor], repeats: int
+                 ) -> tuple[float, float]:
+    """(one byte copy of the whole plan's size, pack_bucket of every bucket), both into
+    warm buffers."""
+    src = torch.ones(plan_total_bytes(plan), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
     buf = torch.zeros(max(b.nbytes for b in plan.buckets), dtype=torch.uint8)
 
-    def run() -> float:
+    def raw() -> float:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return time.perf_counter() - t0
+
+    def pack() -> float:
         t0 = time.perf_counter()
         for bucket in plan.buckets:
             pack_bucket(bucket, tensors, buf)
         return time.perf_counter() - t0
-    return best(run, repeats)
+    return best(raw, repeats), best(pack, repeats)
 
 
 # ---------------------------------------------------------------- shm
 
-def _shm_engine(fields: dict, plan_specs: list, bucket_bytes: int, rounds: int, ready) -> None:
+def _shm_engine(fields: dict, plan_specs: list, bucket_bytes: int, rounds: int, ready,
+                threads: int) -> None:
+    torch.set_num_threads(threads)
     plan = plan_buckets(plan_specs, bucket_bytes=bucket_bytes)
     receiver = ShmReceiver(IpcBuffer(**fields))
     on_bucket = loader(warm_weights(plan))
@@ -78,7 +91,8 @@ def bench_shm(plan: BucketPlan, tensors: dict, engines: int, repeats: int, bucke
     specs = specs_of(tensors.items())
     events = [SPAWN.Event() for _ in range(engines)]
     procs = [SPAWN.Process(target=_shm_engine, args=(
-        vars(sender.descriptor(e)), specs, bucket_bytes, repeats + 1, events[e]))
+        vars(sender.descriptor(e)), specs, bucket_bytes, repeats + 1, events[e],
+        torch.get_num_threads()))
         for e in range(engines)]
     for p in procs:
         p.start()
@@ -102,7 +116,8 @@ def bench_shm(plan: BucketPlan, tensors: dict, engines: int, repeats: int, bucke
 # ---------------------------------------------------------------- gloo
 
 def _gloo_engine(port: int, plan_specs: list, bucket_bytes: int, rounds: int, raw_bytes: int,
-                 results) -> None:
+                 results, threads: int) -> None:
+    torch.set_num_threads(threads)
     plan = plan_buckets(plan_specs, bucket_bytes=bucket_bytes)
     group = BroadcastGroup.create("127.0.0.1", port, 1, 2, timeout_s=300)
     on_bucket = loader(warm_weights(plan))
@@ -124,7 +139,8 @@ def bench_gloo(plan: BucketPlan, tensors: dict, repeats: int, bucket_bytes: int
     port, total = free_port(), plan_total_bytes(plan)
     results = SPAWN.Array("d", 2 * (repeats + 1))  # the engine's seconds, per round
     proc = SPAWN.Process(target=_gloo_engine, args=(
-        port, specs_of(tensors.items()), bucket_bytes, repeats + 1, total, results))
+        port, specs_of(tensors.items()), bucket_bytes, repeats + 1, total, results,
+        torch.get_num_threads()))
     proc.start()
     group = BroadcastGroup.create("127.0.0.1", port, 0, 2, timeout_s=300)
     raw = torch.zeros(total, dtype=torch.uint8)
@@ -153,7 +169,11 @@ def main() -> None:
     parser.add_argument("--bucket-mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=["memcpy", "shm1", "shm2", "gloo"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in every process (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tensors = make_model(args.gib)
     bucket_bytes = args.bucket_mib << 20
     plan = plan_buckets(specs_of(tensors.items()), bucket_bytes=bucket_bytes)
@@ -165,7 +185,9 @@ def main() -> None:
         print(f"{name:<34} {seconds * 1e3:9.1f} ms  {total / seconds / 1e9:6.2f} GB/s", flush=True)
 
     if "memcpy" in args.only:
-        report("memcpy (pack into warm buffer)", bench_memcpy(plan, tensors, args.repeats))
+        raw, pack = bench_memcpy(plan, tensors, args.repeats)
+        report("memcpy (one byte copy, warm)", raw)
+        report("memcpy (pack_bucket, warm buffer)", pack)
     for n in (1, 2):
         if f"shm{n}" in args.only:
             report(f"shm push+receive, {n} engine(s)",
