@@ -185,7 +185,7 @@ def test_rendezvous_with_a_missing_peer_times_out() -> None:
         t0 = time.monotonic()
         with pytest.raises(TransportTimeout, match=f"rank {rank}/2: rendezvous"):
             BroadcastGroup.create("127.0.0.1", free_port(), rank, 2, timeout_s=1.5)
-        assert time.monotonic() - t0 < 1.5 + 4
+        assert time.monotonic() - t0 < 1.5 + 6
 
 
 def test_roles_are_checked() -> None:

@@ -156,7 +156,7 @@ def _engine(frame: bytes, pushes: list[int], out: str, verify: bool, stall_at: i
                 def on_bucket(i: int, b: Any, buf: torch.Tensor, inner: Any = on_bucket) -> None:
                     inner(i, b, buf)
                     if i == stall_at:
-                        time.sleep(3.0)
+                        time.sleep(5.0)
             receiver.attach(msg.buffer)  # cached: no re-map
             receiver.receive(msg.plan, push_id, on_bucket, verify=verify, timeout_s=10.0)
             report["bad"] += mismatches(got, make_tensors(push_id))
@@ -234,8 +234,8 @@ def test_stuck_reader_is_reported_and_the_other_gets_everything(tmp_path: Path) 
     try:
         procs, outs = _run_engines(tmp_path, sender, plan, 2, [1], stall={1: 0})
         t0 = time.monotonic()
-        stats = sender.push(plan, make_tensors(1), 1, timeout_s=1.0)
-        assert time.monotonic() - t0 < 2.9  # gave up on engine 1 before its stall ended
+        stats = sender.push(plan, make_tensors(1), 1, timeout_s=1.5)
+        assert time.monotonic() - t0 < 4.5  # gave up on engine 1 before its stall ended
         join_all(procs)
     finally:
         sender.close()
@@ -250,7 +250,7 @@ def test_dead_reader_is_reported(tmp_path: Path) -> None:
     sender = ShmSender(plan, num_engines=2, num_slots=1)
     try:
         procs, outs = _run_engines(tmp_path, sender, plan, 1, [1])  # engine 1 never shows up
-        stats = sender.push(plan, make_tensors(1), 1, timeout_s=0.5)
+        stats = sender.push(plan, make_tensors(1), 1, timeout_s=1.0)
         join_all(procs)
     finally:
         sender.close()
