@@ -14,6 +14,7 @@ module:
 - `ray_baseline`: the Ray object store baseline.
 - `pickle_baseline`: pickle over ZMQ; run as its own process, imported by nothing.
 - `limits`: memcpy into a warm buffer and one raw broadcast of the same bytes.
+- `profile`: each copy a push makes, timed alone (explains the end-to-end rows).
 - `sync`: runs all of the above over sizes and engine counts.
 - `report`: table, JSON and plot.
 - `generate`: the generation benchmark.

@@ -43,6 +43,8 @@ def run_ours(row: Row, endpoints: Mapping[str, str], tensors: dict[str, torch.Te
             row.block_s.append(seconds)  # push() is synchronous: it returns after every ack
             samples.append(push_phases(report))
         row.phases = median_phases(samples)
+        # announce/accept/done round trips, validation, commit: e2e not spent moving bytes
+        row.phases["control_s"] = row.median_s - row.phases["transfer_s"]
         if probe:
             _probed_push(row, pusher, endpoints, tensors, next(versions), timeout_s)
         row.verified = not any(pusher.mismatches(tensors).values())

@@ -56,8 +56,24 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+PROFILE_KEYS = ("memcpy_1t", "memcpy", "pack", "load_1t", "cold_copy", "per_tensor_copy")
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """Each copy a push makes, timed alone (see rlsync.bench.profile), per model size."""
+    models = {s: m["profile"] for s, m in result.get("models", {}).items() if "profile" in m}
+    if not models:
+        return ""
+    head = "| size GiB | " + " | ".join(f"{k} s (GB/s)" for k in PROFILE_KEYS) + " |"
+    lines = ["\ncopies timed alone (best of repeats):\n", head, "|" + "---|" * (len(PROFILE_KEYS) + 1)]
+    for size, p in models.items():
+        cells = [f"{p[k + '_s']:.3f} ({p[k + '_gbps']:.1f})" for k in PROFILE_KEYS]
+        lines.append(f"| {float(size):g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _model_line(m: dict[str, Any]) -> str:
-    if not m:
+    if "tensors" not in m:
         return ""
     return (f"{m['bytes'] / 2**30:.3f} GiB fp32, {m['tensors']} tensors ({m['tensors_under_1mib']} "
             f"under 1 MiB), hidden {m['hidden']}, MLP {m['intermediate']}, {m['layers']} layers, "

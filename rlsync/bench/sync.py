@@ -51,6 +51,10 @@ class SyncBench:
     layers: int = bench_model.DEFAULT_LAYERS
     probe: bool = True
     engine_threads: int = 1
+    trainer_threads: int | None = None
+    """torch threads of this (the trainer's) process; None leaves torch's default."""
+    profile: bool = True
+    """Also time each copy a push makes, alone (`rlsync.bench.profile`)."""
     kv_tokens: int = 4096
     work_dir: Path | None = None
     """Scratch space (checkpoints, safetensors files, Ray's files); None: a temp dir, removed."""
@@ -66,6 +70,8 @@ class SyncBench:
 def run_sync(bench: SyncBench, log: Log = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """Run the benchmark; returns {"machine", "config", "models", "rows"} (JSON-ready)."""
     work = Path(tempfile.mkdtemp(prefix="rlsync-bench-", dir=bench.work_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(bench.trainer_threads or threads)
     machine = machine_info()
     rows: list[Row] = []
     models: dict[str, Any] = {}
@@ -74,6 +80,7 @@ def run_sync(bench: SyncBench, log: Log = lambda s: print(s, file=sys.stderr)) -
             models[str(size)] = _run_size(bench, size, work / f"size-{size:g}", rows, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        torch.set_num_threads(threads)
     add_ratios(rows)
     machine["load_avg_end"] = os.getloadavg()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(bench).items()}
@@ -96,6 +103,12 @@ def _run_size(bench: SyncBench, size: float, work: Path, rows: list[Row], log: L
         rows.append(row)
         return row
 
+    if bench.profile:
+        from rlsync.bench.profile import profile_components
+
+        info["profile"] = profile_components(cfg, tensors, bench.bucket_mb, bench.repeat)
+        log(f"[{size:g} GiB] profile: " + ", ".join(
+            f"{k[:-5]} {v:.2f}" for k, v in info["profile"].items() if k.endswith("_gbps")) + " GB/s")
     for n in bench.engines:
         _limits(bench, new, n, tensors, work, log)
     _ours(bench, new, tensors, ckpt, work, log)

@@ -38,6 +38,8 @@ def test_sync_json_has_every_row_with_consistent_numbers(sync_result):
     rows = {r["label"]: r for r in sync_result["rows"]}
     assert set(rows) == {"memcpy", "ipc in_place", "ipc shadow", "per-tensor", "pickle"}
     nbytes = sync_result["models"]["0.005"]["bytes"]
+    profile = sync_result["models"]["0.005"]["profile"]
+    assert all(profile[f"{k}_s"] > 0 for k in ("memcpy", "pack", "load_1t", "cold_copy"))
     for label, r in rows.items():
         assert r["error"] == "", label
         assert len(r["seconds"]) == 2 and all(math.isfinite(s) and s > 0 for s in r["seconds"])
