@@ -10,12 +10,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from infer_side.client import EngineClient, launch_engine
 from rlsync.model_config import ModelConfig
 from tests.reliability.model import make_checkpoint
 
 KV_TOKENS = 512
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The in-process reference engines run on one thread: on a shared 2-core machine,
+    torch's intra-op pool makes tiny matmuls ~50x slower. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

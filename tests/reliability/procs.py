@@ -42,15 +42,29 @@ class Snapshot:
     def take(cls, pid: int) -> Snapshot:
         return cls(fds=len(os.listdir(f"/proc/{pid}/fd")), threads=int(status(pid)["Threads"]))
 
+    @classmethod
+    def steady(cls, pid: int, quiet_s: float = 0.5, timeout_s: float = 10.0) -> Snapshot:
+        """A snapshot that held for `quiet_s` (a client that just left may still have a
+        connection being closed)."""
+        deadline = time.monotonic() + timeout_s
+        last, since = cls.take(pid), time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = cls.take(pid)
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
+
 
 def settled(pid: int, before: Snapshot, timeout_s: float = 10.0) -> Snapshot:
-    """The process's snapshot once it is back to `before` (worker threads and sockets take a
-    moment to go), or the last one seen after `timeout_s`."""
+    """`before` once the process holds no more fds and threads than it did then (worker
+    threads and sockets take a moment to go; an engine may also have let go of a buffer it
+    held), else the last snapshot seen after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         now = Snapshot.take(pid)
-        if now == before or time.monotonic() > deadline:
-            return now
+        if (now.fds <= before.fds and now.threads <= before.threads) or time.monotonic() > deadline:
+            return before if now.fds <= before.fds and now.threads <= before.threads else now
         time.sleep(0.1)
 
 

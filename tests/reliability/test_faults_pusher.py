@@ -26,6 +26,7 @@ from tests.reliability.conftest import next_version
 from tests.reliability.figures import record
 from tests.reliability.model import reference_outputs
 from tests.reliability.procs import Snapshot, local_threads_settled, own_segments, settled
+from tests.reliability.pushes import push_next
 from trainer_side.push_report import PushError
 from trainer_side.pusher import WeightPusher
 
@@ -73,9 +74,9 @@ def _check_never_mixed(engine, load_mode, before, tokens) -> None:
 def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_path, transport,
                                                       load_mode):
     engine = engines["e0"]
-    version = _push(engine, ckpt, tmp_path / "warm", "ipc", "in_place") + 1  # buffers mapped
+    version = push_next(engine, ckpt, tmp_path / "warm", "ipc", "in_place") + 1  # buffers mapped
     tokens = [o.output_ids for o in engine.generate(PROMPTS, greedy())]
-    before, snap = engine.fingerprints(), Snapshot.take(engine.process.pid)
+    before, snap = engine.fingerprints(), Snapshot.steady(engine.process.pid)
     proc = _start_stalling_pusher(engine, transport, load_mode, version, ckpt)
     try:
         stopped = time.monotonic()
@@ -98,28 +99,14 @@ def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_pa
     assert resumed_s < 3 * TIMEOUT_S + 10
     assert own_segments(proc.pid) == set()
     if transport == "broadcast":
-        _push(engine, ckpt, tmp_path / "repair", transport, load_mode)
-    tensors = trainer_weights(ckpt, _push(engine, ckpt, tmp_path / "fresh", "ipc", load_mode))
+        push_next(engine, ckpt, tmp_path / "repair", transport, load_mode)
+    tensors = trainer_weights(ckpt, push_next(engine, ckpt, tmp_path / "fresh", "ipc", load_mode))
     got = [o.output_ids for o in engine.generate(PROMPTS, greedy())]
     assert got == reference_outputs(cfg, tensors, PROMPTS, [greedy()] * len(PROMPTS))
     assert settled(engine.process.pid, snap) == snap
     record("fault_pusher_sigstop", transport=transport, load_mode=load_mode,
            engine_failed_update_after_s=round(failed_after, 2), timeout_s=TIMEOUT_S,
            resumed_pusher_exit_s=round(resumed_s, 2), pusher_outcome=str(result)[:200])
-
-
-def _push(engine, ckpt, work_dir, transport, load_mode) -> int:
-    """One complete push of the next version to `engine`, checked bit-exact; returns it."""
-    version = engine.info()["weight_version"] + 1
-    tensors = trainer_weights(ckpt, version)
-    pusher = WeightPusher(SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02,
-                                     timeout_s=20), {"engine": engine.endpoint}, work_dir)
-    try:
-        assert pusher.push(tensors, version).failed == []
-        assert pusher.mismatches(tensors) == {"engine": []}
-    finally:
-        pusher.close()
-    return version
 
 
 def _mapped_segments(pid: int, creator: int) -> int:
@@ -132,11 +119,9 @@ def _mapped_segments(pid: int, creator: int) -> int:
     return total
 
 
-@pytest.mark.xfail(strict=True, reason="BUG infer_side/receive.py Links: an engine keeps the "
-                   "last IPC buffer mapped after its pusher closed (until another push)")
 def test_engine_lets_go_of_a_closed_pushers_buffer(engines, ckpt, tmp_path):
     engine = engines["e1"]
-    _push(engine, ckpt, tmp_path, "ipc", "in_place")
+    push_next(engine, ckpt, tmp_path, "ipc", "in_place")
     deadline = time.monotonic() + 5
     while _mapped_segments(engine.process.pid, os.getpid()) and time.monotonic() < deadline:
         time.sleep(0.2)

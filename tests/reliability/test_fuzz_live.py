@@ -35,7 +35,7 @@ def _settle(engine, timeout_s: float = 20.0) -> None:
 def run_fuzz(engine, tmp_path, dead_port: int, n: int, seed: int) -> dict:
     before, tokens = _state(engine)
     pid = engine.process.pid
-    snap = Snapshot.take(pid)
+    snap = Snapshot.steady(pid)
     specs = {k: (d, tuple(s)) for k, (d, s) in before["specs"].items()}
     targets = make_targets(tmp_path / "targets", specs)
     start = time.monotonic()

@@ -1,0 +1,122 @@
+"""Engine-side faults, as real processes: an engine SIGKILLed in the middle of a push (after
+it accepted and loaded part of the update) while another engine must still get the version,
+for the IPC and broadcast transports; and a KV pool far too small for the load, where every
+request must finish (or wait its turn), none be lost, and outputs stay exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import rlsync.transports.broadcast as broadcast
+import rlsync.transports.shm as shm
+from infer_side.client import launch_engine
+from rlsync.checkpoint_io import iter_checkpoint_tensors
+from rlsync.config import SyncConfig
+from rlsync.protocol import SamplingParams
+from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
+from tests.reliability.conftest import next_version
+from tests.reliability.figures import record
+from tests.reliability.model import reference_outputs
+from tests.reliability.procs import Snapshot, local_threads_settled, own_segments, settled
+from tests.reliability.pushes import push_next
+from trainer_side.pusher import WeightPusher
+
+TIMEOUT_S = 3.0
+TINY_KV = 160
+
+
+@pytest.fixture(scope="module")
+def spares(ckpt):
+    """Two engines to kill and one with a tiny KV pool, started together."""
+    kinds = {"ipc": 512, "broadcast": 512, "tiny": TINY_KV}
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        futures = {k: pool.submit(launch_engine, ckpt, kv_tokens=kv, threads=1)
+                   for k, kv in kinds.items()}
+        clients = {k: f.result() for k, f in futures.items()}
+    yield clients
+    for c in clients.values():
+        c.close()
+
+
+def _kill_on_third_bucket(monkeypatch, doomed) -> dict:
+    """Patch bucket packing so that, with buckets 0-1 out, the doomed engine is confirmed
+    mid-update and then SIGKILLed; returns what was seen at that moment."""
+    real, seen = shm.pack_bucket, {"packed": 0}
+
+    def pack(bucket, tensors, out):  # noqa: ANN001 - pack_bucket's signature
+        real(bucket, tensors, out)
+        seen["packed"] += 1
+        if seen["packed"] == 3 and "killed_at" not in seen:
+            deadline = time.monotonic() + 10
+            while not (state := doomed.fingerprints(names=[]))["weights_incomplete"]:
+                assert time.monotonic() < deadline, state
+                time.sleep(0.02)
+            time.sleep(0.2)  # let it load what is out
+            seen["doomed_state"] = {k: state[k] for k in ("update_in_progress", "weights_incomplete")}
+            os.kill(doomed.process.pid, signal.SIGKILL)
+            doomed.process.wait(timeout=10)
+            seen["killed_at"] = time.monotonic()
+
+    monkeypatch.setattr(shm, "pack_bucket", pack)
+    monkeypatch.setattr(broadcast, "pack_bucket", pack)
+    return seen
+
+
+@pytest.mark.parametrize("transport", ["ipc", "broadcast"])
+def test_engine_killed_mid_push_survivor_gets_the_version(engines, spares, ckpt, cfg, tmp_path,
+                                                          monkeypatch, transport):
+    survivor, doomed = engines["e0"], spares[transport]
+    push_next(survivor, ckpt, tmp_path / "warm")  # survivor's IPC buffers mapped: steady fds
+    snap, threads = Snapshot.steady(survivor.process.pid), {t.name for t in threading.enumerate()}
+    version = next_version([survivor, doomed])
+    tensors = trainer_weights(ckpt, version)
+    seen = _kill_on_third_bucket(monkeypatch, doomed)
+    pusher = WeightPusher(SyncConfig(transport=transport, bucket_mb=0.02, timeout_s=TIMEOUT_S),
+                          {"survivor": survivor.endpoint, "doomed": doomed.endpoint}, tmp_path)
+    try:
+        start = time.monotonic()
+        report = pusher.push(tensors, version)
+        push_s = time.monotonic() - start
+        assert seen.get("doomed_state") == {"update_in_progress": True, "weights_incomplete": True}
+        assert report.failed == ["doomed"] and report.succeeded == ["survivor"], report.summary()
+        assert pusher.mismatches(tensors)["survivor"] == []
+    finally:
+        pusher.close()
+    assert push_s < 4 * TIMEOUT_S + 10
+    assert survivor.info()["weight_version"] == version
+    got = [o.output_ids for o in survivor.generate(PROMPTS, greedy())]
+    assert got == reference_outputs(cfg, tensors, PROMPTS, [greedy()] * len(PROMPTS))
+    assert own_segments(os.getpid()) == set()
+    assert local_threads_settled(threads) == set()
+    assert settled(survivor.process.pid, snap) == snap
+    record("fault_engine_killed_mid_push", transport=transport, push_s=round(push_s, 2),
+           buckets_packed=seen["packed"], summary=report.summary()[:200])
+
+
+def test_full_kv_pool_every_request_finishes_exactly(spares, ckpt, cfg, tmp_path):
+    """24 requests of 112 tokens each against a 160-token pool: one runs at a time, the
+    others wait or are retracted and recomputed; all finish and match a roomy engine."""
+    engine = spares["tiny"]
+    prompts = [[(7 * i + 3 * j) % 96 for j in range(12)] for i in range(24)]
+    sampling = [SamplingParams(max_new_tokens=100) if i % 2 == 0 else
+                SamplingParams(max_new_tokens=100, temperature=0.8, seed=i) for i in range(24)]
+    start = time.monotonic()
+    outs = engine.generate(prompts, sampling, timeout_s=300)
+    seconds = time.monotonic() - start
+    assert [o.error for o in outs] == [""] * 24
+    assert {o.finish_reason for o in outs} == {"length"}
+    assert all(len(o.output_ids) == 100 for o in outs)
+    weights = dict(iter_checkpoint_tensors(ckpt))
+    assert [o.output_ids for o in outs] == reference_outputs(cfg, weights, prompts, sampling)
+    info = engine.info()
+    assert (info["waiting"], info["running"]) == (0, 0)
+    record("fault_kv_pool_full", requests=24, tokens_each=112, kv_tokens=TINY_KV,
+           retracted=info["retracted"], lost=0, seconds=round(seconds, 1))
+    push_next(engine, ckpt, tmp_path)  # the engine still takes updates afterwards
