@@ -8,6 +8,7 @@ weights while the engine refuses to generate). The bytes themselves move through
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from rlsync.protocol import (
 )
 from rlsync.transports import disk
 from rlsync.transports.broadcast import BroadcastGroup, recv_buckets
+from rlsync.transports.control import SHM_DIR
 from rlsync.transports.ipc import open_receiver
 from rlsync.transports.shm import IpcReceiver
+
+STALE_CHECK_S = 1.0
 
 
 class Links:
@@ -38,6 +42,7 @@ class Links:
     def __init__(self) -> None:
         self.groups: dict[str, BroadcastGroup] = {}
         self.ipc: dict[str, IpcReceiver] = {}
+        self.next_check = 0.0
 
     def init_group(self, msg: InitWeightsGroup) -> None:
         if msg.group_name in self.groups:
@@ -62,6 +67,20 @@ class Links:
         else:
             current.attach(msg.buffer)
         return current
+
+    def release_stale(self) -> None:
+        """Unmap IPC buffers whose sender is gone (it unlinked the control segment on close),
+        so a closed pusher's buffer does not stay resident in this engine until the next push.
+        Called from the loop at most once per STALE_CHECK_S."""
+        self.next_check = time.monotonic() + STALE_CHECK_S
+        for kind, receiver in list(self.ipc.items()):
+            name = receiver.buffer.control_name if receiver.buffer is not None else ""
+            if not os.path.exists(os.path.join(SHM_DIR, name)):
+                receiver.close()
+                del self.ipc[kind]
+
+    def check_due(self) -> bool:
+        return bool(self.ipc) and time.monotonic() >= self.next_check
 
     def close(self) -> None:
         for name in list(self.groups):

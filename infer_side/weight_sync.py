@@ -55,13 +55,20 @@ class WeightSync:
             return [reply(msg, False, f"{type(msg).__name__}: {type(exc).__name__}: {exc}")]
 
     def poll(self) -> list[Message]:
-        """Advance the update in flight by at most one stage; return its final Result if done."""
-        return self._advance(self.job) if self.job is not None else []
+        """Advance the update in flight by at most one stage; return its final Result if done.
+        Between updates, now and then, unmap IPC buffers whose pusher has closed them."""
+        if self.job is None:
+            if self.links.check_due():
+                self.links.release_stale()
+            return []
+        return self._advance(self.job)
 
     def busy(self) -> bool:
         """True when the loop must call poll(): not while the worker is still receiving."""
         job = self.job
-        return job is not None and (job.stage != "receiving" or job.done_event.is_set())
+        if job is None:
+            return self.links.check_due()
+        return job.stage != "receiving" or job.done_event.is_set()
 
     def receiving(self) -> bool:
         """True while a worker thread is receiving an update (the loop should poll often)."""
