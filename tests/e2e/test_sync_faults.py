@@ -30,7 +30,7 @@ from rlsync.config import SyncConfig
 from tests.e2e.sync_helpers import trainer_weights
 from trainer_side.pusher import WeightPusher
 
-endpoint, transport, load_mode, version, ckpt = sys.argv[1:6]
+endpoint, transport, load_mode, version, ckpt, TIMEOUT = *sys.argv[1:6], float(sys.argv[6])
 real_pack, packed = shm.pack_bucket, []
 def slow_pack(bucket, tensors, out):
     real_pack(bucket, tensors, out)
@@ -39,10 +39,10 @@ def slow_pack(bucket, tensors, out):
         print("PACKED", flush=True)
         time.sleep(600)
 broadcast.pack_bucket = shm.pack_bucket = slow_pack
-cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=%(timeout)s)
+cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=TIMEOUT)
 pusher = WeightPusher(cfg, {"engine": endpoint}, "/tmp")
 pusher.push(trainer_weights(ckpt, int(version)), int(version))
-""" % {"timeout": TIMEOUT_S}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def engine(ckpt):
 
 def _kill_pusher_mid_push(engine, ckpt, transport, load_mode, version):
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_PUSHER, engine.endpoint, transport, load_mode, str(version), str(ckpt)],
+        [sys.executable, "-c", SLOW_PUSHER, engine.endpoint, transport, load_mode, str(version), str(ckpt),
+         str(TIMEOUT_S)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.getcwd())
     try:
         line = proc.stdout.readline()
