@@ -28,6 +28,7 @@ from rlsync.protocol import (
 )
 from rlsync.transports import disk
 from rlsync.transports.broadcast import BroadcastGroup, free_port, send_buckets
+from rlsync.transports.control import remove_orphan_segments
 from rlsync.transports.ipc import make_sender
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
@@ -160,6 +161,7 @@ class IpcTransport(Transport):
         super().__init__(*args)
         self.sender: Any = None
         self.push_id = 0
+        remove_orphan_segments()  # what a SIGKILLed pusher left in /dev/shm
 
     def prepare(self, plan: BucketPlan, tensors: Tensors, version: int) -> None:
         if self.sender is None or not self.sender.fits(plan):
