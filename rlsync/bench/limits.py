@@ -1,7 +1,7 @@
 """The machine's limits for moving the same bytes, against which every method is judged:
 
 - memcpy: one copy of all the bytes from a warm flat buffer into another warm flat buffer
-  (both pre-faulted), with 1 thread and with this process's thread count, interleaved; the
+  (both pre-faulted), with 1 thread and with one thread per core, interleaved; the
   faster setting is the limit (on a shared box a second thread can cost more than it gives);
 - raw broadcast: one gloo broadcast of one preallocated, pre-faulted buffer of all the bytes
   to N receiver processes that also hold a warm buffer.
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def run_memcpy(row: Row, tensors: dict[str, torch.Tensor], *, repeat: int) -> Ro
     src = flat_copy_source(tensors)
     dst = torch.zeros_like(src)  # zeros writes every page: warm
     default = torch.get_num_threads()
-    times: dict[int, list[float]] = {1: [], default: []}
+    times: dict[int, list[float]] = {n: [] for n in sorted({1, os.cpu_count() or 1})}
     try:
         for rep in range(repeat + 1):
             for threads, samples in times.items():

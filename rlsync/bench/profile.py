@@ -1,7 +1,7 @@
 """Where a push's seconds go, measured piece by piece in this process on the same weights:
 the copies our transports make, each alone, so the end-to-end rows can be explained.
 
-- memcpy_1t / memcpy: one flat warm-to-warm copy with 1 thread / this process's threads;
+- memcpy_1t / memcpy: one flat warm-to-warm copy with 1 thread / one thread per core;
 - pack: the sender packing every bucket of the plan into a warm bucket buffer (our trainer
   side: one copy per tensor, cast included), with this process's threads;
 - load_1t: an engine copying every bucket's views into a warm engine-layout store with 1
@@ -14,6 +14,7 @@ Best of `repeat` runs each, after one warm-up run.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,7 @@ def profile_components(cfg: ModelConfig, tensors: dict[str, torch.Tensor], bucke
 
     seconds = {
         "memcpy_1t": best_of(with_threads(1, lambda: dst.copy_(src)), repeat),
-        "memcpy": best_of(lambda: dst.copy_(src), repeat),
+        "memcpy": best_of(with_threads(os.cpu_count() or 1, lambda: dst.copy_(src)), repeat),
         "pack": best_of(lambda: [pack_bucket(b, tensors, buf) for b in plan.buckets], repeat),
         "load_1t": best_of(with_threads(1, load), repeat),
         "cold_copy": best_of(lambda: torch.empty_like(src).copy_(src), repeat),

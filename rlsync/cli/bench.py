@@ -35,8 +35,8 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, default=120.0, help="seconds for every wait")
     s.add_argument("--no-probe", action="store_true", help="skip the streaming pause probe")
     s.add_argument("--engine-threads", type=int, default=1, help="torch threads per engine")
-    s.add_argument("--trainer-threads", type=int, default=None,
-                   help="torch threads of the pushing (trainer) process (default: torch's)")
+    s.add_argument("--trainer-threads", type=int, default=1,
+                   help="torch threads of the pushing (trainer) process; 0: torch's default")
     s.add_argument("--no-profile", action="store_true", help="skip timing each copy alone")
     s.add_argument("--work-dir", type=Path, default=None, help="scratch parent (default: temp)")
     s.add_argument("--json", type=Path, default=None, help="write the result as JSON")
@@ -73,7 +73,7 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
                           modes=args.modes, repeat=args.repeat, bucket_mb=args.bucket_mb,
                           timeout_s=args.timeout, layers=args.layers, probe=not args.no_probe,
                           engine_threads=args.engine_threads, work_dir=args.work_dir,
-                          trainer_threads=args.trainer_threads, profile=not args.no_profile)
+                          trainer_threads=args.trainer_threads or None, profile=not args.no_profile)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
