@@ -31,7 +31,7 @@ from trainer_side.push_report import PushError
 from trainer_side.pusher import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 3.0
+TIMEOUT_S = 2.0
 STALL = [("ipc", "in_place"), ("broadcast", "shadow"),
          pytest.param("ipc", "shadow", marks=pytest.mark.slow),
          pytest.param("broadcast", "in_place", marks=pytest.mark.slow)]
