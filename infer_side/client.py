@@ -169,7 +169,7 @@ def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
                   threads: int | None = None, extra_args: Sequence[str] = (),
                   start_timeout_s: float = 120.0, call_timeout_s: float = 120.0,
                   auth_keys: str | os.PathLike | None = None,
-                  insecure_tcp: bool | None = None) -> EngineClient:
+                  insecure_tcp: bool = False) -> EngineClient:
     """Start `python -m infer_side.server` and return a client once it prints `ready at`.
 
     Without `endpoint` the engine listens on a fresh private ipc:// socket that the client
@@ -178,13 +178,12 @@ def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
 
     `auth_keys` (a `rlsync.auth` key directory): the engine accepts only CURVE clients it
     lists, and this client uses the directory's client key. A tcp:// endpoint without keys
-    needs `insecure_tcp=True`; None (the legacy default) also allows it, with a warning in
-    the engine's log, until every caller passes keys.
+    is refused (EngineStartError) unless `insecure_tcp=True`.
     """
     auth = load_client_keys(auth_keys) if auth_keys is not None else None
     owns_endpoint = endpoint is None
     endpoint = endpoint or private_ipc_endpoint("engine")
-    insecure = insecure_tcp is not False and auth is None and endpoint.startswith("tcp://")
+    insecure = insecure_tcp and auth is None and endpoint.startswith("tcp://")
     cmd = [sys.executable, "-m", "infer_side.server", "--model", os.path.abspath(model_dir),
            "--endpoint", endpoint, "--kv-tokens", str(kv_tokens), "--device", device,
            *(["--dtype", dtype] if dtype else []),

@@ -17,7 +17,7 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from infer_side.client import connect, launch_engine
+from infer_side.client import EngineStartError, connect, launch_engine
 from infer_side.server import run_engine
 from rlsync.auth import AuthError, ClientKeys, generate_keys, load_client_keys, load_server_keys
 from rlsync.config import SyncConfig
@@ -127,6 +127,11 @@ def test_serve_refuses_tcp_without_keys(ckpt):
     assert "require authentication" in proc.stderr and "--auth-keys" in proc.stderr
     with socket.socket() as s:  # nothing was bound
         s.bind(("127.0.0.1", port))
+
+
+def test_launch_engine_on_tcp_without_keys_refuses_to_start(ckpt):
+    with pytest.raises(EngineStartError, match="require authentication"):
+        launch_engine(ckpt, endpoint="tcp://127.0.0.1:*", start_timeout_s=60)
 
 
 def _args(**kw) -> argparse.Namespace:
