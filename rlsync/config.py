@@ -82,14 +82,14 @@ class TrainerConfig:
     """PPO trainer actors."""
 
     world_size: int = 1
-    lr: float = 3e-3
+    lr: float = 5e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     clip_eps: float = 0.2
     kl_coef: float = 0.0
     advantage: Literal["grpo", "baseline"] = "grpo"
     ppo_epochs: int = 1
-    minibatch_size: int = 64
+    minibatch_size: int = 256
     seed: int = 0
     init_checkpoint: str | None = None
     """Hugging Face checkpoint directory to start from; None: random init from `model`."""
@@ -103,9 +103,9 @@ class TaskConfig:
     """The rule-based reward task and how rollouts are sampled."""
 
     name: str = "copy_sequence"
-    prompts_per_step: int = 16
-    group_size: int = 4
-    max_new_tokens: int = 8
+    prompts_per_step: int = 32
+    group_size: int = 8
+    max_new_tokens: int = 4
     temperature: float = 1.0
     seed: int = 0
 
@@ -118,7 +118,7 @@ class RunConfig:
     """A whole RL run: trainers, engines, the sync between them and the task."""
 
     name: str = "default"
-    steps: int = 20
+    steps: int = 300
     placement: Literal["colocated", "disaggregated"] = "colocated"
     num_engines: int = 1
     staleness: int = 0
