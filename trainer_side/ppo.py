@@ -55,9 +55,11 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k3 estimate of KL(policy || ref): exp(ref - p) - (ref - p) - 1 (always >= 0)."""
+    """Per-token k3 estimate of KL(policy || ref): exp(ref - p) - (ref - p) - 1 (always >= 0).
+    Written as expm1(d) - d, which keeps the tiny values of nearly equal policies (in float32,
+    exp(d) - d - 1 rounds to exactly 0 for |d| < ~1e-4)."""
     d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1.0
+    return torch.expm1(d) - d
 
 
 def ppo_loss(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
@@ -84,8 +86,8 @@ def ppo_loss(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mas
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
-            "kl": masked_mean(kl, mask).item(),
-            "kl_old": masked_mean(k3_kl(new_logprobs, old_logprobs), mask).item(),
+            "kl": masked_mean(kl.double(), mask).item(),
+            "kl_old": masked_mean(k3_kl(new_logprobs.double(), old_logprobs.double()), mask).item(),
             "clip_frac": masked_mean((surr_clipped < surr).float(), mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
