@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     add("--layers", type=int, default=2)
     add("--heads", type=int, default=4)
     add("--kv-heads", type=int, default=2)
+    add("--tie", action="store_true", help="tie the embeddings and the LM head")
     add("--init-std", type=float, default=0.02)
     add("--lr", type=float, default=3e-3)
     add("--prompts", type=int, default=16)
@@ -60,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                      num_key_value_heads=a.kv_heads)
+                      num_key_value_heads=a.kv_heads, tie_word_embeddings=a.tie)
     task = get_task(a.task, cfg, length=a.length, alphabet=a.alphabet)
     policy = LlamaPolicy.from_config(cfg, seed=a.seed, init_std=a.init_std)
     tcfg = TrainerConfig(lr=a.lr, ppo_epochs=a.epochs, minibatch_size=a.minibatch,

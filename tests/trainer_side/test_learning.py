@@ -8,6 +8,8 @@ reward of the copy task climbs from chance towards its maximum.
 from __future__ import annotations
 
 import random
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,72 @@ def test_data_parallel_refuses_uneven_minibatch_counts(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- learning
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """GRPO hyper-parameters for the copy task on a tiny random-init policy."""
+
+    lr: float
+    prompts_per_step: int
+    group_size: int
+    steps: int
+    max_new_tokens: int = 4  # the copy task's answer length
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2))
+
+
+RECOMMENDED = Recipe(lr=5e-4, prompts_per_step=32, group_size=8, steps=300)
+"""Chance (0.016) to 0.988-0.990 mean reward over steps 276-300 on seeds 0-4 (the defaults
+proposed for the RL loop). Higher lr, fewer samples per step or several optimizer steps per
+batch learn faster at first but often collapse (entropy -> 0) at 7/8 or 6/8 of the maximum,
+one symbol of the alphabet never copied; so does sampling 8 tokens for a 4-token answer,
+more slowly."""
+QUICK = Recipe(lr=2e-3, prompts_per_step=16, group_size=4, steps=100)
+"""Cheaper and greedier: 0.20-0.33 mean reward over steps 91-100 (seeds 0-2), but it may
+later collapse short of the maximum."""
+
+
+def run_grpo(recipe: Recipe, seed: int = 0) -> list[float]:
+    """Sample, score, train for `recipe.steps` steps; the mean reward of every step."""
+    policy = LlamaPolicy.from_config(recipe.model, seed=seed)
+    task = get_task("copy_sequence", recipe.model)
+    cfg = TrainerConfig(lr=recipe.lr, minibatch_size=recipe.prompts_per_step * recipe.group_size,
+                        seed=seed)
+    learner = Learner(policy, cfg, group_size=recipe.group_size)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rewards = []
+    for _ in range(recipe.steps):
+        batch = sample_rollouts(policy, task, recipe.prompts_per_step, recipe.group_size,
+                                recipe.max_new_tokens, rng, gen)
+        rewards.append(learner.train_step(batch)["reward_mean"])
+    return rewards
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def test_quick_learning_beats_chance_clearly() -> None:
+    chance = get_task("copy_sequence", QUICK.model).chance_reward
+    start = time.perf_counter()
+    rewards = run_grpo(QUICK)
+    first, last = _mean(rewards[:10]), _mean(rewards[-10:])
+    print(f"quick: chance {chance:.4f} first10 {first:.3f} last10 {last:.3f} "
+          f"in {time.perf_counter() - start:.1f}s")
+    assert first < 3 * chance
+    assert last > 8 * chance and last > first + 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_recommended_recipe_reaches_near_max_reward() -> None:
+    task = get_task("copy_sequence", RECOMMENDED.model)
+    start = time.perf_counter()
+    rewards = run_grpo(RECOMMENDED)
+    for step in range(0, RECOMMENDED.steps, 25):
+        print(f"steps {step + 1}-{step + 25}: mean reward {_mean(rewards[step: step + 25]):.3f}")
+    print(f"chance {task.chance_reward:.4f}, {time.perf_counter() - start:.1f}s")
+    assert _mean(rewards[:10]) < 3 * task.chance_reward
+    assert _mean(rewards[-20:]) > 0.9 * task.max_reward
