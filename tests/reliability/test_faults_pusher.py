@@ -61,13 +61,17 @@ def _wait_settled(engine, deadline_s: float) -> dict:
         time.sleep(0.1)
 
 
-def _check_never_mixed(engine, load_mode, before, tokens) -> None:
-    if load_mode == "shadow":  # the old version keeps serving, byte for byte
+def _check_never_mixed(engine, before, tokens) -> str:
+    """Either the old version still serves byte for byte (shadow, or in_place before any
+    bucket landed), or the engine refuses to generate (in_place, live weights partly
+    overwritten). Returns which."""
+    if not engine.fingerprints(names=[])["weights_incomplete"]:
         assert engine.fingerprints() == before
         assert [o.output_ids for o in engine.generate(PROMPTS, greedy())] == tokens
-    else:  # live weights partly overwritten: refuse rather than serve a mix
-        out = engine.generate([[1, 2, 3]], greedy())[0]
-        assert "weights incomplete" in out.error and out.output_ids == []
+        return "old version serving"
+    out = engine.generate([[1, 2, 3]], greedy())[0]
+    assert "weights incomplete" in out.error and out.output_ids == []
+    return "refusing: weights incomplete"
 
 
 @pytest.mark.parametrize("transport, load_mode", STALL)
@@ -84,7 +88,9 @@ def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_pa
         failed_after = time.monotonic() - stopped
         assert not info["update_in_progress"], f"update still running {failed_after:.1f}s later"
         assert info["weight_version"] == before["weight_version"]
-        _check_never_mixed(engine, load_mode, before, tokens)
+        state = _check_never_mixed(engine, before, tokens)
+        if load_mode == "shadow":
+            assert state == "old version serving"
         time.sleep(max(0.0, TIMEOUT_S + 1 - (time.monotonic() - stopped)))
         proc.send_signal(signal.SIGCONT)
         resumed = time.monotonic()
@@ -106,6 +112,7 @@ def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_pa
     assert settled(engine.process.pid, snap) == snap
     record("fault_pusher_sigstop", transport=transport, load_mode=load_mode,
            engine_failed_update_after_s=round(failed_after, 2), timeout_s=TIMEOUT_S,
+           engine_state_while_stopped=state,
            resumed_pusher_exit_s=round(resumed_s, 2), pusher_outcome=str(result)[:200])
 
 
@@ -147,14 +154,17 @@ def test_same_or_older_version_is_refused_by_every_engine(engines, ckpt, tmp_pat
         pusher.close()
     assert own_segments(os.getpid()) == set()
     assert local_threads_settled(threads) == set()
+    record("fault_stale_versions", pushed=version, refused=[version, version - 1],
+           engines=sorted(engines))
 
 
 def test_absurd_shm_buffer_fails_clearly_and_leaks_nothing():
     fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(TransportError, match="/dev/shm"):
+    with pytest.raises(TransportError, match="/dev/shm") as exc:
         ShmSender(capacity_bytes=1 << 50, num_engines=1)
     assert own_segments(os.getpid()) == set()
     assert len(os.listdir("/proc/self/fd")) == fds
+    record("fault_shm_absurd_size", error=str(exc.value)[:160])
 
 
 def _can_unshare() -> bool:
@@ -177,3 +187,4 @@ def test_full_dev_shm_fails_clearly_instead_of_sigbus():
     assert result["fits"] == "ok"
     assert result["too_big"].startswith("TransportError") and "/dev/shm" in result["too_big"]
     assert result["left"] == []
+    record("fault_shm_full", tmpfs_mb=4, **result)
