@@ -47,9 +47,13 @@ class RayReceiver:
 
 
 def run_ray(row: Row, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, repeat: int,
-            work_dir: Path, timeout_s: float) -> Row:
-    """`repeat` timed put/get/load rounds (after one warm-up) to `row.engines` actors."""
-    session = connect(None, work_dir / "ray", num_cpus=row.engines + 1)
+            work_dir: Path, timeout_s: float, ray_dir: Path | None = None) -> Row:
+    """`repeat` timed put/get/load rounds (after one warm-up) to `row.engines` actors.
+
+    Pass the same `ray_dir` for every call in one process: Ray caches the auth token of the
+    first local cluster this process started, so a later one with a fresh token file in
+    another directory fails to start ("InvalidAuthToken")."""
+    session = connect(None, ray_dir or work_dir / "ray", num_cpus=row.engines + 1)
     actors: list[Any] = []
     samples: list[dict[str, float]] = []
     try:

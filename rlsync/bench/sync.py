@@ -173,7 +173,9 @@ def _baselines(bench: SyncBench, new: Callable[..., Row], n: int, cfg: Any, tens
     if "ray" in bench.methods:
         from rlsync.bench.ray_baseline import run_ray
 
-        guarded(new("ray", "baseline", n), lambda r: run_ray(r, cfg, tensors, **common), log)
+        ray_dir = work.parent / "ray"  # one per run: Ray caches its first auth token
+        guarded(new("ray", "baseline", n),
+                lambda r: run_ray(r, cfg, tensors, ray_dir=ray_dir, **common), log)
     if "pickle" in bench.methods:
         guarded(new("pickle", "baseline", n), lambda r: baselines.run_pickle(
             r, ckpt, repeat=bench.repeat, timeout_s=bench.timeout_s), log)
