@@ -239,6 +239,10 @@ class LlamaPolicy(nn.Module):
         return policy.to(device=device)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json + safetensors that transformers' AutoModelForCausalLM loads."""
-        write_checkpoint(path, self.cfg, self.hf_tensors())
+        """Write config.json + safetensors that transformers' AutoModelForCausalLM loads.
+
+        Tensors are written in the config's `torch_dtype`, so file and config agree.
+        """
+        tensors = {name: t.to(self.cfg.dtype) for name, t in self.hf_tensors().items()}
+        write_checkpoint(path, self.cfg, tensors)
         return Path(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlsync.checkpoint_io import iter_checkpoint_tensors, write_checkpoint
 from rlsync.model_config import ModelConfig
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from trainer_side.policy import LlamaPolicy
@@ -118,11 +119,23 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 
 def test_from_pretrained_refuses_a_missing_tensor(tmp_path: Path) -> None:
-    from rlsync.checkpoint_io import write_checkpoint
-
     cfg = ModelConfig()
     tensors = LlamaPolicy.from_config(cfg, seed=0).hf_tensors()
     del tensors["model.norm.weight"]
     write_checkpoint(tmp_path / "ckpt", cfg, tensors)
     with pytest.raises(KeyError, match="model.norm.weight"):
         LlamaPolicy.from_pretrained(tmp_path / "ckpt")
+
+
+def test_bf16_checkpoint_loads_into_float32_and_saves_as_bf16(tmp_path: Path) -> None:
+    path = make_hf_checkpoint(tmp_path, model_type="qwen2", dtype=torch.bfloat16)
+    policy = LlamaPolicy.from_pretrained(path)
+    hf = load_hf_model(path)
+    assert policy.cfg.torch_dtype == "bfloat16"
+    for name, p in policy.named_parameters():
+        assert p.dtype == torch.float32
+        assert torch.equal(p, hf.get_parameter(name).float()), name
+    saved = LlamaPolicy.from_pretrained(policy.save_pretrained(tmp_path / "again"))
+    assert {t.dtype for _, t in iter_checkpoint_tensors(tmp_path / "again")} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), saved.parameters(),
+                                                 strict=True))
