@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,6 +250,16 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls run fastest on one thread; on a busy 2-core box two threads are ~8x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_quick_learning_beats_chance_clearly() -> None:
     chance = get_task("copy_sequence", QUICK.model).chance_reward
     start = time.perf_counter()
@@ -262,6 +273,7 @@ def test_quick_learning_beats_chance_clearly() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+@pytest.mark.usefixtures("one_thread")
 def test_recommended_recipe_reaches_near_max_reward() -> None:
     task = get_task("copy_sequence", RECOMMENDED.model)
     start = time.perf_counter()
