@@ -6,6 +6,9 @@ engine's sampling log-probs, averages gradients over an explicit data-parallel p
 group (if one is given; never the default group), clips them to `max_grad_norm` and steps
 AdamW. Each data-parallel rank passes its own share of rollouts, whole groups only.
 
+Hyper-parameters that learn the copy task from a random init (lr 5e-4, 32 prompts x 8
+samples, one optimizer step per batch) are `RECOMMENDED` in tests/trainer_side/test_learning.py.
+
 `sample_rollouts` is a plain-torch stand-in for the engine (temperature sampling, full
 recompute, records its own log-probs), for tests, tuning and single-process demos.
 
