@@ -220,6 +220,8 @@ def run_engine(args: argparse.Namespace) -> int:
                            device=args.device, dtype=args.dtype, endpoint=endpoint)
     except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.endpoint is None:
+            remove_private_endpoint(endpoint)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

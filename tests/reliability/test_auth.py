@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,14 @@ def test_bad_key_material_is_refused_clearly(tmp_path, capsys, problem):
         load_server_keys(target)
     assert run_engine(_args(auth_keys=str(target))) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bad_options_leave_no_private_endpoint_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the private dir would go
+    assert run_engine(_args(endpoint=None, kv_tokens=0)) == 2
+    assert "kv_tokens" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_key_directory_is_private(keys):
