@@ -84,4 +84,5 @@ def test_oversized_frame_is_dropped_before_it_is_buffered(engines):
         sock.close(linger=0)
     assert engine.info()["weight_version"] >= 0  # still answering
     grown_mb = (peak_rss_kb(engine.process.pid) - peak) / 1024
+    record("oversized_frame", frame_mb=4 * MAX_FRAME_BYTES >> 20, peak_rss_growth_mb=grown_mb)
     assert grown_mb < MAX_FRAME_BYTES / 2**20, f"peak RSS grew {grown_mb:.0f} MB"
