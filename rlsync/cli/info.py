@@ -10,33 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from rlsync.cli.engine_call import add_connection_args, call_engine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a running engine's version, model and cache usage")
-    p.add_argument("--endpoint", required=True, help="engine endpoint (ipc:// or tcp://)")
-    p.add_argument("--auth-keys", default=None, metavar="DIR",
-                   help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the engine")
+    add_connection_args(p, 30.0)
     p.add_argument("--json", action="store_true", help="print the payload as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from infer_side.client import UNREACHABLE_ERRORS, connect
-    from rlsync.rpc import RpcError
-
-    try:
-        with connect(args.endpoint, timeout_s=args.timeout, auth_keys=args.auth_keys) as engine:
-            info = engine.info()
-    except RpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (*UNREACHABLE_ERRORS, ValueError) as exc:  # ValueError: bad key directory
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    code, info = call_engine(args, lambda engine: engine.info())
+    if code:
+        return code
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=_bytes_hex))
     else:
