@@ -9,6 +9,7 @@ weights while the engine refuses to generate). The bytes themselves move through
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,22 +36,58 @@ from rlsync.transports.shm import IpcReceiver
 STALE_CHECK_S = 1.0
 
 
+class Join:
+    """One broadcast-group rendezvous running on its own thread."""
+
+    def __init__(self, msg: InitWeightsGroup):
+        self.msg, self.group, self.error = msg, None, ""
+        self.thread = threading.Thread(target=self._run, name=f"join-{msg.group_name}", daemon=True)
+
+    def _run(self) -> None:
+        msg = self.msg
+        try:
+            self.group = BroadcastGroup.create(
+                master_address=msg.master_address, master_port=msg.master_port,
+                rank=msg.rank_offset, world_size=msg.world_size, backend=msg.backend,
+                timeout_s=msg.timeout_s, group_name=msg.group_name)
+        except Exception as exc:  # reported in the Result; the engine loop goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
 class Links:
     """The engine's transport endpoints that outlive one update: broadcast groups by name and
     IPC receivers by buffer name (opened once, reused for every push)."""
 
     def __init__(self) -> None:
         self.groups: dict[str, BroadcastGroup] = {}
+        self.joins: dict[str, Join] = {}
         self.ipc: dict[str, IpcReceiver] = {}
         self.next_check = 0.0
 
-    def init_group(self, msg: InitWeightsGroup) -> None:
-        if msg.group_name in self.groups:
+    def start_join(self, msg: InitWeightsGroup) -> None:
+        """Join a broadcast group on a worker thread: the rendezvous waits for rank 0 (up to
+        msg.timeout_s) while the engine loop keeps answering; `finished_joins` reports it."""
+        if msg.group_name in self.groups or msg.group_name in self.joins:
             raise ValueError(f"group {msg.group_name!r} already exists; destroy it first")
-        self.groups[msg.group_name] = BroadcastGroup.create(
-            master_address=msg.master_address, master_port=msg.master_port,
-            rank=msg.rank_offset, world_size=msg.world_size, backend=msg.backend,
-            timeout_s=msg.timeout_s, group_name=msg.group_name)
+        join = self.joins[msg.group_name] = Join(msg)
+        join.thread.start()
+
+    def join_done(self) -> bool:
+        return any(not j.thread.is_alive() for j in self.joins.values())
+
+    def finished_joins(self) -> list[tuple[InitWeightsGroup, bool, str]]:
+        """(request, success, message) of every join that ended; joined groups become usable."""
+        done = []
+        for name, join in list(self.joins.items()):
+            if join.thread.is_alive():
+                continue
+            del self.joins[name]
+            if join.group is not None:
+                self.groups[name] = join.group
+                done.append((join.msg, True, f"joined group {name} as rank {join.msg.rank_offset}"))
+            else:
+                done.append((join.msg, False, f"InitWeightsGroup: {join.error}"))
+        return done
 
     def destroy_group(self, name: str) -> bool:
         group = self.groups.pop(name, None)

@@ -43,8 +43,8 @@ class WeightSync:
     def process(self, msg: Message) -> list[Message]:
         try:
             if isinstance(msg, InitWeightsGroup):
-                self.links.init_group(msg)
-                return [reply(msg, True, f"joined group {msg.group_name} as rank {msg.rank_offset}")]
+                self.links.start_join(msg)  # the rendezvous waits on a worker thread
+                return []
             if isinstance(msg, DestroyWeightsGroup):
                 found = self.links.destroy_group(msg.group_name)
                 return [reply(msg, found, "destroyed" if found else f"no group {msg.group_name!r}")]
@@ -55,17 +55,20 @@ class WeightSync:
             return [reply(msg, False, f"{type(msg).__name__}: {type(exc).__name__}: {exc}")]
 
     def poll(self) -> list[Message]:
-        """Advance the update in flight by at most one stage; return its final Result if done.
+        """Answer finished group joins and advance the update in flight by at most one stage.
         Between updates, now and then, unmap IPC buffers whose pusher has closed them."""
+        out: list[Message] = [reply(msg, ok, text) for msg, ok, text in self.links.finished_joins()]
         if self.job is None:
             if self.links.check_due():
                 self.links.release_stale()
-            return []
-        return self._advance(self.job)
+            return out
+        return out + self._advance(self.job)
 
     def busy(self) -> bool:
-        """True when the loop must call poll(): not while the worker is still receiving."""
+        """True when the loop must call poll(): not while workers are still waiting."""
         job = self.job
+        if self.links.join_done():
+            return True
         if job is None:
             return self.links.check_due()
         return job.stage != "receiving" or job.done_event.is_set()

@@ -121,9 +121,6 @@ def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_pat
     push_next(engine, ckpt, tmp_path / "after")  # the engine still takes updates afterwards
 
 
-@pytest.mark.xfail(strict=True, reason="BUG infer_side/weight_sync.py WeightSync.process: "
-                   "InitWeightsGroup's rendezvous runs on the engine loop, which answers and "
-                   "generates nothing until it times out (observed ~2x timeout_s)")
 def test_engine_keeps_answering_while_a_rendezvous_waits_for_rank_0(engines, dead_port):
     engine = engines["e1"]
     rpc = engine.rpc
