@@ -178,9 +178,10 @@ class RLRun:
     def _start_engines(self, model_dir: str) -> None:
         assert self.placement is not None
         remote = ray.remote(InferenceActor)
-        endpoint = None
-        if self.cfg.placement == "disaggregated" and self.cfg.engine.endpoint is None:
+        endpoint = self.cfg.engine.endpoint
+        if self.cfg.placement == "disaggregated" and endpoint is None:
             endpoint = "tcp://{host}:*"  # each engine binds its node's address, any port
+        if endpoint is not None and endpoint.startswith("tcp://"):
             # tcp:// engines accept CURVE-authenticated clients only: keys for this run
             self.auth_keys = str(generate_keys(self.run_dir / "keys"))
         for i in range(self.cfg.num_engines):
