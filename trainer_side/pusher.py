@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from rlsync.auth import load_client_keys
-from rlsync.buckets import plan_buckets, plan_total_bytes
+from rlsync.buckets import dtype_from_name, plan_buckets, plan_total_bytes, tensor_fingerprint
 from rlsync.config import SyncConfig
 from rlsync.protocol import BucketPlan, GetWeightsFingerprint
 from trainer_side.push_report import PushError, PushReport
@@ -105,7 +105,6 @@ class WeightPusher:
 
     def mismatches(self, weights: WeightsLike) -> dict[str, list[str]]:
         """engine name -> tensors whose fingerprint differs from the trainer's (empty = equal)."""
-        from rlsync.buckets import dtype_from_name, tensor_fingerprint
         tensors = named_tensors(weights)
         mine = {n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0]))) for n, t in tensors.items()}
         return {engine: [n for n, fp in mine.items() if payload["fingerprints"].get(n) != fp]

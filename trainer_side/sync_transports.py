@@ -57,7 +57,7 @@ class Transport:
             else:
                 report.record(name, False, result.message)
         if accepted:
-            self._transfer(report, plan, tensors, names, accepted)
+            self._transfer(report, plan, tensors, accepted)
             done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)
             for name, result in done.items():
                 report.record(name, result.success, result.message, result.payload)
@@ -66,10 +66,10 @@ class Transport:
         return report
 
     def _transfer(self, report: PushReport, plan: BucketPlan, tensors: Tensors,
-                  names: list[str], accepted: list[str]) -> None:
+                  accepted: list[str]) -> None:
         start = time.perf_counter()
         try:
-            self.transfer(plan, tensors, names, accepted)
+            self.transfer(plan, tensors, accepted)
         except Exception as exc:  # the engines report their side; keep the sender's reason too
             report.transfer_error = f"{type(exc).__name__}: {exc}"
         report.transfer_s = time.perf_counter() - start
@@ -85,7 +85,7 @@ class Transport:
     def message(self, name: str, plan: BucketPlan, version: int) -> Message:
         raise NotImplementedError
 
-    def transfer(self, plan: BucketPlan, tensors: Tensors, names: list[str], accepted: list[str]) -> None:
+    def transfer(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         raise NotImplementedError
 
     def rebuild(self) -> None:
@@ -129,7 +129,7 @@ class BroadcastTransport(Transport):
     def message(self, name: str, plan: BucketPlan, version: int) -> Message:
         return UpdateWeightsFromDistributed(group_name=self.group_name, plan=plan, **self.common(version))
 
-    def transfer(self, plan: BucketPlan, tensors: Tensors, names: list[str], accepted: list[str]) -> None:
+    def transfer(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         if sorted(accepted) != sorted(self.members):
             refused = sorted(set(self.members) - set(accepted))
             raise PushError(f"engines {refused} refused the update; a broadcast needs every member")
@@ -174,7 +174,7 @@ class IpcTransport(Transport):
         return UpdateWeightsFromIPC(buffer=self.sender.descriptor(self.engines.index(name)),
                                     plan=plan, push_id=self.push_id, **self.common(version))
 
-    def transfer(self, plan: BucketPlan, tensors: Tensors, names: list[str], accepted: list[str]) -> None:
+    def transfer(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         readers = [self.engines.index(n) for n in accepted]
         self.sender.push(plan, tensors, self.push_id, readers=readers,
                          verify=self.cfg.verify, timeout_s=self.cfg.timeout_s)
@@ -208,7 +208,7 @@ class DiskTransport(Transport):
         assert self.current is not None
         return UpdateWeightsFromDisk(path=str(self.current), **self.common(version))
 
-    def transfer(self, plan: BucketPlan, tensors: Tensors, names: list[str], accepted: list[str]) -> None:
+    def transfer(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         """The files were written in prepare; each engine reads them itself."""
 
 
