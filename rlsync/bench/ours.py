@@ -91,6 +91,7 @@ def _probed_push(row: Row, pusher: WeightPusher, endpoints: Mapping[str, str],
     gaps = [p.gaps(start, end) for p in probes]
     row.normal_gap_ms = max(g.normal_ms for g in gaps)
     row.max_gap_ms = max(g.max_ms for g in gaps)
+    row.tokens_during = min(g.during for g in gaps)
     row.engine_pause_ms = report.engine_pause_ms
     row.phases["probed_push_s"] = end - start
 

@@ -32,6 +32,8 @@ class Gaps:
     max_ms: float
     """Longest gap that overlaps the push."""
     tokens: int
+    during: int = 0
+    """Tokens that arrived while the push ran: 0 means the stream stood still throughout."""
 
 
 class StreamProbe:
@@ -110,4 +112,4 @@ def token_gaps(times: Sequence[float], start: float, end: float) -> Gaps:
         raise ValueError(f"pause probe: {len(before)} gaps before and {len(during)} during "
                          "the push; need at least one of each")
     return Gaps(normal_ms=statistics.median(before) * 1e3, max_ms=max(during) * 1e3,
-                tokens=len(times))
+                tokens=len(times), during=sum(1 for t in times if start < t < end))

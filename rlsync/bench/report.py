@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("method", "N", "e2e best s", "median s", "GB/s", "x memcpy", "x ours",
-           "trainer block s", "gap before ms", "max gap ms", "engine pause ms", "note")
+           "trainer block s", "gap before ms", "max gap ms", "tokens in push", "engine pause ms",
+           "note")
 KIND_ORDER = {"limit": 0, "ours": 1, "baseline": 2}
 NOTES = {"limit": "limit", "baseline": "~ receiver recv+load (no live engine)"}
 
@@ -31,7 +32,7 @@ def sorted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def row_cells(r: dict[str, Any]) -> list[str]:
     label = f"{r['kind']}: {r['label']}" if r["kind"] != "ours" else f"**ours: {r['label']}**"
     if r["error"]:
-        return [label, str(r["engines"]), "FAILED", "", "", "", "", "", "", "", "",
+        return [label, str(r["engines"]), "FAILED", *[""] * (len(COLUMNS) - 4),
                 r["error"].splitlines()[0][:80]]
     pause = r["engine_pause_ms"]
     pause_cell = _num(pause, 1) if r["kind"] != "baseline" or pause is None else f"~{_num(pause, 0)}"
@@ -40,7 +41,8 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         note = "bit-exact" if r["verified"] else "MISMATCH"
     return [label, str(r["engines"]), _num(r["best_s"]), _num(r["median_s"]), _num(r["gbps"], 2),
             _num(r["x_memcpy"], 2), _num(r["x_ours"], 1), _num(r["block_median_s"]),
-            _num(r["normal_gap_ms"], 1), _num(r["max_gap_ms"], 1), pause_cell, note]
+            _num(r["normal_gap_ms"], 1), _num(r["max_gap_ms"], 1),
+            "n/a" if r.get("tokens_during") is None else str(r["tokens_during"]), pause_cell, note]
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -96,7 +98,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     groups = sorted({(r["size_gib"], r["engines"]) for r in rows})
     if not groups:
         raise ValueError("nothing to plot: no successful rows")
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 5.5), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 5.5), squeeze=False,
+                             sharex=True)
     colors = {"limit": "tab:gray", "ours": "tab:blue", "baseline": "tab:red"}
     for ax, (size, n) in zip(axes[0], groups, strict=True):
         sel = [r for r in rows if (r["size_gib"], r["engines"]) == (size, n)]
@@ -104,6 +109,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                 color=[colors.get(r["kind"], "k") for r in sel])
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
         ax.set_title(f"{size:g} GiB, {n} engine{'s' if n > 1 else ''}")
         ax.set_xlabel("GB/s (best of repeats, log)")
         ax.grid(axis="x", alpha=0.3)

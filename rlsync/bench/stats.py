@@ -33,6 +33,8 @@ class Row:
     normal_gap_ms: float | None = None
     max_gap_ms: float | None = None
     engine_pause_ms: float | None = None
+    tokens_during: int | None = None
+    """Fewest tokens any probed stream got while the push ran (0: it stood still)."""
     pause_note: str = ""
     """Why pause columns are empty, or what stands in for them (a baseline's load time)."""
     phases: dict[str, float] = field(default_factory=dict)

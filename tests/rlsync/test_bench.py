@@ -57,6 +57,7 @@ def test_sync_ours_rows_carry_the_pause_probe_and_are_bit_exact(sync_result):
         if r["kind"] == "ours":
             assert r["verified"] is True
             assert 0 < r["normal_gap_ms"] <= r["max_gap_ms"] + 1e-9
+            assert r["tokens_during"] >= 0
             assert r["engine_pause_ms"] >= 0
             assert r["phases"]["engine_load_s"] > 0
         elif r["kind"] == "baseline":
@@ -89,6 +90,8 @@ def test_token_gaps_around_a_push():
     times = [0.0, 5.0, 6.0, 7.0, 8.0, 12.0, 13.0]  # first gap is the prefill; push 8.5..11.5
     gaps = token_gaps(times, start=8.5, end=11.5)
     assert gaps.normal_ms == 1000.0 and gaps.max_ms == 4000.0 and gaps.tokens == 7
+    assert gaps.during == 0  # nothing arrived while the push ran
+    assert token_gaps(times, start=7.5, end=12.5).during == 2
     with pytest.raises(ValueError):
         token_gaps(times[:2], start=8.5, end=11.5)
 
