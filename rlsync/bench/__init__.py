@@ -16,7 +16,7 @@ module:
 - `limits`: memcpy into a warm buffer and one raw broadcast of the same bytes.
 - `profile`: each copy a push makes, timed alone (explains the end-to-end rows).
 - `sync`: runs all of the above over sizes and engine counts.
-- `report`: table, JSON and plot.
+- `report`: table, JSON and plot; `targets`: the issue's targets checked on a result.
 - `generate`: the generation benchmark.
 - `gpu`: the GPU section (CUDA IPC vs device copy; the flush with/without empty_cache).
 """

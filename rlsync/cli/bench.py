@@ -77,12 +77,16 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from rlsync.bench.targets import check_targets, format_targets
+
     result = {"machine": machine_info(), "rows": []} if args.gpu_only else run_sync(bench)
+    result["targets"] = check_targets(result)
     if args.gpu or args.gpu_only or (torch.cuda.is_available() and not args.no_gpu):
         result["gpu"] = _gpu_section(args)
     if result["rows"]:
         print(report.format_table(result))
         print(report.format_profile(result))
+        print(format_targets(result["targets"]))
     if "gpu" in result:
         print(format_gpu(result["gpu"]))
     if args.json:

@@ -141,3 +141,26 @@ def _imports(path: Path) -> set[str]:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
+
+
+def test_targets_are_checked_within_a_group():
+    from rlsync.bench.targets import check_targets
+
+    def row(method, kind, seconds, mode="-", pause=None, transfer=None):
+        r = Row(size_gib=1.0, engines=1, method=method, kind=kind, mode=mode, bytes=10**9,
+                seconds=[seconds], engine_pause_ms=pause,
+                phases={"transfer_s": transfer} if transfer else {})
+        return r.to_dict()
+    rows = [row("memcpy", "limit", 0.1), row("raw-broadcast", "limit", 0.3),
+            row("ipc", "ours", 0.25, "shadow", pause=0.5, transfer=0.24),
+            row("ipc", "ours", 0.3, "in_place", pause=280.0, transfer=0.29),
+            row("broadcast", "ours", 0.5, "in_place", pause=480.0, transfer=0.49),
+            row("ray", "baseline", 2.0), row("safetensors", "baseline", 0.5)]
+    got = {c["target"]: (round(c["value"], 2), c["met"]) for c in check_targets({"rows": rows})}
+    assert got["ipc >= 50% of memcpy"] == (0.4, False)
+    assert got["broadcast >= 85% of raw broadcast"] == (0.6, False)
+    assert got["ours >= 5x faster than ray"] == (8.0, True)
+    assert got["ours >= 5x faster than safetensors"] == (2.0, False)
+    assert got["shadow engine pause < 10 ms"] == (0.5, True)
+    assert got["ipc in_place pause ~ transfer time"][1] is True
+    assert "ours >= 5x faster than pickle" not in got  # not run: not judged
