@@ -49,12 +49,18 @@ def format_table(result: dict[str, Any]) -> str:
     """One Markdown table per model size (rows grouped by engine count)."""
     out = []
     rows = sorted_rows(result["rows"])
+    # results saved before the probe counted tokens have no such column
+    keep = [i for i, c in enumerate(COLUMNS)
+            if c != "tokens in push" or any("tokens_during" in r for r in rows)]
     for size in sorted({r["size_gib"] for r in rows}):
         model = result.get("models", {}).get(str(size), {})
         out.append(f"\n### {size:g} GiB model: {_model_line(model)}\n")
-        out.append("| " + " | ".join(COLUMNS) + " |")
-        out.append("|" + "---|" * len(COLUMNS))
-        out.extend("| " + " | ".join(row_cells(r)) + " |" for r in rows if r["size_gib"] == size)
+        out.append("| " + " | ".join(COLUMNS[i] for i in keep) + " |")
+        out.append("|" + "---|" * len(keep))
+        for r in rows:
+            if r["size_gib"] == size:
+                cells = row_cells(r)
+                out.append("| " + " | ".join(cells[i] for i in keep) + " |")
     return "\n".join(out) + "\n"
 
 
