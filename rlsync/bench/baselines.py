@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,9 +124,17 @@ def run_pickle(row: Row, checkpoint: Path, *, repeat: int, timeout_s: float) -> 
            str(checkpoint), "--engines", str(row.engines), "--repeat", str(repeat),
            "--timeout", str(timeout_s)]
     budget = 60.0 + (repeat + 1) * (timeout_s + 10.0)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, env=child_env())
-    if done.returncode != 0:
-        raise RuntimeError(f"pickle baseline exited {done.returncode}: {done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # its own process group: on a timeout the sender and the receivers it started all go
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"pickle baseline: no result within {budget:.0f}s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"pickle baseline exited {proc.returncode}: {err[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
     row.seconds, row.block_s = result["seconds"], result["block_s"]
     return finish(row, result["samples"], NO_ENGINE + " (receive = unpickle)")
