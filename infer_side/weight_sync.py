@@ -167,6 +167,8 @@ class WeightSync:
             self.core.reset_kv(empty_cache=torch_empty_cache)
         else:
             self.core.invalidate_prefix_cache()
+            from infer_side.engine_core import release_cuda_cache  # engine_core imports us
+            release_cuda_cache(self.core.device, torch_empty_cache)
 
     def _fail(self, job: UpdateJob) -> list[Message]:
         if job.msg.load_mode == "in_place" and job.timings.get("buckets_loaded", 0) == 0:

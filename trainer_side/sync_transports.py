@@ -199,7 +199,7 @@ class DiskTransport(Transport):
         dtypes = {s.name: dtype_from_name(s.dtype) for b in plan.buckets for s in b.tensors}
         path = self.root / f"v{version}"
         disk.write_weights(path, {n: t.to(dtypes[n]) for n, t in tensors.items()}, version,
-                           cfg=self.engines.model_cfg)
+                           cfg=self.engines.model_cfg, fingerprints=self.cfg.verify)
         if self.current is not None and self.current != path:
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = path
