@@ -9,19 +9,12 @@ transport moved the bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from rlsync.buckets import fingerprint
 from rlsync.transports import IntegrityError
 
 TRAILER_BYTES = 8
-
-after_seal_hook: Callable[[int, torch.Tensor], None] | None = None
-"""Tests only: called as hook(bucket_index, buf) right after a trailer is written, so a test
-can corrupt the bytes in flight. Always None in production."""
-
 
 def wire_bytes(nbytes: int, verify: bool) -> int:
     """Bytes a bucket of `nbytes` occupies in a transport buffer."""
@@ -31,8 +24,6 @@ def wire_bytes(nbytes: int, verify: bool) -> int:
 def seal(index: int, buf: torch.Tensor, nbytes: int) -> None:
     """Write the fingerprint of `buf[:nbytes]` into `buf[nbytes:nbytes + 8]`, on buf's device."""
     _trailer(buf, nbytes).copy_(fingerprint(buf[:nbytes]).reshape(1).view(torch.uint8))
-    if after_seal_hook is not None:
-        after_seal_hook(index, buf)
 
 
 def check(index: int, buf: torch.Tensor, nbytes: int) -> None:

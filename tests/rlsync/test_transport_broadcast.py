@@ -123,11 +123,14 @@ def test_groups_coexist_and_are_recreated_in_the_same_processes(tmp_path: Path) 
 
 
 def test_verify_names_the_corrupted_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def flip_bit(index: int, buf: torch.Tensor) -> None:
-        if index == 1:
+    seal = integrity.seal
+
+    def seal_then_flip_a_bit(index: int, buf: torch.Tensor, nbytes: int) -> None:
+        seal(index, buf, nbytes)
+        if index == 1:  # corrupted after sealing: in flight, as the engine sees it
             buf[3] ^= 0x10
 
-    monkeypatch.setattr(integrity, "after_seal_hook", flip_bit)
+    monkeypatch.setattr(integrity, "seal", seal_then_flip_a_bit)
     plan, port = make_plan(), free_port()
     procs, outs = _spawn_engines(tmp_path, [[port]], 2, plan, [2])
     group = BroadcastGroup.create("127.0.0.1", port, 0, 2, timeout_s=JOIN_S, group_name=f"w{port}")

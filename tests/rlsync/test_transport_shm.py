@@ -210,11 +210,14 @@ def test_pushes_arrive_bit_exact(tmp_path: Path, num_engines: int, num_slots: in
 def test_verify_names_the_corrupted_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = make_plan()
 
-    def flip_bit(index: int, buf: torch.Tensor) -> None:
-        if index == 2:
+    seal = integrity.seal
+
+    def seal_then_flip_a_bit(index: int, buf: torch.Tensor, nbytes: int) -> None:
+        seal(index, buf, nbytes)
+        if index == 2:  # corrupted after sealing: in flight, as the engine sees it
             buf[5] ^= 1
 
-    monkeypatch.setattr(integrity, "after_seal_hook", flip_bit)
+    monkeypatch.setattr(integrity, "seal", seal_then_flip_a_bit)
     sender = ShmSender(plan, num_engines=1)
     try:
         procs, outs = _run_engines(tmp_path, sender, plan, 1, [1], verify=True)
