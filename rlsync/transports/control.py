@@ -1,15 +1,17 @@
 """Shared-memory plumbing of the IPC transports: named POSIX shm segments, the control
 segment of progress counters, and the geometry of the slot buffer.
 
-Segments are our own `/dev/shm/rlsync-<pid>-<token>-<role>` files mapped with mmap (no fd
-kept open, no resource tracker): the creator unlinks them on close, and
-`remove_orphan_segments` cleans up after a creator that was killed. Names read from the
-wire are validated before anything is opened. Nothing here knows tensors' meaning or who
+Segments are our own `/dev/shm/rlsync-<pid>-<token>-<role>` files mapped with mmap (no
+resource tracker). The creator holds an exclusive flock on the file for the segment's life
+and unlinks it on close; `remove_orphan_segments` cleans up after a creator that was killed,
+which the kernel shows by releasing its lock. Names read from the wire are validated before
+anything is opened. Nothing here knows tensors' meaning or who
 reads them; `shm` and `cuda_ipc` build the sender/engine protocol on top.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
@@ -30,6 +32,7 @@ REGION_ALIGN = 256
 COUNT_BITS = 20
 MAX_PUSH_ID = (1 << 42) - 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_OWN_NAME = re.compile(rf"{PREFIX}-[0-9]+-[0-9a-f]+-[a-z]+")
 _MAGIC = 0x726C7379_6E6301
 _HDR_WORDS, _ENGINE_WORDS = 16, 8  # one 64-byte line per engine: no false sharing
 _MAGIC_W, _ENGINES_W, _SLOTS_W, _SLOT_BYTES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 2, 3, 4, 8, 9
@@ -70,7 +73,11 @@ class Backoff:
 
 
 class Segment:
-    """A named POSIX shm segment mapped into this process; the creator unlinks it on close."""
+    """A named POSIX shm segment mapped into this process; the creator unlinks it on close.
+
+    The creator keeps the file open with an exclusive flock until `close`: the lock is what
+    tells `remove_orphan_segments` the segment is live (see there why not the pid).
+    """
 
     def __init__(self, name: str, nbytes: int | None = None, *, create: bool = False):
         if not _NAME.fullmatch(name):
@@ -81,7 +88,13 @@ class Segment:
             fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         except OSError as e:
             raise TransportError(f"shm {name}: cannot open ({e})") from e
+        self._lock_fd: int | None = fd if create else None
         try:
+            if create:
+                # Blocking: a cleaner may hold the lock for an instant while it looks at the
+                # still empty file. Taken before the file gets a size, so that a sized file
+                # nobody locks is one whose creator is gone.
+                fcntl.flock(fd, fcntl.LOCK_EX)
             self.nbytes = self._size(fd, nbytes, create)
             # MAP_POPULATE maps every page now, so no push pays first-touch page faults.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -89,8 +102,9 @@ class Segment:
         except BaseException:
             if create:
                 os.unlink(path)
+            os.close(fd)
             raise
-        finally:
+        if not create:
             os.close(fd)
 
     def _size(self, fd: int, nbytes: int | None, create: bool) -> int:
@@ -128,6 +142,9 @@ class Segment:
                 os.unlink(os.path.join(SHM_DIR, self.name))
             except FileNotFoundError:
                 pass
+        if self._lock_fd is not None:  # after the unlink: never a named, unlocked segment
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def new_segment_name(role: str) -> str:
@@ -135,18 +152,42 @@ def new_segment_name(role: str) -> str:
 
 
 def remove_orphan_segments() -> list[str]:
-    """Unlink rlsync segments whose creating process is gone (e.g. a SIGKILLed trainer)."""
+    """Unlink rlsync segments whose creating process is gone (e.g. a SIGKILLed trainer).
+
+    A segment is an orphan when nobody holds its flock and it has a size. Its creator locks
+    it before giving it a size and keeps the lock until it unlinks it; the kernel releases
+    the lock when the creator dies, however it dies. The pid in the name is NOT evidence:
+    containers sharing /dev/shm (`--ipc=host`) each have their own pid namespace, so a live
+    creator in another one has no /proc/<pid> here (or someone else's). A flock lives on the
+    file itself, so it holds across namespaces. Children forked by the creator inherit the
+    lock (the segment stays while they live, which errs on the safe side); exec'd children
+    do not (Python fds are non-inheritable). An empty unlocked file may be one a creator is
+    about to lock, so it is left alone (one killed in that instant leaves 0 bytes).
+    """
     removed = []
     for name in os.listdir(SHM_DIR):
-        parts = name.split("-")
-        if len(parts) == 4 and parts[0] == PREFIX and parts[1].isdigit() and \
-                not os.path.exists(f"/proc/{parts[1]}"):
+        if _OWN_NAME.fullmatch(name) and _is_orphan(os.path.join(SHM_DIR, name)):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
             except FileNotFoundError:
                 pass
     return removed
+
+
+def _is_orphan(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # gone already, or not ours to open
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its creator (in whatever pid namespace) still holds it
+    else:
+        return os.fstat(fd).st_size > 0
+    finally:
+        os.close(fd)  # releases our lock too
 
 
 class Control:
