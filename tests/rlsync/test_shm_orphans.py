@@ -28,7 +28,8 @@ seg.close()
 """
 
 
-def start_creator(name: str = "", prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], str]:
+def start_creator(name: str = "",
+                  prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], str]:
     """A live process that created segment `name` (default: a name of its own, with its pid)
     and holds it until its stdin closes; returns the process and the segment's name."""
     proc = subprocess.Popen([*prefix, sys.executable, "-c", CREATOR, name], cwd=ROOT, text=True,
