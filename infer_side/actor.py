@@ -18,7 +18,7 @@ from typing import Any
 
 from infer_side.client import EngineClient, launch_engine
 from rlsync.config import EngineConfig
-from rlsync.protocol import GenerateOutput, SamplingParams
+from rlsync.protocol import EngineInfo, GenerateOutput, SamplingParams, WeightFingerprints
 
 
 def engine_device(device: str) -> str:
@@ -75,11 +75,11 @@ class InferenceActor:
         """One finished output per prompt, in order; each names the weight version it used."""
         return self._engine().generate(prompts, sampling, timeout_s=self.cfg.call_timeout_s)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> EngineInfo:
         return self._engine().info()
 
-    def fingerprints(self) -> dict[str, Any]:
-        """GetWeightsFingerprint payload: weight_version, fingerprints (name -> int), specs."""
+    def fingerprints(self) -> WeightFingerprints:
+        """Every tensor's fingerprint and the weight version."""
         return self._engine().fingerprints()
 
     def stderr_tail(self, max_bytes: int = 4000) -> str:

@@ -11,6 +11,7 @@ its output carries `error`. Nothing here knows how the engine works inside.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,9 +20,10 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TypeVar
 
 from rlsync.auth import ClientKeys, load_client_keys
+from rlsync.codec import ProtocolError
 from rlsync.endpoints import (
     EndpointError,
     check_endpoint,
@@ -32,18 +34,22 @@ from rlsync.endpoints import (
 from rlsync.protocol import (
     Abort,
     ContinueGeneration,
+    EngineInfo,
     FlushCache,
     Generate,
     GenerateOutput,
     GetInfo,
     GetWeightsFingerprint,
+    Message,
     PauseGeneration,
     PauseMode,
-    Result,
     SamplingParams,
     Shutdown,
+    WeightFingerprints,
 )
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
+
+M = TypeVar("M", bound=Message)
 
 READY_PREFIX = "ready at "
 
@@ -100,28 +106,29 @@ class EngineClient:
 
     # ------------------------------------------------------------ control
 
-    def abort(self, request_id: str) -> Result:
+    def abort(self, request_id: str) -> Message:
         return self.rpc.call_ok(Abort(target_id=request_id))
 
-    def flush_cache(self, empty_cache: bool = True) -> Result:
+    def flush_cache(self, empty_cache: bool = True) -> Message:
         """Reset the prefix cache and KV pool (fails unless the engine is idle)."""
         return self.rpc.call_ok(FlushCache(empty_cache=empty_cache))
 
-    def pause(self, mode: PauseMode = "abort") -> Result:
+    def pause(self, mode: PauseMode = "abort") -> Message:
         return self.rpc.call_ok(PauseGeneration(mode=mode))
 
-    def continue_generation(self) -> Result:
+    def continue_generation(self) -> Message:
         return self.rpc.call_ok(ContinueGeneration())
 
-    def info(self) -> dict[str, Any]:
-        """GetInfo's payload: weight version, model config, KV pool and prefix-cache usage."""
-        return self.rpc.call_ok(GetInfo()).payload
+    def info(self) -> EngineInfo:
+        """Weight version, model config, KV pool and prefix-cache usage."""
+        return _expect(self.rpc.call_ok(GetInfo()), EngineInfo)
 
-    def fingerprints(self, names: list[str] | None = None) -> dict[str, Any]:
-        """GetWeightsFingerprint's payload (None: every tensor)."""
-        return self.rpc.call_ok(GetWeightsFingerprint(names=names)).payload
+    def fingerprints(self, names: list[str] | None = None) -> WeightFingerprints:
+        """Per-tensor fingerprints of the live weights (None: every tensor; []: none) and
+        the weight state (version, incomplete, update in progress)."""
+        return _expect(self.rpc.call_ok(GetWeightsFingerprint(names=names)), WeightFingerprints)
 
-    def shutdown(self, timeout_s: float | None = None) -> Result:
+    def shutdown(self, timeout_s: float | None = None) -> Message:
         """Ask the engine to stop; waits for its process to exit when this client started it."""
         result = self.rpc.call_ok(Shutdown(), timeout_s)
         if self.process is not None:
@@ -194,13 +201,21 @@ def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
     process = None
     try:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logs[0], stderr=logs[1],
-                                   env=_child_env())
+                                   env=child_env())
         bound = _wait_ready(process, logs, start_timeout_s)
     except BaseException:
         _reap(process, endpoint if owns_endpoint else None, None, logs)
         raise
     return EngineClient(bound, timeout_s=call_timeout_s, process=process,
                         owns_endpoint=owns_endpoint, logs=logs, auth=auth)
+
+
+def _expect(reply: Message, cls: type[M]) -> M:
+    """`reply` as a snapshot of engine state: checked to be a `cls`, its request id dropped
+    (so two snapshots of the same state compare equal)."""
+    if not isinstance(reply, cls):
+        raise ProtocolError(type(reply).__name__, f"expected {cls.__name__}")
+    return dataclasses.replace(reply, request_id="")
 
 
 def _requests(prompts: Sequence[Sequence[int]],
@@ -242,13 +257,7 @@ def _tail(log: IO[bytes], max_bytes: int) -> str:
 def _reap(process: subprocess.Popen | None, endpoint: str | None, rpc: RpcClient | None,
           logs: tuple[IO[bytes], IO[bytes]] | None) -> None:
     """Stop the process (terminate, then kill), close the socket, remove the private dir."""
-    if process is not None and process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    reap(process, timeout_s=5.0)
     if rpc is not None:
         rpc.close()
     if endpoint is not None:
@@ -256,9 +265,3 @@ def _reap(process: subprocess.Popen | None, endpoint: str | None, rpc: RpcClient
     for log in logs or ():
         log.close()
 
-
-def _child_env() -> dict[str, str]:
-    """Our environment, with this checkout first on PYTHONPATH so the child runs our server."""
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}

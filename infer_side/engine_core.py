@@ -8,8 +8,9 @@ A plain class, no sockets and no threads: the ZMQ server process (and tests) dri
 
 Every message that produces a reply goes through one outbox, so outputs created outside a
 step (aborts from a pause that weight sync triggered, say) still reach the caller with the
-next `process()` or `step()` return. Weight messages are routed to `self.weight_sync`, which
-may call any public method here and swap `self.model.weights`.
+next `process()` or `step()` return. Weight messages go to `self.updates` (the update state
+machine), which reaches this core only through `infer_side.engine_api.UpdatableEngine`; the
+core asks it whether generation is blocked (weights incomplete, admission held).
 
 Cache rule (SGLang PR #22998): `flush_cache` empties the CUDA caching allocator only when
 asked, and only on CUDA, because `torch.cuda.empty_cache()` synchronizes every stream and
@@ -32,34 +33,26 @@ from infer_side.model import LlamaForInference
 from infer_side.radix_cache import RadixCache
 from infer_side.request import Request, error_output
 from infer_side.scheduler import Scheduler
-from infer_side.weight_sync import WeightSync
+from infer_side.update_machine import UpdateMachine
 from infer_side.weights import ModelWeights
 from rlsync.config import EngineConfig
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import (
+    PAUSE_MODES,
     Abort,
     ContinueGeneration,
-    DestroyWeightsGroup,
+    EngineInfo,
     FlushCache,
     Generate,
     GenerateOutput,
     GetInfo,
-    GetWeightsFingerprint,
-    InitWeightsGroup,
     Message,
     PauseGeneration,
     PauseMode,
     Result,
     SamplingParams,
     Shutdown,
-    UpdateWeightsFromDisk,
-    UpdateWeightsFromDistributed,
-    UpdateWeightsFromIPC,
 )
-
-WEIGHT_MESSAGES = (InitWeightsGroup, DestroyWeightsGroup, UpdateWeightsFromDistributed,
-                   UpdateWeightsFromIPC, UpdateWeightsFromDisk, GetWeightsFingerprint)
-PAUSE_MODES = ("abort", "retract", "in_place")
 
 
 def release_cuda_cache(device: torch.device, empty_cache: bool) -> bool:
@@ -84,15 +77,9 @@ class EngineCore:
                                    engine_cfg.max_running, engine_cfg.max_prefill_tokens)
         self.weight_version = 0
         self.paused: PauseMode | None = None
-        self.weights_incomplete = False
-        """Set by weight sync during an in-place update: Generates are refused, no step runs."""
-        self.pending_weight_version: int | None = None
-        """The version an in-progress update brings (named in the "weights incomplete" error)."""
-        self.hold_admission = False
-        """Set by weight sync while it waits for idle: waiting requests stay waiting."""
         self.shutdown_requested = False
         self._outbox: list[Message] = []
-        self.weight_sync = WeightSync(self)
+        self.updates = UpdateMachine(self)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, engine_cfg: EngineConfig) -> EngineCore:
@@ -111,32 +98,36 @@ class EngineCore:
         handler = self._handlers().get(type(msg))
         if handler is not None:
             self._outbox.extend(handler(msg))
-        elif isinstance(msg, WEIGHT_MESSAGES):
-            self._outbox.extend(self.weight_sync.process(msg))
+        elif self.updates.handles(msg):
+            self._outbox.extend(self.updates.process(msg))
         else:
             self._outbox.append(Result(request_id=msg.request_id, success=False,
                                        message=f"{type(msg).__name__}: not a request"))
         return self._drain()
 
     def step(self) -> list[Message]:
-        """One scheduler step (unless paused or weights are incomplete), then weight-sync polls."""
-        if self.paused is None and not self.weights_incomplete:
+        """One scheduler step (unless paused or weights are incomplete), then the update
+        machine advances."""
+        if self._generating():
             self._outbox.extend(self.scheduler.step(self.weight_version,
-                                                    admit=not self.hold_admission))
-        self._outbox.extend(self.weight_sync.poll())
+                                                    admit=not self.updates.admission_held))
+        self._outbox.extend(self.updates.poll())
         return self._drain()
+
+    def _generating(self) -> bool:
+        return self.paused is None and not self.updates.weights_incomplete
 
     def has_work(self) -> bool:
         """Whether step() has anything to do: outputs to hand out, a weight update to advance,
         or requests to run (unless paused or the weights are incomplete)."""
-        if self._outbox or self.weight_sync.busy():
+        if self._outbox or self.updates.busy():
             return True
-        return self.paused is None and not self.weights_incomplete and not self.is_idle()
+        return self._generating() and not self.is_idle()
 
     def idle_wait_ms(self) -> int:
         """How long the server may sleep when there is no work: briefly while a weight update
         is arriving on its worker thread, so the commit follows the last byte at once."""
-        return 1 if self.weight_sync.receiving() else 50
+        return 1 if self.updates.receiving() else 50
 
     def _drain(self) -> list[Message]:
         out, self._outbox = self._outbox, []
@@ -169,7 +160,7 @@ class EngineCore:
         return [_result(msg, True, "")]
 
     def _on_info(self, msg: GetInfo) -> list[Message]:
-        return [Result(request_id=msg.request_id, payload=self.info())]
+        return [dataclasses.replace(self.info(), request_id=msg.request_id)]
 
     def _on_shutdown(self, msg: Shutdown) -> list[Message]:
         self.shutdown_requested = True
@@ -186,19 +177,14 @@ class EngineCore:
         return None
 
     def _check_generate(self, req: Generate) -> str | None:
-        if self.weights_incomplete:
-            return f"weights incomplete: update to version {self._incoming_version()} in progress"
+        if self.updates.weights_incomplete:
+            return (f"weights incomplete: update to version {self.updates.incoming_version()} "
+                    "in progress")
         if not req.request_id:
             return "request_id: must not be empty"
         if self.scheduler.get(req.request_id) is not None:
             return f"request_id: {req.request_id!r} is already in flight"
         return check_sampling(req.sampling) or check_prompt(req, self.model_cfg, self.kv_pool.size)
-
-    def _incoming_version(self) -> int | str:
-        if self.pending_weight_version is not None:
-            return self.pending_weight_version
-        job = getattr(self.weight_sync, "job", None)  # the update in flight, if sync keeps one
-        return getattr(job, "version", "?")
 
     def abort(self, request_id: str) -> bool:
         """Finish one waiting or running request with reason "abort"; False if unknown."""
@@ -213,10 +199,10 @@ class EngineCore:
 
     def is_idle(self) -> bool:
         """Nothing for a step to do: no running request, and no waiting one that may be
-        admitted (waiting requests held by `hold_admission` hold no KV and do not count).
-        `flush_cache` asks for more: no waiting requests at all."""
+        admitted (waiting requests held while an update waits for idle hold no KV and do not
+        count). `flush_cache` asks for more: no waiting requests at all."""
         waiting, running = self.counts()
-        return running == 0 and (waiting == 0 or self.hold_admission)
+        return running == 0 and (waiting == 0 or self.updates.admission_held)
 
     # ------------------------------------------------------------------ control
 
@@ -234,9 +220,28 @@ class EngineCore:
         self.scheduler.reset_kv()
         release_cuda_cache(self.device, empty_cache)
 
-    def invalidate_prefix_cache(self) -> None:
-        """No later request may match KV cached so far (weights changed under in_place)."""
-        self.prefix_cache.invalidate()
+    def flush_kv(self, empty_cache: bool) -> None:
+        """After a weight update no KV computed with the old weights may be reused: reset
+        the pool when no request holds KV, else (in_place pause) cut the prefix cache loose
+        so nothing new matches it."""
+        _, running = self.counts()
+        if running == 0:
+            self.reset_kv(empty_cache)
+        else:
+            self.prefix_cache.invalidate()
+            release_cuda_cache(self.device, empty_cache)
+
+    # ------------------------------------------------------------------ weights (engine_api)
+
+    def live_weights(self) -> ModelWeights:
+        return self.model.weights
+
+    def new_shadow(self) -> ModelWeights:
+        return self.model.weights.clone_empty()
+
+    def swap_weights(self, store: ModelWeights) -> ModelWeights:  # type: ignore[override]
+        old, self.model.weights = self.model.weights, store
+        return old
 
     def pause(self, mode: PauseMode) -> None:
         """abort: finish everything with "abort"; retract: running -> front of the queue, KV
@@ -257,19 +262,15 @@ class EngineCore:
         """The pause in force (None: generating)."""
         return self.paused
 
-    def info(self) -> dict:
-        """Msgpack-friendly snapshot of the engine's state."""
+    def info(self) -> EngineInfo:
+        """A snapshot of the engine's state."""
         waiting, running = self.counts()
-        pool, cache = self.kv_pool, self.prefix_cache
-        return {
-            "weight_version": self.weight_version,
-            "model": dataclasses.asdict(self.model_cfg),
-            "kv_pool": {"size": pool.size, "used": pool.used, "free": pool.available},
-            "prefix_cache": {"nodes": cache.num_nodes, "tokens": cache.num_tokens},
-            "waiting": waiting, "running": running, "paused": self.paused,
-            "weights_incomplete": self.weights_incomplete,
-            "hold_admission": self.hold_admission, "retracted": self.scheduler.num_retracted,
-        }
+        return EngineInfo(
+            weight_version=self.weight_version, model=dataclasses.asdict(self.model_cfg),
+            kv_pool_size=self.kv_pool.size, kv_pool_used=self.kv_pool.used,
+            prefix_cache_tokens=self.prefix_cache.num_tokens, waiting=waiting, running=running,
+            paused=self.paused, weights_incomplete=self.updates.weights_incomplete,
+            admission_held=self.updates.admission_held, retracted=self.scheduler.num_retracted)
 
 
 def check_prompt(req: Generate, cfg: ModelConfig, pool_size: int) -> str | None:

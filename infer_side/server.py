@@ -32,8 +32,7 @@ from rlsync.endpoints import (
     private_ipc_endpoint,
     remove_private_endpoint,
 )
-from rlsync.protocol import Message, Result
-from rlsync.rpc import ENGINE_DEAD_PREFIX, is_final
+from rlsync.protocol import EngineDied, Message, Result, is_final
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,8 @@ def run_loop(core: Core, router: Router) -> None:
     work -> route outputs to their senders -> sleep in poll only when idle.
 
     If anything raises (a core bug, SIGTERM), every client with a request in flight gets
-    Result(success=False, "engine dead: ...") so it fails fast, and the exception propagates
-    (the process exits non-zero). After Shutdown, requests still in flight get a failed Result.
+    EngineDied so it fails fast, and the exception propagates (the process exits non-zero).
+    After Shutdown, requests still in flight get EngineDied too.
     """
     try:
         while not core.shutdown_requested:
@@ -96,7 +95,7 @@ def run_loop(core: Core, router: Router) -> None:
             elif not core.shutdown_requested:
                 router.sock.poll(min(POLL_MS, core.idle_wait_ms()), zmq.POLLIN)
     except BaseException as exc:
-        router.fail_all(f"{ENGINE_DEAD_PREFIX}{type(exc).__name__}: {exc}")
+        router.fail_all(f"engine crashed: {type(exc).__name__}: {exc}")
         raise
     router.fail_all("engine shut down before this request finished")
 
@@ -134,9 +133,9 @@ class Router:
             self._send(identity, out)
 
     def fail_all(self, message: str) -> None:
-        """Give every request still in flight a failed Result, so no client waits for it."""
+        """Tell every request still in flight that the engine is gone, so no client waits."""
         for rid, identity in self.owners.items():
-            self._send(identity, Result(request_id=rid, success=False, message=message))
+            self._send(identity, EngineDied(request_id=rid, message=message))
         self.owners.clear()
 
     def _accept(self, parts: list[bytes]) -> Message | None:

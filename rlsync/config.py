@@ -19,8 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from rlsync.model_config import ModelConfig, ModelConfigError
+from rlsync.protocol import LoadMode, PauseMode, TransportKind
 
-Transport = Literal["broadcast", "ipc", "disk"]
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 """1e-4 and friends: YAML 1.1 (PyYAML) reads a float without a dot as a string."""
 
@@ -55,11 +55,14 @@ class EngineConfig:
 class SyncConfig:
     """How weights move from trainer rank 0 to the engines after each step."""
 
-    transport: Transport = "ipc"
+    transport: TransportKind = "ipc"
     bucket_mb: float = 64.0
-    load_mode: Literal["in_place", "shadow"] = "in_place"
-    pause_mode: Literal["abort", "retract", "in_place"] | None = None
-    """What engines do with in-flight requests; None waits for idle."""
+    load_mode: LoadMode = "in_place"
+    pause_mode: PauseMode | None = None
+    """What engines do with in-flight requests; None waits for idle (idle_timeout_s)."""
+    idle_timeout_s: float = 30.0
+    """With pause_mode None: how long an engine waits for its requests to finish before it
+    refuses the update."""
     flush_cache: bool = True
     torch_empty_cache: bool = False
     verify: bool = False
@@ -71,6 +74,8 @@ class SyncConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "bucket_mb", "timeout_s")
+        if self.idle_timeout_s < 0:
+            raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
 
     @property
     def bucket_bytes(self) -> int:

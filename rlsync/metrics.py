@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlsync.protocol import WeightFingerprints
+
 STEP_KEYS = ("step", "reward_mean", "reward_std", "kl", "loss", "push_s", "push_gbps",
              "engine_pause_ms", "weight_version", "rollout_tokens_per_s")
 LEARNER_KEYS = ("loss", "kl", "kl_old", "clip_frac", "grad_norm", "ratio_mean", "entropy")
@@ -86,22 +88,22 @@ def weights_fingerprint(fingerprints: Mapping[str, int]) -> int:
 
 
 def compare_fingerprints(ranks: Mapping[str, Mapping[str, int]],
-                         engines: Mapping[str, Mapping[str, Any]],
+                         engines: Mapping[str, WeightFingerprints],
                          expected_version: int) -> dict[str, list[str]]:
     """Trainer rank or engine -> what differs from trainer rank 0 (empty: identical).
 
     `ranks`: rank name -> tensor name -> fingerprint, "trainer rank 0" among them.
-    `engines`: engine name -> GetWeightsFingerprint payload (weight_version, fingerprints).
+    `engines`: engine name -> its WeightFingerprints.
     """
     ref = ranks["trainer rank 0"]
     out: dict[str, list[str]] = {}
     for name, fps in ranks.items():
         if name != "trainer rank 0":
             out[name] = sorted(k for k in ref if fps.get(k) != ref[k])
-    for name, payload in engines.items():
-        diff = sorted(k for k in ref if payload["fingerprints"].get(k) != ref[k])
-        if payload["weight_version"] != expected_version:
-            diff.insert(0, f"weight_version={payload['weight_version']} "
+    for name, reply in engines.items():
+        diff = sorted(k for k in ref if reply.fingerprints.get(k) != ref[k])
+        if reply.weight_version != expected_version:
+            diff.insert(0, f"weight_version={reply.weight_version} "
                            f"(expected {expected_version})")
         out[name] = diff
     return out

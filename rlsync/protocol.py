@@ -7,12 +7,17 @@ validates them on the way in. Field metadata carries the value ranges the codec 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 PauseMode = Literal["abort", "retract", "in_place"]
 LoadMode = Literal["in_place", "shadow"]
+TransportKind = Literal["broadcast", "ipc", "disk"]
 FinishReason = Literal["length", "stop", "abort"]
+PAUSE_MODES: tuple[str, ...] = get_args(PauseMode)
+LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
+TRANSPORT_KINDS: tuple[str, ...] = get_args(TransportKind)
 
 MAX_TOKENS = 1 << 20
 MAX_NAME = 512
@@ -155,9 +160,12 @@ class DestroyWeightsGroup(Message):
 
 
 @dataclass(kw_only=True)
-class _UpdateWeights(Message):
-    """Fields common to every weight update."""
+class UpdateWeights(Message):
+    """Fields common to every weight update. The engine answers UpdateAccepted (or an
+    UpdateDone with success=False that changed nothing), then UpdateDone."""
 
+    transport: ClassVar[TransportKind]
+    """Which transport moves this update's bytes (the registry key in rlsync.transports)."""
     weight_version: int = _f(0, ge=0)
     flush_cache: bool = True
     torch_empty_cache: bool = False
@@ -174,21 +182,32 @@ class _UpdateWeights(Message):
 
 
 @dataclass(kw_only=True)
-class UpdateWeightsFromDistributed(_UpdateWeights):
-    group_name: str = _f("weights", max_len=128)
-    plan: BucketPlan = field(default_factory=BucketPlan)
+class BucketUpdate(UpdateWeights):
+    """An update whose bytes arrive as the buckets of a plan. The plan is sent once: the
+    engine keeps validated plans by `plan_id` (`plan_id_of`), so later updates may carry only
+    the id; an engine that does not know the id refuses with `unknown_plan=True`."""
+
+    plan_id: str = _f("", max_len=64)
+    plan: BucketPlan | None = None
 
 
 @dataclass(kw_only=True)
-class UpdateWeightsFromIPC(_UpdateWeights):
+class UpdateWeightsFromDistributed(BucketUpdate):
+    transport: ClassVar[TransportKind] = "broadcast"
+    group_name: str = _f("weights", max_len=128)
+
+
+@dataclass(kw_only=True)
+class UpdateWeightsFromIPC(BucketUpdate):
+    transport: ClassVar[TransportKind] = "ipc"
     buffer: IpcBuffer = field(default_factory=IpcBuffer)
-    plan: BucketPlan = field(default_factory=BucketPlan)
     push_id: int = _f(0, ge=0)
     """Sequence number of this push in the control segment (guards against stale counters)."""
 
 
 @dataclass(kw_only=True)
-class UpdateWeightsFromDisk(_UpdateWeights):
+class UpdateWeightsFromDisk(UpdateWeights):
+    transport: ClassVar[TransportKind] = "disk"
     path: str = _f("", max_len=4096)
 
 
@@ -209,13 +228,20 @@ class ContinueGeneration(Message):
 
 @dataclass(kw_only=True)
 class GetWeightsFingerprint(Message):
+    """Answered by WeightFingerprints."""
+
     names: list[str] | None = _f(None, max_len=1 << 16)
     """None: every tensor."""
 
 
 @dataclass(kw_only=True)
+class GetWeightSpecs(Message):
+    """Answered by WeightSpecs: what an update must match."""
+
+
+@dataclass(kw_only=True)
 class GetInfo(Message):
-    pass
+    """Answered by EngineInfo."""
 
 
 @dataclass(kw_only=True)
@@ -223,21 +249,153 @@ class Shutdown(Message):
     pass
 
 
+# ---------------------------------------------------------------- replies
+
+
 @dataclass(kw_only=True)
 class Result(Message):
-    """The one reply to every control call. `payload` holds msgpack-native values only."""
+    """The reply to a control call that returns nothing but success or failure."""
 
     success: bool = True
     message: str = _f("", max_len=1 << 16)
-    payload: dict[str, Any] = _f(factory=dict, max_len=1 << 16)
 
 
+@dataclass(kw_only=True)
+class EngineDied(Message):
+    """The engine crashed (or shut down) before answering this request; clients raise."""
+
+    message: str = _f("", max_len=1 << 16)
+
+
+@dataclass(kw_only=True)
+class UpdateAccepted(Message):
+    """Interim reply to an UpdateWeights*: the whole update was validated, bytes may flow."""
+
+    weight_version: int = _f(0, ge=0)
+    bytes: int = _f(0, ge=0)
+
+
+@dataclass(kw_only=True)
+class UpdateTimings:
+    """Where one update's time went on the engine."""
+
+    total_s: float = _f(0.0, ge=0.0)
+    """From the request's arrival to the reply."""
+    recv_s: float = _f(0.0, ge=0.0)
+    """Waiting for bytes (the receive minus the loads)."""
+    load_s: float = _f(0.0, ge=0.0)
+    """Copying received bytes into the weights."""
+    flush_s: float = _f(0.0, ge=0.0)
+    """Swap + KV flush + version bump."""
+    pause_ms: float = _f(0.0, ge=0.0)
+    """How long generation stood still for this update."""
+
+
+@dataclass(kw_only=True)
+class UpdateDone(Message):
+    """Final reply to an UpdateWeights*: success, or why not and what it left behind."""
+
+    success: bool = True
+    message: str = _f("", max_len=1 << 16)
+    weight_version: int = _f(0, ge=0)
+    """The version the engine serves after this update (the old one when it failed)."""
+    bytes: int = _f(0, ge=0)
+    transport: TransportKind | None = None
+    timings: UpdateTimings = field(default_factory=UpdateTimings)
+    live_touched: bool = False
+    """An in_place update wrote into the live weights before it failed."""
+    weights_incomplete: bool = False
+    """Generation is refused until a whole update lands."""
+    unknown_plan: bool = False
+    """Refused because the engine does not know `plan_id`: send the full plan again."""
+
+
+@dataclass(kw_only=True)
+class WeightSpec:
+    """One tensor an update must carry, by its Hugging Face name."""
+
+    name: str = _f(max_len=MAX_NAME)
+    dtype: str = _f(max_len=32)
+    shape: list[int] = _f(factory=list, max_len=8)
+
+
+@dataclass(kw_only=True)
+class WeightSpecs(Message):
+    specs: list[WeightSpec] = _f(factory=list, max_len=1 << 16)
+    weight_version: int = _f(0, ge=0)
+
+
+@dataclass(kw_only=True)
+class WeightFingerprints(Message):
+    weight_version: int = _f(0, ge=0)
+    fingerprints: dict[str, int] = _f(factory=dict, max_len=1 << 16)
+    weights_incomplete: bool = False
+    update_in_progress: bool = False
+
+
+@dataclass(kw_only=True)
+class EngineInfo(Message):
+    """A snapshot of the engine's state."""
+
+    weight_version: int = _f(0, ge=0)
+    model: dict[str, Any] = _f(factory=dict, max_len=256)
+    """The model's config (rlsync.model_config.ModelConfig fields)."""
+    backend: str = _f("rlsync", max_len=64)
+    kv_pool_size: int = _f(0, ge=0)
+    kv_pool_used: int = _f(0, ge=0)
+    prefix_cache_tokens: int = _f(0, ge=0)
+    waiting: int = _f(0, ge=0)
+    running: int = _f(0, ge=0)
+    paused: PauseMode | None = None
+    weights_incomplete: bool = False
+    admission_held: bool = False
+    retracted: int = _f(0, ge=0)
+
+
+UPDATE_MESSAGES: dict[str, type[UpdateWeights]] = {
+    cls.transport: cls
+    for cls in (UpdateWeightsFromDistributed, UpdateWeightsFromIPC, UpdateWeightsFromDisk)
+}
+"""Transport kind -> its update message."""
 CONTROL_MESSAGES: tuple[type[Message], ...] = (
-    Abort, InitWeightsGroup, DestroyWeightsGroup, UpdateWeightsFromDistributed,
-    UpdateWeightsFromIPC, UpdateWeightsFromDisk, FlushCache, PauseGeneration,
-    ContinueGeneration, GetWeightsFingerprint, GetInfo, Shutdown,
+    Abort, InitWeightsGroup, DestroyWeightsGroup, *UPDATE_MESSAGES.values(), FlushCache,
+    PauseGeneration, ContinueGeneration, GetWeightsFingerprint, GetWeightSpecs, GetInfo, Shutdown,
+)
+REPLY_MESSAGES: tuple[type[Message], ...] = (
+    GenerateOutput, Result, EngineDied, UpdateAccepted, UpdateDone, WeightSpecs,
+    WeightFingerprints, EngineInfo,
 )
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.__name__: cls for cls in (Generate, GenerateOutput, Result, *CONTROL_MESSAGES)
+    cls.__name__: cls for cls in (Generate, *CONTROL_MESSAGES, *REPLY_MESSAGES)
 }
-UPDATE_MESSAGES = (UpdateWeightsFromDistributed, UpdateWeightsFromIPC, UpdateWeightsFromDisk)
+assert set(UPDATE_MESSAGES) == set(TRANSPORT_KINDS)
+
+
+def is_final(msg: Message) -> bool:
+    """True for the last reply a request gets: anything but an unfinished GenerateOutput or
+    an UpdateAccepted (weight updates answer twice: accepted, then done)."""
+    if isinstance(msg, GenerateOutput):
+        return msg.finished
+    return not isinstance(msg, UpdateAccepted)
+
+
+def failed(msg: Message) -> str | None:
+    """The failure a reply reports (its message), or None when it reports success."""
+    if isinstance(msg, (Result, UpdateDone)):
+        return None if msg.success else msg.message
+    if isinstance(msg, EngineDied):
+        return msg.message
+    if isinstance(msg, GenerateOutput):
+        return msg.error or None
+    return None
+
+
+def plan_id_of(plan: BucketPlan) -> str:
+    """A content hash of `plan`: equal plans get equal ids in every process."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{plan.alignment};".encode())
+    for bucket in plan.buckets:
+        h.update(f"B{bucket.nbytes};".encode())
+        for t in bucket.tensors:
+            h.update(f"{t.name}|{t.dtype}|{t.shape}|{t.offset}|{t.nbytes};".encode())
+    return h.hexdigest()

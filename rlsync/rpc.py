@@ -25,12 +25,18 @@ import zmq
 from rlsync.auth import ClientKeys, secure_client_socket
 from rlsync.codec import ProtocolError, decode, encode
 from rlsync.endpoints import check_endpoint
-from rlsync.protocol import Abort, Generate, GenerateOutput, Message, Result
+from rlsync.protocol import (
+    Abort,
+    EngineDied,
+    Generate,
+    GenerateOutput,
+    Message,
+    failed,
+    is_final,
+)
 
 log = logging.getLogger(__name__)
 
-ENGINE_DEAD_PREFIX = "engine dead: "
-"""A Result whose message starts with this says the engine crashed; clients raise EngineDead."""
 SLICE_S = 0.05
 """Longest single poll; liveness is checked between slices."""
 
@@ -42,23 +48,15 @@ class RpcTimeout(TimeoutError):
 
 
 class EngineDead(RuntimeError):
-    """The engine process is gone (liveness check failed or it reported its own crash)."""
+    """The engine process is gone (liveness check failed or it sent EngineDied)."""
 
 
 class RpcError(RuntimeError):
-    """The engine answered a control call with success=False; the message is the engine's."""
+    """The engine answered a control call with a failure; the message is the engine's."""
 
-    def __init__(self, msg: Message, result: Result):
-        super().__init__(f"{type(msg).__name__} failed: {result.message}")
-        self.result = result
-
-
-def is_final(msg: Message) -> bool:
-    """True for the last reply a request gets: a finished GenerateOutput, or a Result that is
-    not an interim "accepted" (weight updates answer twice: accepted, then done)."""
-    if isinstance(msg, GenerateOutput):
-        return msg.finished
-    return not (isinstance(msg, Result) and msg.payload.get("stage") == "accepted")
+    def __init__(self, msg: Message, reply: Message):
+        super().__init__(f"{type(msg).__name__} failed: {failed(reply)}")
+        self.reply = reply
 
 
 class RpcClient:
@@ -83,24 +81,25 @@ class RpcClient:
 
     # ------------------------------------------------------------ public calls
 
-    def call(self, msg: Message, timeout_s: float | None = None) -> Result:
-        """Send a control message and wait for its Result (success or not)."""
+    def call(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send a control message and wait for its reply (a failure or not): a Result, or the
+        typed reply the request has (EngineInfo for GetInfo, say)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         rid = self._send(msg, timeout)
         try:
             reply = self._wait_for(rid, _deadline(timeout), msg, timeout)
         finally:
             self._forget(rid)
-        if not isinstance(reply, Result):
-            raise ProtocolError(type(reply).__name__, f"expected a Result for {type(msg).__name__}")
+        if isinstance(reply, GenerateOutput):
+            raise ProtocolError(type(reply).__name__, f"not a reply to {type(msg).__name__}")
         return reply
 
-    def call_ok(self, msg: Message, timeout_s: float | None = None) -> Result:
-        """`call`, raising RpcError when the engine answers success=False."""
-        result = self.call(msg, timeout_s)
-        if not result.success:
-            raise RpcError(msg, result)
-        return result
+    def call_ok(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """`call`, raising RpcError when the engine reports a failure."""
+        reply = self.call(msg, timeout_s)
+        if failed(reply) is not None:
+            raise RpcError(msg, reply)
+        return reply
 
     def send(self, msg: M) -> M:
         """Send without waiting; collect the reply with `recv`. Returns the message as sent
@@ -286,7 +285,7 @@ def _with_id(msg: M) -> M:
 
 
 def _raise_if_dead(reply: Message) -> Message:
-    if isinstance(reply, Result) and not reply.success and reply.message.startswith(ENGINE_DEAD_PREFIX):
+    if isinstance(reply, EngineDied):
         raise EngineDead(reply.message)
     return reply
 
@@ -295,6 +294,6 @@ def _as_output(reply: Message) -> GenerateOutput:
     _raise_if_dead(reply)
     if isinstance(reply, GenerateOutput):
         return reply
-    message = reply.message if isinstance(reply, Result) else f"unexpected {type(reply).__name__}"
+    message = failed(reply) or f"unexpected {type(reply).__name__}"
     return GenerateOutput(request_id=reply.request_id, finished=True, finish_reason="abort",
                           error=message or "request rejected")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from rlsync.protocol import UpdateDone
 
 
 class PushError(RuntimeError):
@@ -16,11 +19,11 @@ class PushError(RuntimeError):
 
 @dataclass
 class EngineOutcome:
-    """One engine's answer to one push."""
+    """One engine's answer to one push: its UpdateDone, when it sent one."""
 
     ok: bool
     message: str
-    payload: dict[str, Any] = field(default_factory=dict)
+    done: UpdateDone | None = None
 
 
 @dataclass
@@ -32,8 +35,11 @@ class PushReport:
     engines: dict[str, EngineOutcome] = field(default_factory=dict)
     transfer_error: str = ""
     transfer_s: float = 0.0
+    """Moving the bytes (the sender's `send`)."""
     bytes: int = 0
     seconds: float = 0.0
+    plan_sent: bool = False
+    """Whether any engine got the whole plan (else only its id travelled)."""
 
     @property
     def failed(self) -> list[str]:
@@ -48,12 +54,18 @@ class PushReport:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     @property
+    def control_s(self) -> float:
+        """Everything that is not byte transfer: planning, announce, accept, commit."""
+        return max(self.seconds - self.transfer_s, 0.0)
+
+    @property
     def engine_pause_ms(self) -> float:
         """Longest time any engine stopped generating for this push."""
-        return max((o.payload.get("pause_ms", 0.0) for o in self.engines.values() if o.ok), default=0.0)
+        return max((o.done.timings.pause_ms for o in self.engines.values()
+                    if o.ok and o.done is not None), default=0.0)
 
-    def record(self, name: str, ok: bool, message: str, payload: dict[str, Any] | None = None) -> None:
-        self.engines[name] = EngineOutcome(ok, message, dict(payload or {}))
+    def record(self, name: str, ok: bool, message: str, done: UpdateDone | None = None) -> None:
+        self.engines[name] = EngineOutcome(ok, message, done)
 
     def finish(self, nbytes: int, seconds: float) -> None:
         self.bytes, self.seconds = nbytes, seconds
@@ -66,7 +78,17 @@ class PushReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "transport": self.transport, "bytes": self.bytes,
-                "seconds": self.seconds, "gbps": self.gbps, "engine_pause_ms": self.engine_pause_ms,
-                "failed": self.failed, "transfer_error": self.transfer_error,
-                "engines": {n: {"ok": o.ok, "message": o.message, **o.payload}
-                            for n, o in self.engines.items()}}
+                "seconds": self.seconds, "transfer_s": self.transfer_s,
+                "control_s": self.control_s, "gbps": self.gbps,
+                "engine_pause_ms": self.engine_pause_ms, "failed": self.failed,
+                "transfer_error": self.transfer_error, "plan_sent": self.plan_sent,
+                "engines": {n: _outcome_dict(o) for n, o in self.engines.items()}}
+
+
+def _outcome_dict(o: EngineOutcome) -> dict[str, Any]:
+    out: dict[str, Any] = {"ok": o.ok, "message": o.message}
+    if o.done is not None:
+        out.update(weight_version=o.done.weight_version, bytes=o.done.bytes,
+                   weights_incomplete=o.done.weights_incomplete,
+                   **dataclasses.asdict(o.done.timings))
+    return out

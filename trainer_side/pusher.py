@@ -6,11 +6,13 @@ Usage:
     assert not report.failed
     pusher.close()
 
-Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> announce the
-update to every engine and collect "accepted" -> move the bytes (broadcast group, IPC buffer
-or safetensors directory) -> collect "done". An engine that dies is reported by name and the
-others still get the version; for broadcast the group is rebuilt without it and the push
-repeated once. It knows nothing of the engine's internals: only the protocol and transports.
+Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> the sender
+prepares (disk: writes files) -> announce the update to every live engine (the whole plan only
+to engines that do not hold its plan_id yet) -> collect UpdateAccepted -> the sender moves the
+bytes -> collect UpdateDone. An engine that dies is reported by name and the others still get
+the version; for broadcast the group is rebuilt without it and the push repeated once. The
+transport is looked up in `rlsync.transports.registry`; this module knows nothing of the
+engine's internals, only the protocol and the sender lifecycle.
 """
 
 from __future__ import annotations
@@ -18,17 +20,26 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from rlsync.auth import load_client_keys
 from rlsync.buckets import dtype_from_name, plan_buckets, plan_total_bytes, tensor_fingerprint
 from rlsync.config import SyncConfig
-from rlsync.protocol import BucketPlan, GetWeightsFingerprint
+from rlsync.protocol import (
+    BucketPlan,
+    GetWeightsFingerprint,
+    Message,
+    UpdateAccepted,
+    UpdateDone,
+    WeightFingerprints,
+    failed,
+    plan_id_of,
+)
+from rlsync.transports import registry
+from rlsync.transports.base import Announce, Sender
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
-from trainer_side.sync_transports import make_transport
 
 WeightsLike = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -56,27 +67,91 @@ class WeightPusher:
         self.engines = EngineSet(endpoints, cfg.timeout_s, auth)
         try:
             self.specs = self.engines.discover(connect_timeout_s)
+            self.sender: Sender = registry.sender_class(cfg.transport)(
+                cfg, self.engines, Path(work_dir), torch.device(device))
         except ValueError as exc:
             self.engines.close()
             raise PushError(str(exc)) from None
-        self.transport = make_transport(cfg, self.engines, Path(work_dir), torch.device(device))
+        except BaseException:
+            self.engines.close()  # a failed rendezvous must not leak the RPC sockets
+            raise
         self._plan_key: tuple | None = None
         self.plan: BucketPlan | None = None
+        self.plan_id = ""
+        self.known_plans: dict[str, str] = {}
+        """engine name -> the plan_id it last accepted (it needs only the id next time)."""
 
     def push(self, weights: WeightsLike, version: int) -> PushReport:
         """Push `weights` as `version` to every live engine; raises PushError only when the
         input is wrong (nothing is sent then) or no engine got the version."""
+        start = time.perf_counter()
         tensors = named_tensors(weights)
         plan = self._plan_for(tensors)
-        start = time.perf_counter()
-        report = self.transport.push(plan, tensors, version)
-        if report.transfer_error and self.transport.can_rebuild and self.engines.find_dead():
-            self.transport.rebuild()  # the group without the dead engines, then once more
-            report = self.transport.push(plan, tensors, version)
+        report = self._push_once(plan, tensors, version)
+        if report.transfer_error and self.sender.can_rebuild and self.engines.find_dead():
+            self.sender.rebuild()  # the group without the dead engines, then once more
+            report = self._push_once(plan, tensors, version)
         report.finish(plan_total_bytes(plan), time.perf_counter() - start)
         if not report.succeeded:
             raise PushError(f"version {version} reached no engine: {report.summary()}", report)
         return report
+
+    def _push_once(self, plan: BucketPlan, tensors: dict[str, torch.Tensor],
+                   version: int) -> PushReport:
+        report = PushReport(version, self.cfg.transport)
+        self.sender.prepare(plan, tensors, version)
+        rids, replies = self._announce(self.engines.live(), version, report)
+        accepted = []
+        for name, reply in replies.items():
+            if isinstance(reply, UpdateAccepted):
+                accepted.append(name)
+            else:
+                report.record(name, False, failed(reply) or "refused", _done(reply))
+        if accepted:
+            self._send(report, plan, tensors, accepted)
+            done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)
+            for name, reply in done.items():
+                report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
+                if failed(reply) is None:
+                    self.known_plans[name] = self.plan_id
+        for name in self.engines.dead:
+            report.record(name, False, "engine is dead")
+        return report
+
+    def _announce(self, names: list[str], version: int, report: PushReport
+                  ) -> tuple[dict[str, str], dict[str, Message]]:
+        """Send each engine its update and gather the first replies; an engine that no longer
+        holds the plan (restarted, or evicted it) gets the whole plan once more."""
+        rids = self.engines.send({n: self._update_for(n, version, report) for n in names})
+        replies = self.engines.gather(rids, self.cfg.timeout_s)
+        again = [n for n, r in replies.items() if isinstance(r, UpdateDone) and r.unknown_plan]
+        if again:
+            for name in again:
+                self.known_plans.pop(name, None)
+            retry = self.engines.send({n: self._update_for(n, version, report) for n in again})
+            rids.update(retry)
+            replies.update(self.engines.gather(retry, self.cfg.timeout_s))
+        return rids, replies
+
+    def _update_for(self, engine: str, version: int, report: PushReport) -> Message:
+        send_plan = self.known_plans.get(engine) != self.plan_id
+        report.plan_sent |= send_plan
+        c = self.cfg
+        fields = dict(weight_version=version, flush_cache=c.flush_cache,
+                      torch_empty_cache=c.torch_empty_cache, load_mode=c.load_mode,
+                      pause_mode=c.pause_mode, idle_timeout_s=c.idle_timeout_s,
+                      timeout_s=c.timeout_s, verify=c.verify)
+        return self.sender.announce(engine, Announce(
+            fields=fields, plan=self.plan if send_plan else None, plan_id=self.plan_id))
+
+    def _send(self, report: PushReport, plan: BucketPlan, tensors: dict[str, torch.Tensor],
+              accepted: list[str]) -> None:
+        start = time.perf_counter()
+        try:
+            self.sender.send(plan, tensors, accepted)
+        except Exception as exc:  # the engines report their side; keep the sender's reason too
+            report.transfer_error = f"{type(exc).__name__}: {exc}"
+        report.transfer_s = time.perf_counter() - start
 
     def _plan_for(self, tensors: dict[str, torch.Tensor]) -> BucketPlan:
         """Plan in the engines' dtypes (cast while packing); refuse a mismatch before sending."""
@@ -85,6 +160,7 @@ class WeightPusher:
         if key != self._plan_key:
             specs = [(n, self.specs[n][0], tuple(t.shape)) for n, t in tensors.items()]
             self.plan, self._plan_key = plan_buckets(specs, self.cfg.bucket_bytes), key
+            self.plan_id = plan_id_of(self.plan)
         assert self.plan is not None
         return self.plan
 
@@ -98,18 +174,23 @@ class WeightPusher:
         if missing:
             raise PushError(f"{missing[0]}: missing from the pushed weights ({len(missing)} missing)")
 
-    def fingerprints(self, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
-        """engine name -> its GetWeightsFingerprint payload (weight_version, fingerprints)."""
-        results = self.engines.call_all(lambda: GetWeightsFingerprint(), timeout_s or self.cfg.timeout_s)
-        return {n: r.payload for n, r in results.items() if r.success}
+    def fingerprints(self, timeout_s: float | None = None) -> dict[str, WeightFingerprints]:
+        """engine name -> its WeightFingerprints (engines that fail to answer are left out)."""
+        replies = self.engines.call_all(GetWeightsFingerprint, timeout_s or self.cfg.timeout_s)
+        return {n: r for n, r in replies.items() if isinstance(r, WeightFingerprints)}
 
     def mismatches(self, weights: WeightsLike) -> dict[str, list[str]]:
         """engine name -> tensors whose fingerprint differs from the trainer's (empty = equal)."""
         tensors = named_tensors(weights)
-        mine = {n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0]))) for n, t in tensors.items()}
-        return {engine: [n for n, fp in mine.items() if payload["fingerprints"].get(n) != fp]
-                for engine, payload in self.fingerprints().items()}
+        mine = {n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0])))
+                for n, t in tensors.items()}
+        return {engine: [n for n, fp in mine.items() if reply.fingerprints.get(n) != fp]
+                for engine, reply in self.fingerprints().items()}
 
     def close(self) -> None:
-        self.transport.close()
+        self.sender.close()
         self.engines.close()
+
+
+def _done(reply: Message) -> UpdateDone | None:
+    return reply if isinstance(reply, UpdateDone) else None

@@ -11,7 +11,15 @@ from collections.abc import Callable, Mapping
 
 from rlsync.auth import ClientKeys
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import GetInfo, GetWeightsFingerprint, Message, Result
+from rlsync.protocol import (
+    EngineDied,
+    EngineInfo,
+    GetInfo,
+    GetWeightSpecs,
+    Message,
+    WeightSpecs,
+    failed,
+)
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
 
 PING_TIMEOUT_S = 3.0
@@ -23,8 +31,13 @@ class EngineSet:
     def __init__(self, endpoints: Mapping[str, str], timeout_s: float, auth: ClientKeys | None = None):
         if not endpoints:
             raise ValueError("endpoints: at least one engine is needed")
-        self.clients = {name: RpcClient(ep, timeout_s=timeout_s, auth=auth)
-                        for name, ep in endpoints.items()}
+        self.clients: dict[str, RpcClient] = {}
+        try:
+            for name, ep in endpoints.items():
+                self.clients[name] = RpcClient(ep, timeout_s=timeout_s, auth=auth)
+        except BaseException:
+            self.close()
+            raise
         self.dead: set[str] = set()
         self.model_cfg: ModelConfig | None = None
         """The engines' model architecture, read by `discover`."""
@@ -33,18 +46,17 @@ class EngineSet:
         """Read every engine's model config and weight specs (name -> dtype, shape); the
         engines must all serve the same model. Raises ValueError naming the engine."""
         specs = None
-        for name, result in self.call_all(lambda: GetWeightsFingerprint(names=[]), timeout_s).items():
-            if not result.success:
-                raise ValueError(f"engine {name}: cannot read its weight specs: {result.message}")
-            mine = {n: (d, tuple(s)) for n, (d, s) in result.payload["specs"].items()}
+        for name, reply in self.call_all(GetWeightSpecs, timeout_s).items():
+            if not isinstance(reply, WeightSpecs):
+                raise ValueError(f"engine {name}: cannot read its weight specs: {failed(reply)}")
+            mine = {s.name: (s.dtype, tuple(s.shape)) for s in reply.specs}
             if specs is not None and mine != specs:
                 raise ValueError(f"engine {name}: serves a different model than the other engines")
             specs = mine
-        info = self.call_all(GetInfo, timeout_s)
-        first = info[self.names[0]]
-        if not first.success:
-            raise ValueError(f"engine {self.names[0]}: GetInfo failed: {first.message}")
-        self.model_cfg = ModelConfig(**first.payload["model"])
+        first = self.call_all(GetInfo, timeout_s)[self.names[0]]
+        if not isinstance(first, EngineInfo):
+            raise ValueError(f"engine {self.names[0]}: GetInfo failed: {failed(first)}")
+        self.model_cfg = ModelConfig(**first.model)
         return specs or {}
 
     @property
@@ -61,33 +73,32 @@ class EngineSet:
         """Send one message per engine without waiting; returns name -> request_id."""
         return {name: self.clients[name].send(msg).request_id for name, msg in msgs.items()}
 
-    def gather(self, rids: Mapping[str, str], timeout_s: float) -> dict[str, Result]:
+    def gather(self, rids: Mapping[str, str], timeout_s: float) -> dict[str, Message]:
         """The next reply to each request id, all within one shared deadline. A silent or dead
-        engine gets a failed Result saying so."""
+        engine gets an EngineDied saying so."""
         deadline = time.monotonic() + timeout_s
         return {name: self._next_reply(name, rid, deadline) for name, rid in rids.items()}
 
-    def call_all(self, make: Callable[[], Message], timeout_s: float) -> dict[str, Result]:
+    def call_all(self, make: Callable[[], Message], timeout_s: float) -> dict[str, Message]:
         """Send `make()` to every live engine, then gather the replies."""
         return self.gather(self.send({n: make() for n in self.live()}), timeout_s)
 
     def find_dead(self, timeout_s: float = PING_TIMEOUT_S) -> list[str]:
         """Ping every live engine; those that do not answer are marked dead and returned."""
-        for name, result in self.call_all(GetInfo, timeout_s).items():
-            if not result.success and result.payload.get("unreachable"):
+        for name, reply in self.call_all(GetInfo, timeout_s).items():
+            if isinstance(reply, EngineDied):
                 self.dead.add(name)
         return sorted(self.dead)
 
-    def _next_reply(self, name: str, rid: str, deadline: float) -> Result:
+    def _next_reply(self, name: str, rid: str, deadline: float) -> Message:
         client = self.clients[name]
         while True:
             left = deadline - time.monotonic()
             try:
                 reply = client.recv(max(left, 0.0))
             except (RpcTimeout, EngineDead, RuntimeError) as exc:
-                return Result(request_id=rid, success=False, payload={"unreachable": True},
-                              message=f"engine {name} did not answer: {exc}")
-            if reply.request_id == rid and isinstance(reply, Result):
+                return EngineDied(request_id=rid, message=f"engine {name} did not answer: {exc}")
+            if reply.request_id == rid:
                 return reply
 
     def close(self) -> None:

@@ -66,10 +66,10 @@ def timed_push(pusher: WeightPusher, tensors: dict[str, torch.Tensor], version: 
 def push_phases(report: PushReport) -> dict[str, float]:
     """Trainer transfer time plus the slowest engine's own timings (seconds)."""
     out: dict[str, float] = {"transfer_s": report.transfer_s}
+    timings = [o.done.timings for o in report.engines.values() if o.done is not None]
     for key in ("recv_s", "load_s", "flush_s", "total_s"):
-        values = [o.payload[key] for o in report.engines.values() if key in o.payload]
-        if values:
-            out[f"engine_{key}"] = max(values)
+        if timings:
+            out[f"engine_{key}"] = max(getattr(t, key) for t in timings)
     return out
 
 

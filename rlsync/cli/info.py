@@ -2,13 +2,14 @@
 
     rlsync info --endpoint E [--json]
 
-Prints GetInfo's payload (as JSON with --json). Exit codes: 0 ok, 1 the engine refused,
+Prints the engine's EngineInfo reply (as JSON with --json). Exit codes: 0 ok, 1 the engine refused,
 2 bad usage or unreachable.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -18,12 +19,12 @@ from rlsync.cli.engine_call import add_connection_args, call_engine
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a running engine's version, model and cache usage")
     add_connection_args(p, 30.0)
-    p.add_argument("--json", action="store_true", help="print the payload as JSON")
+    p.add_argument("--json", action="store_true", help="print the info as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    code, info = call_engine(args, lambda engine: engine.info())
+    code, info = call_engine(args, lambda engine: dataclasses.asdict(engine.info()))
     if code:
         return code
     if args.json:

@@ -20,7 +20,9 @@ survive a dead trainer should set that variable to 2 (abort the communicator onl
 from __future__ import annotations
 
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,8 +32,23 @@ import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
 from rlsync.buckets import pack_bucket, plan_total_bytes
-from rlsync.protocol import BucketPlan
-from rlsync.transports import OnBucket, TransferStats, TransportError, TransportTimeout, integrity
+from rlsync.protocol import (
+    BucketPlan,
+    DestroyWeightsGroup,
+    InitWeightsGroup,
+    Message,
+    Result,
+    UpdateWeightsFromDistributed,
+    failed,
+)
+from rlsync.transports import (
+    OnBucket,
+    TransferStats,
+    TransportError,
+    TransportTimeout,
+    base,
+    integrity,
+)
 
 Backend = Literal["gloo", "nccl"]
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -196,9 +213,11 @@ def send_buckets(group: BroadcastGroup, plan: BucketPlan, tensors: Mapping[str, 
 
 
 def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *,
-                 verify: bool = False, timeout_s: float = 60.0) -> TransferStats:
+                 verify: bool = False, timeout_s: float = 60.0,
+                 cancel: threading.Event | None = None) -> TransferStats:
     """Ranks > 0: receive every bucket of `plan` and hand it to `on_bucket`; the receive of
-    bucket g+1 is posted before bucket g is loaded."""
+    bucket g+1 is posted before bucket g is loaded. A set `cancel` stops it between buckets
+    (a receive already posted still completes or times out, but nothing more is loaded)."""
     if group.rank == 0:
         raise TransportError("recv_buckets on rank 0: rank 0 sends")
     t0 = time.perf_counter()
@@ -208,8 +227,10 @@ def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *
              for g, b in enumerate(plan.buckets)]
     pending = group.broadcast_async(views[0], timeout_s) if views else None
     for g, bucket in enumerate(plan.buckets):
+        _check_cancel(cancel, g)
         following = group.broadcast_async(views[g + 1], timeout_s) if g + 1 < len(views) else None
         _finish(group, pending, timeout_s, f"bucket {g}", stats)
+        _check_cancel(cancel, g)
         t = time.perf_counter()
         if verify:
             integrity.check(g, views[g], bucket.nbytes)
@@ -222,9 +243,170 @@ def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *
     return stats
 
 
+def _check_cancel(cancel: threading.Event | None, g: int) -> None:
+    if cancel is not None and cancel.is_set():
+        raise base.Cancelled(f"broadcast receive cancelled before bucket {g}")
+
+
 def _finish(group: BroadcastGroup, work: Any, timeout_s: float, what: str,
             stats: TransferStats) -> None:
     if work is not None:
         t = time.perf_counter()
         group.wait(work, timeout_s, what)
         stats.add("wait", time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------- the two halves
+
+
+class Sender(base.Sender):
+    """Trainer half: rank 0 of a dedicated group whose ranks 1..N are the live engines."""
+
+    kind = "broadcast"
+    can_rebuild = True
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.group: BroadcastGroup | None = None
+        self.group_name = ""
+        self.members: list[str] = []
+        self._form(self.engines.live())
+
+    def _form(self, names: list[str]) -> None:
+        """Rendezvous: every engine joins from its loop while rank 0 joins here; all bounded."""
+        cfg = self.cfg
+        backend = cfg.backend if cfg.backend != "auto" else (
+            "nccl" if self.device.type == "cuda" else "gloo")
+        port, world = free_port(cfg.master_address), len(names) + 1
+        self.group_name = f"weights-{uuid.uuid4().hex[:8]}"
+        rids = self.engines.send({n: InitWeightsGroup(
+            master_address=cfg.master_address, master_port=port, rank_offset=i + 1,
+            world_size=world, group_name=self.group_name, backend=backend,
+            timeout_s=cfg.timeout_s) for i, n in enumerate(names)})
+        self.group = BroadcastGroup.create(
+            master_address=cfg.master_address, master_port=port, rank=0, world_size=world,
+            backend=backend, timeout_s=cfg.timeout_s, group_name=self.group_name)
+        replies = self.engines.gather(rids, cfg.timeout_s)
+        refused = {n: why for n, r in replies.items() if (why := failed(r)) is not None}
+        if refused:
+            self.group.destroy()
+            raise TransportError(f"weights group rendezvous failed: {refused}")
+        self.members = names
+
+    def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDistributed:
+        return UpdateWeightsFromDistributed(group_name=self.group_name, plan=update.plan,
+                                            plan_id=update.plan_id, **update.fields)
+
+    def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
+        if sorted(accepted) != sorted(self.members):
+            refused = sorted(set(self.members) - set(accepted))
+            raise TransportError(f"engines {refused} refused the update; a broadcast needs "
+                                 "every member")
+        assert self.group is not None
+        send_buckets(self.group, plan, tensors, verify=self.cfg.verify,
+                     timeout_s=self.cfg.timeout_s)
+
+    def rebuild(self) -> None:
+        self._dissolve()
+        self._form(self.engines.live())
+
+    def _dissolve(self) -> None:
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
+        live = [n for n in self.members if n not in self.engines.dead]
+        rids = self.engines.send({n: DestroyWeightsGroup(group_name=self.group_name)
+                                  for n in live})
+        self.engines.gather(rids, min(self.cfg.timeout_s, 10.0))
+
+    def close(self) -> None:
+        self._dissolve()
+
+
+class _Join:
+    """One engine's rendezvous with a group, on its own thread (rank 0 may be late)."""
+
+    def __init__(self, msg: InitWeightsGroup):
+        self.msg, self.group, self.error = msg, None, ""
+        self.thread = threading.Thread(target=self._run, name=f"join-{msg.group_name}",
+                                       daemon=True)
+
+    def _run(self) -> None:
+        msg = self.msg
+        try:
+            self.group = BroadcastGroup.create(
+                master_address=msg.master_address, master_port=msg.master_port,
+                rank=msg.rank_offset, world_size=msg.world_size, backend=msg.backend,
+                timeout_s=msg.timeout_s, group_name=msg.group_name)
+        except Exception as exc:  # reported in the Result; the engine loop goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+class Receiver(base.Receiver):
+    """Engine half: the groups this engine joined, by name. A join waits for rank 0 on a
+    worker thread (up to its timeout) while the engine loop keeps answering."""
+
+    kind = "broadcast"
+    control_messages = (InitWeightsGroup, DestroyWeightsGroup)
+
+    def __init__(self) -> None:
+        self.groups: dict[str, BroadcastGroup] = {}
+        self.joins: dict[str, _Join] = {}
+
+    def handle(self, msg: Message) -> list[Message]:
+        if isinstance(msg, DestroyWeightsGroup):
+            found = self.destroy_group(msg.group_name)
+            text = "destroyed" if found else f"no group {msg.group_name!r}"
+            return [Result(request_id=msg.request_id, success=found, message=text)]
+        assert isinstance(msg, InitWeightsGroup)
+        if msg.group_name in self.groups or msg.group_name in self.joins:
+            raise ValueError(f"group {msg.group_name!r} already exists; destroy it first")
+        join = self.joins[msg.group_name] = _Join(msg)
+        join.thread.start()
+        return []
+
+    def busy(self) -> bool:
+        return any(not j.thread.is_alive() for j in self.joins.values())
+
+    def poll(self) -> list[Message]:
+        """A Result for every join that ended; joined groups become usable."""
+        done: list[Message] = []
+        for name, join in list(self.joins.items()):
+            if join.thread.is_alive():
+                continue
+            del self.joins[name]
+            rid = join.msg.request_id
+            if join.group is not None:
+                self.groups[name] = join.group
+                text = f"joined group {name} as rank {join.msg.rank_offset}"
+                done.append(Result(request_id=rid, success=True, message=text))
+            else:
+                done.append(Result(request_id=rid, success=False,
+                                   message=f"InitWeightsGroup: {join.error}"))
+        return done
+
+    def destroy_group(self, name: str) -> bool:
+        group = self.groups.pop(name, None)
+        if group is not None:
+            group.destroy()
+        return group is not None
+
+    def check(self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None,
+              weights: base.WeightStore) -> int:
+        if msg.group_name not in self.groups:
+            raise ValueError(f"group_name {msg.group_name!r}: no such weights group "
+                             "(InitWeightsGroup first)")
+        return plan_total_bytes(plan) if plan is not None else 0
+
+    def receive(self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None,
+                writer: base.WeightWriter) -> None:
+        assert plan is not None
+        recv_buckets(self.groups[msg.group_name], plan, writer.on_bucket, verify=msg.verify,
+                     timeout_s=msg.timeout_s, cancel=writer.cancel)
+
+    def failed(self, msg: UpdateWeightsFromDistributed) -> None:
+        self.destroy_group(msg.group_name)  # a failed collective leaves the group unusable
+
+    def close(self) -> None:
+        for name in list(self.groups):
+            self.destroy_group(name)

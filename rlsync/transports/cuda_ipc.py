@@ -23,7 +23,7 @@ import torch
 from rlsync.protocol import BucketPlan, IpcBuffer
 from rlsync.transports import TransportError
 from rlsync.transports.control import Control, geometry
-from rlsync.transports.shm import IpcReceiver, IpcSender
+from rlsync.transports.ipc import IpcReceiver, IpcSender
 
 _SHARE_FIELDS = ("device", "cuda_handle", "size", "cuda_storage_offset",
                  "cuda_ref_counter_handle", "cuda_ref_counter_offset", "cuda_event_handle",

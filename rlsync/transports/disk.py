@@ -11,21 +11,25 @@ is ever read. Nothing here knows either side's model.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from rlsync.buckets import tensor_fingerprint
+from rlsync.buckets import dtype_from_name, tensor_fingerprint, tensor_nbytes
 from rlsync.checkpoint_io import (
     CheckpointError,
+    checkpoint_specs,
     iter_checkpoint_tensors,
     read_checkpoint_metadata,
     write_checkpoint,
 )
 from rlsync.model_config import ModelConfig
-from rlsync.transports import IntegrityError, TransferStats, TransportError
+from rlsync.protocol import BucketPlan, UpdateWeightsFromDisk
+from rlsync.transports import IntegrityError, TransferStats, TransportError, TransportTimeout, base
 
 VERSION_KEY = "rlsync_weight_version"
 FINGERPRINTS_KEY = "rlsync_fingerprints"
@@ -122,3 +126,56 @@ def _check(path: str | Path, name: str, tensor: torch.Tensor, prints: dict[str, 
     if expected != got:
         raise IntegrityError(f"disk: {path}: tensor {name!r} fingerprint {got} != written "
                              f"{expected}", name=name)
+
+
+# ---------------------------------------------------------------- the two halves
+
+
+class Sender(base.Sender):
+    """Trainer half: writes each version's files in `prepare` (only the newest directory is
+    kept); the engines read them after the announcement, so `send` moves nothing."""
+
+    kind = "disk"
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.root = Path(self.cfg.disk_dir) if self.cfg.disk_dir else self.work_dir / "weights"
+        self.current: Path | None = None
+        self.model_cfg: ModelConfig | None = getattr(self.engines, "model_cfg", None)
+
+    def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+        dtypes = {s.name: dtype_from_name(s.dtype) for b in plan.buckets for s in b.tensors}
+        path = self.root / f"v{version}"
+        write_weights(path, {n: t.to(dtypes[n]) for n, t in tensors.items()}, version,
+                      cfg=self.model_cfg, fingerprints=self.cfg.verify)
+        if self.current is not None and self.current != path:
+            shutil.rmtree(self.current, ignore_errors=True)
+        self.current = path
+
+    def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDisk:
+        assert self.current is not None
+        return UpdateWeightsFromDisk(path=str(self.current), **update.fields)
+
+    def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
+        """The files were written in prepare; each engine reads them itself."""
+
+
+class Receiver(base.Receiver):
+    """Engine half: reads the named directory tensor by tensor into the writer, within the
+    update's `timeout_s` (a slow disk fails the update instead of writing on forever)."""
+
+    kind = "disk"
+
+    def check(self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None,
+              weights: base.WeightStore) -> int:
+        specs = checkpoint_specs(msg.path)
+        weights.validate(specs, complete=True)
+        return sum(tensor_nbytes(d, s) for _, d, s in specs)
+
+    def receive(self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None,
+                writer: base.WeightWriter) -> None:
+        deadline = time.monotonic() + msg.timeout_s
+        for name, tensor in read_weights(Path(msg.path), verify=msg.verify):
+            if time.monotonic() > deadline:
+                raise TransportTimeout(f"disk: {msg.path} not read within {msg.timeout_s:.1f}s")
+            writer.write(name, tensor)

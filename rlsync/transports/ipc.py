@@ -1,36 +1,439 @@
-"""Pick the IPC transport for a device or a descriptor: POSIX shared memory for CPU
-weights, CUDA IPC for weights on a GPU. Both run the protocol in `shm`; callers hold an
-`IpcSender` / `IpcReceiver` and never branch on the kind themselves.
+"""IPC transport: one persistent buffer of bucket regions that the trainer writes and every
+engine reads, plus a control segment of counters (`control`), created once and reused every
+push. Two buffer kinds run this one protocol: POSIX shared memory (`shm`, CPU) and CUDA
+memory shared through an IPC handle (`cuda_ipc`). The transport's two halves, `Sender`
+and `Receiver`, sit at the end of this module.
+
+Engines map the buffer once (`attach`) and re-map only when a descriptor names another one.
+
+Layout. `slot_bytes == 0` ("packed", the default): bucket g sits after buckets 0..g-1, so a
+whole model fits and the sender never waits on engines within a push. `slot_bytes > 0`
+("ring"): bucket g sits in slot g % num_slots, reused only after every live engine consumed
+it. Each region holds a bucket plus its 8-byte fingerprint trailer (`integrity`).
+
+Protocol (each counter written by one side only; seq(p, n) = (p + 1) << 20 | n grows over
+pushes, so an older push's counters never pass for progress of this one):
+  sender, push p:  drain push p-1 -> ready = seq(p, 0) -> for bucket g:
+                     (ring) wait until live engines consumed the slot's last bucket; an engine
+                     with no progress for timeout_s is evicted (evicted[e] = p + 1) and reported
+                     -> pack + seal into the region -> ready = seq(p, g + 1)
+                   -> (wait) until live engines consumed all; any failure sets aborted = p + 1
+  engine e, push p: for bucket g: wait ready >= seq(p, g + 1), raising if the sender is on
+                     another push, aborted p, or evicted e -> check trailer -> on_bucket ->
+                     re-check eviction (its slot may have been reused) -> consumed[e] = seq(p, g+1)
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
-from rlsync.protocol import BucketPlan, IpcBuffer
-from rlsync.transports import TransportError
-from rlsync.transports.shm import IpcReceiver, IpcSender, ShmReceiver, ShmSender
+from rlsync.buckets import pack_bucket, plan_total_bytes
+from rlsync.protocol import Bucket, BucketPlan, IpcBuffer, UpdateWeightsFromIPC
+from rlsync.transports import (
+    OnBucket,
+    TransferStats,
+    TransportError,
+    TransportTimeout,
+    base,
+    integrity,
+)
+from rlsync.transports.control import (
+    MAX_PUSH_ID,
+    SHM_DIR,
+    Backoff,
+    Control,
+    fence,
+    layout,
+    region_bytes,
+    remove_orphan_segments,
+    seq,
+    seq_push,
+)
+
+STALE_CHECK_S = 1.0
+
+
+class IpcSender:
+    """Writer side of the slot protocol over a 1-D uint8 data buffer; the buffer kinds
+    (`shm.ShmSender`, `cuda_ipc.CudaIpcSender`) own the buffer and add descriptor fields."""
+
+    kind = "shm"
+
+    def __init__(self, data: torch.Tensor, control: Control, num_slots: int, slot_bytes: int):
+        self.data, self.control = data, control
+        self.num_slots, self.slot_bytes = num_slots, slot_bytes
+        self._last: tuple[int, int, set[int]] | None = None  # push id, buckets, live engines
+
+    @property
+    def data_name(self) -> str:
+        raise NotImplementedError
+
+    def descriptor(self, engine_index: int) -> IpcBuffer:
+        """What engine `engine_index` needs to attach (sent in UpdateWeightsFromIPC)."""
+        if not 0 <= engine_index < self.control.num_engines:
+            raise ValueError(f"engine_index {engine_index} not in [0, {self.control.num_engines})")
+        return IpcBuffer(kind=self.kind, name=self.data_name, control_name=self.control.name,
+                         nbytes=self.data.numel(), num_slots=self.num_slots,
+                         slot_bytes=self.slot_bytes, engine_index=engine_index,
+                         **self._descriptor_fields(engine_index))
+
+    def _descriptor_fields(self, engine_index: int) -> dict:
+        return {}
+
+    def fits(self, plan: BucketPlan) -> bool:
+        """Whether `plan` can be pushed through this buffer."""
+        try:
+            layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
+        except TransportError:
+            return False
+        return True
+
+    def push(self, plan: BucketPlan, tensors: Mapping[str, torch.Tensor], push_id: int, *,
+             verify: bool = False, timeout_s: float = 60.0, readers: Sequence[int] | None = None,
+             wait: bool = True) -> TransferStats:
+        """Pack bucket after bucket into its region, publishing each as ready.
+
+        `readers` (engine indices, default: all) take part; one that makes no progress for `timeout_s` is
+        evicted and listed in `timed_out_engines` while the others go on. With `wait`, return
+        once every live engine consumed the whole push; else the next push waits for that
+        first (engines stuck there are evicted and reported in this push's stats).
+        `push_id` must grow from push to push.
+        """
+        t0 = time.perf_counter()
+        offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
+        stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+        live = self._begin(push_id, readers, stats, timeout_s)
+        if not plan.buckets:
+            return stats
+        try:
+            for g, bucket in enumerate(plan.buckets):
+                if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?
+                    self._await(live, seq(push_id, g - self.num_slots + 1), push_id, stats,
+                                timeout_s)
+                self._fill(g, bucket, tensors, offsets[g], verify, stats)
+                fence()
+                self.control.set_ready(seq(push_id, g + 1))
+            self._last = (push_id, len(plan.buckets), live)
+            if wait:
+                self._await(live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s)
+        except BaseException:
+            self.control.set_aborted(push_id)  # engines fail now, not at their timeout
+            raise
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _begin(self, push_id: int, readers: Sequence[int] | None, stats: TransferStats,
+               timeout_s: float) -> set[int]:
+        if not 0 <= push_id <= MAX_PUSH_ID:
+            raise ValueError(f"push_id {push_id} out of range")
+        if self._last is not None:
+            prev, count, live = self._last
+            if push_id <= prev:
+                raise ValueError(f"push_id {push_id} must be greater than the previous {prev}")
+            self._await(live, seq(prev, count), prev, stats, timeout_s)  # drain the last push
+        live = set(range(self.control.num_engines) if readers is None else readers)
+        if any(not 0 <= e < self.control.num_engines for e in live):
+            raise ValueError(f"readers {sorted(live)} not in [0, {self.control.num_engines})")
+        self.control.set_ready(seq(push_id, 0))
+        return live
+
+    def _fill(self, g: int, bucket: Bucket, tensors: Mapping[str, torch.Tensor], offset: int,
+              verify: bool, stats: TransferStats) -> None:
+        t0 = time.perf_counter()
+        region = self.data[offset:offset + region_bytes(bucket.nbytes)]
+        pack_bucket(bucket, tensors, region)
+        if verify:
+            integrity.seal(g, region, bucket.nbytes)
+        if region.is_cuda:  # the bytes must be in device memory before we say "ready"
+            torch.cuda.current_stream(region.device).synchronize()
+        stats.add("pack", time.perf_counter() - t0)
+
+    def _await(self, live: set[int], target: int, push_id: int, stats: TransferStats,
+               timeout_s: float) -> None:
+        """Wait until every live engine's counter reaches `target`; evict each engine whose
+        counter has not moved for `timeout_s`."""
+        t0 = time.perf_counter()
+        pending = {e: (self.control.consumed(e), t0) for e in live}
+        backoff = Backoff()
+        while pending:
+            now = time.perf_counter()
+            for e, (last, since) in list(pending.items()):
+                value = self.control.consumed(e)
+                if value >= target:
+                    del pending[e]
+                elif value != last:
+                    pending[e] = (value, now)
+                elif now - since > timeout_s:
+                    del pending[e]
+                    self._evict(e, push_id, live, stats)
+            if pending:
+                backoff.pause()
+        stats.add("wait", time.perf_counter() - t0)
+
+    def _evict(self, engine: int, push_id: int, live: set[int], stats: TransferStats) -> None:
+        self.control.evict(engine, push_id)
+        fence()  # visible to the engine before its slot is reused
+        live.discard(engine)
+        stats.timed_out_engines.append(engine)
+
+    def close(self) -> None:
+        """Release the data buffer and unlink the control segment."""
+        self.data = torch.empty(0, dtype=torch.uint8)
+        self._close_data()
+        self.control.close()
+
+    def _close_data(self) -> None:
+        pass
+
+
+class IpcReceiver:
+    """Reader side of the slot protocol: maps a sender's buffer once, keeps it across pushes
+    and re-maps only when a descriptor names another buffer."""
+
+    kind = "shm"
+
+    def __init__(self, buffer: IpcBuffer | None = None):
+        self.buffer: IpcBuffer | None = None
+        self.control: Control | None = None
+        self.data: torch.Tensor | None = None
+        if buffer is not None:
+            self.attach(buffer)
+
+    def attach(self, buffer: IpcBuffer) -> None:
+        """Map `buffer` unless it is the one already mapped (then only take its engine index)."""
+        if buffer.kind != self.kind:
+            raise TransportError(f"{type(self).__name__} cannot open a {buffer.kind!r} buffer")
+        if self.buffer is not None and _key(self.buffer) == _key(buffer):
+            if buffer.engine_index >= self.control.num_engines:
+                raise TransportError(f"ipc: engine_index {buffer.engine_index} out of range")
+            self.buffer = buffer
+            return
+        self.close()
+        control = Control.open(buffer)
+        try:
+            self.data = self._open_data(buffer)
+        except BaseException:
+            control.close()
+            raise
+        self.buffer, self.control = buffer, control
+
+    def receive(self, plan: BucketPlan, push_id: int, on_bucket: OnBucket, *,
+                verify: bool = False, timeout_s: float = 60.0,
+                cancel: threading.Event | None = None) -> TransferStats:
+        """Hand every bucket of push `push_id` to `on_bucket`, in order, as each becomes
+        ready; every wait for the next bucket is bounded by `timeout_s` and stops early when
+        `cancel` is set."""
+        if self.buffer is None or self.control is None or self.data is None:
+            raise TransportError("ipc: receive before attach")
+        t0 = time.perf_counter()
+        engine = self.buffer.engine_index
+        offsets = layout(plan, self.buffer.slot_bytes, self.buffer.num_slots, self.data.numel())
+        stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+        for g, bucket in enumerate(plan.buckets):
+            self._await_ready(push_id, g, stats, timeout_s, cancel)
+            self._load(g, bucket, offsets[g], on_bucket, verify, stats)
+            self._check(push_id, g)  # evicted while loading: the slot may have been reused
+            self.control.set_consumed(engine, seq(push_id, g + 1))
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _await_ready(self, push_id: int, g: int, stats: TransferStats, timeout_s: float,
+                     cancel: threading.Event | None) -> None:
+        t0 = time.perf_counter()
+        target, backoff = seq(push_id, g + 1), Backoff()
+        while (ready := self.control.ready()) < target:
+            self._check(push_id, g)
+            if cancel is not None and cancel.is_set():
+                raise base.Cancelled(f"ipc receive cancelled waiting for bucket {g}")
+            if time.perf_counter() - t0 > timeout_s:
+                raise TransportTimeout(
+                    f"ipc engine {self.buffer.engine_index}: push {push_id} bucket {g} not "
+                    f"ready after {timeout_s:.1f}s (sender pid {self.control.sender_pid})")
+            backoff.pause()
+        if seq_push(ready) != push_id:
+            raise TransportError(f"ipc engine {self.buffer.engine_index}: push {push_id} bucket "
+                                 f"{g}: the sender is on push {seq_push(ready)}")
+        fence()
+        stats.add("wait", time.perf_counter() - t0)
+
+    def _check(self, push_id: int, g: int) -> None:
+        engine = self.buffer.engine_index
+        if self.control.aborted() == push_id + 1:
+            raise TransportError(f"ipc engine {engine}: push {push_id} aborted by the sender "
+                                 f"(waiting on bucket {g})")
+        if self.control.evicted(engine) == push_id + 1:
+            raise TransportTimeout(f"ipc engine {engine}: evicted from push {push_id} at bucket "
+                                   f"{g}: the sender timed out waiting for it")
+
+    def _load(self, g: int, bucket: Bucket, offset: int, on_bucket: OnBucket, verify: bool,
+              stats: TransferStats) -> None:
+        t0 = time.perf_counter()
+        region = self.data[offset:offset + region_bytes(bucket.nbytes)]
+        if verify:
+            integrity.check(g, region, bucket.nbytes)
+            stats.add("verify", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        on_bucket(g, bucket, region[:bucket.nbytes])
+        if region.is_cuda:  # the engine's copies must finish before the slot is reused
+            torch.cuda.current_stream(region.device).synchronize()
+        fence()
+        stats.add("load", time.perf_counter() - t1)
+
+    def _open_data(self, buffer: IpcBuffer) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _close_data(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Unmap the buffer and the control segment (the sender owns and unlinks them)."""
+        self.data = None
+        self._close_data()
+        if self.control is not None:
+            self.control.close()
+        self.buffer, self.control = None, None
+
+
+def _key(buffer: IpcBuffer) -> tuple:
+    return (buffer.kind, buffer.name, buffer.control_name, buffer.nbytes, buffer.num_slots,
+            buffer.slot_bytes)
+
+
+
+
+# ---------------------------------------------------------------- buffer kinds
 
 
 def make_sender(plan: BucketPlan | None = None, *, num_engines: int,
                 device: torch.device | str | None = None, num_slots: int | None = None,
                 capacity_bytes: int | None = None) -> IpcSender:
-    """A CUDA IPC sender when `device` is a GPU, else a shared-memory one."""
+    """A CUDA buffer when `device` is a GPU, else a shared-memory one."""
     if device is not None and torch.device(device).type == "cuda":
         from rlsync.transports.cuda_ipc import CudaIpcSender
 
         return CudaIpcSender(plan, num_engines=num_engines, device=device, num_slots=num_slots,
                              capacity_bytes=capacity_bytes)
+    from rlsync.transports.shm import ShmSender
+
     return ShmSender(plan, num_engines=num_engines, num_slots=num_slots,
                      capacity_bytes=capacity_bytes)
 
 
 def open_receiver(buffer: IpcBuffer) -> IpcReceiver:
-    """A receiver of the descriptor's kind, attached to it."""
+    """A reader of the descriptor's buffer kind, attached to it."""
     if buffer.kind == "shm":
+        from rlsync.transports.shm import ShmReceiver
+
         return ShmReceiver(buffer)
     if buffer.kind == "cuda":
         from rlsync.transports.cuda_ipc import CudaIpcReceiver
 
         return CudaIpcReceiver(buffer)
     raise TransportError(f"ipc: unknown buffer kind {buffer.kind!r}")
+
+
+# ---------------------------------------------------------------- the two halves
+
+
+class Sender(base.Sender):
+    """Trainer half: one persistent buffer that every engine reads (re-made only when a plan
+    no longer fits), with a push id that grows every push."""
+
+    kind = "ipc"
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.buffer: IpcSender | None = None
+        self.push_id = 0
+        remove_orphan_segments()  # what a SIGKILLed pusher left in /dev/shm
+
+    def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+        if self.buffer is None or not self.buffer.fits(plan):
+            if self.buffer is not None:
+                self.buffer.close()
+                self.buffer = None
+            self.buffer = make_sender(plan, num_engines=len(self.engines.names),
+                                      device=self.device)
+        self.push_id += 1
+
+    def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromIPC:
+        assert self.buffer is not None
+        return UpdateWeightsFromIPC(buffer=self.buffer.descriptor(self.engines.index(engine)),
+                                    plan=update.plan, plan_id=update.plan_id,
+                                    push_id=self.push_id, **update.fields)
+
+    def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
+        assert self.buffer is not None
+        readers = [self.engines.index(n) for n in accepted]
+        self.buffer.push(plan, tensors, self.push_id, readers=readers, verify=self.cfg.verify,
+                         timeout_s=self.cfg.timeout_s)
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+
+class Receiver(base.Receiver):
+    """Engine half: one mapped buffer per buffer kind, opened on first use and re-mapped only
+    when a push names another buffer. Between updates, a buffer whose sender closed it (its
+    control segment is gone) is unmapped so it does not stay resident in the engine."""
+
+    kind = "ipc"
+
+    def __init__(self) -> None:
+        self.readers: dict[str, IpcReceiver] = {}
+        self.next_check = 0.0
+        self.active = False
+
+    def check(self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None,
+              weights: base.WeightStore) -> int:
+        if msg.buffer.kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError("buffer.kind 'cuda' but this engine has no CUDA device")
+        return plan_total_bytes(plan) if plan is not None else 0
+
+    def receive(self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None,
+                writer: base.WeightWriter) -> None:
+        assert plan is not None
+        self.active = True
+        try:
+            self._reader(msg.buffer).receive(plan, msg.push_id, writer.on_bucket,
+                                             verify=msg.verify, timeout_s=msg.timeout_s,
+                                             cancel=writer.cancel)
+        finally:
+            self.active = False
+
+    def _reader(self, buffer: IpcBuffer) -> IpcReceiver:
+        current = self.readers.get(buffer.kind)
+        if current is None:
+            current = self.readers[buffer.kind] = open_receiver(buffer)
+        else:
+            current.attach(buffer)
+        return current
+
+    def busy(self) -> bool:
+        return bool(self.readers) and not self.active and time.monotonic() >= self.next_check
+
+    def poll(self) -> list:
+        """Unmap buffers whose sender is gone (at most once per STALE_CHECK_S, between
+        updates)."""
+        if not self.busy():
+            return []
+        self.next_check = time.monotonic() + STALE_CHECK_S
+        for kind, reader in list(self.readers.items()):
+            name = reader.buffer.control_name if reader.buffer is not None else ""
+            if not os.path.exists(os.path.join(SHM_DIR, name)):
+                reader.close()
+                del self.readers[kind]
+        return []
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+        self.readers.clear()

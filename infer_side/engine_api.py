@@ -1,0 +1,69 @@
+"""The narrow interface between the weight-update machine and an engine backend.
+
+`infer_side.update_machine.UpdateMachine` drives a weight update through these methods only;
+every engine backend implements them (`EngineCore` for our own engine; the vLLM backend
+next). The machine owns the gating state (weights incomplete, admission held, the pending
+version) and the backend asks it; the backend owns its weights, scheduler and KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from rlsync.protocol import PauseMode
+
+
+class EngineWeights(Protocol):
+    """One store of an engine's weights, addressed by Hugging Face names."""
+
+    def expected(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype name, shape) of every tensor an update must carry."""
+        ...
+
+    def validate(self, items: Iterable[tuple[str, Any, Iterable[int]]],
+                 complete: bool = True) -> None:
+        """Raise naming the tensor when (name, dtype, shape) items do not fit."""
+        ...
+
+    def hf_views(self) -> Mapping[str, torch.Tensor]:
+        """Writable views of the store's bytes, by Hugging Face name."""
+        ...
+
+    def fingerprints(self, names: Iterable[str] | None = None) -> dict[str, int]: ...
+
+
+class UpdatableEngine(Protocol):
+    """What the update machine needs from an engine backend."""
+
+    weight_version: int
+    """The version every new token is produced with; the machine sets it on commit."""
+
+    def live_weights(self) -> EngineWeights: ...
+
+    def new_shadow(self) -> EngineWeights:
+        """A second store with the live one's layout, for shadow updates."""
+        ...
+
+    def swap_weights(self, store: EngineWeights) -> EngineWeights:
+        """Serve from `store` from the next step on; return the store it replaces."""
+        ...
+
+    def pause(self, mode: PauseMode) -> None: ...
+    def continue_generation(self) -> None: ...
+    def paused_mode(self) -> PauseMode | None: ...
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting, running) requests."""
+        ...
+
+    def is_idle(self) -> bool:
+        """No request holds KV or may be admitted."""
+        ...
+
+    def flush_kv(self, empty_cache: bool) -> None:
+        """No KV computed with the old weights may be reused after this; call
+        torch.cuda.empty_cache() only when `empty_cache` (SGLang PR #22998)."""
+        ...

@@ -1,0 +1,375 @@
+"""The weight-update state machine: accept an update, receive it, make it live, and never
+serve a half-updated model. Engine-agnostic: it reaches the engine only through
+`infer_side.engine_api.UpdatableEngine` and the bytes only through the transport receivers
+of `rlsync.transports.registry`.
+
+Every update gets two replies with its request id: `UpdateAccepted` once the whole update
+is validated (or an `UpdateDone` failure that changed nothing), then `UpdateDone`. Between
+them the engine loop keeps running: bytes arrive on a worker thread, and `poll()` advances
+the job at most one stage per loop iteration. Only the loop thread moves stages; the worker
+only writes through its `WeightWriter` and signals `done`.
+
+    in_place:  WAITING --(pause per mode, or idle)--> RECEIVING (into the live store, generate
+               refused: "weights incomplete") --> RECEIVED --> COMMITTED
+    shadow:    RECEIVING (into the shadow store while generation goes on) --> RECEIVED
+               --(pause per mode, or idle)--> COMMITTED (swap between two steps)
+    commit:    [swap] -> flush KV (empty_cache only if asked) -> set version -> resume
+    any stage --> FAILED: a shadow failure leaves the old weights serving untouched; an
+               in_place failure that touched the live store leaves generation refused until a
+               whole update lands. A receive that overruns its bounds is cancelled: its
+               writer stops, and a shadow store it could still write is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+from infer_side.engine_api import EngineWeights, UpdatableEngine
+from rlsync.buckets import validate_plan
+from rlsync.protocol import (
+    BucketPlan,
+    BucketUpdate,
+    GetWeightsFingerprint,
+    GetWeightSpecs,
+    Message,
+    Result,
+    UpdateAccepted,
+    UpdateDone,
+    UpdateTimings,
+    UpdateWeights,
+    WeightFingerprints,
+    WeightSpec,
+    WeightSpecs,
+    plan_id_of,
+)
+from rlsync.transports import registry
+from rlsync.transports.base import Receiver, WeightWriter
+
+WORKER_GRACE_S = 5.0
+"""Past timeout_s + idle_timeout_s + this, the watchdog cancels a receive."""
+PLANS_KEPT = 8
+
+
+class Stage(Enum):
+    WAITING = "waiting"
+    RECEIVING = "receiving"
+    RECEIVED = "received"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class UnknownPlan(ValueError):
+    """An update named a plan_id this engine does not hold."""
+
+
+@dataclass(eq=False)
+class UpdateJob:
+    """One update in flight: its request, stage and the worker receiving it."""
+
+    msg: UpdateWeights
+    receiver: Receiver
+    plan: BucketPlan | None
+    nbytes: int
+    started: float = field(default_factory=time.perf_counter)
+    stage: Stage = Stage.WAITING
+    error: str = ""
+    paused: bool = False
+    """This job paused generation, so only it resumes it."""
+    block_started: float | None = None
+    """When generation stopped for this job (pause, hold or weights incomplete)."""
+    into_live: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    writer: WeightWriter | None = None
+    thread: threading.Thread | None = None
+    worker_error: str = ""
+    recv_s: float = 0.0
+    flush_s: float = 0.0
+
+    @property
+    def version(self) -> int:
+        return self.msg.weight_version
+
+    def waited_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def live_touched(self) -> bool:
+        """Whether the live store may hold bytes of this update (a worker still running after
+        a cancel counts: it may be mid-copy)."""
+        if not self.into_live or self.writer is None:
+            return False
+        return self.writer.touched or (self.thread is not None and self.thread.is_alive())
+
+    def start_worker(self, target: EngineWeights, into_live: bool) -> None:
+        self.stage, self.into_live = Stage.RECEIVING, into_live
+        self.writer = WeightWriter(target.hf_views(), self.cancel)
+        self.thread = threading.Thread(target=self._run, name=f"weights-v{self.version}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch  # inference_mode per thread: the copies need no autograd
+
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                self.receiver.receive(self.msg, self.plan, self.writer)
+        except Exception as exc:  # reported to the pusher, never kills the engine loop
+            self.worker_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.recv_s = time.perf_counter() - start
+            self.done.set()
+
+    def timings(self) -> UpdateTimings:
+        load_s = self.writer.load_s if self.writer is not None else 0.0
+        pause_ms = 0.0 if self.block_started is None else \
+            (time.perf_counter() - self.block_started) * 1e3
+        return UpdateTimings(total_s=self.waited_s(), recv_s=max(self.recv_s - load_s, 0.0),
+                             load_s=load_s, flush_s=self.flush_s, pause_ms=pause_ms)
+
+
+class PlanCache:
+    """Validated plans by plan_id, so an unchanged plan crosses the wire (and is checked)
+    once; the few most recent are kept."""
+
+    def __init__(self, keep: int = PLANS_KEPT):
+        self.keep = keep
+        self.plans: OrderedDict[str, BucketPlan] = OrderedDict()
+
+    def resolve(self, msg: BucketUpdate, weights: EngineWeights) -> BucketPlan:
+        if msg.plan is None:
+            plan = self.plans.get(msg.plan_id)
+            if plan is None:
+                raise UnknownPlan(f"plan_id {msg.plan_id!r}: unknown to this engine; send the plan")
+            self.plans.move_to_end(msg.plan_id)
+            return plan
+        plan_id = plan_id_of(msg.plan)
+        if msg.plan_id and msg.plan_id != plan_id:
+            raise ValueError(f"plan_id {msg.plan_id!r} does not match the plan's content "
+                             f"({plan_id})")
+        validate_plan(msg.plan)
+        weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
+        self.plans[plan_id] = msg.plan
+        while len(self.plans) > self.keep:
+            self.plans.popitem(last=False)
+        return msg.plan
+
+
+class UpdateMachine:
+    """Owns the update in flight, the shadow store, the transport receivers, the validated
+    plans and the gating state the engine asks about."""
+
+    def __init__(self, engine: UpdatableEngine):
+        self.engine = engine
+        self.receivers: dict[str, Receiver] = {}
+        self.plans = PlanCache()
+        self.shadow: EngineWeights | None = None
+        self.job: UpdateJob | None = None
+        self.abandoned: UpdateJob | None = None
+        """A cancelled in_place job whose worker may still be mid-copy into the live store."""
+        self.weights_incomplete = False
+        """The live store holds part of an update: generation is refused, no step runs."""
+        self.admission_held = False
+        """Waiting for idle: waiting requests stay waiting."""
+        self.pending_version: int | None = None
+
+    # ------------------------------------------------------------ entry points (loop thread)
+
+    def handles(self, msg: Message) -> bool:
+        return isinstance(msg, (UpdateWeights, GetWeightsFingerprint, GetWeightSpecs)) or \
+            registry.control_owner(msg) is not None
+
+    def process(self, msg: Message) -> list[Message]:
+        """Immediate replies to one weight message; a bad one is answered, never fatal."""
+        try:
+            if isinstance(msg, UpdateWeights):
+                return [self._accept(msg)]
+            if isinstance(msg, GetWeightsFingerprint):
+                return [self._fingerprints(msg)]
+            if isinstance(msg, GetWeightSpecs):
+                return [self._specs(msg)]
+            return self._receiver(registry.control_owner(msg)).handle(msg)
+        except UnknownPlan as exc:
+            return [UpdateDone(request_id=msg.request_id, success=False, message=str(exc),
+                               weight_version=self.engine.weight_version, unknown_plan=True)]
+        except Exception as exc:
+            text = f"{type(msg).__name__}: {type(exc).__name__}: {exc}"
+            if isinstance(msg, UpdateWeights):
+                return [UpdateDone(request_id=msg.request_id, success=False, message=text,
+                                   weight_version=self.engine.weight_version,
+                                   transport=msg.transport,
+                                   weights_incomplete=self.weights_incomplete)]
+            return [Result(request_id=msg.request_id, success=False, message=text)]
+
+    def poll(self) -> list[Message]:
+        """Replies of transport work that finished, and the job advanced by one stage."""
+        out: list[Message] = []
+        for receiver in self.receivers.values():
+            out.extend(receiver.poll())
+        if self.job is not None:
+            out.extend(self._advance(self.job))
+        return out
+
+    def busy(self) -> bool:
+        """True when the loop must call poll(): not while a worker is still receiving."""
+        if any(r.busy() for r in self.receivers.values()):
+            return True
+        job = self.job
+        return job is not None and (job.stage is not Stage.RECEIVING or job.done.is_set()
+                                    or self._overdue(job))
+
+    def receiving(self) -> bool:
+        return self.job is not None and self.job.stage is Stage.RECEIVING
+
+    def incoming_version(self) -> int | None:
+        """The version an update in progress brings (named in "weights incomplete")."""
+        if self.pending_version is not None:
+            return self.pending_version
+        return self.job.version if self.job is not None else None
+
+    def close(self) -> None:
+        if self.job is not None:
+            self.job.cancel.set()
+        for receiver in self.receivers.values():
+            receiver.close()
+
+    def _receiver(self, kind: str | None) -> Receiver:
+        assert kind is not None
+        if kind not in self.receivers:
+            self.receivers[kind] = registry.receiver_class(kind)()
+        return self.receivers[kind]
+
+    # ------------------------------------------------------------ accept
+
+    def _accept(self, msg: UpdateWeights) -> Message:
+        """Validate the whole update before a byte arrives; refuse with nothing changed."""
+        if self.job is not None:
+            raise RuntimeError(f"update to version {self.job.version} still in progress")
+        if self.abandoned is not None and self.abandoned.thread.is_alive():
+            raise RuntimeError(f"the cancelled update to version {self.abandoned.version} is "
+                               "still stopping; retry shortly")
+        if msg.weight_version <= self.engine.weight_version:
+            raise ValueError(f"weight_version {msg.weight_version} is not newer than the "
+                             f"loaded version {self.engine.weight_version}")
+        live = self.engine.live_weights()
+        plan = self.plans.resolve(msg, live) if isinstance(msg, BucketUpdate) else None
+        receiver = self._receiver(msg.transport)
+        nbytes = receiver.check(msg, plan, live)
+        self.job = job = UpdateJob(msg=msg, receiver=receiver, plan=plan, nbytes=nbytes)
+        if msg.load_mode == "shadow":
+            if self.shadow is None:
+                self.shadow = self.engine.new_shadow()
+            job.start_worker(self.shadow, into_live=False)
+        return UpdateAccepted(request_id=msg.request_id, weight_version=msg.weight_version,
+                              bytes=nbytes)
+
+    # ------------------------------------------------------------ the update order
+
+    def _advance(self, job: UpdateJob) -> list[Message]:
+        """One step of the order drawn in the module docstring."""
+        if job.stage is Stage.WAITING and self._block_generation(job):
+            self.weights_incomplete = True
+            self.pending_version = job.version
+            job.start_worker(self.engine.live_weights(), into_live=True)
+        elif job.stage is Stage.RECEIVING:
+            if job.done.is_set():
+                job.stage, job.error = ((Stage.FAILED, job.worker_error) if job.worker_error
+                                        else (Stage.RECEIVED, ""))
+            elif self._overdue(job):
+                self._abandon(job)
+        if job.stage is Stage.RECEIVED:
+            if job.msg.load_mode == "in_place" or self._block_generation(job):
+                return self._commit(job)
+        if job.stage is Stage.FAILED:
+            return self._fail(job)
+        return []
+
+    def _overdue(self, job: UpdateJob) -> bool:
+        limit = job.msg.timeout_s + job.msg.idle_timeout_s + WORKER_GRACE_S
+        return job.stage is Stage.RECEIVING and job.waited_s() > limit
+
+    def _abandon(self, job: UpdateJob) -> None:
+        """The watchdog: cancel the worker; a shadow store it could still write is dropped
+        (the next shadow update allocates a fresh one), an in_place one is remembered so no
+        update starts while it may still be mid-copy."""
+        job.cancel.set()
+        job.stage = Stage.FAILED
+        job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
+        if job.into_live:
+            self.abandoned = job
+        else:
+            self.shadow = None
+
+    def _block_generation(self, job: UpdateJob) -> bool:
+        """Stop generation per the request's pause mode, or wait (bounded) for idle."""
+        engine, mode = self.engine, job.msg.pause_mode
+        if mode is not None:
+            if engine.paused_mode() is None:
+                engine.pause(mode)
+                job.paused = True
+            job.block_started = job.block_started or time.perf_counter()
+            return True
+        self.admission_held = True
+        if engine.is_idle():
+            job.block_started = job.block_started or time.perf_counter()
+            return True
+        if job.waited_s() > job.msg.idle_timeout_s:
+            waiting, running = engine.counts()
+            job.error = (f"engine not idle after {job.msg.idle_timeout_s:.1f}s "
+                         f"(waiting={waiting}, running={running}); set pause_mode to preempt")
+            job.stage = Stage.FAILED
+        return False
+
+    def _commit(self, job: UpdateJob) -> list[Message]:
+        msg, start = job.msg, time.perf_counter()
+        if msg.load_mode == "shadow":
+            assert self.shadow is not None
+            self.shadow = self.engine.swap_weights(self.shadow)
+        if msg.flush_cache:
+            self.engine.flush_kv(msg.torch_empty_cache)
+        self.engine.weight_version = msg.weight_version
+        self.weights_incomplete = False
+        job.flush_s = time.perf_counter() - start
+        job.stage = Stage.COMMITTED
+        return self._finish(job, True, f"loaded version {msg.weight_version}")
+
+    def _fail(self, job: UpdateJob) -> list[Message]:
+        if job.into_live and not job.live_touched:
+            self.weights_incomplete = False  # nothing was written: the old weights stand
+        job.receiver.failed(job.msg)
+        return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
+
+    def _finish(self, job: UpdateJob, ok: bool, text: str) -> list[Message]:
+        done = UpdateDone(request_id=job.msg.request_id, success=ok, message=text,
+                          weight_version=self.engine.weight_version, bytes=job.nbytes,
+                          transport=job.msg.transport, timings=job.timings(),
+                          live_touched=job.live_touched and not ok,
+                          weights_incomplete=self.weights_incomplete)
+        if job.paused:
+            self.engine.continue_generation()
+        self.admission_held = False
+        self.pending_version = None if not self.weights_incomplete else self.pending_version
+        self.job = None
+        return [done]
+
+    # ------------------------------------------------------------ weight state
+
+    def _fingerprints(self, msg: GetWeightsFingerprint) -> Message:
+        weights = self.engine.live_weights()
+        prints = weights.fingerprints(msg.names) if msg.names != [] else {}
+        return WeightFingerprints(request_id=msg.request_id,
+                                  weight_version=self.engine.weight_version,
+                                  fingerprints=prints, weights_incomplete=self.weights_incomplete,
+                                  update_in_progress=self.job is not None)
+
+    def _specs(self, msg: GetWeightSpecs) -> Message:
+        specs = [WeightSpec(name=n, dtype=d, shape=list(s))
+                 for n, (d, s) in self.engine.live_weights().expected().items()]
+        return WeightSpecs(request_id=msg.request_id, specs=specs,
+                           weight_version=self.engine.weight_version)
+

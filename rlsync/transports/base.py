@@ -1,0 +1,166 @@
+"""The lifecycle every transport implements, once per side, and what each side hands it.
+
+Sender (trainer rank 0), per push:
+
+    sender = Sender(cfg, engines, work_dir, device)      # open: groups, buffers, directories
+    sender.prepare(plan, tensors, version)              # work before the announcement
+    msg = sender.announce(engine, fields)               # the UpdateWeights* for one engine
+    sender.send(plan, tensors, accepted)                # move the bytes to those engines
+    sender.rebuild()                                    # re-form without dead engines
+    sender.close()
+
+Receiver (engine), kept across updates:
+
+    nbytes = receiver.check(msg, plan, weights)         # validate before any byte moves
+    receiver.receive(msg, plan, writer)                 # worker thread; writer checks cancel
+    receiver.close()
+
+A receiver may also answer transport-specific control messages (`handles`/`handle`, e.g.
+the broadcast group's InitWeightsGroup) and report work that finishes later (`poll`).
+Nothing here knows an engine's internals or a trainer: named views in, bytes across.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from rlsync.buckets import bucket_views
+from rlsync.config import SyncConfig
+from rlsync.protocol import Bucket, BucketPlan, Message, UpdateWeights
+from rlsync.transports import TransportError
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class Cancelled(TransportError):
+    """The engine gave up on this receive; nothing more may be written."""
+
+
+class ControlPlane(Protocol):
+    """The trainer's view of its engines, as a sender needs it (trainer_side.EngineSet)."""
+
+    dead: set[str]
+
+    @property
+    def names(self) -> list[str]: ...
+    def live(self) -> list[str]: ...
+    def index(self, name: str) -> int: ...
+    def send(self, msgs: Mapping[str, Message]) -> dict[str, str]: ...
+    def gather(self, rids: Mapping[str, str], timeout_s: float) -> dict[str, Message]: ...
+
+
+class WeightStore(Protocol):
+    """What a receiver checks an update against (infer_side's weights, or a backend's)."""
+
+    def expected(self) -> dict[str, tuple[str, tuple[int, ...]]]: ...
+    def validate(self, items: Any, complete: bool = True) -> None: ...
+
+
+@dataclass(kw_only=True)
+class Announce:
+    """What every update message carries, filled in by the pusher."""
+
+    fields: dict[str, Any]
+    """The UpdateWeights fields common to every transport (version, modes, timeouts)."""
+    plan: BucketPlan | None
+    """The plan, or None when the engine already holds it (then only `plan_id` travels)."""
+    plan_id: str
+
+
+class Sender:
+    """Trainer half of a transport. Subclasses set `kind` and implement announce/send."""
+
+    kind: ClassVar[str] = ""
+    can_rebuild: ClassVar[bool] = False
+
+    def __init__(self, cfg: SyncConfig, engines: ControlPlane, work_dir: Path,
+                 device: torch.device):
+        self.cfg, self.engines, self.work_dir, self.device = cfg, engines, work_dir, device
+
+    def prepare(self, plan: BucketPlan, tensors: Tensors, version: int) -> None:
+        """Work before the announcement (the disk transport writes its files here)."""
+
+    def announce(self, engine: str, update: Announce) -> UpdateWeights:
+        raise NotImplementedError
+
+    def send(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
+        raise NotImplementedError
+
+    def rebuild(self) -> None:
+        """Re-form around the live engines (only where `can_rebuild`)."""
+
+    def close(self) -> None:
+        """Release buffers, groups and files this sender holds."""
+
+
+class Receiver:
+    """Engine half of a transport; one per kind, kept across updates."""
+
+    kind: ClassVar[str] = ""
+    control_messages: ClassVar[tuple[type[Message], ...]] = ()
+    """Transport-specific requests this receiver answers through `handle`."""
+
+    def handle(self, msg: Message) -> list[Message]:
+        """Answer one of `control_messages` (replies now, or later through `poll`)."""
+        raise TypeError(f"{type(self).__name__} does not handle {type(msg).__name__}")
+
+    def poll(self) -> list[Message]:
+        """Replies to control work that finished since the last call (loop thread)."""
+        return []
+
+    def busy(self) -> bool:
+        """Whether `poll` has something to report now."""
+        return False
+
+    def check(self, msg: Any, plan: BucketPlan | None, weights: WeightStore) -> int:
+        """Validate `msg` against the engine's weights; return its byte count. Raises with the
+        offending field or tensor named; changes nothing."""
+        raise NotImplementedError
+
+    def receive(self, msg: Any, plan: BucketPlan | None, writer: WeightWriter) -> None:
+        """Move the whole update into `writer` (worker thread). Raises on any failure."""
+        raise NotImplementedError
+
+    def failed(self, msg: Any) -> None:
+        """An update through this receiver failed (e.g. a broadcast group is now unusable)."""
+
+    def close(self) -> None:
+        """Release groups and mappings."""
+
+
+class WeightWriter:
+    """The only way a receive touches weights: named views of one store, a cancel flag
+    checked before every write, and the timings and "touched" flag the engine reports.
+
+    Why one chokepoint: once the engine gives up on a receive (its watchdog fired), the
+    worker thread may still be running; with every write going through `write`, it can
+    finish at most the copy in flight and then stops with `Cancelled`.
+    """
+
+    def __init__(self, views: Mapping[str, torch.Tensor], cancel: threading.Event):
+        self.views, self.cancel = views, cancel
+        self.touched = False
+        self.load_s = 0.0
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("receive cancelled: the engine gave up on this update")
+
+    def write(self, name: str, src: torch.Tensor) -> None:
+        self.check_cancel()
+        start = time.perf_counter()
+        self.touched = True
+        self.views[name].copy_(src)
+        self.load_s += time.perf_counter() - start
+
+    def on_bucket(self, index: int, bucket: Bucket, buf: torch.Tensor) -> None:
+        """The OnBucket callback of the bucket transports."""
+        for name, view in bucket_views(bucket, buf):
+            self.write(name, view)
