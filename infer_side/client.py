@@ -19,7 +19,6 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import IO, TypeVar
 
 from rlsync.auth import ClientKeys, load_client_keys
@@ -31,6 +30,7 @@ from rlsync.endpoints import (
     private_ipc_endpoint,
     remove_private_endpoint,
 )
+from rlsync.procs import child_env, reap
 from rlsync.protocol import (
     Abort,
     ContinueGeneration,
