@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from rlsync import codec
+from rlsync.netutil import free_port
 from rlsync.protocol import BucketPlan, UpdateWeightsFromDistributed
 from rlsync.transports import IntegrityError, TransportError, TransportTimeout, integrity
-from rlsync.transports.broadcast import BroadcastGroup, free_port, recv_buckets, send_buckets
+from rlsync.transports.broadcast import BroadcastGroup, recv_buckets, send_buckets
 from tests.rlsync.test_transport_shm import (
     KillAt,
     collector,
