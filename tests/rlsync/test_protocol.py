@@ -31,9 +31,11 @@ PLAN = p.BucketPlan(alignment=512, buckets=[
                      offset=512, nbytes=6),
     ]),
 ])
+PLAN_ID = p.plan_id_of(PLAN)
 # The one field left at its default on purpose: a 0-dim tensor's shape is [].
 INTENDED_DEFAULTS = {"UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].shape",
-                     "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape"}
+                     "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape",
+                     "WeightSpecs.specs[1].shape"}
 UPDATE = dict(weight_version=7, flush_cache=False, torch_empty_cache=True, load_mode="shadow",
               pause_mode="retract", idle_timeout_s=1.5, timeout_s=9.25, verify=True)
 BUFFER = p.IpcBuffer(
@@ -43,7 +45,8 @@ BUFFER = p.IpcBuffer(
     cuda_event_handle=b"\x02" * 64, cuda_event_sync_required=True)
 SAMPLING = p.SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=40,
                             seed=(1 << 63) - 1, stop_token_ids=[2, 0])
-PAYLOAD = {"timings": {"load_s": 0.5, "steps": [1, 2]}, "names": ["a", "b"], "blob": b"\x00\xff",
+# EngineInfo.model is the one free-form map (msgpack natives of any shape).
+MODEL = {"timings": {"load_s": 0.5, "steps": [1, 2]}, "names": ["a", "b"], "blob": b"\x00\xff",
            "none": None, "nested": [[1, [2, b"x", None]], {"k": True}], "neg": -3,
            "big": (1 << 64) - 1, "": ""}
 
@@ -52,19 +55,40 @@ SAMPLES: dict[str, p.Message] = {m.__class__.__name__: m for m in (
     p.GenerateOutput(request_id="g-1", output_ids=[5, 6], logprobs=[-0.25, -1e-30],
                      finished=False, finish_reason="length", prompt_tokens=4, cached_tokens=2,
                      weight_version=9, min_weight_version=8, error="boom \u00fc\u4e2d"),
-    p.Result(request_id="r-1", success=False, message="no", payload=PAYLOAD),
+    p.Result(request_id="r-1", success=False, message="no"),
+    p.EngineDied(request_id="r-2", message="engine crashed: RuntimeError: boom"),
+    p.UpdateAccepted(request_id="u-1", weight_version=7, bytes=1 << 40),
+    p.UpdateDone(request_id="u-1", success=False, message="timed out", weight_version=6,
+                 bytes=2560, transport="ipc",
+                 timings=p.UpdateTimings(total_s=2.5, recv_s=1.25, load_s=0.5, flush_s=0.125,
+                                         pause_ms=37.5),
+                 live_touched=True, weights_incomplete=True, unknown_plan=True),
+    p.WeightSpecs(request_id="ws-1", weight_version=3, specs=[
+        p.WeightSpec(name="model.embed_tokens.weight", dtype="bfloat16", shape=[4, 8]),
+        p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[]),
+    ]),
+    p.WeightFingerprints(request_id="w-1", weight_version=4,
+                         fingerprints={"lm_head.weight": -(1 << 63), "model.norm.weight": 17},
+                         weights_incomplete=True, update_in_progress=True),
+    p.EngineInfo(request_id="n-1", weight_version=5, model=MODEL, backend="sglang",
+                 kv_pool_size=2048, kv_pool_used=96, prefix_cache_tokens=64, waiting=2,
+                 running=3, paused="retract", weights_incomplete=True, admission_held=True,
+                 retracted=1),
     p.Abort(request_id="a-1", target_id="g-1"),
     p.InitWeightsGroup(request_id="i-1", master_address="10.0.0.2", master_port=29500,
                        rank_offset=3, world_size=5, group_name="w2", backend="nccl",
                        timeout_s=12.5),
     p.DestroyWeightsGroup(request_id="d-1", group_name="w2"),
-    p.UpdateWeightsFromDistributed(request_id="u-1", group_name="w2", plan=PLAN, **UPDATE),
-    p.UpdateWeightsFromIPC(request_id="u-2", buffer=BUFFER, plan=PLAN, push_id=11, **UPDATE),
+    p.UpdateWeightsFromDistributed(request_id="u-1", group_name="w2", plan_id=PLAN_ID, plan=PLAN,
+                                   **UPDATE),
+    p.UpdateWeightsFromIPC(request_id="u-2", buffer=BUFFER, plan_id=PLAN_ID, plan=PLAN, push_id=11,
+                           **UPDATE),
     p.UpdateWeightsFromDisk(request_id="u-3", path="/tmp/ckpt/step-7", **UPDATE),
     p.FlushCache(request_id="f-1", empty_cache=False),
     p.PauseGeneration(request_id="p-1", mode="in_place"),
     p.ContinueGeneration(request_id="c-1"),
     p.GetWeightsFingerprint(request_id="w-1", names=["lm_head.weight", "model.norm.weight"]),
+    p.GetWeightSpecs(request_id="ws-1"),
     p.GetInfo(request_id="n-1"),
     p.Shutdown(request_id="s-1"),
 )}
@@ -155,6 +179,57 @@ def test_frame_is_type_name_then_field_map_with_bin_bytes():
     assert set(raw[1]) == {f.name for f in dataclasses.fields(p.UpdateWeightsFromIPC)}
 
 
+@pytest.mark.parametrize("name", ["UpdateWeightsFromDistributed", "UpdateWeightsFromIPC"])
+def test_update_may_carry_only_the_plan_id(name):
+    msg = dataclasses.replace(SAMPLES[name], plan=None)
+    raw = _raw(msg)
+    assert raw[1]["plan"] is None and raw[1]["plan_id"] == PLAN_ID
+    assert decode(encode(msg)) == msg
+
+
+def test_plan_id_is_a_content_hash():
+    copy = decode(encode(SAMPLES["UpdateWeightsFromIPC"])).plan
+    assert copy is not PLAN and p.plan_id_of(copy) == PLAN_ID
+    assert len(PLAN_ID) == 32 and int(PLAN_ID, 16) >= 0
+    moved = decode(_mutated("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 1, "offset"),
+                            768)).plan
+    assert p.plan_id_of(moved) != PLAN_ID
+    assert p.plan_id_of(dataclasses.replace(PLAN, alignment=256)) != PLAN_ID
+    assert p.plan_id_of(p.BucketPlan()) != PLAN_ID
+
+
+@pytest.mark.parametrize("msg, final", [
+    (p.UpdateAccepted(weight_version=3), False),
+    (p.GenerateOutput(finished=False), False),
+    (p.GenerateOutput(finished=True), True),
+    (p.UpdateDone(success=False), True),
+    (p.Result(), True),
+    (p.EngineDied(), True),
+    (p.EngineInfo(), True),
+    (p.WeightFingerprints(), True),
+    (p.WeightSpecs(), True),
+], ids=lambda v: type(v).__name__ if isinstance(v, p.Message) else str(v))
+def test_is_final(msg, final):
+    assert p.is_final(msg) is final
+
+
+@pytest.mark.parametrize("msg, failure", [
+    (p.Result(success=False, message="no"), "no"),
+    (p.Result(success=True, message="fine"), None),
+    (p.UpdateDone(success=False, message="timed out"), "timed out"),
+    (p.UpdateDone(success=True, message="ok"), None),
+    (p.EngineDied(message="engine crashed: boom"), "engine crashed: boom"),
+    (p.GenerateOutput(error="refused"), "refused"),
+    (p.GenerateOutput(), None),
+    (p.UpdateAccepted(), None),
+    (p.EngineInfo(weights_incomplete=True), None),
+    (p.WeightFingerprints(weights_incomplete=True), None),
+    (p.WeightSpecs(), None),
+], ids=lambda v: type(v).__name__ if isinstance(v, p.Message) else repr(v))
+def test_failed_is_the_failure_text_or_none(msg, failure):
+    assert p.failed(msg) == failure
+
+
 def test_int_for_float_field_is_accepted_as_float():
     back = decode(_mutated("Generate", ("sampling", "temperature"), 1))
     assert back.sampling.temperature == 1.0 and type(back.sampling.temperature) is float
@@ -179,7 +254,8 @@ def test_encode_refuses_a_non_message():
 # ---------------------------------------------------------------- malformed frames
 
 
-@pytest.mark.parametrize("name", ["Generate", "UpdateWeightsFromIPC", "Result"])
+@pytest.mark.parametrize("name", ["Generate", "UpdateWeightsFromIPC", "Result", "UpdateDone",
+                                  "EngineInfo"])
 def test_every_truncated_prefix_is_refused(name):
     frame = encode(SAMPLES[name])
     for n in range(len(frame)):
@@ -223,8 +299,9 @@ def test_frame_over_the_size_limit_is_refused(monkeypatch):
         decode(frame)
 
 
-@pytest.mark.parametrize("name", ["Frobnicate", "Message", "_UpdateWeights", "SamplingParams",
-                                  "BucketPlan", "TensorSpec", "generate", ""])
+@pytest.mark.parametrize("name", ["Frobnicate", "Message", "UpdateWeights", "BucketUpdate",
+                                  "SamplingParams", "BucketPlan", "TensorSpec", "UpdateTimings",
+                                  "WeightSpec", "generate", ""])
 def test_unknown_message_type_is_refused(name):
     with pytest.raises(ProtocolError, match="unknown message type") as info:
         decode(_frame([name, {}]))
@@ -237,6 +314,11 @@ def test_unknown_message_type_is_refused(name):
     ("UpdateWeightsFromDistributed", {"plan": {"buckets": [{"nbytes": 256, "crc": 0}]}},
      "UpdateWeightsFromDistributed.plan.buckets[0].crc"),
     ("Abort", {b"request_id": "a"}, "Abort.b'request_id'"),
+    ("Result", {"payload": {"stage": "accepted"}}, "Result.payload"),
+    ("UpdateDone", {"timings": {"wait_s": 1.0}}, "UpdateDone.timings.wait_s"),
+    ("WeightSpecs", {"specs": [{"name": "w", "dtype": "float32", "offset": 0}]},
+     "WeightSpecs.specs[0].offset"),
+    ("EngineInfo", {"kv_pool": {"size": 1}}, "EngineInfo.kv_pool"),
 ])
 def test_unknown_field_is_refused_by_name(name, fields, where):
     with pytest.raises(ProtocolError, match="unknown field") as info:
@@ -260,7 +342,9 @@ def _tensor_without(key: str) -> bytes:
     (_tensor_without("name"), "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].name"),
     (_tensor_without("dtype"), "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].dtype"),
     (_frame(["InitWeightsGroup", {"world_size": 3}]), "InitWeightsGroup.master_port"),
-], ids=["tensor-name", "tensor-dtype", "master-port"])
+    (_frame(["WeightSpecs", {"specs": [{"dtype": "float32"}]}]), "WeightSpecs.specs[0].name"),
+    (_frame(["WeightSpecs", {"specs": [{"name": "w"}]}]), "WeightSpecs.specs[0].dtype"),
+], ids=["tensor-name", "tensor-dtype", "master-port", "spec-name", "spec-dtype"])
 def test_missing_required_field_is_refused_by_name(frame, where):
     # A field is optional on the wire only when its default is itself a valid value.
     with pytest.raises(ProtocolError, match="required field missing") as info:
@@ -281,12 +365,31 @@ WRONG_TYPES = [
     ("Generate", ("input_ids",), {"0": 1}, "Generate.input_ids"),
     ("Generate", ("input_ids", 1), "2", "Generate.input_ids[1]"),
     ("Generate", ("input_ids", 2), 3.0, "Generate.input_ids[2]"),
-    ("Result", ("payload",), [["k", 1]], "Result.payload"),
-    ("Result", ("payload",), None, "Result.payload"),
     ("Result", ("success",), 0, "Result.success"),
-    ("Result", ("payload", "blob"), msgpack.ExtType(3, b"xy"), "Result.payload.blob"),
-    ("Result", ("payload", "nested", 1), {"k": msgpack.Timestamp(1, 0)}, "Result.payload.nested[1].k"),
-    ("Result", ("payload", "timings"), {b"load_s": 1.0}, "Result.payload.timings"),
+    ("Result", ("message",), None, "Result.message"),
+    ("EngineDied", ("message",), b"boom", "EngineDied.message"),
+    ("UpdateAccepted", ("bytes",), 1.5, "UpdateAccepted.bytes"),
+    ("UpdateAccepted", ("weight_version",), "7", "UpdateAccepted.weight_version"),
+    ("UpdateDone", ("success",), None, "UpdateDone.success"),
+    ("UpdateDone", ("transport",), "rdma", "UpdateDone.transport"),
+    ("UpdateDone", ("timings",), [2.5, 1.25], "UpdateDone.timings"),
+    ("UpdateDone", ("timings", "load_s"), "slow", "UpdateDone.timings.load_s"),
+    ("UpdateDone", ("unknown_plan",), 1, "UpdateDone.unknown_plan"),
+    ("WeightSpecs", ("specs",), {"w": ["float32", [2]]}, "WeightSpecs.specs"),
+    ("WeightSpecs", ("specs", 0, "shape", 1), 8.0, "WeightSpecs.specs[0].shape[1]"),
+    ("WeightSpecs", ("specs", 1, "dtype"), None, "WeightSpecs.specs[1].dtype"),
+    ("WeightFingerprints", ("fingerprints",), [["lm_head.weight", 1]], "WeightFingerprints.fingerprints"),
+    ("WeightFingerprints", ("fingerprints", "model.norm.weight"), "17",
+     "WeightFingerprints.fingerprints.model.norm.weight"),
+    ("WeightFingerprints", ("update_in_progress",), "yes", "WeightFingerprints.update_in_progress"),
+    ("EngineInfo", ("model",), [["k", 1]], "EngineInfo.model"),
+    ("EngineInfo", ("model",), None, "EngineInfo.model"),
+    ("EngineInfo", ("model", "blob"), msgpack.ExtType(3, b"xy"), "EngineInfo.model.blob"),
+    ("EngineInfo", ("model", "nested", 1), {"k": msgpack.Timestamp(1, 0)}, "EngineInfo.model.nested[1].k"),
+    ("EngineInfo", ("model", "timings"), {b"load_s": 1.0}, "EngineInfo.model.timings"),
+    ("EngineInfo", ("paused",), "drain", "EngineInfo.paused"),
+    ("EngineInfo", ("admission_held",), None, "EngineInfo.admission_held"),
+    ("EngineInfo", ("kv_pool_size",), {"size": 2048}, "EngineInfo.kv_pool_size"),
     ("Abort", ("target_id",), b"g-1", "Abort.target_id"),
     ("Abort", ("request_id",), 17, "Abort.request_id"),
     ("UpdateWeightsFromIPC", ("buffer", "cuda_handle"), "handle", "UpdateWeightsFromIPC.buffer.cuda_handle"),
@@ -294,6 +397,10 @@ WRONG_TYPES = [
     ("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 0, "shape", 1), 1.5,
      "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].shape[1]"),
     ("UpdateWeightsFromIPC", ("plan", "buckets", 1), [512, []], "UpdateWeightsFromIPC.plan.buckets[1]"),
+    ("UpdateWeightsFromIPC", ("plan",), [], "UpdateWeightsFromIPC.plan"),
+    ("UpdateWeightsFromIPC", ("plan_id",), None, "UpdateWeightsFromIPC.plan_id"),
+    ("UpdateWeightsFromDistributed", ("plan_id",), b"\x00" * 16, "UpdateWeightsFromDistributed.plan_id"),
+    ("GetWeightSpecs", ("request_id",), 1, "GetWeightSpecs.request_id"),
     ("UpdateWeightsFromDisk", ("flush_cache",), "yes", "UpdateWeightsFromDisk.flush_cache"),
     ("UpdateWeightsFromDisk", ("pause_mode",), "drain", "UpdateWeightsFromDisk.pause_mode"),
     ("UpdateWeightsFromDisk", ("load_mode",), None, "UpdateWeightsFromDisk.load_mode"),
@@ -335,6 +442,16 @@ OUT_OF_RANGE = [
     ("InitWeightsGroup", ("master_port",), 65536, "InitWeightsGroup.master_port"),
     ("InitWeightsGroup", ("world_size",), 1, "InitWeightsGroup.world_size"),
     ("InitWeightsGroup", ("rank_offset",), 0, "InitWeightsGroup.rank_offset"),
+    ("UpdateAccepted", ("bytes",), -1, "UpdateAccepted.bytes"),
+    ("UpdateAccepted", ("weight_version",), -7, "UpdateAccepted.weight_version"),
+    ("UpdateDone", ("weight_version",), -1, "UpdateDone.weight_version"),
+    ("UpdateDone", ("bytes",), -2560, "UpdateDone.bytes"),
+    ("UpdateDone", ("timings", "pause_ms"), -37.5, "UpdateDone.timings.pause_ms"),
+    ("UpdateDone", ("timings", "recv_s"), -1e-9, "UpdateDone.timings.recv_s"),
+    ("WeightSpecs", ("weight_version",), -3, "WeightSpecs.weight_version"),
+    ("WeightFingerprints", ("weight_version",), -4, "WeightFingerprints.weight_version"),
+    ("EngineInfo", ("kv_pool_used",), -96, "EngineInfo.kv_pool_used"),
+    ("EngineInfo", ("retracted",), -1, "EngineInfo.retracted"),
 ]
 
 
@@ -350,6 +467,8 @@ NOT_FINITE = [
     ("GenerateOutput", ("logprobs", 1), "GenerateOutput.logprobs[1]"),
     ("UpdateWeightsFromDisk", ("timeout_s",), "UpdateWeightsFromDisk.timeout_s"),
     ("InitWeightsGroup", ("timeout_s",), "InitWeightsGroup.timeout_s"),
+    ("UpdateDone", ("timings", "total_s"), "UpdateDone.timings.total_s"),
+    ("UpdateDone", ("timings", "flush_s"), "UpdateDone.timings.flush_s"),
 ]
 
 
@@ -373,7 +492,16 @@ TOO_LONG = [
     ("UpdateWeightsFromIPC", ("buffer", "cuda_handle"), b"h" * 257,
      "UpdateWeightsFromIPC.buffer.cuda_handle"),
     ("UpdateWeightsFromIPC", ("buffer", "name"), "s" * 256, "UpdateWeightsFromIPC.buffer.name"),
-    ("Result", ("payload",), {str(i): i for i in range((1 << 16) + 1)}, "Result.payload"),
+    ("Result", ("message",), "m" * ((1 << 16) + 1), "Result.message"),
+    ("EngineDied", ("message",), "m" * ((1 << 16) + 1), "EngineDied.message"),
+    ("UpdateDone", ("message",), "m" * ((1 << 16) + 1), "UpdateDone.message"),
+    ("UpdateWeightsFromIPC", ("plan_id",), "f" * 65, "UpdateWeightsFromIPC.plan_id"),
+    ("WeightSpecs", ("specs", 0, "shape"), [1] * 9, "WeightSpecs.specs[0].shape"),
+    ("WeightSpecs", ("specs", 0, "name"), "n" * 513, "WeightSpecs.specs[0].name"),
+    ("WeightFingerprints", ("fingerprints",), {str(i): i for i in range((1 << 16) + 1)},
+     "WeightFingerprints.fingerprints"),
+    ("EngineInfo", ("model",), {str(i): i for i in range(257)}, "EngineInfo.model"),
+    ("EngineInfo", ("backend",), "b" * 65, "EngineInfo.backend"),
 ]
 
 
@@ -385,8 +513,8 @@ def test_absurd_length_is_refused_by_name(name, path, value, where):
 
 
 @pytest.mark.parametrize("name, path, where", [
-    ("Result", ("payload", "blob"), "Result.payload.blob"),
-    ("Result", ("payload", "nested", 0, 1, 1), "Result.payload.nested[0][1][1]"),
+    ("EngineInfo", ("model", "blob"), "EngineInfo.model.blob"),
+    ("EngineInfo", ("model", "nested", 0, 1, 1), "EngineInfo.model.nested[0][1][1]"),
     ("UpdateWeightsFromIPC", ("buffer", "cuda_handle"), "UpdateWeightsFromIPC.buffer.cuda_handle"),
 ])
 def test_bytes_field_over_the_configured_cap_is_refused_by_name(name, path, where):
@@ -398,21 +526,21 @@ def test_bytes_field_over_the_configured_cap_is_refused_by_name(name, path, wher
 
 
 @pytest.mark.parametrize("wrap", [lambda v: [v], lambda v: {"k": v}], ids=["arrays", "maps"])
-def test_payload_nesting_is_bounded_at_14(wrap):
+def test_free_form_nesting_is_bounded_at_14(wrap):
     def nest(depth: int) -> Any:
         value: Any = 1
         for _ in range(depth):
             value = wrap(value)
         return value
 
-    assert decode(_mutated("Result", ("payload", "deep"), nest(14))).payload["deep"] == nest(14)
+    assert decode(_mutated("EngineInfo", ("model", "deep"), nest(14))).model["deep"] == nest(14)
     with pytest.raises(ProtocolError, match="nested too deep") as info:
-        decode(_mutated("Result", ("payload", "deep"), nest(15)))
-    assert info.value.where.startswith("Result.payload.deep")
+        decode(_mutated("EngineInfo", ("model", "deep"), nest(15)))
+    assert info.value.where.startswith("EngineInfo.model.deep")
 
 
 def test_absurdly_deep_frame_is_refused_without_recursion_error():
-    head = _frame(["Result", {"payload": {"deep": 0}}])[:-1]  # drop the value 0
+    head = _frame(["EngineInfo", {"model": {"deep": 0}}])[:-1]  # drop the value 0
     with pytest.raises(ProtocolError):
         decode(head + b"\x91" * 200_000 + b"\x00")  # 200k nested one-element arrays
 
@@ -497,7 +625,7 @@ def _doc_default(cell: str) -> Any:
 
 
 WIRE_TYPES = [*p.MESSAGE_TYPES.values(), p.SamplingParams, p.IpcBuffer, p.BucketPlan, p.Bucket,
-              p.TensorSpec]
+              p.TensorSpec, p.UpdateTimings, p.WeightSpec]
 
 
 @pytest.mark.parametrize("cls", WIRE_TYPES, ids=lambda c: c.__name__)
