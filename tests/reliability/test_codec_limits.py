@@ -40,7 +40,9 @@ def _limited_fields() -> list[tuple[str, str, str, object]]:
                 out.append((name, f.name, "le", scalar(meta["le"]) + (1 if scalar is int else 1e-3)))
             if "max_len" in meta:
                 n = meta["max_len"] + 1
-                out.append((name, f.name, "max_len", "x" * n if scalar is str else [0] * n))
+                too_long = ("x" * n if scalar is str else {str(i): 0 for i in range(n)}
+                            if typing.get_origin(scalar) is dict else [0] * n)
+                out.append((name, f.name, "max_len", too_long))
     return out
 
 
@@ -75,12 +77,12 @@ HUGE_HEADERS = [b"\xdd", b"\xdf", b"\xdb", b"\xc6", b"\xc9\xff\xff\xff\xff"]  # 
 
 
 @pytest.mark.parametrize("head", HUGE_HEADERS, ids=["array32", "map32", "str32", "bin32", "ext32"])
-@pytest.mark.parametrize("where", ["top", "fields", "input_ids", "payload"])
+@pytest.mark.parametrize("where", ["top", "fields", "input_ids", "model"])
 def test_declared_gigabytes_are_refused_at_once(head, where):
     declared = head if head.startswith(b"\xc9") else head + b"\xff\xff\xff\xff"
     prefix = {"top": b"", "fields": b"\x92\xa8Generate",
               "input_ids": b"\x92\xa8Generate\x81\xa9input_ids",
-              "payload": b"\x92\xa6Result\x81\xa7payload\x81\xa1k"}[where]
+              "model": b"\x92\xaaEngineInfo\x81\xa5model\x81\xa1k"}[where]
     start = time.perf_counter()
     with pytest.raises(ProtocolError):
         decode(prefix + declared + b"\x00" * 8)
@@ -89,9 +91,9 @@ def test_declared_gigabytes_are_refused_at_once(head, where):
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 200, 5_000, 100_000])
 def test_deep_nesting_is_refused_not_a_recursion_error(depth):
-    payload = b"\x81\xa1k" * depth + b"\xc0"
+    model = b"\x81\xa1k" * depth + b"\xc0"
     with pytest.raises(ProtocolError):
-        decode(b"\x92\xa6Result\x82\xaarequest_id\xa1r\xa7payload" + payload)
+        decode(b"\x92\xaaEngineInfo\x82\xaarequest_id\xa1r\xa5model" + model)
 
 
 def test_frame_over_the_cap_is_refused_before_parsing():

@@ -105,7 +105,8 @@ def _value(tp: Any, meta: Any) -> st.SearchStrategy:
     if origin is list:
         return st.lists(_value(args[0], {}), max_size=length)
     if origin is dict:
-        return st.dictionaries(st.text(max_size=6), payload_values, max_size=length)
+        values = payload_values if args[1] is Any else _value(args[1], {})
+        return st.dictionaries(st.text(max_size=6), values, max_size=length)
     if tp is bool:
         return st.booleans()
     if tp is int:
