@@ -50,7 +50,8 @@ from rlsync.transports import registry
 from rlsync.transports.base import Receiver, WeightWriter
 
 WORKER_GRACE_S = 5.0
-"""Past timeout_s + idle_timeout_s + this, the watchdog cancels a receive."""
+"""Past 2 * timeout_s (accepts, then the first bucket) + idle_timeout_s + this, the
+watchdog cancels a receive."""
 PLANS_KEPT = 8
 
 
@@ -290,7 +291,7 @@ class UpdateMachine:
         return []
 
     def _overdue(self, job: UpdateJob) -> bool:
-        limit = job.msg.timeout_s + job.msg.idle_timeout_s + WORKER_GRACE_S
+        limit = 2 * job.msg.timeout_s + job.msg.idle_timeout_s + WORKER_GRACE_S
         return job.stage is Stage.RECEIVING and job.waited_s() > limit
 
     def _abandon(self, job: UpdateJob) -> None:

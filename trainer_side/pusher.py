@@ -28,6 +28,7 @@ from rlsync.buckets import dtype_from_name, plan_buckets, plan_total_bytes, tens
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
     BucketPlan,
+    EngineDied,
     GetWeightsFingerprint,
     Message,
     UpdateAccepted,
@@ -107,6 +108,8 @@ class WeightPusher:
                 accepted.append(name)
             else:
                 report.record(name, False, failed(reply) or "refused", _done(reply))
+                if isinstance(reply, EngineDied):
+                    self.engines.dead.add(name)  # silent: later pushes skip it
         if accepted:
             self._send(report, plan, tensors, accepted)
             done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)

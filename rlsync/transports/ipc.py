@@ -225,10 +225,11 @@ class IpcReceiver:
 
     def receive(self, plan: BucketPlan, push_id: int, on_bucket: OnBucket, *,
                 verify: bool = False, timeout_s: float = 60.0,
-                cancel: threading.Event | None = None) -> TransferStats:
+                cancel: threading.Event | None = None,
+                first_timeout_s: float | None = None) -> TransferStats:
         """Hand every bucket of push `push_id` to `on_bucket`, in order, as each becomes
-        ready; every wait for the next bucket is bounded by `timeout_s` and stops early when
-        `cancel` is set."""
+        ready; every wait for the next bucket is bounded by `timeout_s` (the first by
+        `first_timeout_s`, default the same) and stops early when `cancel` is set."""
         if self.buffer is None or self.control is None or self.data is None:
             raise TransportError("ipc: receive before attach")
         t0 = time.perf_counter()
@@ -236,7 +237,8 @@ class IpcReceiver:
         offsets = layout(plan, self.buffer.slot_bytes, self.buffer.num_slots, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         for g, bucket in enumerate(plan.buckets):
-            self._await_ready(push_id, g, stats, timeout_s, cancel)
+            wait_s = first_timeout_s if g == 0 and first_timeout_s is not None else timeout_s
+            self._await_ready(push_id, g, stats, wait_s, cancel)
             self._load(g, bucket, offsets[g], on_bucket, verify, stats)
             self._check(push_id, g)  # evicted while loading: the slot may have been reused
             self.control.set_consumed(engine, seq(push_id, g + 1))
@@ -403,9 +405,11 @@ class Receiver(base.Receiver):
         assert plan is not None
         self.active = True
         try:
+            # the pusher may wait timeout_s for other engines' accepts before it sends
             self._reader(msg.buffer).receive(plan, msg.push_id, writer.on_bucket,
                                              verify=msg.verify, timeout_s=msg.timeout_s,
-                                             cancel=writer.cancel)
+                                             cancel=writer.cancel,
+                                             first_timeout_s=2 * msg.timeout_s)
         finally:
             self.active = False
 

@@ -25,7 +25,7 @@ TIMEOUT_S = 4.0
 # SIGKILL it mid-push. Faking a slow trainer is fine; the engine side is the real one.
 SLOW_PUSHER = r"""
 import sys, time
-import rlsync.transports.broadcast as broadcast, rlsync.transports.shm as shm
+import rlsync.transports.broadcast as broadcast, rlsync.transports.ipc as shm
 from rlsync.config import SyncConfig
 from tests.e2e.sync_helpers import trainer_weights
 from trainer_side.pusher import WeightPusher
@@ -78,7 +78,7 @@ def _wait_update_settled(engine, deadline_s):
         start = time.monotonic()
         info = engine.fingerprints(names=[])
         assert time.monotonic() - start < 2.0, "engine loop stalled"
-        if info["update_in_progress"] is False:
+        if info.update_in_progress is False:
             return info
         time.sleep(0.2)
     raise AssertionError(f"update still in flight after {deadline_s}s: {info}")
@@ -89,15 +89,15 @@ def _wait_update_settled(engine, deadline_s):
 def test_pusher_killed_mid_push(engine, ckpt, transport, load_mode, tmp_path):
     before = engine.fingerprints()
     tokens_before = [o.output_ids for o in engine.generate(PROMPTS, greedy())]
-    version = before["weight_version"] + 1
+    version = before.weight_version + 1
     _kill_pusher_mid_push(engine, ckpt, transport, load_mode, version)
     info = _wait_update_settled(engine, TIMEOUT_S * 2 + 5)
-    assert info["weight_version"] == before["weight_version"]
+    assert info.weight_version == before.weight_version
     if load_mode == "shadow":  # the old version keeps serving, byte for byte
         assert engine.fingerprints() == before
         assert [o.output_ids for o in engine.generate(PROMPTS, greedy())] == tokens_before
     else:  # part of the live weights was overwritten: refuse rather than serve a mix
-        assert info["weights_incomplete"] is True
+        assert info.weights_incomplete is True
         out = engine.generate([[1, 2, 3]], greedy())[0]
         assert "weights incomplete" in out.error and out.output_ids == []
     # the next complete push repairs everything
@@ -109,7 +109,7 @@ def test_pusher_killed_mid_push(engine, ckpt, transport, load_mode, tmp_path):
         assert pusher.mismatches(tensors) == {"engine": []}
     finally:
         pusher.close()
-    assert engine.info()["weights_incomplete"] is False
+    assert engine.info().weights_incomplete is False
     assert engine.generate([[1, 2, 3]], greedy())[0].error == ""
 
 
@@ -127,7 +127,7 @@ def test_dead_engine_is_named_and_survivors_get_the_version(ckpt, transport, tmp
             assert report.failed == ["doomed"]
             assert "doomed" in report.summary()
             assert pusher.mismatches(tensors) == {"alive": []}
-            assert alive.info()["weight_version"] == 1
+            assert alive.info().weight_version == 1
             again = pusher.push(trainer_weights(ckpt, 8), 2)  # later pushes skip the dead one
             assert again.succeeded == ["alive"]
         finally:

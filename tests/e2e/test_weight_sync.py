@@ -13,7 +13,7 @@ from infer_side.client import launch_engine
 from rlsync.buckets import plan_buckets
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import UpdateWeightsFromIPC
+from rlsync.protocol import GetWeightSpecs, UpdateDone, UpdateWeightsFromIPC, WeightFingerprints
 from rlsync.rpc import RpcClient
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import (
@@ -84,7 +84,7 @@ def test_push_is_bit_exact_and_serves_new_weights(engines, ckpt, cfg, versions, 
         outs = client.generate(PROMPTS, greedy())
         assert [o.output_ids for o in outs] == want
         assert {o.weight_version for o in outs} == {version}
-        assert client.info()["weight_version"] == version
+        assert client.info().weight_version == version
 
 
 def test_stale_prefix_cache_is_flushed_by_update(engines, ckpt, cfg, versions, tmp_path):
@@ -111,9 +111,10 @@ def test_push_without_flush_keeps_prefix_cache(engines, ckpt, versions, tmp_path
     assert client.generate(prompt, greedy(2))[0].cached_tokens > 0
 
 
-def _bad_plan_message(engine, mutate) -> tuple[UpdateWeightsFromIPC, dict]:
-    specs = engine.fingerprints(names=[])["specs"]
-    items = [(n, d, tuple(s)) for n, (d, s) in specs.items()]
+def _bad_plan_message(engine, mutate) -> tuple[UpdateWeightsFromIPC, WeightFingerprints]:
+    with RpcClient(engine.endpoint, timeout_s=10) as rpc:
+        specs = rpc.call(GetWeightSpecs()).specs
+    items = [(s.name, s.dtype, tuple(s.shape)) for s in specs]
     items = mutate(items)
     msg = UpdateWeightsFromIPC(plan=plan_buckets(items, 1 << 20), weight_version=10_000, push_id=1)
     return msg, engine.fingerprints()
@@ -130,11 +131,12 @@ def test_bad_plan_is_refused_and_changes_nothing(engines, mutate, named):
     msg, before = _bad_plan_message(engine, mutate)
     with RpcClient(engine.endpoint, timeout_s=10) as rpc:
         result = rpc.call(msg)
-    assert not result.success
+    assert isinstance(result, UpdateDone) and not result.success
     assert named in result.message or "expected" in result.message
+    assert result.live_touched is False and result.weights_incomplete is False
     after = engine.fingerprints()
-    assert after["weight_version"] == before["weight_version"]
-    assert after["fingerprints"] == before["fingerprints"]
+    assert after.weight_version == before.weight_version
+    assert after.fingerprints == before.fingerprints
     assert engine.generate([[1, 2, 3]], greedy(2))[0].error == ""
 
 
@@ -152,11 +154,11 @@ def test_pusher_refuses_wrong_weights_before_sending(engines, ckpt, versions, tm
 
 
 def test_old_version_is_refused_by_every_engine(engines, ckpt, tmp_path):
-    current = engines["engine0"].info()["weight_version"]
-    before = engines["engine0"].fingerprints()["fingerprints"]
+    current = engines["engine0"].info().weight_version
+    before = engines["engine0"].fingerprints().fingerprints
     with pytest.raises(PushError, match="not newer"):
         push(engines, tmp_path, "ipc", trainer_weights(ckpt, 5), current)
-    assert engines["engine0"].fingerprints()["fingerprints"] == before
+    assert engines["engine0"].fingerprints().fingerprints == before
 
 
 def test_bf16_engine_gets_trainer_weights_cast_on_pack(ckpt, tmp_path):

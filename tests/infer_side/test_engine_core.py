@@ -13,6 +13,7 @@ from rlsync.config import EngineConfig
 from rlsync.protocol import (
     Abort,
     ContinueGeneration,
+    EngineInfo,
     FlushCache,
     Generate,
     GenerateOutput,
@@ -126,7 +127,7 @@ def test_pool_running_full_finishes_every_request(ckpt):
     assert sorted(outs) == sorted(f"r{i}" for i in range(10))
     for i, p in enumerate(prompts):
         assert outs[f"r{i}"][0].output_ids == greedy_ref(core, p, 10)[0]
-    assert core.info()["retracted"] > 0
+    assert core.info().retracted > 0
 
 
 def test_seeded_sampling_same_across_batch_compositions(ckpt):
@@ -205,16 +206,17 @@ def test_duplicate_request_id_rejected(ckpt):
     assert drain(core)["d"][0].output_ids == greedy_ref(core, [1, 2], 6)[0]
 
 
-def test_info_is_msgpack_friendly(ckpt):
+def test_info_round_trips_the_codec(ckpt):
     core = make_core(ckpt)
     submit(core, gen("a", [1, 2, 3]))
     core.step()
     (reply,) = core.process(GetInfo(request_id="i"))
-    info = decode(encode(reply)).payload
-    assert info["weight_version"] == 0 and info["model"]["vocab_size"] == VOCAB
-    assert info["kv_pool"] == {"size": 512, "used": 3, "free": 509}  # the new token has no KV yet
-    assert (info["waiting"], info["running"], info["paused"]) == (0, 1, None)
-    assert info["prefix_cache"] == {"nodes": 1, "tokens": 3}
+    info = decode(encode(reply))
+    assert isinstance(info, EngineInfo) and info == reply and info.request_id == "i"
+    assert info.weight_version == 0 and info.model["vocab_size"] == VOCAB
+    assert (info.kv_pool_size, info.kv_pool_used) == (512, 3)  # the new token has no KV yet
+    assert (info.waiting, info.running, info.paused) == (0, 1, None)
+    assert info.prefix_cache_tokens == 3
 
 
 def test_shutdown_and_unknown_messages(ckpt):
@@ -225,10 +227,10 @@ def test_shutdown_and_unknown_messages(ckpt):
     assert isinstance(reply, Result) and not reply.success and "GenerateOutput" in reply.message
 
 
-def test_weight_messages_go_to_weight_sync(ckpt, monkeypatch):
+def test_weight_messages_go_to_the_update_machine(ckpt, monkeypatch):
     core = make_core(ckpt)
     seen = []
-    monkeypatch.setattr(core.weight_sync, "process",
+    monkeypatch.setattr(core.updates, "process",
                         lambda msg: seen.append(msg) or [Result(request_id=msg.request_id)])
     msg = GetWeightsFingerprint(request_id="f", names=[])
     assert core.process(msg) == [Result(request_id="f")] and seen == [msg]
@@ -238,12 +240,12 @@ def test_weights_incomplete_refuses_generate_and_stops_steps(ckpt):
     core = make_core(ckpt)
     submit(core, gen("a", [1, 2, 3], max_new=4))
     core.step()
-    core.weights_incomplete, core.pending_weight_version = True, 5
+    core.updates.weights_incomplete, core.updates.pending_version = True, 5
     (out,) = core.process(gen("b", [4]))
     assert out.error == "weights incomplete: update to version 5 in progress"
     assert not core.has_work() and core.step() == []
     assert len(core.scheduler.running[0].output_ids) == 1
-    core.weights_incomplete = False
+    core.updates.weights_incomplete = False
     assert drain(core)["a"][0].output_ids == greedy_ref(core, [1, 2, 3], 4)[0]
 
 
@@ -251,13 +253,13 @@ def test_hold_admission_keeps_waiting_requests_waiting(ckpt):
     core = make_core(ckpt)
     submit(core, gen("a", [1, 2], max_new=3))
     core.step()
-    core.hold_admission = True
+    core.updates.admission_held = True
     submit(core, gen("b", [3, 4], max_new=3))
     assert not core.is_idle()
     outs = drain(core)
     assert list(outs) == ["a"] and core.counts() == (1, 0) and not core.has_work()
     assert core.is_idle() and not core.flush_cache()[0]  # idle for weight sync, not for flush
-    core.hold_admission = False
+    core.updates.admission_held = False
     assert not core.is_idle()
     assert drain(core)["b"][0].output_ids == greedy_ref(core, [3, 4], 3)[0]
 
@@ -281,10 +283,10 @@ def test_flush_when_idle_empties_prefix_cache(ckpt):
     core = make_core(ckpt)
     submit(core, gen("a", PROMPTS[0]))
     drain(core)
-    assert core.info()["prefix_cache"]["tokens"] > 0
+    assert core.info().prefix_cache_tokens > 0
     assert core.flush_cache(empty_cache=False) == (True, "cache flushed")
     info = core.info()
-    assert info["prefix_cache"] == {"nodes": 0, "tokens": 0} and info["kv_pool"]["used"] == 0
+    assert info.prefix_cache_tokens == 0 and info.kv_pool_used == 0
     submit(core, gen("b", PROMPTS[0]))
     out = drain(core)["b"][0]
     assert out.cached_tokens == 0 and out.output_ids == greedy_ref(core, PROMPTS[0], 6)[0]
@@ -383,7 +385,7 @@ def test_in_place_weight_change_invalidates_prefix_and_tracks_versions(ckpt):
     submit(core, gen("b", PROMPTS[0], max_new=6))
     core.step()
     core.pause("in_place")
-    core.invalidate_prefix_cache()  # what weight sync does when requests hold KV
+    core.flush_kv(empty_cache=False)  # what an update does when requests still hold KV
     core.weight_version = 1
     core.continue_generation()
     submit(core, gen("c", PROMPTS[0], max_new=6))
