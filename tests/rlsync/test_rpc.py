@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from rlsync.codec import decode, encode
+from rlsync.codec import ProtocolError, decode, encode
 from rlsync.endpoints import (
     MAX_IPC_PATH,
     EndpointError,
@@ -25,14 +25,20 @@ from rlsync.endpoints import (
     remove_private_endpoint,
 )
 from rlsync.protocol import (
+    EngineDied,
+    EngineInfo,
     Generate,
     GenerateOutput,
     GetInfo,
     GetWeightsFingerprint,
     Message,
     Result,
+    UpdateAccepted,
+    UpdateDone,
+    UpdateWeightsFromDisk,
+    WeightFingerprints,
 )
-from rlsync.rpc import ENGINE_DEAD_PREFIX, EngineDead, RpcClient, RpcError, RpcTimeout
+from rlsync.rpc import EngineDead, RpcClient, RpcError, RpcTimeout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,9 +95,15 @@ def peer_factory(endpoint: str) -> Iterator[Callable[[Handler | None], Peer]]:
 
 
 def echo_names(seen: list[Message]) -> list[Message]:
-    """Answer each GetWeightsFingerprint with its own names in the payload."""
+    """Answer each GetWeightsFingerprint with its own names as the fingerprinted tensors."""
     msg = seen[-1]
-    return [Result(request_id=msg.request_id, payload={"names": msg.names})]
+    return [WeightFingerprints(request_id=msg.request_id,
+                               fingerprints={n: i for i, n in enumerate(msg.names)})]
+
+
+def names(reply: Message) -> list[str]:
+    assert isinstance(reply, WeightFingerprints), reply
+    return list(reply.fingerprints)
 
 
 # ---------------------------------------------------------------- endpoints
@@ -180,17 +192,32 @@ def test_engine_dead_is_raised_promptly_when_liveness_fails(endpoint, peer_facto
 def test_reply_already_sent_by_a_dead_peer_is_still_delivered(endpoint, peer_factory):
     peer_factory(echo_names)
     with RpcClient(endpoint, timeout_s=5.0, liveness=lambda: False) as rpc:
-        assert rpc.call(GetWeightsFingerprint(names=["w"])).payload == {"names": ["w"]}
+        assert rpc.call(GetWeightsFingerprint(names=["w"])).fingerprints == {"w": 0}
 
 
-def test_engine_dead_result_raises(endpoint, peer_factory):
-    peer_factory(lambda seen: [Result(request_id=seen[-1].request_id, success=False,
-                                      message=ENGINE_DEAD_PREFIX + "RuntimeError: boom")])
+def test_engine_died_reply_raises(endpoint, peer_factory):
+    peer_factory(lambda seen: [EngineDied(request_id=seen[-1].request_id,
+                                          message="engine crashed: RuntimeError: boom")])
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
-        with pytest.raises(EngineDead, match="boom"):
+        with pytest.raises(EngineDead, match="engine crashed: RuntimeError: boom"):
             rpc.call(GetInfo())
         with pytest.raises(EngineDead, match="boom"):
+            rpc.call_ok(GetInfo())
+        with pytest.raises(EngineDead, match="boom"):
             list(rpc.generate([Generate(input_ids=[1])]))
+        rpc.send(GetInfo())
+        with pytest.raises(EngineDead, match="boom"):
+            rpc.recv()
+
+
+def test_a_failed_result_is_not_read_as_engine_death(endpoint, peer_factory):
+    # The old protocol signalled death by a message prefix; a failure text that happens to
+    # start like it is only a failure now.
+    peer_factory(lambda seen: [Result(request_id=seen[-1].request_id, success=False,
+                                      message="engine dead: not really")])
+    with RpcClient(endpoint, timeout_s=5.0) as rpc:
+        with pytest.raises(RpcError, match="engine dead: not really"):
+            rpc.call_ok(GetInfo())
 
 
 # ---------------------------------------------------------------- pairing replies with calls
@@ -201,8 +228,54 @@ def test_failed_result_is_returned_and_call_ok_raises(endpoint, peer_factory):
                                       message="not idle: 2 running")])
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         assert rpc.call(GetInfo()).message == "not idle: 2 running"
-        with pytest.raises(RpcError, match="GetInfo failed: not idle: 2 running"):
+        with pytest.raises(RpcError, match="GetInfo failed: not idle: 2 running") as err:
             rpc.call_ok(GetInfo())
+    assert isinstance(err.value.reply, Result)
+    assert (err.value.reply.success, err.value.reply.message) == (False, "not idle: 2 running")
+
+
+def test_call_returns_the_typed_reply(endpoint, peer_factory):
+    def typed(seen):
+        msg = seen[-1]
+        if isinstance(msg, GetInfo):
+            return [EngineInfo(request_id=msg.request_id, weight_version=4, kv_pool_size=64,
+                               kv_pool_used=8, admission_held=True)]
+        return [UpdateAccepted(request_id=msg.request_id, weight_version=5, bytes=96),
+                UpdateDone(request_id=msg.request_id, success=False, message="bad bytes",
+                           weight_version=4, bytes=96, transport="disk")]
+    peer_factory(typed)
+    with RpcClient(endpoint, timeout_s=5.0) as rpc:
+        info = rpc.call_ok(GetInfo())
+        assert isinstance(info, EngineInfo)
+        assert (info.weight_version, info.kv_pool_size, info.kv_pool_used, info.admission_held) == (
+            4, 64, 8, True)
+        sent = rpc.send(UpdateWeightsFromDisk(path="/x", weight_version=5))
+        accepted, done = rpc.recv(), rpc.recv()
+        with pytest.raises(RuntimeError, match="nothing was sent"):
+            rpc.recv()  # UpdateDone was the update's final reply
+    assert isinstance(accepted, UpdateAccepted) and accepted.request_id == sent.request_id
+    assert (accepted.weight_version, accepted.bytes) == (5, 96)
+    assert isinstance(done, UpdateDone) and done.request_id == sent.request_id
+    assert (done.success, done.message, done.weight_version, done.transport) == (
+        False, "bad bytes", 4, "disk")
+
+
+def test_call_ok_raises_on_a_failed_update_done(endpoint, peer_factory):
+    peer_factory(lambda seen: [UpdateDone(request_id=seen[-1].request_id, success=False,
+                                          message="version 3 is not newer than 4",
+                                          weight_version=4)])
+    with RpcClient(endpoint, timeout_s=5.0) as rpc:
+        with pytest.raises(RpcError, match="UpdateWeightsFromDisk failed: version 3 is not newer"
+                           ) as err:
+            rpc.call_ok(UpdateWeightsFromDisk(path="/x", weight_version=3))
+    assert isinstance(err.value.reply, UpdateDone) and err.value.reply.weight_version == 4
+
+
+def test_a_generate_output_for_a_control_call_is_a_protocol_error(endpoint, peer_factory):
+    peer_factory(lambda seen: [GenerateOutput(request_id=seen[-1].request_id, output_ids=[1])])
+    with RpcClient(endpoint, timeout_s=5.0) as rpc:
+        with pytest.raises(ProtocolError, match="not a reply to GetInfo"):
+            rpc.call(GetInfo())
 
 
 def test_unknown_request_ids_are_dropped(endpoint, peer_factory):
@@ -211,7 +284,7 @@ def test_unknown_request_ids_are_dropped(endpoint, peer_factory):
                 *echo_names(seen)]
     peer_factory(stray_first)
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
-        assert rpc.call(GetWeightsFingerprint(names=["a"])).payload == {"names": ["a"]}
+        assert names(rpc.call(GetWeightsFingerprint(names=["a"]))) == ["a"]
 
 
 def test_concurrent_calls_from_threads_get_their_own_replies(endpoint, peer_factory):
@@ -223,7 +296,7 @@ def test_concurrent_calls_from_threads_get_their_own_replies(endpoint, peer_fact
     results: dict[int, list[str]] = {}
     with RpcClient(endpoint, timeout_s=10.0) as rpc:
         def worker(i: int) -> None:
-            results[i] = rpc.call(GetWeightsFingerprint(names=[f"w{i}"])).payload["names"]
+            results[i] = names(rpc.call(GetWeightsFingerprint(names=[f"w{i}"])))
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
@@ -240,7 +313,7 @@ def test_pipelined_send_then_recv(endpoint, peer_factory):
         with pytest.raises(RuntimeError, match="nothing was sent"):
             rpc.recv()
     assert [r.request_id for r in got] == [m.request_id for m in reversed(sent)]
-    assert [r.payload["names"] for r in got] == [["2"], ["1"], ["0"]]
+    assert [names(r) for r in got] == [["2"], ["1"], ["0"]]
 
 
 def test_recv_with_zero_timeout_returns_replies_already_here(endpoint, peer_factory):
