@@ -1,8 +1,9 @@
-"""Run configuration: nested dataclasses, loaded from YAML, overridden with `--set a.b=value`.
+"""Library config: how weights move (`SyncConfig`) and one inference engine (`EngineConfig`).
 
-Every value is checked against its annotation when the config is built, and every error
-names the dotted key ("trainer.lr: expected float, got 'fast'"). Nothing here reads the
-environment; the launcher passes what it needs explicitly.
+Nested dataclasses built from plain mappings by `build`: every value is checked against its
+annotation, and every error names the dotted key ("sync.timeout_s: expected float, got
+'fast'"). Nothing here reads YAML, the environment or the command line; the RL application
+(`rlsync.app.run_config`) loads files and overrides on top of this.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
-
-from rlsync.model_config import ModelConfig, ModelConfigError
+from rlsync.model_config import ModelConfigError
 from rlsync.protocol import LoadMode, PauseMode, TransportKind
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -48,7 +46,7 @@ class EngineConfig:
     call_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        _positive(self, "kv_tokens", "max_running", "max_prefill_tokens", "start_timeout_s", "call_timeout_s")
+        positive(self, "kv_tokens", "max_running", "max_prefill_tokens", "start_timeout_s", "call_timeout_s")
 
 
 @dataclass(kw_only=True)
@@ -73,7 +71,7 @@ class SyncConfig:
     """Directory for the disk transport; None: a folder in the run directory."""
 
     def __post_init__(self) -> None:
-        _positive(self, "bucket_mb", "timeout_s")
+        positive(self, "bucket_mb", "timeout_s")
         if self.idle_timeout_s < 0:
             raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
 
@@ -82,105 +80,13 @@ class SyncConfig:
         return int(self.bucket_mb * (1 << 20))
 
 
-@dataclass(kw_only=True)
-class TrainerConfig:
-    """PPO trainer actors."""
 
-    world_size: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    advantage: Literal["grpo", "baseline"] = "grpo"
-    ppo_epochs: int = 1
-    minibatch_size: int = 256
-    seed: int = 0
-    init_checkpoint: str | None = None
-    """Hugging Face checkpoint directory to start from; None: random init from `model`."""
-
-    def __post_init__(self) -> None:
-        _positive(self, "world_size", "lr", "ppo_epochs", "minibatch_size")
-
-
-@dataclass(kw_only=True)
-class TaskConfig:
-    """The rule-based reward task and how rollouts are sampled."""
-
-    name: str = "copy_sequence"
-    prompts_per_step: int = 32
-    group_size: int = 8
-    max_new_tokens: int = 4
-    temperature: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _positive(self, "prompts_per_step", "group_size", "max_new_tokens")
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    """A whole RL run: trainers, engines, the sync between them and the task."""
-
-    name: str = "default"
-    steps: int = 300
-    placement: Literal["colocated", "disaggregated"] = "colocated"
-    num_engines: int = 1
-    staleness: int = 0
-    """How many versions old a rollout may be; 0 means always the latest push."""
-    run_dir: str = "runs"
-    ray_address: str | None = None
-    """None starts a private local Ray; an address joins a cluster."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-
-    def __post_init__(self) -> None:
-        _positive(self, "steps", "num_engines")
-        if self.staleness < 0:
-            raise ConfigError(f"staleness: must be >= 0, got {self.staleness}")
-
-
-def _positive(obj: Any, *keys: str) -> None:
+def positive(obj: Any, *keys: str) -> None:
+    """Raise ConfigError naming the first of `keys` whose value on `obj` is not > 0."""
     for key in keys:
         value = getattr(obj, key)
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value!r}")
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = RunConfig) -> Any:
-    """Read YAML (or start from defaults), apply `a.b=value` overrides, build and validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return build(cls, raw, "")
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """`trainer.lr=1e-4` -> raw["trainer"]["lr"] = 1e-4 (the value parsed as YAML)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key=value")
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text else None
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:
@@ -227,8 +133,3 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{key}: must be finite, got {value!r}")
     return value
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain dict of a config (for YAML dumps and Ray actor arguments)."""
-    return dataclasses.asdict(cfg)

@@ -22,7 +22,7 @@ disaggregated one (4)."""
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from rlsync.ray_session import disconnect, start_local
+    from rlsync.app.ray_session import disconnect, start_local
 
     session = start_local(tmp_path_factory.mktemp("ray"), num_cpus=RAY_CPUS, log_to_driver=False)
     try:

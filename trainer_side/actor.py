@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from rlsync.buckets import dtype_from_name, tensor_fingerprint
-from rlsync.config import RunConfig, build
+from trainer_side.config import TrainerRankConfig
 from trainer_side.learner import Learner, RolloutBatch
 from trainer_side.policy import LlamaPolicy
 
@@ -61,7 +61,7 @@ class TrainerActor:
     """One data-parallel trainer rank; rank 0 also owns the WeightPusher."""
 
     def __init__(self, cfg: dict[str, Any], rank: int, run_dir: str) -> None:
-        self.cfg: RunConfig = build(RunConfig, cfg, "")
+        self.cfg = TrainerRankConfig.from_run(cfg)
         self.rank, self.world_size = rank, self.cfg.trainer.world_size
         self.run_dir = Path(run_dir)
         self.device = trainer_device(self.cfg.engine.device)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rlsync.config import TrainerConfig
+from trainer_side.config import TrainerConfig
 from trainer_side.ppo import baseline_advantages, grpo_advantages, ppo_loss, token_logprobs
 from trainer_side.task import Task
 

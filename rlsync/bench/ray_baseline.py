@@ -2,7 +2,7 @@
 Ray actor `ray.get`s it and copies it into an engine-layout `ModelWeights` store.
 
 Ray runs privately for this method only: started with its files under the run's directory
-(`rlsync.ray_session.start_local`: short symlinked temp dir, private auth token) and shut
+(`rlsync.app.ray_session.start_local`: short symlinked temp dir, private auth token) and shut
 down when the method ends; a Ray this process already runs is reused and left running.
 Ray serializes the state dict with its own serializer (inside Ray; nothing of ours).
 End to end runs from the start of `ray.put` until the last actor's load is done.
@@ -18,10 +18,10 @@ from typing import Any
 import ray
 import torch
 
+from rlsync.app.ray_session import connect, disconnect
 from rlsync.bench.baselines import NO_ENGINE, finish, record
 from rlsync.bench.stats import Row
 from rlsync.model_config import ModelConfig
-from rlsync.ray_session import connect, disconnect
 
 
 @ray.remote(num_cpus=1)

@@ -1,6 +1,6 @@
 """`rlsync run CONFIG [--set key=value ...]`: the RL loop on Ray (local or a cluster).
 
-A thin shell over `rlsync.launcher.run`: load the config, run, print where things went.
+A thin shell over `rlsync.app.launcher.run`: load the config, run, print where things went.
 Exit codes: 0 done, 1 the run failed (the message names the actor and step), 2 bad config.
 """
 
@@ -21,15 +21,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlsync.config import ConfigError, load_config
+    from rlsync.app.run_config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from rlsync.launcher import RunError
-    from rlsync.launcher import run as run_loop
+    from rlsync.app.launcher import RunError
+    from rlsync.app.launcher import run as run_loop
 
     try:
         result = run_loop(cfg, progress=not args.no_progress)

@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlsync.config import ConfigError, load_config
+    from rlsync.app.run_config import ConfigError, load_config
 
     if (args.address is None) == (not args.local):
         print("error: give exactly one of --address URL or --local", file=sys.stderr)
@@ -107,7 +107,7 @@ def submit_and_follow(cfg: Any, address: str, args: argparse.Namespace) -> int:
     import yaml
     from ray.job_submission import JobSubmissionClient
 
-    from rlsync.config import to_dict
+    from rlsync.app.run_config import to_dict
 
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="rlsync-job-") as tmp:
@@ -177,7 +177,7 @@ class LocalHead:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
 
     def start(self, timeout_s: float = 120.0) -> LocalHead:
-        from rlsync.ray_session import short_link
+        from rlsync.app.ray_session import short_link
 
         self.root.mkdir(parents=True, exist_ok=True)
         token = self.root / "auth_token"

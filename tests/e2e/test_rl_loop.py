@@ -21,10 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsync.buckets import tensor_fingerprint
-from rlsync.checkpoint_io import iter_checkpoint_tensors
-from rlsync.config import RunConfig, load_config
-from rlsync.launcher import (
+from rlsync.app.launcher import (
     RLRun,
     RunError,
     RunResult,
@@ -34,7 +31,10 @@ from rlsync.launcher import (
     run,
     run_steps,
 )
-from rlsync.metrics import STEP_KEYS, compare_fingerprints, read_metrics, weights_fingerprint
+from rlsync.app.metrics import STEP_KEYS, compare_fingerprints, read_metrics, weights_fingerprint
+from rlsync.app.run_config import RunConfig, load_config
+from rlsync.buckets import tensor_fingerprint
+from rlsync.checkpoint_io import iter_checkpoint_tensors
 from rlsync.protocol import GenerateOutput
 from trainer_side.actor import StaleRolloutError, check_versions
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlsync.app.metrics import STEP_KEYS, read_metrics
 from rlsync.cli.submit import LocalHead
-from rlsync.metrics import STEP_KEYS, read_metrics
 
 CLI = [sys.executable, "-m", "rlsync.cli"]
 TINY = ["model.vocab_size=32", "model.hidden_size=32", "model.intermediate_size=64",

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlsync.config import ConfigError, RunConfig, apply_override, load_config, to_dict
+from rlsync.app.run_config import RunConfig, apply_override, load_config, to_dict
+from rlsync.config import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

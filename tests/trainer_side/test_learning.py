@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from rlsync.config import TrainerConfig
 from rlsync.model_config import ModelConfig
+from trainer_side.config import TrainerConfig
 from trainer_side.learner import Learner, RolloutBatch, generate, pad_batch, sample_rollouts
 from trainer_side.policy import LlamaPolicy
 from trainer_side.task import get_task

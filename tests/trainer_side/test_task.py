@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from rlsync.config import TaskConfig
 from rlsync.model_config import ModelConfig
+from trainer_side.config import TaskConfig
 from trainer_side.task import SEP, Task, TaskError, get_task
 
 CFG = ModelConfig(vocab_size=64)

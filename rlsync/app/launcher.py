@@ -31,12 +31,13 @@ import yaml
 from tqdm import tqdm
 
 from infer_side.actor import InferenceActor
-from rlsync import metrics, ray_session
+from rlsync.app import metrics, ray_session
+from rlsync.app.plot import plot_metrics
+from rlsync.app.ray_session import ActorCallError, gather
+from rlsync.app.run_config import RunConfig, to_dict
 from rlsync.auth import generate_keys
-from rlsync.config import ConfigError, RunConfig, to_dict
-from rlsync.plot import plot_metrics
+from rlsync.config import ConfigError
 from rlsync.protocol import GenerateOutput, SamplingParams
-from rlsync.ray_session import ActorCallError, gather
 from trainer_side.actor import TrainerActor
 from trainer_side.learner import RolloutBatch
 from trainer_side.policy import LlamaPolicy
