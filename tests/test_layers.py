@@ -28,6 +28,8 @@ LIGHT_MODULES = ["rlsync.protocol", "rlsync.codec", "rlsync.rpc", "rlsync.config
                  "rlsync.buckets", "rlsync.transports.broadcast", "rlsync.transports.shm",
                  "rlsync.transports.disk", "trainer_side.pusher", "infer_side.engine_core",
                  "infer_side.server", "infer_side.client"]
+CLI_LIGHT = ["serve", "push", "info", "generate", "flush"]
+"""Subcommands that work with the base install (their lazy imports are in LIGHT_MODULES)."""
 BLOCKED = ("ray", "yaml", "tqdm", "matplotlib", "numpy")
 
 
@@ -119,8 +121,8 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def import_without_app_packages(modules: list[str]) -> subprocess.CompletedProcess:
-    code = BLOCKER + "".join(f"import {m}\n" for m in modules) + (
+def import_without_app_packages(modules: list[str], then: str = "") -> subprocess.CompletedProcess:
+    code = BLOCKER + "".join(f"import {m}\n" for m in modules) + then + (
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)\n"
         "assert not bad, bad\n")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -135,3 +137,12 @@ def test_library_and_sides_import_without_ray_yaml_tqdm_matplotlib_numpy() -> No
 def test_the_import_check_fails_when_a_module_needs_a_blocked_package() -> None:
     proc = import_without_app_packages(["rlsync.app.run_config"])
     assert proc.returncode != 0 and "blocked by test_layers: yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("command", CLI_LIGHT)
+def test_base_install_subcommands_parse_without_app_packages(command: str) -> None:
+    then = (f"from rlsync.cli import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n"
+            f"    assert e.code == 0, e.code\n")
+    proc = import_without_app_packages(["rlsync.checkpoint_io", "trainer_side.push_report"], then)
+    assert proc.returncode == 0, proc.stderr[-3000:]
