@@ -22,6 +22,7 @@ from infer_side.client import EngineStartError, connect, launch_engine
 from infer_side.server import run_engine
 from rlsync.auth import AuthError, ClientKeys, generate_keys, load_client_keys, load_server_keys
 from rlsync.config import SyncConfig
+from rlsync.netutil import free_port
 from rlsync.protocol import FlushCache, Generate, GetInfo, UpdateWeightsFromDisk
 from rlsync.rpc import RpcClient, RpcTimeout, is_final
 from rlsync.transports.disk import write_weights
@@ -113,14 +114,8 @@ def test_pusher_without_keys_cannot_push(tcp_engine, tmp_path):
     assert tcp_engine.fingerprints() == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_refuses_tcp_without_keys(ckpt):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "rlsync.cli", "serve", "--model", str(ckpt),
                            "--endpoint", f"tcp://127.0.0.1:{port}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
