@@ -23,6 +23,7 @@ from rlsync.codec import decode, encode
 from rlsync.config import EngineConfig
 from rlsync.endpoints import ipc_path, private_ipc_endpoint, remove_private_endpoint
 from rlsync.protocol import (
+    EngineInfo,
     Generate,
     GenerateOutput,
     GetInfo,
@@ -231,8 +232,8 @@ class ScriptedCore:
         if isinstance(msg, Shutdown):
             self.shutdown_requested = True
         if isinstance(msg, GetInfo):
-            return [Result(request_id=msg.request_id, payload={"bad": object()})]
-        return [Result(request_id=msg.request_id, payload={"type": type(msg).__name__})]
+            return [EngineInfo(request_id=msg.request_id, model={"bad": object()})]
+        return [Result(request_id=msg.request_id, message=type(msg).__name__)]
 
     def step(self) -> list[Message]:
         time.sleep(0.001)  # a step takes time, so requests overlap
@@ -315,8 +316,8 @@ def test_shutdown_fails_requests_still_in_flight(server):
     with RpcClient(server.endpoint, timeout_s=10) as a, RpcClient(server.endpoint, timeout_s=10) as b:
         a.send(gen(1, 10_000))
         assert b.call(Shutdown()).success
-        out = a.recv()
-    assert out.request_id and not out.success and "shut down" in out.message
+        with pytest.raises(EngineDead, match="engine shut down before this request finished"):
+            a.recv()  # raised only for an EngineDied addressed to this request
 
 
 def test_core_crash_fails_pending_requests_fast(server):
@@ -332,7 +333,8 @@ def test_core_crash_fails_pending_requests_fast(server):
 def test_unencodable_reply_becomes_an_error_result(server):
     with RpcClient(server.endpoint, timeout_s=10) as rpc:
         result = rpc.call(GetInfo())
-        assert not result.success and "not encodable" in result.message
+        assert isinstance(result, Result)
+        assert not result.success and "reply EngineInfo not encodable" in result.message
         assert [o.output_ids for o in rpc.generate([gen(5, 2)])] == [[5, 6]]
 
 
