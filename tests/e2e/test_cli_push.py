@@ -57,19 +57,22 @@ def test_cli_push_then_generate_matches_fresh_engine(checkpoints, fresh, engine,
     assert pushed.returncode == 0, pushed.stderr
     report = json.loads(pushed.stdout)
     assert report["failed"] == [] and report["version"] == version
-    assert report["engines"]["engine0"]["weight_version"] == version
+    outcome = report["engines"]["engine0"]
+    assert outcome["ok"] and outcome["weight_version"] == version
+    assert outcome["weights_incomplete"] is False and outcome["bytes"] > 0
+    assert 0 <= report["control_s"] <= report["seconds"]
     after = generate("--endpoint", engine.endpoint)
     assert [o["output_ids"] for o in after] == fresh
     assert [o["weight_version"] for o in after] == [version, version]
 
 
 def test_cli_push_refuses_an_old_version(checkpoints, engine):
-    current = engine.info()["weight_version"]
+    current = engine.info().weight_version
     pushed = rlsync("push", "--checkpoint", str(checkpoints[1]), "--endpoint", engine.endpoint,
                     "--version", str(current))
     assert pushed.returncode == 1
     assert "not newer" in pushed.stderr
-    assert engine.info()["weight_version"] == current
+    assert engine.info().weight_version == current
 
 
 def _reset_to(engine, ckpt, version, work_dir) -> None:
