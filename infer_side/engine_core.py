@@ -125,9 +125,13 @@ class EngineCore:
         return self._generating() and not self.is_idle()
 
     def idle_wait_ms(self) -> int:
-        """How long the server may sleep when there is no work: briefly while a weight update
-        is arriving on its worker thread, so the commit follows the last byte at once."""
-        return 1 if self.updates.receiving() else 50
+        """How long the server may sleep in its socket when there is no work; 0 while a weight
+        update arrives on its worker thread (then it waits on `wait_for_update` in turns)."""
+        return 0 if self.updates.receiving() else 50
+
+    def wait_for_update(self, timeout_s: float) -> None:
+        """Block until the update's worker finished, at most `timeout_s`."""
+        self.updates.wait(timeout_s)
 
     def _drain(self) -> list[Message]:
         out, self._outbox = self._outbox, []

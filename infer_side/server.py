@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 50
 """Longest sleep in poll when the core has no work (the core may ask for less)."""
+UPDATE_WAKE_S = 0.0005
+"""While an update is arriving: the longest a frame waits for the loop."""
 SEND_LINGER_MS = 2000
 """On exit, how long queued replies (e.g. Shutdown's Result) may take to leave."""
 
@@ -51,6 +53,7 @@ class Core(Protocol):
     def step(self) -> list[Message]: ...
     def has_work(self) -> bool: ...
     def idle_wait_ms(self) -> int: ...
+    def wait_for_update(self, timeout_s: float) -> None: ...
 
 
 def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | None = None,
@@ -93,11 +96,22 @@ def run_loop(core: Core, router: Router) -> None:
             if core.has_work():
                 router.route(core.step())
             elif not core.shutdown_requested:
-                router.sock.poll(min(POLL_MS, core.idle_wait_ms()), zmq.POLLIN)
+                _idle(core, router)
     except BaseException as exc:
         router.fail_all(f"engine crashed: {type(exc).__name__}: {exc}")
         raise
     router.fail_all("engine shut down before this request finished")
+
+
+def _idle(core: Core, router: Router) -> None:
+    """Sleep until a frame arrives; while a weight update's bytes arrive on a worker thread,
+    alternate a non-blocking look at the socket with a short wait on the worker, so the
+    commit follows the last byte at once (zmq's poll counts whole milliseconds)."""
+    wait_ms = core.idle_wait_ms()
+    if wait_ms > 0:
+        router.sock.poll(min(POLL_MS, wait_ms), zmq.POLLIN)
+    elif not router.sock.poll(0, zmq.POLLIN):
+        core.wait_for_update(UPDATE_WAKE_S)
 
 
 class Router:

@@ -227,6 +227,14 @@ class UpdateMachine:
     def receiving(self) -> bool:
         return self.job is not None and self.job.stage is Stage.RECEIVING
 
+    def wait(self, timeout_s: float) -> None:
+        """Block until the worker of the update in flight finished, at most `timeout_s`."""
+        job = self.job
+        if job is not None and job.stage is Stage.RECEIVING:
+            job.done.wait(timeout_s)
+        else:
+            time.sleep(timeout_s)
+
     def incoming_version(self) -> int | None:
         """The version an update in progress brings (named in "weights incomplete")."""
         if self.pending_version is not None:

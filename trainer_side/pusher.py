@@ -46,14 +46,15 @@ WeightsLike = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str,
 
 
 def named_tensors(weights: WeightsLike) -> dict[str, torch.Tensor]:
-    """name -> detached tensor; a module's tied parameters appear once, as named_parameters does."""
+    """name -> tensor; a module's tied parameters appear once, as named_parameters does.
+    (Pushes run under no_grad, so nothing needs detaching.)"""
     if isinstance(weights, torch.nn.Module):
         items: Iterable[tuple[str, torch.Tensor]] = weights.named_parameters()
     elif isinstance(weights, Mapping):
         items = weights.items()
     else:
         items = weights
-    return {name: t.detach() for name, t in items}
+    return dict(items)
 
 
 class WeightPusher:
@@ -88,10 +89,11 @@ class WeightPusher:
         start = time.perf_counter()
         tensors = named_tensors(weights)
         plan = self._plan_for(tensors)
-        report = self._push_once(plan, tensors, version)
-        if report.transfer_error and self.sender.can_rebuild and self.engines.find_dead():
-            self.sender.rebuild()  # the group without the dead engines, then once more
+        with torch.no_grad():
             report = self._push_once(plan, tensors, version)
+            if report.transfer_error and self.sender.can_rebuild and self.engines.find_dead():
+                self.sender.rebuild()  # the group without the dead engines, then once more
+                report = self._push_once(plan, tensors, version)
         report.finish(plan_total_bytes(plan), time.perf_counter() - start)
         if not report.succeeded:
             raise PushError(f"version {version} reached no engine: {report.summary()}", report)
@@ -157,10 +159,11 @@ class WeightPusher:
         report.transfer_s = time.perf_counter() - start
 
     def _plan_for(self, tensors: dict[str, torch.Tensor]) -> BucketPlan:
-        """Plan in the engines' dtypes (cast while packing); refuse a mismatch before sending."""
-        self._check_against_engines(tensors)
-        key = tuple((n, t.dtype, tuple(t.shape)) for n, t in tensors.items())
+        """Plan in the engines' dtypes (cast while packing); refuse a mismatch before sending.
+        The plan (and its check) is redone only when names, dtypes or shapes change."""
+        key = tuple((n, t.dtype, t.shape) for n, t in tensors.items())
         if key != self._plan_key:
+            self._check_against_engines(tensors)
             specs = [(n, self.specs[n][0], tuple(t.shape)) for n, t in tensors.items()]
             self.plan, self._plan_key = plan_buckets(specs, self.cfg.bucket_bytes), key
             self.plan_id = plan_id_of(self.plan)
