@@ -4,7 +4,7 @@ Cases go out in windows over one raw DEALER socket. After each window the driver
 own ContinueGeneration (a fuzzed PauseGeneration must not leave later Generates queued) and
 waits until the number of final replies equals the number of messages sent: the server
 answers every frame it receives exactly once with a final reply (weight updates also send
-an interim "accepted"), so a missing reply is a lost frame and a late one a hang.
+an interim UpdateAccepted), so a missing reply is a lost frame and a late one a hang.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from rlsync.codec import ProtocolError, decode, encode
-from rlsync.protocol import ContinueGeneration, Result
-from rlsync.rpc import is_final
+from rlsync.protocol import ContinueGeneration, EngineDied, Message, failed, is_final
 from tests.reliability.fuzz_frames import Case, harmless
 
 WINDOW = 40
@@ -111,16 +110,16 @@ def _collect(sock: zmq.Socket, expected: int, counts: FuzzCounts, timeout_s: flo
         if not is_final(reply):
             counts.accepted_updates += 1
             continue
+        assert not isinstance(reply, EngineDied), f"the engine died: {reply.message}"
         got += 1
         counts.final_replies += 1
         _classify(reply, counts)
     return got
 
 
-def _classify(reply: object, counts: FuzzCounts) -> None:
-    error = reply.message if isinstance(reply, Result) and not reply.success else \
-        getattr(reply, "error", "")
-    if not error:
+def _classify(reply: Message, counts: FuzzCounts) -> None:
+    error = failed(reply)
+    if error is None:
         counts.ok_replies += 1
         counts.ok_by_category[counts.categories.get(reply.request_id, "driver")] += 1
         return

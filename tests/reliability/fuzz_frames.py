@@ -3,8 +3,9 @@
 Each case is (category, parts): the parts of one multipart ZMQ message. Categories: random
 bytes, truncated / bit-flipped / byte-smashed valid messages of every type, wrong field
 types, huge declared msgpack lengths, unknown message types and shapes, valid messages with
-absurd values, bucket plans that disagree with themselves or name unknown tensors, disk
-updates at missing/garbage checkpoints, IPC updates naming segments that do not exist (or
+absurd values, bucket plans that disagree with themselves or name unknown tensors (or carry
+a plan_id that is not theirs), updates naming only a plan_id the engine may not know, reply
+messages sent as requests, disk updates at missing/garbage checkpoints, IPC updates naming segments that do not exist (or
 hold garbage), multipart messages with extra parts, and plain valid requests in between.
 
 `harmless()` screens decodable frames before they are sent: a Shutdown would stop the
@@ -28,20 +29,29 @@ from rlsync.protocol import (
     BucketPlan,
     ContinueGeneration,
     DestroyWeightsGroup,
+    EngineDied,
+    EngineInfo,
     FlushCache,
     Generate,
     GenerateOutput,
     GetInfo,
     GetWeightsFingerprint,
+    GetWeightSpecs,
     InitWeightsGroup,
     Message,
     PauseGeneration,
     Result,
     SamplingParams,
     Shutdown,
+    UpdateAccepted,
+    UpdateDone,
     UpdateWeightsFromDisk,
     UpdateWeightsFromDistributed,
     UpdateWeightsFromIPC,
+    WeightFingerprints,
+    WeightSpec,
+    WeightSpecs,
+    plan_id_of,
 )
 from tests.reliability.fuzz_targets import Targets
 
@@ -61,6 +71,7 @@ class FrameFactory:
         self.specs, self.targets, self.dead_port = specs, targets, dead_port
         items = [(n, d, s) for n, (d, s) in specs.items()]
         self.plan = plan_buckets(items, 1 << 14)
+        self.plan_id = plan_id_of(self.plan)
         self.count = 0
         self.categories = [self.random_bytes, self.truncated, self.bit_flipped, self.smashed,
                            self.wrong_types, self.huge_lengths, self.unknown_shapes,
@@ -82,27 +93,38 @@ class FrameFactory:
     def valid(self) -> Message:
         """A valid message of a random type (updates aimed at nothing that exists)."""
         rid, t = self._rid(), self.targets
-        pick = self.rng.randrange(15)
         quick = {"weight_version": FAR_VERSION, "timeout_s": 0.5, "idle_timeout_s": 1.0}
-        return [
+        cases = [
             Generate(request_id=rid, input_ids=[1, 2, 3], sampling=SamplingParams(max_new_tokens=2)),
             Abort(request_id=rid, target_id="nobody"),
             InitWeightsGroup(request_id=rid, master_port=self.dead_port, timeout_s=0.2),
             DestroyWeightsGroup(request_id=rid, group_name="fuzz-none"),
-            UpdateWeightsFromDistributed(request_id=rid, group_name="fuzz-none", plan=self.plan,
-                                         **quick),
-            UpdateWeightsFromIPC(request_id=rid, buffer=self.rng.choice(t.buffers), plan=self.plan,
-                                 push_id=1, **quick),
+            UpdateWeightsFromDistributed(request_id=rid, group_name="fuzz-none",
+                                         plan_id=self.plan_id, plan=self.plan, **quick),
+            UpdateWeightsFromIPC(request_id=rid, buffer=self.rng.choice(t.buffers),
+                                 plan_id=self.plan_id, plan=self.plan, push_id=1, **quick),
+            UpdateWeightsFromIPC(request_id=rid, buffer=self.rng.choice(t.buffers),  # id only
+                                 plan_id=self.plan_id, push_id=1, **quick),
             UpdateWeightsFromDisk(request_id=rid, path=self.rng.choice(t.disk_paths), **quick),
             FlushCache(request_id=rid, empty_cache=False),
             ContinueGeneration(request_id=rid),
             GetWeightsFingerprint(request_id=rid, names=["model.norm.weight", "nope"]),
+            GetWeightSpecs(request_id=rid),
             GetInfo(request_id=rid),
-            Result(request_id=rid, payload={"a": 1}),
-            GenerateOutput(request_id=rid, output_ids=[1]),
             Shutdown(request_id=rid),
             PauseGeneration(request_id=rid, mode=self.rng.choice(["abort", "retract", "in_place"])),
-        ][pick]
+            # replies, sent the wrong way
+            Result(request_id=rid, success=False, message="a"),
+            GenerateOutput(request_id=rid, output_ids=[1]),
+            EngineDied(request_id=rid, message="engine crashed: fuzz"),
+            UpdateAccepted(request_id=rid, weight_version=FAR_VERSION, bytes=1 << 40),
+            UpdateDone(request_id=rid, weight_version=FAR_VERSION, transport="ipc"),
+            WeightFingerprints(request_id=rid, weight_version=FAR_VERSION,
+                               fingerprints={"model.norm.weight": 1}),
+            WeightSpecs(request_id=rid, specs=[WeightSpec(name="x", dtype="float32", shape=[1])]),
+            EngineInfo(request_id=rid, weight_version=FAR_VERSION, model={"vocab_size": 1}),
+        ]
+        return cases[self.rng.randrange(len(cases))]
 
     def _plain(self) -> tuple[str, dict]:
         msg = self.valid()
@@ -149,7 +171,8 @@ class FrameFactory:
             ["Teleport", {"request_id": rid}], ["", {}], [7, {}], ["GetInfo"],
             ["GetInfo", {"request_id": rid}, 3], {"GetInfo": {}}, "GetInfo", 42, None,
             ["getinfo", {"request_id": rid}], ["Message", {"request_id": rid}],
-            ["_UpdateWeights", {"request_id": rid}], ["GetInfo", {b"request_id": rid}],
+            ["UpdateWeights", {"request_id": rid}], ["BucketUpdate", {"request_id": rid}],
+            ["WeightSpec", {"name": "x", "dtype": "float32"}], ["GetInfo", {b"request_id": rid}],
             ["GetInfo", {"request_id": rid, "request_id ": "x"}], ["GetInfo", []],
         ])
         return [msgpack.packb(value, use_bin_type=True)]
@@ -168,12 +191,17 @@ class FrameFactory:
         return [msgpack.packb(["Generate", {"request_id": rid, **fields}], use_bin_type=True)]
 
     def bad_plans(self) -> list[bytes]:
-        """Plans whose byte totals disagree with their entries, or that name the wrong tensors."""
-        plan = self._mutated_plan()
-        cls = self.rng.choice([UpdateWeightsFromIPC, UpdateWeightsFromDistributed])
+        """Plans whose byte totals disagree with their entries, or that name the wrong tensors;
+        each under its own plan_id, no id, the good plan's id (a poisoned cache entry if it
+        were believed) or a made-up one; or no plan and an id the engine never saw."""
+        plan, r = self._mutated_plan(), self.rng
+        plan_id = r.choice([plan_id_of(plan), "", self.plan_id, r.randbytes(16).hex()])
+        if r.random() < 0.15:
+            plan, plan_id = None, r.choice(["", r.randbytes(16).hex(), "x" * 64])
+        cls = r.choice([UpdateWeightsFromIPC, UpdateWeightsFromDistributed])
         extra = {"buffer": self.targets.buffers[0]} if cls is UpdateWeightsFromIPC else {}
-        msg = cls(request_id=self._rid(), plan=plan, weight_version=FAR_VERSION, timeout_s=0.5,
-                  idle_timeout_s=1.0, **extra)
+        msg = cls(request_id=self._rid(), plan_id=plan_id, plan=plan, weight_version=FAR_VERSION,
+                  timeout_s=0.5, idle_timeout_s=1.0, **extra)
         return [encode(msg)]
 
     def _mutated_plan(self) -> BucketPlan:
@@ -210,7 +238,8 @@ class FrameFactory:
 
     def bad_ipc(self) -> list[bytes]:
         msg = UpdateWeightsFromIPC(request_id=self._rid(), weight_version=FAR_VERSION,
-                                   buffer=self.rng.choice(self.targets.buffers), plan=self.plan,
+                                   buffer=self.rng.choice(self.targets.buffers),
+                                   plan_id=self.plan_id, plan=self.rng.choice([self.plan, None]),
                                    push_id=self.rng.choice([0, 1, 1 << 41]), timeout_s=0.5,
                                    idle_timeout_s=1.0,
                                    load_mode=self.rng.choice(["in_place", "shadow"]))
@@ -224,6 +253,7 @@ class FrameFactory:
                      sampling=SamplingParams(max_new_tokens=3)),
             GetInfo(request_id=rid),
             GetWeightsFingerprint(request_id=rid, names=[]),
+            GetWeightSpecs(request_id=rid),
         ]))]
 
     def multipart(self) -> list[bytes]:

@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from rlsync.codec import MAX_FRAME_BYTES
+from rlsync.protocol import GetWeightSpecs, WeightSpecs
 from tests.e2e.sync_helpers import PROMPTS, greedy
 from tests.reliability.figures import record
 from tests.reliability.fuzz_driver import fuzz_engine
@@ -27,7 +28,7 @@ def _state(engine) -> tuple[dict, list[list[int]]]:
 
 def _settle(engine, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while engine.fingerprints(names=[])["update_in_progress"]:
+    while engine.fingerprints(names=[]).update_in_progress:
         assert time.monotonic() < deadline, "a fuzzed update never finished"
         time.sleep(0.1)
 
@@ -36,7 +37,9 @@ def run_fuzz(engine, tmp_path, dead_port: int, n: int, seed: int) -> dict:
     before, tokens = _state(engine)
     pid = engine.process.pid
     snap = Snapshot.steady(pid)
-    specs = {k: (d, tuple(s)) for k, (d, s) in before["specs"].items()}
+    reply = engine.rpc.call_ok(GetWeightSpecs())
+    assert isinstance(reply, WeightSpecs) and reply.specs, reply
+    specs = {s.name: (s.dtype, tuple(s.shape)) for s in reply.specs}
     targets = make_targets(tmp_path / "targets", specs)
     start = time.monotonic()
     try:
@@ -82,7 +85,7 @@ def test_oversized_frame_is_dropped_before_it_is_buffered(engines):
         assert not sock.poll(1500), "an oversized frame got a reply: it was buffered whole"
     finally:
         sock.close(linger=0)
-    assert engine.info()["weight_version"] >= 0  # still answering
+    assert engine.info().weight_version >= 0  # still answering
     grown_mb = (peak_rss_kb(engine.process.pid) - peak) / 1024
     record("oversized_frame", frame_mb=4 * MAX_FRAME_BYTES >> 20, peak_rss_growth_mb=grown_mb)
     assert grown_mb < MAX_FRAME_BYTES / 2**20, f"peak RSS grew {grown_mb:.0f} MB"
