@@ -18,19 +18,13 @@ from typing import Any
 
 from infer_side.client import EngineClient, launch_engine
 from rlsync.config import EngineConfig
+from rlsync.netutil import node_address
 from rlsync.protocol import EngineInfo, GenerateOutput, SamplingParams, WeightFingerprints
 
 
 def engine_device(device: str) -> str:
     """Under Ray a GPU actor sees only its own GPU(s): any `cuda:N` becomes `cuda`."""
     return "cuda" if device.startswith("cuda") else device
-
-
-def node_address() -> str:
-    """This node's address as Ray sees it (where other nodes reach this engine)."""
-    import ray
-
-    return ray.util.get_node_ip_address()
 
 
 class InferenceActor:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from rlsync.netutil import node_address
 from trainer_side.config import TrainerRankConfig
 from trainer_side.learner import Learner, RolloutBatch
 from trainer_side.policy import LlamaPolicy
@@ -114,9 +115,7 @@ class TrainerActor:
         return timedelta(seconds=self.cfg.sync.timeout_s)
 
     def node_address(self) -> str:
-        import ray
-
-        return ray.util.get_node_ip_address()
+        return node_address()
 
     def connect_engines(self, endpoints: dict[str, str], master_address: str | None = None,
                         auth_keys: str | None = None) -> list[str]:

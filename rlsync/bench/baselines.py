@@ -26,11 +26,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from rlsync.bench.procs import Receivers, child_env
+from rlsync.bench.procs import Receivers
 from rlsync.bench.stats import Row, median_phases
 from rlsync.buckets import dtype_name
 from rlsync.model_config import ModelConfig
-from rlsync.transports.broadcast import BroadcastGroup, free_port
+from rlsync.netutil import free_port
+from rlsync.procs import child_env
+from rlsync.transports.broadcast import BroadcastGroup
 
 NO_ENGINE = "no live engine: pause = receiver's receive+load time"
 

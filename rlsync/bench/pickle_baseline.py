@@ -26,10 +26,11 @@ from typing import Any
 import torch
 import zmq
 
-from rlsync.bench.procs import child_env, stop_process
+from rlsync.bench.procs import stop_process
 from rlsync.checkpoint_io import iter_checkpoint_tensors
 from rlsync.endpoints import private_ipc_endpoint, remove_private_endpoint
 from rlsync.model_config import ModelConfig
+from rlsync.procs import child_env
 
 EXIT = b"exit"
 READY = b"ready"

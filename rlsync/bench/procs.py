@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = str(Path(__file__).resolve().parents[2])
+from rlsync.procs import child_env
 
 
 class ReceiverError(RuntimeError):
@@ -118,12 +118,6 @@ class Receivers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def child_env() -> dict[str, str]:
-    """Our environment with this checkout first on PYTHONPATH, so children run this code."""
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else ROOT}
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float) -> None:

@@ -23,7 +23,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from rlsync.netutil import free_port
 
 PACKAGES = ("rlsync", "trainer_side", "infer_side")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -142,13 +143,6 @@ def follow(client: Any, job_id: str, timeout_s: float) -> int:
 
 
 # ---------------------------------------------------------------- a throwaway local cluster
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now (bind to 0, read it, close)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class LocalHead:

@@ -19,7 +19,6 @@ survive a dead trainer should set that variable to 2 (abort the communicator onl
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
 from rlsync.buckets import pack_bucket, plan_total_bytes
+from rlsync.netutil import free_port
 from rlsync.protocol import (
     BucketPlan,
     DestroyWeightsGroup,
@@ -52,13 +52,6 @@ from rlsync.transports import (
 
 Backend = Literal["gloo", "nccl"]
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now, for the next group's rendezvous."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(kw_only=True, eq=False)
