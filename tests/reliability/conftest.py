@@ -66,4 +66,4 @@ def dead_port() -> Iterator[int]:
 
 def next_version(clients: dict[str, EngineClient] | list[EngineClient]) -> int:
     items = clients.values() if isinstance(clients, dict) else clients
-    return max(c.info()["weight_version"] for c in items) + 1
+    return max(c.info().weight_version for c in items) + 1

@@ -14,7 +14,7 @@ def push_next(engine: EngineClient, ckpt: Path, work_dir: Path, transport: str =
               load_mode: str = "in_place") -> int:
     """Push trainer_weights(ckpt, v) as v = engine's version + 1, assert it landed bit-exact,
     return v."""
-    version = engine.info()["weight_version"] + 1
+    version = engine.info().weight_version + 1
     tensors = trainer_weights(ckpt, version)
     pusher = WeightPusher(SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02,
                                      timeout_s=20), {"engine": engine.endpoint}, work_dir)

@@ -23,8 +23,16 @@ from infer_side.server import run_engine
 from rlsync.auth import AuthError, ClientKeys, generate_keys, load_client_keys, load_server_keys
 from rlsync.config import SyncConfig
 from rlsync.netutil import free_port
-from rlsync.protocol import FlushCache, Generate, GetInfo, UpdateWeightsFromDisk
-from rlsync.rpc import RpcClient, RpcTimeout, is_final
+from rlsync.protocol import (
+    FlushCache,
+    Generate,
+    GetInfo,
+    UpdateAccepted,
+    UpdateDone,
+    UpdateWeightsFromDisk,
+    is_final,
+)
+from rlsync.rpc import RpcClient, RpcTimeout
 from rlsync.transports.disk import write_weights
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from trainer_side.push_report import PushError
@@ -73,13 +81,17 @@ def test_authorized_client_generates_and_pushes(tcp_engine, keys, ckpt, cfg, tmp
     client = connect(tcp_engine.endpoint, auth_keys=keys, timeout_s=30)
     try:
         assert all(o.error == "" for o in client.generate(PROMPTS, greedy()))
-        version = client.info()["weight_version"] + 1
+        version = client.info().weight_version + 1
         write_weights(tmp_path / "w", trainer_weights(ckpt, version), version, cfg=cfg)
         replies = _update(client.rpc, UpdateWeightsFromDisk(path=str(tmp_path / "w"),
                                                             weight_version=version))
-        assert [r.payload.get("stage") for r in replies] == ["accepted", "done"]
-        assert replies[-1].success, replies[-1].message
-        assert client.info()["weight_version"] == version
+        assert [type(r) for r in replies] == [UpdateAccepted, UpdateDone]
+        accepted, done = replies
+        assert accepted.weight_version == version and accepted.bytes > 0
+        assert done.success, done.message
+        assert (done.weight_version, done.transport, done.weights_incomplete) == (
+            version, "disk", False)
+        assert client.info().weight_version == version
     finally:
         client.close()
 
@@ -89,8 +101,8 @@ def test_unauthenticated_client_cannot_generate_flush_or_push(tcp_engine, keys, 
                                                               tmp_path, who):
     tcp_engine.generate(PROMPTS, greedy())  # something in the prefix cache a flush would drop
     before, info = tcp_engine.fingerprints(), tcp_engine.info()
-    assert info["prefix_cache"]["nodes"] > 0
-    version = info["weight_version"] + 1
+    assert info.prefix_cache_tokens > 0
+    version = info.weight_version + 1
     write_weights(tmp_path / "w", trainer_weights(ckpt, version), version, cfg=cfg)
     log_start = len(tcp_engine.stderr_tail(1 << 30))
     with RpcClient(tcp_engine.endpoint, timeout_s=1.0, auth=_intruders(keys)[who]) as rpc:
