@@ -14,7 +14,7 @@ import sys
 import time
 
 import rlsync.transports.broadcast as broadcast
-import rlsync.transports.shm as shm
+import rlsync.transports.ipc as ipc
 from rlsync.config import SyncConfig
 from tests.e2e.sync_helpers import trainer_weights
 from trainer_side.push_report import PushError
@@ -22,7 +22,7 @@ from trainer_side.pusher import WeightPusher
 
 
 def stop_after_second_bucket() -> None:
-    real, packed = shm.pack_bucket, []
+    real, packed = ipc.pack_bucket, []
 
     def pack(bucket, tensors, out):  # noqa: ANN001 - same signature as pack_bucket
         real(bucket, tensors, out)
@@ -32,7 +32,7 @@ def stop_after_second_bucket() -> None:
             os.kill(os.getpid(), signal.SIGSTOP)
             print("CONTINUED", flush=True)
 
-    broadcast.pack_bucket = shm.pack_bucket = pack
+    broadcast.pack_bucket = ipc.pack_bucket = pack
 
 
 def main() -> int:

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import rlsync.transports.broadcast as broadcast
-import rlsync.transports.shm as shm
+import rlsync.transports.ipc as ipc
 from infer_side.client import launch_engine
 from rlsync.config import SyncConfig
-from rlsync.protocol import InitWeightsGroup, SamplingParams
+from rlsync.protocol import InitWeightsGroup, Result, SamplingParams
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from tests.reliability.conftest import KV_TOKENS, next_version
 from tests.reliability.figures import record
@@ -46,23 +46,24 @@ def spares(ckpt):
 def _kill_on_third_bucket(monkeypatch, doomed) -> dict:
     """Patch bucket packing so that, with buckets 0-1 out, the doomed engine is confirmed
     mid-update and then SIGKILLed; returns what was seen at that moment."""
-    real, seen = shm.pack_bucket, {"packed": 0}
+    real, seen = ipc.pack_bucket, {"packed": 0}
 
     def pack(bucket, tensors, out):  # noqa: ANN001 - pack_bucket's signature
         real(bucket, tensors, out)
         seen["packed"] += 1
         if seen["packed"] == 3 and "killed_at" not in seen:
             deadline = time.monotonic() + 10
-            while not (state := doomed.fingerprints(names=[]))["weights_incomplete"]:
+            while not (state := doomed.fingerprints(names=[])).weights_incomplete:
                 assert time.monotonic() < deadline, state
                 time.sleep(0.02)
             time.sleep(0.2)  # let it load what is out
-            seen["doomed_state"] = {k: state[k] for k in ("update_in_progress", "weights_incomplete")}
+            seen["doomed_state"] = {k: getattr(state, k)
+                                    for k in ("update_in_progress", "weights_incomplete")}
             os.kill(doomed.process.pid, signal.SIGKILL)
             doomed.process.wait(timeout=10)
             seen["killed_at"] = time.monotonic()
 
-    monkeypatch.setattr(shm, "pack_bucket", pack)
+    monkeypatch.setattr(ipc, "pack_bucket", pack)
     monkeypatch.setattr(broadcast, "pack_bucket", pack)
     return seen
 
@@ -84,11 +85,14 @@ def test_engine_killed_mid_push_survivor_gets_the_version(engines, spares, ckpt,
         push_s = time.monotonic() - start
         assert seen.get("doomed_state") == {"update_in_progress": True, "weights_incomplete": True}
         assert report.failed == ["doomed"] and report.succeeded == ["survivor"], report.summary()
+        done = report.engines["survivor"].done
+        assert done is not None and (done.success, done.weight_version) == (True, version)
+        assert done.transport == transport and not done.weights_incomplete
         assert pusher.mismatches(tensors)["survivor"] == []
     finally:
         pusher.close()
     assert push_s < 4 * TIMEOUT_S + 10
-    assert survivor.info()["weight_version"] == version
+    assert survivor.info().weight_version == version
     got = [o.output_ids for o in survivor.generate(PROMPTS, greedy())]
     assert got == reference_outputs(cfg, tensors, PROMPTS, [greedy()] * len(PROMPTS))
     assert own_segments(os.getpid()) == set()
@@ -106,7 +110,7 @@ def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_pat
     prompts = [[(7 * i + 3 * j) % 96 for j in range(12)] for i in range(16)]
     sampling = [SamplingParams(max_new_tokens=80) if i % 2 == 0 else
                 SamplingParams(max_new_tokens=80, temperature=0.8, seed=i) for i in range(16)]
-    retracted_before = engine.info()["retracted"]
+    retracted_before = engine.info().retracted
     start = time.monotonic()
     outs = engine.generate(prompts, sampling, timeout_s=300)
     seconds = time.monotonic() - start
@@ -115,9 +119,9 @@ def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_pat
     assert all(len(o.output_ids) == 80 for o in outs)
     assert [o.output_ids for o in outs] == reference_outputs(cfg, weights, prompts, sampling)
     info = engine.info()
-    assert (info["waiting"], info["running"]) == (0, 0)
+    assert (info.waiting, info.running) == (0, 0)
     record("fault_kv_pool_full", requests=16, tokens_each=92, kv_tokens=KV_TOKENS,
-           retracted=info["retracted"] - retracted_before, lost=0, seconds=round(seconds, 1))
+           retracted=info.retracted - retracted_before, lost=0, seconds=round(seconds, 1))
     push_next(engine, ckpt, tmp_path / "after")  # the engine still takes updates afterwards
 
 
@@ -132,6 +136,7 @@ def test_engine_keeps_answering_while_a_rendezvous_waits_for_rank_0(engines, dea
         answered_s = time.monotonic() - start
     finally:
         reply = rpc.recv(30)  # the rendezvous' own (failed) Result
+        assert isinstance(reply, Result), reply
         assert reply.request_id == sent.request_id and not reply.success
     record("rendezvous_blocks_loop", answered_after_s=round(answered_s, 2), timeout_s=1.0)
     assert answered_s < 0.5
