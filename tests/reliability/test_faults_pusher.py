@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rlsync.config import SyncConfig
+from rlsync.protocol import WeightFingerprints
 from rlsync.transports import TransportError
 from rlsync.transports.shm import ShmSender
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
@@ -50,14 +51,14 @@ def _start_stalling_pusher(engine, transport, load_mode, version, ckpt) -> subpr
     return proc
 
 
-def _wait_settled(engine, deadline_s: float) -> dict:
+def _wait_settled(engine, deadline_s: float) -> WeightFingerprints:
     """Poll until no update is in flight; every call must be answered promptly."""
     deadline = time.monotonic() + deadline_s
     while True:
         start = time.monotonic()
         info = engine.fingerprints(names=[])
         assert time.monotonic() - start < 2.0, "engine loop stalled"
-        if not info["update_in_progress"] or time.monotonic() > deadline:
+        if not info.update_in_progress or time.monotonic() > deadline:
             return info
         time.sleep(0.1)
 
@@ -66,7 +67,7 @@ def _check_never_mixed(engine, before, tokens) -> str:
     """Either the old version still serves byte for byte (shadow, or in_place before any
     bucket landed), or the engine refuses to generate (in_place, live weights partly
     overwritten). Returns which."""
-    if not engine.fingerprints(names=[])["weights_incomplete"]:
+    if not engine.fingerprints(names=[]).weights_incomplete:
         assert engine.fingerprints() == before
         assert [o.output_ids for o in engine.generate(PROMPTS, greedy())] == tokens
         return "old version serving"
@@ -87,8 +88,8 @@ def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_pa
         stopped = time.monotonic()
         info = _wait_settled(engine, TIMEOUT_S + 5)
         failed_after = time.monotonic() - stopped
-        assert not info["update_in_progress"], f"update still running {failed_after:.1f}s later"
-        assert info["weight_version"] == before["weight_version"]
+        assert not info.update_in_progress, f"update still running {failed_after:.1f}s later"
+        assert info.weight_version == before.weight_version
         state = _check_never_mixed(engine, before, tokens)
         if load_mode == "shadow":
             assert state == "old version serving"
@@ -150,6 +151,10 @@ def test_same_or_older_version_is_refused_by_every_engine(engines, ckpt, tmp_pat
             with pytest.raises(PushError, match="not newer") as exc:
                 pusher.push(trainer_weights(ckpt, version + 100), stale)
             assert exc.value.report.failed == sorted(engines)
+            for outcome in exc.value.report.engines.values():  # each engine's own refusal
+                assert not outcome.ok and outcome.done is not None
+                assert (outcome.done.success, outcome.done.weight_version) == (False, version)
+                assert outcome.done.transport == "ipc" and not outcome.done.live_touched
             assert {n: c.fingerprints() for n, c in engines.items()} == before
     finally:
         pusher.close()
