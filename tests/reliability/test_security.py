@@ -22,7 +22,7 @@ from infer_side.checkpoint import load_model
 from rlsync.checkpoint_io import CheckpointError
 from rlsync.codec import decode
 from rlsync.endpoints import ipc_path
-from rlsync.protocol import Result, UpdateWeightsFromDisk
+from rlsync.protocol import Result, UpdateDone, UpdateWeightsFromDisk
 from rlsync.rpc import RpcClient
 from tests.reliability.pickle_scan import scan_file, scan_source
 
@@ -110,7 +110,7 @@ def test_pickle_frames_are_refused_and_never_unpickled(engines, tmp_path):
         sock.close(linger=0)
     time.sleep(0.2)
     assert not marker.exists()
-    assert engine.info()["weight_version"] >= 0
+    assert engine.info().weight_version >= 0
 
 
 def _pickle_checkpoints(root: Path, marker: Path) -> list[Path]:
@@ -140,7 +140,9 @@ def test_disk_update_from_a_pickle_checkpoint_is_refused(engines, tmp_path):
     with RpcClient(engine.endpoint, timeout_s=10) as rpc:
         for d in _pickle_checkpoints(tmp_path / "ckpts", marker):
             result = rpc.call(UpdateWeightsFromDisk(path=str(d), weight_version=1 << 30))
+            assert isinstance(result, UpdateDone), result  # refused outright, not accepted
             assert not result.success and "safetensors" in result.message, result.message
+            assert result.weight_version == before.weight_version and not result.live_touched
     assert not marker.exists()
     assert engine.fingerprints() == before
 
