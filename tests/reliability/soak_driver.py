@@ -75,7 +75,7 @@ def run_soak(engines: dict[str, EngineClient], ckpt: Path, work_dir: Path, *, re
     names = sorted(engines)
     pusher = WeightPusher(sync, {n: engines[n].endpoint for n in names}, work_dir)
     try:
-        base = max(c.info()["weight_version"] for c in engines.values())
+        base = max(c.info().weight_version for c in engines.values())
         _push(pusher, ckpt, base + 1, run)  # both engines start the load on one version
         _sample_rss(engines, run)
         workers = [threading.Thread(target=_client, args=(engines, names, chunks, i, threads,
