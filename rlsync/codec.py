@@ -1,23 +1,21 @@
 """The one codec: protocol dataclasses <-> msgpack frames, validated on decode.
 
 A frame is msgpack of `[type_name, {field: value}]`. Decoding checks the type name, required
-and unknown fields, every field's type (from the dataclass annotations) and the ranges in the
-field metadata, and raises `ProtocolError` naming `Message.field`. msgpack never runs code and
-we never fall back to pickle.
+and unknown fields, every field's type (from the dataclass annotations, through the one
+validator in `rlsync.annotations`) and the ranges in the field metadata, and raises
+`ProtocolError` naming `Message.field`. msgpack never runs code and we never fall back to
+pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import types
-import typing
 from typing import Any
 
 import msgpack
 
-from rlsync import protocol
+from rlsync import annotations, protocol
 from rlsync.protocol import Message
 
 MAX_FRAME_BYTES = 64 << 20
@@ -72,9 +70,12 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(protocol))
+@functools.lru_cache(maxsize=8)
+def _rules(cap: int) -> annotations.Rules:
+    """Wire rules: ProtocolError, types named (never echoed), bytes capped, depth bounded."""
+    return annotations.Rules(
+        error=ProtocolError, catch=(ProtocolError,), bytes_cap=cap, max_depth=MAX_DEPTH,
+        build=lambda cls, value, where, depth: _build(cls, value, where, cap, depth))
 
 
 def _build(cls: type, fields: Any, where: str, cap: int, depth: int) -> Any:
@@ -84,14 +85,15 @@ def _build(cls: type, fields: Any, where: str, cap: int, depth: int) -> Any:
     unknown = sorted(set(fields) - set(known), key=repr)  # keys may mix str and bytes
     if unknown:
         raise ProtocolError(f"{where}.{unknown[0]}", "unknown field")
-    hints = _hints(cls)
+    hints = annotations.field_hints(cls)
     kwargs = {}
     for name, f in known.items():
         if name not in fields:
             if name in _required(cls):
                 raise ProtocolError(f"{where}.{name}", "required field missing")
             continue
-        kwargs[name] = _check(hints[name], fields[name], f"{where}.{name}", f.metadata, cap, depth + 1)
+        kwargs[name] = annotations.check(hints[name], fields[name], f"{where}.{name}",
+                                         _rules(cap), f.metadata, depth + 1)
     return cls(**kwargs)
 
 
@@ -107,99 +109,8 @@ def _required(cls: type) -> frozenset[str]:
             required.add(f.name)
             continue
         try:
-            _check(_hints(cls)[f.name], f.default, f.name, f.metadata, MAX_BYTES_FIELD, 0)
+            annotations.check(annotations.field_hints(cls)[f.name], f.default, f.name,
+                              _rules(MAX_BYTES_FIELD), f.metadata)
         except ProtocolError:
             required.add(f.name)
     return frozenset(required)
-
-
-def _check(tp: Any, value: Any, where: str, meta: Any, cap: int, depth: int) -> Any:
-    """Validate `value` against annotation `tp` and limits `meta`; return the typed value."""
-    if depth > MAX_DEPTH:
-        raise ProtocolError(where, "nested too deep")
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check(inner[0], value, where, meta, cap, depth)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ProtocolError(where, f"{value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, cap, depth)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError(where, f"expected a list, got {type(value).__name__}")
-        _check_len(value, where, meta)
-        return [_check(args[0], v, f"{where}[{i}]", {}, cap, depth + 1) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(where, f"expected a map, got {type(value).__name__}")
-        _check_len(value, where, meta)
-        return {_check(str, k, where, {}, cap, depth): _check_any(v, f"{where}.{k}", cap, depth + 1)
-                for k, v in value.items()}
-    if tp is Any:
-        return _check_any(value, where, cap, depth)
-    return _check_scalar(tp, value, where, meta, cap)
-
-
-def _check_scalar(tp: Any, value: Any, where: str, meta: Any, cap: int) -> Any:
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError(where, f"expected bool, got {type(value).__name__}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError(where, f"expected int, got {type(value).__name__}")
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ProtocolError(where, f"expected float, got {type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ProtocolError(where, f"{value} is not finite")
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ProtocolError(where, f"expected str, got {type(value).__name__}")
-        _check_len(value, where, meta)
-        return value
-    elif tp is bytes:
-        if not isinstance(value, bytes):
-            raise ProtocolError(where, f"expected bytes, got {type(value).__name__}")
-        if len(value) > cap:
-            raise ProtocolError(where, f"{len(value)} bytes exceeds the cap of {cap}")
-        _check_len(value, where, meta)
-        return value
-    else:
-        raise ProtocolError(where, f"unsupported annotation {tp!r}")
-    if "ge" in meta and value < meta["ge"]:
-        raise ProtocolError(where, f"{value} is below the minimum {meta['ge']}")
-    if "le" in meta and value > meta["le"]:
-        raise ProtocolError(where, f"{value} is above the maximum {meta['le']}")
-    return value
-
-
-def _check_len(value: Any, where: str, meta: Any) -> None:
-    if "max_len" in meta and len(value) > meta["max_len"]:
-        raise ProtocolError(where, f"length {len(value)} exceeds {meta['max_len']}")
-
-
-def _check_any(value: Any, where: str, cap: int, depth: int) -> Any:
-    """Free-form payload values: msgpack natives only, bounded in depth and bytes."""
-    if depth > MAX_DEPTH:
-        raise ProtocolError(where, "nested too deep")
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value
-    if isinstance(value, bytes):
-        if len(value) > cap:
-            raise ProtocolError(where, f"{len(value)} bytes exceeds the cap of {cap}")
-        return value
-    if isinstance(value, list):
-        return [_check_any(v, f"{where}[{i}]", cap, depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {_check(str, k, where, {}, cap, depth): _check_any(v, f"{where}.{k}", cap, depth + 1)
-                for k, v in value.items()}
-    raise ProtocolError(where, f"unsupported value type {type(value).__name__}")

@@ -1,26 +1,20 @@
 """Library config: how weights move (`SyncConfig`) and one inference engine (`EngineConfig`).
 
 Nested dataclasses built from plain mappings by `build`: every value is checked against its
-annotation, and every error names the dotted key ("sync.timeout_s: expected float, got
-'fast'"). Nothing here reads YAML, the environment or the command line; the RL application
+annotation by the one validator the wire codec uses too (`rlsync.annotations`), and every
+error names the dotted key ("sync.timeout_s: expected float, got 'fast'"). Nothing here reads YAML, the environment or the command line; the RL application
 (`rlsync.app.run_config`) loads files and overrides on top of this.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rlsync import annotations
 from rlsync.model_config import ModelConfigError
 from rlsync.protocol import LoadMode, PauseMode, TransportKind
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-"""1e-4 and friends: YAML 1.1 (PyYAML) reads a float without a dot as a string."""
 
 
 class ConfigError(ValueError):
@@ -90,46 +84,27 @@ def positive(obj: Any, *keys: str) -> None:
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Construct dataclass `cls` from a mapping, checking keys and value types."""
+    """Construct dataclass `cls` from a mapping, checking keys and value types; `prefix` is
+    the dotted key of `raw` itself ("" at the top, "sync." for a section)."""
     if not isinstance(raw, dict):
         where = prefix.removesuffix(".") or cls.__name__
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = annotations.field_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(names))})")
-        kwargs[key] = _convert(hints[key], value, dotted)
+        kwargs[key] = annotations.check(hints[key], value, dotted, _RULES)
     try:
         return cls(**kwargs)
     except (ConfigError, ModelConfigError) as exc:
         raise ConfigError(f"{prefix}{exc}") from None
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(next(a for a in args if a is not type(None)), value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(args[0], v, key) for v in value]
-    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
-        value = float(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-    if tp is float and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be finite, got {value!r}")
-    return value
+_RULES = annotations.Rules(
+    error=lambda where, problem: ConfigError(f"{where}: {problem}"), catch=(ConfigError,),
+    build=lambda cls, value, where, depth: build(cls, value, where + "."),
+    show=repr, float_strings=True)
+"""Config rules: ConfigError naming the dotted key, bad values shown as written, "1e-4" a float."""
