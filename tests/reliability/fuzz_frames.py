@@ -56,6 +56,10 @@ from rlsync.protocol import (
 from tests.reliability.fuzz_targets import Targets
 
 Case = tuple[str, list[bytes]]
+BENIGN = (Generate, Abort, InitWeightsGroup, DestroyWeightsGroup, FlushCache, PauseGeneration,
+          ContinueGeneration, GetWeightsFingerprint, GetWeightSpecs, GetInfo, Shutdown)
+"""Requests that may succeed: a mutation that turns into one of them is not hostile (weight
+updates aimed at nothing and replies sent as requests are always refused)."""
 FAR_VERSION = 1 << 40
 """Every fuzzed update claims a version far ahead, so only validation can stop it."""
 ODD_VALUES = [None, True, -1, 0, 1 << 63, (1 << 64) - 1, -(1 << 63), 1.5, float("nan"),
@@ -139,23 +143,43 @@ class FrameFactory:
         frame = encode(self.valid())
         return [frame[: self.rng.randrange(0, len(frame))]]
 
+    def _hostile(self, mutate) -> list[bytes]:  # noqa: ANN001 - a zero-argument mutation
+        """`mutate()`'s frame, drawn again while it happens to be a valid request that may
+        well succeed (a flip inside a GetInfo's request_id, names=None for a fingerprint):
+        such a frame is no longer hostile, and the test expects every hostile one refused."""
+        for _ in range(50):
+            frame = mutate()
+            try:
+                msg = decode(frame)
+            except ProtocolError:
+                return [frame]
+            if not isinstance(msg, BENIGN):
+                return [frame]
+        raise AssertionError("50 mutations in a row were valid requests")
+
     def bit_flipped(self) -> list[bytes]:
-        frame = bytearray(encode(self.valid()))
-        for _ in range(self.rng.randint(1, 8)):
-            frame[self.rng.randrange(len(frame))] ^= 1 << self.rng.randrange(8)
-        return [bytes(frame)]
+        def mutate() -> bytes:
+            frame = bytearray(encode(self.valid()))
+            for _ in range(self.rng.randint(1, 8)):
+                frame[self.rng.randrange(len(frame))] ^= 1 << self.rng.randrange(8)
+            return bytes(frame)
+        return self._hostile(mutate)
 
     def smashed(self) -> list[bytes]:
-        frame = bytearray(encode(self.valid()))
-        for _ in range(self.rng.randint(1, 4)):
-            frame[self.rng.randrange(len(frame))] = self.rng.randrange(256)
-        return [bytes(frame)]
+        def mutate() -> bytes:
+            frame = bytearray(encode(self.valid()))
+            for _ in range(self.rng.randint(1, 4)):
+                frame[self.rng.randrange(len(frame))] = self.rng.randrange(256)
+            return bytes(frame)
+        return self._hostile(mutate)
 
     def wrong_types(self) -> list[bytes]:
-        name, fields = self._plain()
-        key = self.rng.choice(sorted(fields))
-        fields[key] = self.rng.choice(ODD_VALUES)
-        return [msgpack.packb([name, fields], use_bin_type=True)]
+        def mutate() -> bytes:
+            name, fields = self._plain()
+            key = self.rng.choice(sorted(fields))
+            fields[key] = self.rng.choice(ODD_VALUES)
+            return msgpack.packb([name, fields], use_bin_type=True)
+        return self._hostile(mutate)
 
     def huge_lengths(self) -> list[bytes]:
         """msgpack headers that declare ~4 G elements or bytes and carry almost none."""
