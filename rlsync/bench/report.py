@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("method", "N", "e2e best s", "median s", "GB/s", "x memcpy", "x ours",
-           "trainer block s", "gap before ms", "max gap ms", "tokens in push", "engine pause ms",
-           "note")
+           "transfer s", "control ms", "trainer block s", "gap before ms", "max gap ms",
+           "tokens in push", "engine pause ms", "note")
 KIND_ORDER = {"limit": 0, "ours": 1, "baseline": 2}
 NOTES = {"limit": "limit", "baseline": "~ receiver recv+load (no live engine)"}
 
@@ -23,6 +23,12 @@ def _num(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return f"{x:.{digits}f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _phase(r: dict[str, Any], key: str, scale: float) -> str:
+    """A push phase of ours (transfer, and control: everything that is not the transfer)."""
+    value = (r.get("phases") or {}).get(key)
+    return "" if value is None else _num(value * scale, 3 if scale == 1 else 2)
 
 
 def sorted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,7 +46,8 @@ def row_cells(r: dict[str, Any]) -> list[str]:
     if r["kind"] == "ours" and r.get("verified") is not None:
         note = "bit-exact" if r["verified"] else "MISMATCH"
     return [label, str(r["engines"]), _num(r["best_s"]), _num(r["median_s"]), _num(r["gbps"], 2),
-            _num(r["x_memcpy"], 2), _num(r["x_ours"], 1), _num(r["block_median_s"]),
+            _num(r["x_memcpy"], 2), _num(r["x_ours"], 1), _phase(r, "transfer_s", 1),
+            _phase(r, "control_s", 1e3), _num(r["block_median_s"]),
             _num(r["normal_gap_ms"], 1), _num(r["max_gap_ms"], 1),
             "n/a" if r.get("tokens_during") is None else str(r["tokens_during"]), pause_cell, note]
 
