@@ -29,6 +29,7 @@ from rlsync.bench.ours import run_ours, timed_push
 from rlsync.bench.probe import StreamProbe
 from rlsync.bench.stats import Row, percentile
 from rlsync.config import SyncConfig
+from rlsync.protocol import LOAD_MODES
 
 STREAMS = 4
 """Requests decoding on the engine while it updates (each a timed token stream)."""
@@ -61,7 +62,7 @@ def run_gpu(size_gib: float, *, repeat: int, work_dir: Path, timeout_s: float,
                                   {"engine0": engine.endpoint}, tensors, repeat=repeat,
                                   versions=versions, work_dir=work_dir, timeout_s=timeout_s,
                                   bucket_mb=256.0, probe=True, device=device).to_dict()
-                         for mode in ("in_place", "shadow")]
+                         for mode in LOAD_MODES]
         result["flush"] = [flush_experiment(engine.endpoint, tensors, empty_cache=flag,
                                             pushes=max(repeat, 5), versions=versions,
                                             work_dir=work_dir, timeout_s=timeout_s, device=device)

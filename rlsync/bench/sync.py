@@ -29,9 +29,10 @@ import torch
 
 from rlsync.bench import model as bench_model
 from rlsync.bench.stats import Row, add_ratios
+from rlsync.protocol import LOAD_MODES, TRANSPORT_KINDS
 
 LIMITS = ("memcpy", "raw-broadcast")
-OURS = ("broadcast", "ipc", "disk")
+OURS = TRANSPORT_KINDS
 BASELINES = ("per-tensor", "safetensors", "ray", "pickle")
 ALL_METHODS = (*LIMITS, *OURS, *BASELINES)
 Log = Callable[[str], None]
@@ -44,7 +45,7 @@ class SyncBench:
     sizes: list[float] = field(default_factory=lambda: [0.25, 1.0])
     engines: list[int] = field(default_factory=lambda: [1, 2])
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
-    modes: list[str] = field(default_factory=lambda: ["in_place", "shadow"])
+    modes: list[str] = field(default_factory=lambda: list(LOAD_MODES))
     repeat: int = 3
     bucket_mb: float = 64.0
     timeout_s: float = 120.0

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlsync.protocol import LOAD_MODES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: weight sync vs baselines; generation vs HF")
@@ -27,8 +29,8 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
     s.add_argument("--engines", type=int, nargs="+", default=[1, 2], help="engine counts")
     s.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS),
                    metavar="M", help=f"subset of: {' '.join(ALL_METHODS)}")
-    s.add_argument("--modes", nargs="+", choices=["in_place", "shadow"],
-                   default=["in_place", "shadow"], help="load modes for our transports")
+    s.add_argument("--modes", nargs="+", choices=LOAD_MODES, default=list(LOAD_MODES),
+                   help="load modes for our transports")
     s.add_argument("--repeat", type=int, default=3, help="timed repetitions (after a warm-up)")
     s.add_argument("--bucket-mb", type=float, default=64.0)
     s.add_argument("--layers", type=int, default=24, help="decoder layers of the bench model")

@@ -10,19 +10,21 @@ import json
 import sys
 import tempfile
 
+from rlsync.protocol import LOAD_MODES, PAUSE_MODES, TRANSPORT_KINDS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="push a checkpoint's weights to running engines")
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--endpoint", action="append", required=True, help="engine endpoint (repeatable)")
-    p.add_argument("--transport", choices=["broadcast", "ipc", "disk"], default="ipc")
+    p.add_argument("--transport", choices=TRANSPORT_KINDS, default="ipc")
     p.add_argument("--version", type=int, required=True, help="weight version to publish (> current)")
     p.add_argument("--no-flush", action="store_true", help="keep the KV/prefix cache (stale KV!)")
     p.add_argument("--torch-empty-cache", action="store_true",
                    help="also call torch.cuda.empty_cache() in the flush (syncs every CUDA stream)")
     p.add_argument("--verify", action="store_true", help="check every bucket's fingerprint on arrival")
-    p.add_argument("--load-mode", choices=["in_place", "shadow"], default="in_place")
-    p.add_argument("--pause-mode", choices=["abort", "retract", "in_place"], default=None)
+    p.add_argument("--load-mode", choices=LOAD_MODES, default="in_place")
+    p.add_argument("--pause-mode", choices=PAUSE_MODES, default=None)
     p.add_argument("--bucket-mb", type=float, default=64.0)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for every wait")
     p.add_argument("--json", action="store_true", help="print the per-engine report as JSON")

@@ -64,9 +64,5 @@ class TransferStats:
     timed_out_engines: list[int] = field(default_factory=list)
     """IPC senders only: engines that made no progress within the timeout (left behind)."""
 
-    @property
-    def gb_per_s(self) -> float:
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
     def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
