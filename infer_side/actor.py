@@ -19,7 +19,13 @@ from typing import Any
 from infer_side.client import EngineClient, launch_engine
 from rlsync.config import EngineConfig
 from rlsync.netutil import node_address
-from rlsync.protocol import EngineInfo, GenerateOutput, SamplingParams, WeightFingerprints
+from rlsync.protocol import (
+    EngineInfo,
+    GenerateOutput,
+    SamplingParams,
+    WeightFingerprints,
+    WeightSpecs,
+)
 
 
 def engine_device(device: str) -> str:
@@ -75,6 +81,9 @@ class InferenceActor:
     def fingerprints(self) -> WeightFingerprints:
         """Every tensor's fingerprint and the weight version."""
         return self._engine().fingerprints()
+
+    def weight_specs(self) -> WeightSpecs:
+        return self._engine().weight_specs()
 
     def stderr_tail(self, max_bytes: int = 4000) -> str:
         return self._engine().stderr_tail(max_bytes)

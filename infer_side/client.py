@@ -40,12 +40,14 @@ from rlsync.protocol import (
     GenerateOutput,
     GetInfo,
     GetWeightsFingerprint,
+    GetWeightSpecs,
     Message,
     PauseGeneration,
     PauseMode,
     SamplingParams,
     Shutdown,
     WeightFingerprints,
+    WeightSpecs,
 )
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
 
@@ -127,6 +129,10 @@ class EngineClient:
         """Per-tensor fingerprints of the live weights (None: every tensor; []: none) and
         the weight state (version, incomplete, update in progress)."""
         return _expect(self.rpc.call_ok(GetWeightsFingerprint(names=names)), WeightFingerprints)
+
+    def weight_specs(self) -> WeightSpecs:
+        """Every tensor an update must carry: Hugging Face name, dtype, shape."""
+        return _expect(self.rpc.call_ok(GetWeightSpecs()), WeightSpecs)
 
     def shutdown(self, timeout_s: float | None = None) -> Message:
         """Ask the engine to stop; waits for its process to exit when this client started it."""

@@ -83,6 +83,8 @@ class UpdateJob:
     block_started: float | None = None
     """When generation stopped for this job (pause, hold or weights incomplete)."""
     into_live: bool = False
+    was_incomplete: bool = False
+    """The live store was already incomplete (an earlier failed update) when this one began."""
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     writer: WeightWriter | None = None
@@ -282,7 +284,7 @@ class UpdateMachine:
     def _advance(self, job: UpdateJob) -> list[Message]:
         """One step of the order drawn in the module docstring."""
         if job.stage is Stage.WAITING and self._block_generation(job):
-            self.weights_incomplete = True
+            job.was_incomplete, self.weights_incomplete = self.weights_incomplete, True
             self.pending_version = job.version
             job.start_worker(self.engine.live_weights(), into_live=True)
         elif job.stage is Stage.RECEIVING:
@@ -349,7 +351,7 @@ class UpdateMachine:
 
     def _fail(self, job: UpdateJob) -> list[Message]:
         if job.into_live and not job.live_touched:
-            self.weights_incomplete = False  # nothing was written: the old weights stand
+            self.weights_incomplete = job.was_incomplete  # this job wrote nothing
         job.receiver.failed(job.msg)
         return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
 

@@ -80,6 +80,7 @@ class WeightPusher:
         self._plan_key: tuple | None = None
         self.plan: BucketPlan | None = None
         self.plan_id = ""
+        self._stale_group = False
         self.known_plans: dict[str, str] = {}
         """engine name -> the plan_id it last accepted (it needs only the id next time)."""
 
@@ -90,14 +91,22 @@ class WeightPusher:
         tensors = named_tensors(weights)
         plan = self._plan_for(tensors)
         with torch.no_grad():
+            if self._stale_group:
+                self._rebuild()
             report = self._push_once(plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild and self.engines.find_dead():
-                self.sender.rebuild()  # the group without the dead engines, then once more
+                self._rebuild()  # the group without the dead engines, then once more
                 report = self._push_once(plan, tensors, version)
+            # an engine whose update failed dropped the group: form a new one next time
+            self._stale_group = self.sender.can_rebuild and bool(report.failed)
         report.finish(plan_total_bytes(plan), time.perf_counter() - start)
         if not report.succeeded:
             raise PushError(f"version {version} reached no engine: {report.summary()}", report)
         return report
+
+    def _rebuild(self) -> None:
+        self.sender.rebuild()
+        self._stale_group = False
 
     def _push_once(self, plan: BucketPlan, tensors: dict[str, torch.Tensor],
                    version: int) -> PushReport:

@@ -289,7 +289,9 @@ class RLRun:
         self._call_rank0("save_checkpoint", "saving the final checkpoint", str(final))
         engines = self._wait(self._each(self.engines, "fingerprints"), "fingerprints",
                              self.cfg.engine.call_timeout_s)
-        dtypes = {n: spec[0] for n, spec in next(iter(engines.values()))["specs"].items()}
+        first = {"engine": next(iter(self.engines.values())).weight_specs.remote()}
+        specs = self._wait(first, "weight specs", self.cfg.engine.call_timeout_s)["engine"]
+        dtypes = {s.name: s.dtype for s in specs.specs}
         ranks = self._wait({n: t.fingerprints.remote(dtypes) for n, t in self.trainers.items()},
                            "fingerprints", TRAIN_TIMEOUT_S)
         mismatches = metrics.compare_fingerprints(ranks, engines, self.cfg.steps)
@@ -300,7 +302,7 @@ class RLRun:
             self.run_dir / "summary.json", rows, wall_s=wall_s, final_checkpoint=final,
             mismatches=mismatches,
             weights_fingerprint=metrics.weights_fingerprint(ranks["trainer rank 0"]),
-            engine_versions={n: p["weight_version"] for n, p in engines.items()})
+            engine_versions={n: p.weight_version for n, p in engines.items()})
         if any(mismatches.values()):
             bad = {n: m[:3] for n, m in mismatches.items() if m}
             raise RunError(f"after the last push the engines' weights differ from the trainer's: {bad}")

@@ -6,14 +6,13 @@ one or many receivers (engines) and hands each arriving bucket to a callback:
     on_bucket(index, bucket, buf)   # buf: 1-D uint8 view of the bucket's bytes,
                                     # valid only during the call; copy out of it there
 
-The transports live in their own modules and are imported from there (this package imports
-none of them, so a CPU-only install never touches CUDA code):
+Each transport is one module holding both halves (`Sender`, `Receiver`, lifecycle in
+`base`), found by kind through `registry`; this package imports none of them, so a CPU-only
+install never touches CUDA code (docs/TRANSPORTS.md):
 
-- `broadcast`: a dedicated gloo/NCCL group beside the trainer's own; `send_buckets` /
-  `recv_buckets`, double-buffered.
-- `shm`: a persistent POSIX shared-memory slot ring plus a control segment of counters
-  (`ShmSender` / `ShmReceiver`); the CPU stand-in for CUDA IPC.
-- `cuda_ipc`: the same slot ring and control protocol over a CUDA IPC buffer.
+- `broadcast`: a dedicated gloo/NCCL group beside the trainer's own, double-buffered.
+- `ipc`: a persistent slot buffer plus a control segment of counters; its two buffer kinds
+  are `shm` (POSIX shared memory, CPU) and `cuda_ipc` (CUDA memory shared by IPC handle).
 - `disk`: safetensors files in a directory, written atomically.
 - `integrity`: the per-bucket fingerprint trailer behind `verify=True`.
 

@@ -35,7 +35,7 @@ from rlsync.app.metrics import STEP_KEYS, compare_fingerprints, read_metrics, we
 from rlsync.app.run_config import RunConfig, load_config
 from rlsync.buckets import tensor_fingerprint
 from rlsync.checkpoint_io import iter_checkpoint_tensors
-from rlsync.protocol import GenerateOutput
+from rlsync.protocol import GenerateOutput, WeightFingerprints
 from trainer_side.actor import StaleRolloutError, check_versions
 
 TINY = ["model.vocab_size=32", "model.hidden_size=32", "model.intermediate_size=64",
@@ -121,8 +121,8 @@ def test_deal_and_versions() -> None:
 
 def test_compare_fingerprints_names_what_differs() -> None:
     ranks = {"trainer rank 0": {"a": 1, "b": 2}, "trainer rank 1": {"a": 1, "b": 2}}
-    engines = {"engine0": {"weight_version": 3, "fingerprints": {"a": 1, "b": 2}},
-               "engine1": {"weight_version": 2, "fingerprints": {"a": 1, "b": 7}}}
+    engines = {"engine0": WeightFingerprints(weight_version=3, fingerprints={"a": 1, "b": 2}),
+               "engine1": WeightFingerprints(weight_version=2, fingerprints={"a": 1, "b": 7})}
     assert compare_fingerprints(ranks, engines, expected_version=3) == {
         "trainer rank 1": [], "engine0": [], "engine1": ["weight_version=2 (expected 3)", "b"]}
 

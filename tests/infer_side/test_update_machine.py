@@ -375,3 +375,21 @@ def test_fingerprints_and_specs_answer_with_their_own_messages(machine):
     assert isinstance(specs, WeightSpecs)
     assert [(s.name, s.dtype, s.shape) for s in specs.specs] == [
         ("a", "float32", [4, 3]), ("b", "float32", [5])]
+
+
+def test_a_failure_that_wrote_nothing_keeps_an_earlier_incomplete_state(machine):
+    """Weights half-written by an earlier update stay refused when a later update fails
+    before its first write (clearing the flag would serve the mix as the old version)."""
+    m, engine, receiver = machine
+    receiver.fail_after = 1
+    m.process(update(1))
+    m.poll()
+    receiver.release()
+    assert not run_until_done(m).success and m.weights_incomplete
+    receiver.fail_after = 0
+    m.process(update(2))
+    m.poll()
+    receiver.release(1)
+    done = run_until_done(m)
+    assert not done.success and not done.live_touched
+    assert done.weights_incomplete and m.weights_incomplete

@@ -114,3 +114,31 @@ def test_pusher_closes_its_sockets_when_the_transport_cannot_open(engine, tmp_pa
         WeightPusher(SyncConfig(), {"e": endpoint}, tmp_path)
     (engines,) = made
     assert [c._sock for c in engines.clients.values()] == [None]
+
+
+def test_a_failed_broadcast_update_is_followed_by_a_working_group(engine, ckpt, tmp_path,
+                                                                   monkeypatch):
+    """The engine drops a group whose update failed; the next push forms a new one."""
+    from rlsync.transports import integrity
+
+    endpoint, core, _ = engine
+    seal, flipped = integrity.seal, []
+
+    def corrupt_once(index, buf, nbytes):
+        seal(index, buf, nbytes)
+        if not flipped:
+            flipped.append(index)
+            buf[0] ^= 0xFF
+
+    pusher = WeightPusher(SyncConfig(transport="broadcast", verify=True, timeout_s=20),
+                          {"e": endpoint}, tmp_path)
+    try:
+        monkeypatch.setattr(integrity, "seal", corrupt_once)
+        with pytest.raises(pusher_module.PushError, match="fingerprint|Integrity"):
+            pusher.push(trainer_weights(ckpt, 1), 1)
+        assert core.weight_version == 0
+        report = pusher.push(trainer_weights(ckpt, 2), 2)
+        assert report.failed == [] and core.weight_version == 2
+        assert pusher.mismatches(trainer_weights(ckpt, 2)) == {"e": []}
+    finally:
+        pusher.close()
