@@ -36,9 +36,15 @@ def engine_device(device: str) -> str:
 class InferenceActor:
     """One engine: started in __init__, stopped by `close` (or when the actor dies)."""
 
-    def __init__(self, name: str, model_dir: str, cfg: dict[str, Any],
-                 endpoint: str | None = None, threads: int | None = 1,
-                 auth_keys: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_dir: str,
+        cfg: dict[str, Any],
+        endpoint: str | None = None,
+        threads: int | None = 1,
+        auth_keys: str | None = None,
+    ) -> None:
         """`endpoint` None: the config's (default: a private ipc:// socket); "{host}" in it
         becomes this node's address, e.g. "tcp://{host}:*" for a cross-node engine.
         `auth_keys`: a `rlsync.auth` key directory; the engine then accepts CURVE clients only."""
@@ -48,10 +54,17 @@ class InferenceActor:
             endpoint = endpoint.format(host=node_address())
         extra = ["--max-running", str(self.cfg.max_running)]
         self.client: EngineClient | None = launch_engine(
-            model_dir, endpoint=endpoint or self.cfg.endpoint, kv_tokens=self.cfg.kv_tokens,
-            device=engine_device(self.cfg.device), dtype=self.cfg.dtype, threads=threads,
-            extra_args=extra, start_timeout_s=self.cfg.start_timeout_s,
-            call_timeout_s=self.cfg.call_timeout_s, auth_keys=auth_keys)
+            model_dir,
+            endpoint=endpoint or self.cfg.endpoint,
+            kv_tokens=self.cfg.kv_tokens,
+            device=engine_device(self.cfg.device),
+            dtype=self.cfg.dtype,
+            threads=threads,
+            extra_args=extra,
+            start_timeout_s=self.cfg.start_timeout_s,
+            call_timeout_s=self.cfg.call_timeout_s,
+            auth_keys=auth_keys,
+        )
 
     def _engine(self) -> EngineClient:
         if self.client is None:
@@ -70,8 +83,9 @@ class InferenceActor:
         proc = self._engine().process
         return {"actor": os.getpid(), "engine": proc.pid if proc is not None else -1}
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams | Sequence[SamplingParams]) -> list[GenerateOutput]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
+    ) -> list[GenerateOutput]:
         """One finished output per prompt, in order; each names the weight version it used."""
         return self._engine().generate(prompts, sampling, timeout_s=self.cfg.call_timeout_s)
 

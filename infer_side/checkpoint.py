@@ -19,8 +19,9 @@ TIED_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
 
 
-def load_model(path: str | Path, dtype: str | None = None,
-               device: torch.device | str = "cpu") -> tuple[ModelConfig, ModelWeights]:
+def load_model(
+    path: str | Path, dtype: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[ModelConfig, ModelWeights]:
     """Read config.json (ModelConfig.from_dir: unsupported configs such as rope scaling raise
     ModelConfigError), allocate the store (`dtype` name, default the checkpoint's), and stream
     every tensor into it, cast to the store's dtype.

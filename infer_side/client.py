@@ -71,22 +71,34 @@ UNREACHABLE_ERRORS = (EndpointError, EngineUnreachable, EngineStartError, RpcTim
 class EngineClient:
     """Typed calls to one engine; owns the engine's process when `launch_engine` started it."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 120.0,
-                 process: subprocess.Popen | None = None, owns_endpoint: bool = False,
-                 logs: tuple[IO[bytes], IO[bytes]] | None = None, auth: ClientKeys | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 120.0,
+        process: subprocess.Popen | None = None,
+        owns_endpoint: bool = False,
+        logs: tuple[IO[bytes], IO[bytes]] | None = None,
+        auth: ClientKeys | None = None,
+    ):
         self.endpoint = endpoint
         self.process = process
         liveness = (lambda: process.poll() is None) if process is not None else None
         self.rpc = RpcClient(endpoint, timeout_s=timeout_s, liveness=liveness, auth=auth)
         self._logs = logs
-        self._cleanup = weakref.finalize(self, _reap, process, endpoint if owns_endpoint else None,
-                                         self.rpc, logs)
+        self._cleanup = weakref.finalize(
+            self, _reap, process, endpoint if owns_endpoint else None, self.rpc, logs
+        )
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, timeout_s: float | None = None) -> list[GenerateOutput]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[GenerateOutput]:
         """One finished output per prompt, in prompt order."""
         requests = _requests(prompts, sampling, stream=False)
         index = {req.request_id: i for i, req in enumerate(requests)}
@@ -96,9 +108,13 @@ class EngineClient:
         assert all(out is not None for out in results), "rpc.generate ends when all finished"
         return results  # type: ignore[return-value]
 
-    def generate_stream(self, prompts: Sequence[Sequence[int]],
-                        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                        *, timeout_s: float | None = None) -> Iterator[tuple[int, GenerateOutput]]:
+    def generate_stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Iterator[tuple[int, GenerateOutput]]:
         """(prompt index, chunk) as tokens arrive; each chunk holds only the new tokens, and
         the last chunk of a prompt has `finished=True`. `chunk.request_id` can be aborted."""
         requests = _requests(prompts, sampling, stream=True)
@@ -165,8 +181,9 @@ class EngineClient:
         self.close()
 
 
-def connect(endpoint: str, *, timeout_s: float = 120.0,
-            auth_keys: str | os.PathLike | None = None) -> EngineClient:
+def connect(
+    endpoint: str, *, timeout_s: float = 120.0, auth_keys: str | os.PathLike | None = None
+) -> EngineClient:
     """A client of an engine already running at `endpoint` (not owned: close leaves it up).
     `auth_keys`: key directory with client.key_secret and server.key (`rlsync.auth`)."""
     check_endpoint(endpoint)
@@ -177,12 +194,20 @@ def connect(endpoint: str, *, timeout_s: float = 120.0,
     return EngineClient(endpoint, timeout_s=timeout_s, auth=auth)
 
 
-def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
-                  kv_tokens: int = 4096, device: str = "cpu", dtype: str | None = None,
-                  threads: int | None = None, extra_args: Sequence[str] = (),
-                  start_timeout_s: float = 120.0, call_timeout_s: float = 120.0,
-                  auth_keys: str | os.PathLike | None = None,
-                  insecure_tcp: bool = False) -> EngineClient:
+def launch_engine(
+    model_dir: str | os.PathLike,
+    *,
+    endpoint: str | None = None,
+    kv_tokens: int = 4096,
+    device: str = "cpu",
+    dtype: str | None = None,
+    threads: int | None = None,
+    extra_args: Sequence[str] = (),
+    start_timeout_s: float = 120.0,
+    call_timeout_s: float = 120.0,
+    auth_keys: str | os.PathLike | None = None,
+    insecure_tcp: bool = False,
+) -> EngineClient:
     """Start `python -m infer_side.server` and return a client once it prints `ready at`.
 
     Without `endpoint` the engine listens on a fresh private ipc:// socket that the client
@@ -197,23 +222,42 @@ def launch_engine(model_dir: str | os.PathLike, *, endpoint: str | None = None,
     owns_endpoint = endpoint is None
     endpoint = endpoint or private_ipc_endpoint("engine")
     insecure = insecure_tcp and auth is None and endpoint.startswith("tcp://")
-    cmd = [sys.executable, "-m", "infer_side.server", "--model", os.path.abspath(model_dir),
-           "--endpoint", endpoint, "--kv-tokens", str(kv_tokens), "--device", device,
-           *(["--dtype", dtype] if dtype else []),
-           *(["--threads", str(threads)] if threads else []),
-           *(["--auth-keys", os.path.abspath(auth_keys)] if auth_keys is not None else []),
-           *(["--insecure-tcp"] if insecure else []), *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "infer_side.server",
+        "--model",
+        os.path.abspath(model_dir),
+        "--endpoint",
+        endpoint,
+        "--kv-tokens",
+        str(kv_tokens),
+        "--device",
+        device,
+        *(["--dtype", dtype] if dtype else []),
+        *(["--threads", str(threads)] if threads else []),
+        *(["--auth-keys", os.path.abspath(auth_keys)] if auth_keys is not None else []),
+        *(["--insecure-tcp"] if insecure else []),
+        *extra_args,
+    ]
     logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
     process = None
     try:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logs[0], stderr=logs[1],
-                                   env=child_env())
+        process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logs[0], stderr=logs[1], env=child_env()
+        )
         bound = _wait_ready(process, logs, start_timeout_s)
     except BaseException:
         _reap(process, endpoint if owns_endpoint else None, None, logs)
         raise
-    return EngineClient(bound, timeout_s=call_timeout_s, process=process,
-                        owns_endpoint=owns_endpoint, logs=logs, auth=auth)
+    return EngineClient(
+        bound,
+        timeout_s=call_timeout_s,
+        process=process,
+        owns_endpoint=owns_endpoint,
+        logs=logs,
+        auth=auth,
+    )
 
 
 def _expect(reply: Message, cls: type[M]) -> M:
@@ -224,31 +268,39 @@ def _expect(reply: Message, cls: type[M]) -> M:
     return dataclasses.replace(reply, request_id="")
 
 
-def _requests(prompts: Sequence[Sequence[int]],
-              sampling: SamplingParams | Sequence[SamplingParams] | None,
-              stream: bool) -> list[Generate]:
+def _requests(
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingParams | Sequence[SamplingParams] | None,
+    stream: bool,
+) -> list[Generate]:
     if sampling is None or isinstance(sampling, SamplingParams):
         sampling = [sampling or SamplingParams()] * len(prompts)
     if len(sampling) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(sampling)} SamplingParams")
-    return [Generate(request_id=os.urandom(16).hex(), input_ids=list(p), sampling=s, stream=stream)
-            for p, s in zip(prompts, sampling, strict=True)]
+    return [
+        Generate(request_id=os.urandom(16).hex(), input_ids=list(p), sampling=s, stream=stream)
+        for p, s in zip(prompts, sampling, strict=True)
+    ]
 
 
-def _wait_ready(process: subprocess.Popen, logs: tuple[IO[bytes], IO[bytes]],
-                timeout_s: float) -> str:
+def _wait_ready(
+    process: subprocess.Popen, logs: tuple[IO[bytes], IO[bytes]], timeout_s: float
+) -> str:
     """Poll the engine's stdout for the `ready at` line; return the endpoint it names."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in _tail(logs[0], 1 << 16).splitlines():
             if line.startswith(READY_PREFIX):
-                return line[len(READY_PREFIX):].strip()
+                return line[len(READY_PREFIX) :].strip()
         if process.poll() is not None:
-            raise EngineStartError(f"engine exited with code {process.returncode} before it was "
-                                   f"ready; stderr tail:\n{_tail(logs[1], 4000)}")
+            raise EngineStartError(
+                f"engine exited with code {process.returncode} before it was "
+                f"ready; stderr tail:\n{_tail(logs[1], 4000)}"
+            )
         time.sleep(0.02)
-    raise EngineStartError(f"engine not ready within {timeout_s:g} s; stderr tail:\n"
-                           f"{_tail(logs[1], 4000)}")
+    raise EngineStartError(
+        f"engine not ready within {timeout_s:g} s; stderr tail:\n{_tail(logs[1], 4000)}"
+    )
 
 
 def _tail(log: IO[bytes], max_bytes: int) -> str:
@@ -260,8 +312,12 @@ def _tail(log: IO[bytes], max_bytes: int) -> str:
     return os.pread(log.fileno(), size - start, start).decode(errors="replace")
 
 
-def _reap(process: subprocess.Popen | None, endpoint: str | None, rpc: RpcClient | None,
-          logs: tuple[IO[bytes], IO[bytes]] | None) -> None:
+def _reap(
+    process: subprocess.Popen | None,
+    endpoint: str | None,
+    rpc: RpcClient | None,
+    logs: tuple[IO[bytes], IO[bytes]] | None,
+) -> None:
     """Stop the process (terminate, then kill), close the socket, remove the private dir."""
     reap(process, timeout_s=5.0)
     if rpc is not None:
@@ -270,4 +326,3 @@ def _reap(process: subprocess.Popen | None, endpoint: str | None, rpc: RpcClient
         remove_private_endpoint(endpoint)
     for log in logs or ():
         log.close()
-

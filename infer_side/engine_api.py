@@ -23,8 +23,9 @@ class EngineWeights(Protocol):
         """name -> (dtype name, shape) of every tensor an update must carry."""
         ...
 
-    def validate(self, items: Iterable[tuple[str, Any, Iterable[int]]],
-                 complete: bool = True) -> None:
+    def validate(
+        self, items: Iterable[tuple[str, Any, Iterable[int]]], complete: bool = True
+    ) -> None:
         """Raise naming the tensor when (name, dtype, shape) items do not fit."""
         ...
 

@@ -70,11 +70,21 @@ class EngineCore:
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         self.model = LlamaForInference(model_cfg, weights)
         self.device = weights.device
-        self.kv_pool = KVPool.create(model_cfg, engine_cfg.kv_tokens, weights.dtype, weights.device,
-                                     max_requests=engine_cfg.max_running)
+        self.kv_pool = KVPool.create(
+            model_cfg,
+            engine_cfg.kv_tokens,
+            weights.dtype,
+            weights.device,
+            max_requests=engine_cfg.max_running,
+        )
         self.prefix_cache = RadixCache(self.kv_pool.allocator)
-        self.scheduler = Scheduler(self.kv_pool, self.prefix_cache, self._forward,
-                                   engine_cfg.max_running, engine_cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.kv_pool,
+            self.prefix_cache,
+            self._forward,
+            engine_cfg.max_running,
+            engine_cfg.max_prefill_tokens,
+        )
         self.weight_version = 0
         self.paused: PauseMode | None = None
         self.shutdown_requested = False
@@ -101,16 +111,22 @@ class EngineCore:
         elif self.updates.handles(msg):
             self._outbox.extend(self.updates.process(msg))
         else:
-            self._outbox.append(Result(request_id=msg.request_id, success=False,
-                                       message=f"{type(msg).__name__}: not a request"))
+            self._outbox.append(
+                Result(
+                    request_id=msg.request_id,
+                    success=False,
+                    message=f"{type(msg).__name__}: not a request",
+                )
+            )
         return self._drain()
 
     def step(self) -> list[Message]:
         """One scheduler step (unless paused or weights are incomplete), then the update
         machine advances."""
         if self._generating():
-            self._outbox.extend(self.scheduler.step(self.weight_version,
-                                                    admit=not self.updates.admission_held))
+            self._outbox.extend(
+                self.scheduler.step(self.weight_version, admit=not self.updates.admission_held)
+            )
         self._outbox.extend(self.updates.poll())
         return self._drain()
 
@@ -138,9 +154,15 @@ class EngineCore:
         return out
 
     def _handlers(self) -> dict[type, Callable[[Any], list[Message]]]:
-        return {Generate: self._on_generate, Abort: self._on_abort, FlushCache: self._on_flush,
-                PauseGeneration: self._on_pause, ContinueGeneration: self._on_continue,
-                GetInfo: self._on_info, Shutdown: self._on_shutdown}
+        return {
+            Generate: self._on_generate,
+            Abort: self._on_abort,
+            FlushCache: self._on_flush,
+            PauseGeneration: self._on_pause,
+            ContinueGeneration: self._on_continue,
+            GetInfo: self._on_info,
+            Shutdown: self._on_shutdown,
+        }
 
     def _on_generate(self, msg: Generate) -> list[Message]:
         error = self.generate(msg)
@@ -182,8 +204,10 @@ class EngineCore:
 
     def _check_generate(self, req: Generate) -> str | None:
         if self.updates.weights_incomplete:
-            return (f"weights incomplete: update to version {self.updates.incoming_version()} "
-                    "in progress")
+            return (
+                f"weights incomplete: update to version {self.updates.incoming_version()} "
+                "in progress"
+            )
         if not req.request_id:
             return "request_id: must not be empty"
         if self.scheduler.get(req.request_id) is not None:
@@ -214,8 +238,9 @@ class EngineCore:
         """Reset prefix cache, request table and allocator, only when fully idle."""
         waiting, running = self.counts()
         if waiting or running:
-            return False, (f"cache not flushed: {waiting} waiting and {running} running "
-                           "requests in flight")
+            return False, (
+                f"cache not flushed: {waiting} waiting and {running} running requests in flight"
+            )
         self.reset_kv(empty_cache)
         return True, "cache flushed"
 
@@ -270,11 +295,18 @@ class EngineCore:
         """A snapshot of the engine's state."""
         waiting, running = self.counts()
         return EngineInfo(
-            weight_version=self.weight_version, model=dataclasses.asdict(self.model_cfg),
-            kv_pool_size=self.kv_pool.size, kv_pool_used=self.kv_pool.used,
-            prefix_cache_tokens=self.prefix_cache.num_tokens, waiting=waiting, running=running,
-            paused=self.paused, weights_incomplete=self.updates.weights_incomplete,
-            admission_held=self.updates.admission_held, retracted=self.scheduler.num_retracted)
+            weight_version=self.weight_version,
+            model=dataclasses.asdict(self.model_cfg),
+            kv_pool_size=self.kv_pool.size,
+            kv_pool_used=self.kv_pool.used,
+            prefix_cache_tokens=self.prefix_cache.num_tokens,
+            waiting=waiting,
+            running=running,
+            paused=self.paused,
+            weights_incomplete=self.updates.weights_incomplete,
+            admission_held=self.updates.admission_held,
+            retracted=self.scheduler.num_retracted,
+        )
 
 
 def check_prompt(req: Generate, cfg: ModelConfig, pool_size: int) -> str | None:
@@ -287,11 +319,15 @@ def check_prompt(req: Generate, cfg: ModelConfig, pool_size: int) -> str | None:
         return f"input_ids[{bad}]: token id {ids[bad]} outside [0, {cfg.vocab_size})"
     total = len(ids) + max_new
     if total > cfg.max_position_embeddings:
-        return (f"sampling.max_new_tokens: prompt ({len(ids)}) + max_new_tokens ({max_new}) "
-                f"exceeds max_position_embeddings ({cfg.max_position_embeddings})")
+        return (
+            f"sampling.max_new_tokens: prompt ({len(ids)}) + max_new_tokens ({max_new}) "
+            f"exceeds max_position_embeddings ({cfg.max_position_embeddings})"
+        )
     if total > pool_size:
-        return (f"sampling.max_new_tokens: prompt ({len(ids)}) + max_new_tokens ({max_new}) "
-                f"exceeds the KV pool ({pool_size} tokens)")
+        return (
+            f"sampling.max_new_tokens: prompt ({len(ids)}) + max_new_tokens ({max_new}) "
+            f"exceeds the KV pool ({pool_size} tokens)"
+        )
     return None
 
 

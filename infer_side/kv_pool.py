@@ -18,8 +18,9 @@ import torch
 
 from rlsync.model_config import ModelConfig
 
-KVAllocateFn = Callable[[ModelConfig, int, torch.dtype, torch.device],
-                        tuple[torch.Tensor, torch.Tensor]]
+KVAllocateFn = Callable[
+    [ModelConfig, int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def slots_for_bytes(cfg: ModelConfig, dtype: torch.dtype, kv_bytes: int) -> int:
@@ -90,12 +91,14 @@ class ReqToTokenTable:
         self._free_rows.append(row)
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
-        self.table[row, start:start + slots.numel()] = slots
+        self.table[row, start : start + slots.numel()] = slots
 
     def scatter(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
         """table[rows[i], cols[i]] = slots[i] for every i, in one write."""
-        self.table[torch.tensor(rows, dtype=torch.int64, device=self.table.device),
-                   torch.tensor(cols, dtype=torch.int64, device=self.table.device)] = slots
+        self.table[
+            torch.tensor(rows, dtype=torch.int64, device=self.table.device),
+            torch.tensor(cols, dtype=torch.int64, device=self.table.device),
+        ] = slots
 
     def gather(self, rows: list[int], cols: torch.Tensor) -> torch.Tensor:
         """table[rows[i], cols[i]] for every i (a copy)."""
@@ -117,8 +120,15 @@ class KVPool:
         self.table = ReqToTokenTable(max_requests, max_len, self.device)
 
     @classmethod
-    def create(cls, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device,
-               max_requests: int, allocate: KVAllocateFn | None = None) -> KVPool:
+    def create(
+        cls,
+        cfg: ModelConfig,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_requests: int,
+        allocate: KVAllocateFn | None = None,
+    ) -> KVPool:
         """Allocate the pool once. A table row fits the longest sequence that can exist here:
         `max_position_embeddings` tokens, or the whole pool if that is smaller."""
         if allocate is None:

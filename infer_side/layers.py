@@ -26,8 +26,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [T, 1, head_dim] for the rotate-half convention, computed in float32."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
     inv_freq = 1.0 / (theta ** (exponents / head_dim))
@@ -103,8 +104,10 @@ def plan_attention(batch: ForwardBatch, query_groups: int = 1) -> AttentionPlan:
     ends = list(accumulate(batch.new_lens))
     plan = AttentionPlan(last_token_index=torch.tensor(ends, device=device) - 1)
     starts = [e - n for e, n in zip(ends, batch.new_lens, strict=True)]
-    seqs = [_Seq(b, st, n, ln) for b, (st, n, ln)
-            in enumerate(zip(starts, batch.new_lens, lens, strict=True))]
+    seqs = [
+        _Seq(b, st, n, ln)
+        for b, (st, n, ln) in enumerate(zip(starts, batch.new_lens, lens, strict=True))
+    ]
     decodes = [s for s in seqs if s.new == 1]
     prefills = [s for s in seqs if s.new > 1]
     whole = len(decodes) == len(seqs)
@@ -113,20 +116,31 @@ def plan_attention(batch: ForwardBatch, query_groups: int = 1) -> AttentionPlan:
     if _padding_is_cheap(prefills):
         plan.groups.append(_padded_group(batch, prefills, query_groups, False))
     else:
-        plan.singles = [SingleSeq(s.start, s.start + s.new, batch.seq_slots[s.index],
-                                  _causal_mask(s.new, s.length, device)) for s in prefills]
+        plan.singles = [
+            SingleSeq(
+                s.start,
+                s.start + s.new,
+                batch.seq_slots[s.index],
+                _causal_mask(s.new, s.length, device),
+            )
+            for s in prefills
+        ]
     return plan
 
 
 def _check_batch(batch: ForwardBatch) -> list[int]:
     t = batch.input_ids.numel()
     if len(batch.seq_slots) != len(batch.new_lens) or not batch.new_lens:
-        raise ValueError(f"ForwardBatch: {len(batch.seq_slots)} seq_slots for "
-                         f"{len(batch.new_lens)} new_lens (need equal, >= 1)")
+        raise ValueError(
+            f"ForwardBatch: {len(batch.seq_slots)} seq_slots for "
+            f"{len(batch.new_lens)} new_lens (need equal, >= 1)"
+        )
     for field_name in ("positions", "out_slots"):
         if getattr(batch, field_name).numel() != t:
-            raise ValueError(f"ForwardBatch.{field_name}: {getattr(batch, field_name).numel()} "
-                             f"entries for {t} input_ids")
+            raise ValueError(
+                f"ForwardBatch.{field_name}: {getattr(batch, field_name).numel()} "
+                f"entries for {t} input_ids"
+            )
     if sum(batch.new_lens) != t:
         raise ValueError(f"ForwardBatch.new_lens: sum {sum(batch.new_lens)} != {t} input_ids")
     lens = [s.numel() for s in batch.seq_slots]
@@ -151,8 +165,9 @@ def _causal_mask(n: int, seq_len: int, device: torch.device) -> torch.Tensor | N
     return keys[None, :] <= torch.arange(seq_len - n, seq_len, device=device)[:, None]
 
 
-def _padded_group(batch: ForwardBatch, seqs: list[_Seq], query_groups: int,
-                  whole: bool) -> PaddedGroup:
+def _padded_group(
+    batch: ForwardBatch, seqs: list[_Seq], query_groups: int, whole: bool
+) -> PaddedGroup:
     device = batch.input_ids.device
     q_len = max(s.new for s in seqs)
     slots = pad_sequence([batch.seq_slots[s.index] for s in seqs], batch_first=True)
@@ -168,16 +183,19 @@ def _padded_group(batch: ForwardBatch, seqs: list[_Seq], query_groups: int,
     group = PaddedGroup(q_len, slots, mask[:, None], None, None)
     if not whole:
         group.token_index = torch.tensor(
-            [t for s in seqs for t in range(s.start, s.start + s.new)], device=device)
+            [t for s in seqs for t in range(s.start, s.start + s.new)], device=device
+        )
     if q_len > 1:
         group.pad_index = torch.tensor(
             [r * q_len + i for r, s in enumerate(seqs) for i in range(q_len - s.new, q_len)],
-            device=device)
+            device=device,
+        )
     return group
 
 
-def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                 plan: AttentionPlan) -> torch.Tensor:
+def attend_paged(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan
+) -> torch.Tensor:
     """q [T, H, d] over one layer's pools [slots, KV, d] -> [T, H, d] (new K/V already written)."""
     if len(plan.groups) == 1 and plan.groups[0].token_index is None:
         return _attend_group(q, k_pool, v_pool, plan.groups[0])
@@ -187,12 +205,13 @@ def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         out.index_copy_(0, group.token_index, _attend_group(rows, k_pool, v_pool, group))
     for seq in plan.singles:
         k, v = k_pool.index_select(0, seq.slots), v_pool.index_select(0, seq.slots)
-        out[seq.start:seq.end] = _sdpa_seq(q[seq.start:seq.end], k, v, seq.mask)
+        out[seq.start : seq.end] = _sdpa_seq(q[seq.start : seq.end], k, v, seq.mask)
     return out
 
 
-def _attend_group(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                  group: PaddedGroup) -> torch.Tensor:
+def _attend_group(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: PaddedGroup
+) -> torch.Tensor:
     """One SDPA call for a padded group. The G query heads that share a kv head are stacked
     as that kv head's G*q_len query rows, so grouped-query attention repeats no K/V."""
     heads, d = q.shape[1:]
@@ -200,7 +219,9 @@ def _attend_group(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     g = heads // kv_heads  # head h = kv * g + j, as in Hugging Face's repeat_kv
     if group.pad_index is not None:
         q = q.new_zeros(bg * q_len, heads, d).index_copy_(0, group.pad_index, q)
-    qg = q.view(bg, q_len, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(bg, kv_heads, g * q_len, d)
+    qg = (
+        q.view(bg, q_len, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(bg, kv_heads, g * q_len, d)
+    )
     k = _gather(k_pool, group.slots).transpose(1, 2)  # [Bg, KV, Lk, d]
     v = _gather(v_pool, group.slots).transpose(1, 2)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask)
@@ -213,14 +234,20 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
-def _sdpa_seq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
+def _sdpa_seq(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """One sequence: q [n, H, d], k/v [L, KV, d] -> [n, H, d]."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, is_causal=mask is None)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=mask is None,
+    )
     return out.transpose(0, 1)
 
 

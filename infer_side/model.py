@@ -36,16 +36,19 @@ def kv_cache_shape(cfg: ModelConfig, num_slots: int) -> tuple[int, int, int, int
     return (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, cfg.head_dim)
 
 
-def allocate_kv_cache(cfg: ModelConfig, num_slots: int, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def allocate_kv_cache(
+    cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed K and V pools: normal tensors even under inference_mode, so the engine may
     reset them in place anywhere."""
     if num_slots <= 0:
         raise ValueError(f"num_slots must be > 0, got {num_slots}")
     shape = kv_cache_shape(cfg, num_slots)
     with torch.inference_mode(False):
-        return (torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device))
+        return (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
 
 
 class LlamaForInference:
@@ -71,8 +74,9 @@ class LlamaForInference:
         self._weights = weights
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         """Float32 logits [B, vocab] at each sequence's last new token.
 
         Writes the new tokens' K (after RoPE) and V into `batch.out_slots`, then lets each
@@ -83,20 +87,25 @@ class LlamaForInference:
         """
         self._check_pools(k_cache, v_cache)
         if batch.input_ids.device != self.weights.device:
-            raise ValueError(f"ForwardBatch.input_ids on {batch.input_ids.device}, "
-                             f"weights on {self.weights.device}")
-        plan = plan_attention(
-            batch, self.cfg.num_attention_heads // self.cfg.num_key_value_heads)
+            raise ValueError(
+                f"ForwardBatch.input_ids on {batch.input_ids.device}, "
+                f"weights on {self.weights.device}"
+            )
+        plan = plan_attention(batch, self.cfg.num_attention_heads // self.cfg.num_key_value_heads)
         hidden = self._run_layers(
-            batch.input_ids, batch.positions,
-            lambda n, q, k, v: self._attend_paged(n, q, k, v, batch, plan, k_cache, v_cache))
+            batch.input_ids,
+            batch.positions,
+            lambda n, q, k, v: self._attend_paged(n, q, k, v, batch, plan, k_cache, v_cache),
+        )
         return self._logits(hidden[plan.last_token_index])
 
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 logits [T, vocab] for one sequence, recomputed from scratch (no KV pool)."""
         if input_ids.dim() != 1 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids: expected a non-empty 1-D tensor, got {list(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids: expected a non-empty 1-D tensor, got {list(input_ids.shape)}"
+            )
         positions = torch.arange(input_ids.numel(), device=input_ids.device)
         hidden = self._run_layers(input_ids, positions, lambda n, q, k, v: attend_full(q, k, v))
         return self._logits(hidden)
@@ -105,16 +114,25 @@ class LlamaForInference:
 
     # ------------------------------------------------------------------ internals
 
-    def _attend_paged(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      batch: ForwardBatch, plan: AttentionPlan, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor) -> torch.Tensor:
+    def _attend_paged(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        plan: AttentionPlan,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         k_pool, v_pool = k_cache[layer], v_cache[layer]
         k_pool.index_copy_(0, batch.out_slots, k)
         v_pool.index_copy_(0, batch.out_slots, v)
         return attend_paged(q, k_pool, v_pool, plan)
 
-    def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                    attend: Attend) -> torch.Tensor:
+    def _run_layers(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
         cfg, w = self.cfg, self.weights
         hidden = F.embedding(input_ids, w.embed_tokens)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, w.dtype)
@@ -123,8 +141,15 @@ class LlamaForInference:
             hidden = hidden + self._mlp(layer, hidden)
         return hidden
 
-    def _attention(self, n: int, layer: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def _attention(
+        self,
+        n: int,
+        layer: LayerWeights,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Attend,
+    ) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(hidden, layer.input_layernorm, cfg.rms_norm_eps)
         qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)
@@ -149,10 +174,16 @@ class LlamaForInference:
     def _check_pools(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         w = self.weights
         for name, pool in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if pool.dim() != 4 or pool.shape[0] != self.cfg.num_hidden_layers \
-                    or tuple(pool.shape[2:]) != kv_cache_shape(self.cfg, 1)[2:]:
-                raise ValueError(f"{name}: shape {list(pool.shape)}, expected "
-                                 f"{list(kv_cache_shape(self.cfg, pool.shape[1]))}")
+            if (
+                pool.dim() != 4
+                or pool.shape[0] != self.cfg.num_hidden_layers
+                or tuple(pool.shape[2:]) != kv_cache_shape(self.cfg, 1)[2:]
+            ):
+                raise ValueError(
+                    f"{name}: shape {list(pool.shape)}, expected "
+                    f"{list(kv_cache_shape(self.cfg, pool.shape[1]))}"
+                )
             if pool.dtype != w.dtype or pool.device != w.device:
-                raise ValueError(f"{name}: {pool.dtype} on {pool.device}, weights are "
-                                 f"{w.dtype} on {w.device}")
+                raise ValueError(
+                    f"{name}: {pool.dtype} on {pool.device}, weights are {w.dtype} on {w.device}"
+                )

@@ -72,7 +72,7 @@ class RadixCache:
         """Slots of the longest cached prefix of `tokens`, and the node that ends it."""
         node, pos, parts = self.root, 0, []
         while pos < len(tokens) and (child := node.children.get(tokens[pos])) is not None:
-            n = _common_len(child.key, tokens[pos:pos + len(child.key)])
+            n = _common_len(child.key, tokens[pos : pos + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = next(self._clock)
@@ -93,7 +93,7 @@ class RadixCache:
             if child is None:
                 self._add_leaf(node, list(tokens[pos:]), slots[pos:].clone())
                 return pos
-            n = _common_len(child.key, tokens[pos:pos + len(child.key)])
+            n = _common_len(child.key, tokens[pos : pos + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = next(self._clock)
@@ -226,4 +226,5 @@ class RadixCache:
         assert counts.numel() == self.allocator.size, "slot id out of range"
         assert bool((counts == 1).all()), (
             f"slot ownership broken: {int((counts == 0).sum())} lost, "
-            f"{int((counts > 1).sum())} owned twice")
+            f"{int((counts > 1).sum())} owned twice"
+        )

@@ -55,8 +55,13 @@ class Request:
     def from_message(cls, msg: Generate) -> Request:
         params = msg.sampling
         seed = params.seed if params.seed is not None else _random_seed()
-        return cls(rid=msg.request_id, prompt=list(msg.input_ids), params=params,
-                   stream=msg.stream, seed=seed)
+        return cls(
+            rid=msg.request_id,
+            prompt=list(msg.input_ids),
+            params=params,
+            stream=msg.stream,
+            seed=seed,
+        )
 
     @property
     def all_ids(self) -> list[int]:
@@ -66,7 +71,7 @@ class Request:
         """Tokens at positions [start, num_tokens) without building the whole sequence."""
         n = len(self.prompt)
         if start >= n:
-            return self.output_ids[start - n:]
+            return self.output_ids[start - n :]
         return self.prompt[start:] + self.output_ids
 
     @property
@@ -96,7 +101,7 @@ class Request:
     def restart(self) -> None:
         """After a retraction: keep only the output tokens the client has already seen."""
         assert self.row is None, "restart a request that still holds KV"
-        del self.output_ids[self.sent:], self.logprobs[self.sent:], self.versions[self.sent:]
+        del self.output_ids[self.sent :], self.logprobs[self.sent :], self.versions[self.sent :]
 
     def output(self, finished: bool, engine_version: int) -> GenerateOutput:
         """The next message for the client: a stream chunk (unsent tokens) or the final output.
@@ -108,14 +113,20 @@ class Request:
         self.sent = len(self.output_ids)
         versions = self.versions or [engine_version]
         return GenerateOutput(
-            request_id=self.rid, output_ids=self.output_ids[start:],
-            logprobs=self.logprobs[start:], finished=finished,
+            request_id=self.rid,
+            output_ids=self.output_ids[start:],
+            logprobs=self.logprobs[start:],
+            finished=finished,
             finish_reason=self.finish_reason if finished else None,
-            prompt_tokens=len(self.prompt), cached_tokens=self.cached_tokens,
-            weight_version=versions[-1], min_weight_version=min(versions))
+            prompt_tokens=len(self.prompt),
+            cached_tokens=self.cached_tokens,
+            weight_version=versions[-1],
+            min_weight_version=min(versions),
+        )
 
 
 def error_output(request_id: str, message: str) -> GenerateOutput:
     """A Generate refused before it ran: finished, reason "abort", `error` says why."""
-    return GenerateOutput(request_id=request_id, finished=True, finish_reason="abort",
-                          error=message)
+    return GenerateOutput(
+        request_id=request_id, finished=True, finish_reason="abort", error=message
+    )

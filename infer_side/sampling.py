@@ -41,8 +41,12 @@ def uniform(seed: int, index: int) -> float:
     return (mix_seed(seed, index) >> 10) / float(1 << 53)
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-           positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    seeds: Sequence[int],
+    positions: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] int64 and their logprobs [B] float32 for logits [B, vocab].
 
     `seeds[b]` is row b's request seed, `positions[b]` the index of the output token drawn.
@@ -59,8 +63,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
     scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
     logp = torch.log_softmax(filter_top_k_top_p(scaled, top_k, top_p), dim=-1)
-    u = torch.tensor([uniform(s, i) for s, i in zip(seeds, positions, strict=True)],
-                     dtype=torch.float64, device=dev)
+    u = torch.tensor(
+        [uniform(s, i) for s, i in zip(seeds, positions, strict=True)],
+        dtype=torch.float64,
+        device=dev,
+    )
     drawn = _inverse_cdf(logp.exp(), u)
     drawn_logprobs = logp.gather(1, drawn[:, None]).squeeze(1)
     return torch.where(greedy, tokens, drawn), torch.where(greedy, logprobs, drawn_logprobs)
@@ -74,8 +81,9 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(index < probs.shape[1], index, probs.argmax(dim=-1))  # u*total rounded up
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
-                       top_p: torch.Tensor) -> torch.Tensor:
+def filter_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Set to -inf every logit outside each row's top-k, then outside its top-p nucleus.
 
     top_k 0 and top_p 1 turn a filter off; rows with both off come back untouched. The best

@@ -42,8 +42,14 @@ requests may still generate, so new prompts rarely force a retraction a few step
 class Scheduler:
     """Waiting queue + running batch over one KV pool and prefix cache."""
 
-    def __init__(self, pool: KVPool, cache: RadixCache, forward: ForwardFn, max_running: int,
-                 max_prefill_tokens: int):
+    def __init__(
+        self,
+        pool: KVPool,
+        cache: RadixCache,
+        forward: ForwardFn,
+        max_running: int,
+        max_prefill_tokens: int,
+    ):
         self.pool, self.cache, self.forward = pool, cache, forward
         self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
         self.waiting: deque[Request] = deque()
@@ -109,8 +115,12 @@ class Scheduler:
         prefilled = [r.kv_len < len(r.prompt) for r in reqs]
         for req in reqs:
             req.kv_len = req.held_len
-        tokens, logprobs = sample(logits, [r.params for r in reqs], [r.seed for r in reqs],
-                                  [len(r.output_ids) for r in reqs])
+        tokens, logprobs = sample(
+            logits,
+            [r.params for r in reqs],
+            [r.seed for r in reqs],
+            [len(r.output_ids) for r in reqs],
+        )
         return self._commit(reqs, tokens.tolist(), logprobs.tolist(), prefilled, version)
 
     def _build_batch(self, reqs: list[Request]) -> ForwardBatch:
@@ -126,12 +136,22 @@ class Scheduler:
             new_lens.append(req.held_len - req.kv_len)
         dev = self.pool.device
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ForwardBatch(input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-                            positions=pos, out_slots=self.pool.table.gather(rows, pos),
-                            seq_slots=seq_slots, new_lens=new_lens)
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=pos,
+            out_slots=self.pool.table.gather(rows, pos),
+            seq_slots=seq_slots,
+            new_lens=new_lens,
+        )
 
-    def _commit(self, reqs: list[Request], tokens: list[int], logprobs: list[float],
-                prefilled: list[bool], version: int) -> list[GenerateOutput]:
+    def _commit(
+        self,
+        reqs: list[Request],
+        tokens: list[int],
+        logprobs: list[float],
+        prefilled: list[bool],
+        version: int,
+    ) -> list[GenerateOutput]:
         outputs = []
         for req, token, logprob, fresh in zip(reqs, tokens, logprobs, prefilled, strict=True):
             req.append_token(token, logprob, version)
@@ -250,10 +270,10 @@ class Scheduler:
         KV of an older epoch may come from older weights and must never be matched."""
         if req.epoch != self.cache.epoch or req.kv_len == req.prefix_len:
             return
-        tokens = req.all_ids[:req.kv_len]
+        tokens = req.all_ids[: req.kv_len]
         mine = self.pool.table.read(req.row, 0, req.kv_len).clone()
         known = self.cache.insert(tokens, mine)
-        self.pool.free(mine[req.prefix_len:known])
+        self.pool.free(mine[req.prefix_len : known])
         slots, node = self.cache.match_prefix(tokens)
         self.pool.table.write(req.row, 0, slots)
         self.cache.lock(node)
@@ -266,8 +286,9 @@ class Scheduler:
         """Assert exact slot ownership and queue consistency (tests call this after steps)."""
         assert all(r.row is None for r in self.waiting)
         assert len(self._by_id) == len(self.waiting) + len(self.running)
-        assert all(r.row is not None and r.prefix_len <= r.kv_len <= r.held_len
-                   for r in self.running)
+        assert all(
+            r.row is not None and r.prefix_len <= r.kv_len <= r.held_len for r in self.running
+        )
         assert self.pool.table.free_rows == self.pool.table.rows - len(self.running)
         private = [self.pool.table.read(r.row, r.prefix_len, r.held_len) for r in self.running]
         self.cache.check_invariants(private)

@@ -56,8 +56,14 @@ class Core(Protocol):
     def wait_for_update(self, timeout_s: float) -> None: ...
 
 
-def serve(core: Core, endpoint: str, ready_callback: Callable[[str], None] | None = None,
-          *, context: zmq.Context | None = None, auth: ServerKeys | None = None) -> None:
+def serve(
+    core: Core,
+    endpoint: str,
+    ready_callback: Callable[[str], None] | None = None,
+    *,
+    context: zmq.Context | None = None,
+    auth: ServerKeys | None = None,
+) -> None:
     """Bind `endpoint`, call `ready_callback(bound_endpoint)`, run the loop until Shutdown.
     With `auth`, only CURVE clients on its allow-list can connect (others are logged)."""
     ctx = context or zmq.Context.instance()
@@ -139,8 +145,9 @@ class Router:
         for out in outputs:
             identity = self.owners.get(out.request_id)
             if identity is None:
-                log.warning("dropping %s for unknown request_id %r", type(out).__name__,
-                            out.request_id)
+                log.warning(
+                    "dropping %s for unknown request_id %r", type(out).__name__, out.request_id
+                )
                 continue
             if is_final(out):
                 self.owners.pop(out.request_id, None)
@@ -163,8 +170,11 @@ class Router:
         if not msg.request_id:
             return self._reject(identity, "", f"{type(msg).__name__}.request_id: must not be empty")
         if msg.request_id in self.owners:
-            return self._reject(identity, msg.request_id,
-                                f"{type(msg).__name__}.request_id: {msg.request_id!r} is already in flight")
+            return self._reject(
+                identity,
+                msg.request_id,
+                f"{type(msg).__name__}.request_id: {msg.request_id!r} is already in flight",
+            )
         self.owners[msg.request_id] = identity
         return msg
 
@@ -176,8 +186,13 @@ class Router:
         try:
             frame = encode(msg)
         except Exception as exc:  # a core reply msgpack cannot hold; say so instead of dying
-            frame = encode(Result(request_id=msg.request_id, success=False,
-                                  message=f"reply {type(msg).__name__} not encodable: {exc}"))
+            frame = encode(
+                Result(
+                    request_id=msg.request_id,
+                    success=False,
+                    message=f"reply {type(msg).__name__} not encodable: {exc}",
+                )
+            )
         # ROUTER drops (never blocks on) messages to clients that are gone or too slow.
         self.sock.send_multipart([identity, frame], zmq.NOBLOCK)
 
@@ -198,19 +213,33 @@ def _guess_request_id(frame: bytes) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine options shared by `python -m infer_side.server` and `rlsync serve`."""
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--endpoint", default=None,
-                        help="ipc:///path or tcp://host:port (default: private ipc:// socket)")
+    parser.add_argument(
+        "--endpoint",
+        default=None,
+        help="ipc:///path or tcp://host:port (default: private ipc:// socket)",
+    )
     parser.add_argument("--kv-tokens", type=int, default=4096, help="KV pool size in tokens")
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: checkpoint's)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: leave torch's default)")
-    parser.add_argument("--auth-keys", default=None, metavar="DIR",
-                        help="CURVE key directory (python -m rlsync.auth DIR): only clients in "
-                             "DIR/authorized_clients may connect; required for tcp://")
-    parser.add_argument("--insecure-tcp", action="store_true",
-                        help="serve tcp:// without authentication (trusted networks only)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: leave torch's default)",
+    )
+    parser.add_argument(
+        "--auth-keys",
+        default=None,
+        metavar="DIR",
+        help="CURVE key directory (python -m rlsync.auth DIR): only clients in "
+        "DIR/authorized_clients may connect; required for tcp://",
+    )
+    parser.add_argument(
+        "--insecure-tcp",
+        action="store_true",
+        help="serve tcp:// without authentication (trusted networks only)",
+    )
 
 
 def run_engine(args: argparse.Namespace) -> int:
@@ -229,8 +258,13 @@ def run_engine(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or private_ipc_endpoint("engine")
     try:
         check_endpoint(endpoint)
-        cfg = EngineConfig(kv_tokens=args.kv_tokens, max_running=args.max_running,
-                           device=args.device, dtype=args.dtype, endpoint=endpoint)
+        cfg = EngineConfig(
+            kv_tokens=args.kv_tokens,
+            max_running=args.max_running,
+            device=args.device,
+            dtype=args.dtype,
+            endpoint=endpoint,
+        )
     except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.endpoint is None:
@@ -273,15 +307,19 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def run_foreground(args: argparse.Namespace) -> int:
     """`run_engine` as a process's main job: logs to stderr, SIGTERM exits cleanly."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return run_engine(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer_side.server",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m infer_side.server", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     return run_foreground(parser.parse_args(argv))
 

@@ -111,8 +111,9 @@ class UpdateJob:
     def start_worker(self, target: EngineWeights, into_live: bool) -> None:
         self.stage, self.into_live = Stage.RECEIVING, into_live
         self.writer = WeightWriter(target.hf_views(), self.cancel)
-        self.thread = threading.Thread(target=self._run, name=f"weights-v{self.version}",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, name=f"weights-v{self.version}", daemon=True
+        )
         self.thread.start()
 
     def _run(self) -> None:
@@ -130,10 +131,16 @@ class UpdateJob:
 
     def timings(self) -> UpdateTimings:
         load_s = self.writer.load_s if self.writer is not None else 0.0
-        pause_ms = 0.0 if self.block_started is None else \
-            (time.perf_counter() - self.block_started) * 1e3
-        return UpdateTimings(total_s=self.waited_s(), recv_s=max(self.recv_s - load_s, 0.0),
-                             load_s=load_s, flush_s=self.flush_s, pause_ms=pause_ms)
+        pause_ms = (
+            0.0 if self.block_started is None else (time.perf_counter() - self.block_started) * 1e3
+        )
+        return UpdateTimings(
+            total_s=self.waited_s(),
+            recv_s=max(self.recv_s - load_s, 0.0),
+            load_s=load_s,
+            flush_s=self.flush_s,
+            pause_ms=pause_ms,
+        )
 
 
 class PlanCache:
@@ -153,8 +160,9 @@ class PlanCache:
             return plan
         plan_id = plan_id_of(msg.plan)
         if msg.plan_id and msg.plan_id != plan_id:
-            raise ValueError(f"plan_id {msg.plan_id!r} does not match the plan's content "
-                             f"({plan_id})")
+            raise ValueError(
+                f"plan_id {msg.plan_id!r} does not match the plan's content ({plan_id})"
+            )
         validate_plan(msg.plan)
         weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
         self.plans[plan_id] = msg.plan
@@ -184,8 +192,10 @@ class UpdateMachine:
     # ------------------------------------------------------------ entry points (loop thread)
 
     def handles(self, msg: Message) -> bool:
-        return isinstance(msg, (UpdateWeights, GetWeightsFingerprint, GetWeightSpecs)) or \
-            registry.control_owner(msg) is not None
+        return (
+            isinstance(msg, (UpdateWeights, GetWeightsFingerprint, GetWeightSpecs))
+            or registry.control_owner(msg) is not None
+        )
 
     def process(self, msg: Message) -> list[Message]:
         """Immediate replies to one weight message; a bad one is answered, never fatal."""
@@ -198,15 +208,28 @@ class UpdateMachine:
                 return [self._specs(msg)]
             return self._receiver(registry.control_owner(msg)).handle(msg)
         except UnknownPlan as exc:
-            return [UpdateDone(request_id=msg.request_id, success=False, message=str(exc),
-                               weight_version=self.engine.weight_version, unknown_plan=True)]
+            return [
+                UpdateDone(
+                    request_id=msg.request_id,
+                    success=False,
+                    message=str(exc),
+                    weight_version=self.engine.weight_version,
+                    unknown_plan=True,
+                )
+            ]
         except Exception as exc:
             text = f"{type(msg).__name__}: {type(exc).__name__}: {exc}"
             if isinstance(msg, UpdateWeights):
-                return [UpdateDone(request_id=msg.request_id, success=False, message=text,
-                                   weight_version=self.engine.weight_version,
-                                   transport=msg.transport,
-                                   weights_incomplete=self.weights_incomplete)]
+                return [
+                    UpdateDone(
+                        request_id=msg.request_id,
+                        success=False,
+                        message=text,
+                        weight_version=self.engine.weight_version,
+                        transport=msg.transport,
+                        weights_incomplete=self.weights_incomplete,
+                    )
+                ]
             return [Result(request_id=msg.request_id, success=False, message=text)]
 
     def poll(self) -> list[Message]:
@@ -223,8 +246,9 @@ class UpdateMachine:
         if any(r.busy() for r in self.receivers.values()):
             return True
         job = self.job
-        return job is not None and (job.stage is not Stage.RECEIVING or job.done.is_set()
-                                    or self._overdue(job))
+        return job is not None and (
+            job.stage is not Stage.RECEIVING or job.done.is_set() or self._overdue(job)
+        )
 
     def receiving(self) -> bool:
         return self.job is not None and self.job.stage is Stage.RECEIVING
@@ -262,11 +286,15 @@ class UpdateMachine:
         if self.job is not None:
             raise RuntimeError(f"update to version {self.job.version} still in progress")
         if self.abandoned is not None and self.abandoned.thread.is_alive():
-            raise RuntimeError(f"the cancelled update to version {self.abandoned.version} is "
-                               "still stopping; retry shortly")
+            raise RuntimeError(
+                f"the cancelled update to version {self.abandoned.version} is "
+                "still stopping; retry shortly"
+            )
         if msg.weight_version <= self.engine.weight_version:
-            raise ValueError(f"weight_version {msg.weight_version} is not newer than the "
-                             f"loaded version {self.engine.weight_version}")
+            raise ValueError(
+                f"weight_version {msg.weight_version} is not newer than the "
+                f"loaded version {self.engine.weight_version}"
+            )
         live = self.engine.live_weights()
         plan = self.plans.resolve(msg, live) if isinstance(msg, BucketUpdate) else None
         receiver = self._receiver(msg.transport)
@@ -276,8 +304,9 @@ class UpdateMachine:
             if self.shadow is None:
                 self.shadow = self.engine.new_shadow()
             job.start_worker(self.shadow, into_live=False)
-        return UpdateAccepted(request_id=msg.request_id, weight_version=msg.weight_version,
-                              bytes=nbytes)
+        return UpdateAccepted(
+            request_id=msg.request_id, weight_version=msg.weight_version, bytes=nbytes
+        )
 
     # ------------------------------------------------------------ the update order
 
@@ -289,8 +318,9 @@ class UpdateMachine:
             job.start_worker(self.engine.live_weights(), into_live=True)
         elif job.stage is Stage.RECEIVING:
             if job.done.is_set():
-                job.stage, job.error = ((Stage.FAILED, job.worker_error) if job.worker_error
-                                        else (Stage.RECEIVED, ""))
+                job.stage, job.error = (
+                    (Stage.FAILED, job.worker_error) if job.worker_error else (Stage.RECEIVED, "")
+                )
             elif self._overdue(job):
                 self._abandon(job)
         if job.stage is Stage.RECEIVED:
@@ -331,8 +361,10 @@ class UpdateMachine:
             return True
         if job.waited_s() > job.msg.idle_timeout_s:
             waiting, running = engine.counts()
-            job.error = (f"engine not idle after {job.msg.idle_timeout_s:.1f}s "
-                         f"(waiting={waiting}, running={running}); set pause_mode to preempt")
+            job.error = (
+                f"engine not idle after {job.msg.idle_timeout_s:.1f}s "
+                f"(waiting={waiting}, running={running}); set pause_mode to preempt"
+            )
             job.stage = Stage.FAILED
         return False
 
@@ -356,11 +388,17 @@ class UpdateMachine:
         return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
 
     def _finish(self, job: UpdateJob, ok: bool, text: str) -> list[Message]:
-        done = UpdateDone(request_id=job.msg.request_id, success=ok, message=text,
-                          weight_version=self.engine.weight_version, bytes=job.nbytes,
-                          transport=job.msg.transport, timings=job.timings(),
-                          live_touched=job.live_touched and not ok,
-                          weights_incomplete=self.weights_incomplete)
+        done = UpdateDone(
+            request_id=job.msg.request_id,
+            success=ok,
+            message=text,
+            weight_version=self.engine.weight_version,
+            bytes=job.nbytes,
+            transport=job.msg.transport,
+            timings=job.timings(),
+            live_touched=job.live_touched and not ok,
+            weights_incomplete=self.weights_incomplete,
+        )
         if job.paused:
             self.engine.continue_generation()
         self.admission_held = False
@@ -373,14 +411,19 @@ class UpdateMachine:
     def _fingerprints(self, msg: GetWeightsFingerprint) -> Message:
         weights = self.engine.live_weights()
         prints = weights.fingerprints(msg.names) if msg.names != [] else {}
-        return WeightFingerprints(request_id=msg.request_id,
-                                  weight_version=self.engine.weight_version,
-                                  fingerprints=prints, weights_incomplete=self.weights_incomplete,
-                                  update_in_progress=self.job is not None)
+        return WeightFingerprints(
+            request_id=msg.request_id,
+            weight_version=self.engine.weight_version,
+            fingerprints=prints,
+            weights_incomplete=self.weights_incomplete,
+            update_in_progress=self.job is not None,
+        )
 
     def _specs(self, msg: GetWeightSpecs) -> Message:
-        specs = [WeightSpec(name=n, dtype=d, shape=list(s))
-                 for n, (d, s) in self.engine.live_weights().expected().items()]
-        return WeightSpecs(request_id=msg.request_id, specs=specs,
-                           weight_version=self.engine.weight_version)
-
+        specs = [
+            WeightSpec(name=n, dtype=d, shape=list(s))
+            for n, (d, s) in self.engine.live_weights().expected().items()
+        ]
+        return WeightSpecs(
+            request_id=msg.request_id, specs=specs, weight_version=self.engine.weight_version
+        )

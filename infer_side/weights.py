@@ -43,18 +43,31 @@ class ModelWeights:
     fingerprints per HF name, all without knowing how the model uses the tensors.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, embed_tokens: torch.Tensor,
-                 layers: list[LayerWeights], norm: torch.Tensor, lm_head: torch.Tensor | None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        embed_tokens: torch.Tensor,
+        layers: list[LayerWeights],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor | None,
+    ):
         self.cfg, self.dtype, self.device = cfg, dtype, embed_tokens.device
-        self.embed_tokens, self.layers, self.norm, self.lm_head = embed_tokens, layers, norm, lm_head
+        self.embed_tokens, self.layers, self.norm, self.lm_head = (
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        )
         self._views = self._make_views()
         self._expected = {n: (dtype_name(dtype), tuple(v.shape)) for n, v in self._views.items()}
         assert self._expected.keys() == cfg.hf_parameter_shapes().keys()
         assert all(s == cfg.hf_parameter_shapes()[n] for n, (_, s) in self._expected.items())
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> ModelWeights:
+    def empty(
+        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> ModelWeights:
         """Allocate zeroed storage for `cfg` (dtype defaults to the config's).
 
         Always normal tensors, even when called under inference_mode, so any thread may
@@ -67,11 +80,18 @@ class ModelWeights:
             with torch.inference_mode(False):
                 return torch.zeros(shape, dtype=dtype, device=device)
 
-        layers = [LayerWeights(
-            input_layernorm=zeros(h), qkv_proj=zeros(qkv, h),
-            qkv_bias=zeros(qkv) if cfg.attention_bias else None, o_proj=zeros(h, cfg.q_size),
-            post_attention_layernorm=zeros(h), gate_up_proj=zeros(2 * i, h), down_proj=zeros(h, i),
-        ) for _ in range(cfg.num_hidden_layers)]
+        layers = [
+            LayerWeights(
+                input_layernorm=zeros(h),
+                qkv_proj=zeros(qkv, h),
+                qkv_bias=zeros(qkv) if cfg.attention_bias else None,
+                o_proj=zeros(h, cfg.q_size),
+                post_attention_layernorm=zeros(h),
+                gate_up_proj=zeros(2 * i, h),
+                down_proj=zeros(h, i),
+            )
+            for _ in range(cfg.num_hidden_layers)
+        ]
         lm_head = None if cfg.tie_word_embeddings else zeros(cfg.vocab_size, h)
         return cls(cfg, dtype, zeros(cfg.vocab_size, h), layers, zeros(h), lm_head)
 
@@ -83,22 +103,28 @@ class ModelWeights:
         for n, layer in enumerate(self.layers):
             p = f"model.layers.{n}."
             qkv, gate_up = layer.qkv_proj, layer.gate_up_proj
-            views.update({
-                p + "input_layernorm.weight": layer.input_layernorm,
-                p + "self_attn.q_proj.weight": qkv[:q],
-                p + "self_attn.k_proj.weight": qkv[q:q + kv],
-                p + "self_attn.v_proj.weight": qkv[q + kv:],
-                p + "self_attn.o_proj.weight": layer.o_proj,
-                p + "post_attention_layernorm.weight": layer.post_attention_layernorm,
-                p + "mlp.gate_proj.weight": gate_up[:i],
-                p + "mlp.up_proj.weight": gate_up[i:],
-                p + "mlp.down_proj.weight": layer.down_proj,
-            })
+            views.update(
+                {
+                    p + "input_layernorm.weight": layer.input_layernorm,
+                    p + "self_attn.q_proj.weight": qkv[:q],
+                    p + "self_attn.k_proj.weight": qkv[q : q + kv],
+                    p + "self_attn.v_proj.weight": qkv[q + kv :],
+                    p + "self_attn.o_proj.weight": layer.o_proj,
+                    p + "post_attention_layernorm.weight": layer.post_attention_layernorm,
+                    p + "mlp.gate_proj.weight": gate_up[:i],
+                    p + "mlp.up_proj.weight": gate_up[i:],
+                    p + "mlp.down_proj.weight": layer.down_proj,
+                }
+            )
             if layer.qkv_bias is not None:
                 bias = layer.qkv_bias
-                views.update({p + "self_attn.q_proj.bias": bias[:q],
-                              p + "self_attn.k_proj.bias": bias[q:q + kv],
-                              p + "self_attn.v_proj.bias": bias[q + kv:]})
+                views.update(
+                    {
+                        p + "self_attn.q_proj.bias": bias[:q],
+                        p + "self_attn.k_proj.bias": bias[q : q + kv],
+                        p + "self_attn.v_proj.bias": bias[q + kv :],
+                    }
+                )
         views["model.norm.weight"] = self.norm
         if self.lm_head is not None:
             views["lm_head.weight"] = self.lm_head
@@ -113,12 +139,16 @@ class ModelWeights:
         out = {"model.embed_tokens.weight": self.embed_tokens}
         for n, layer in enumerate(self.layers):
             p = f"model.layers.{n}."
-            out.update({p + "input_layernorm.weight": layer.input_layernorm,
-                        p + "self_attn.qkv_proj.weight": layer.qkv_proj,
-                        p + "self_attn.o_proj.weight": layer.o_proj,
-                        p + "post_attention_layernorm.weight": layer.post_attention_layernorm,
-                        p + "mlp.gate_up_proj.weight": layer.gate_up_proj,
-                        p + "mlp.down_proj.weight": layer.down_proj})
+            out.update(
+                {
+                    p + "input_layernorm.weight": layer.input_layernorm,
+                    p + "self_attn.qkv_proj.weight": layer.qkv_proj,
+                    p + "self_attn.o_proj.weight": layer.o_proj,
+                    p + "post_attention_layernorm.weight": layer.post_attention_layernorm,
+                    p + "mlp.gate_up_proj.weight": layer.gate_up_proj,
+                    p + "mlp.down_proj.weight": layer.down_proj,
+                }
+            )
             if layer.qkv_bias is not None:
                 out[p + "self_attn.qkv_proj.bias"] = layer.qkv_bias
         out["model.norm.weight"] = self.norm
@@ -141,8 +171,9 @@ class ModelWeights:
 
     # ------------------------------------------------------------------ validate and load
 
-    def validate(self, items: Iterable[tuple[str, str | torch.dtype, Iterable[int]]],
-                 complete: bool = True) -> None:
+    def validate(
+        self, items: Iterable[tuple[str, str | torch.dtype, Iterable[int]]], complete: bool = True
+    ) -> None:
         """Check (name, dtype, shape) items against `expected()`; raise WeightError naming the
         first bad tensor. With `complete`, every expected name must appear exactly once."""
         seen: set[str] = set()
@@ -151,11 +182,13 @@ class ModelWeights:
             seen.add(name)
         if complete and len(seen) != len(self._expected):
             missing = [n for n in self._expected if n not in seen]
-            raise WeightError(f"{missing[0]}: missing from the update "
-                              f"({len(missing)} missing: {missing[:4]})")
+            raise WeightError(
+                f"{missing[0]}: missing from the update ({len(missing)} missing: {missing[:4]})"
+            )
 
-    def _validate_one(self, name: str, dtype: str | torch.dtype, shape: tuple,
-                      seen: set[str]) -> None:
+    def _validate_one(
+        self, name: str, dtype: str | torch.dtype, shape: tuple, seen: set[str]
+    ) -> None:
         if name not in self._expected:
             raise WeightError(f"{name!r}: unknown tensor name for this model")
         if name in seen:

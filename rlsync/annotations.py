@@ -59,8 +59,14 @@ def field_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def check(tp: Any, value: Any, where: str, rules: Rules, limits: Mapping[str, Any] = NO_LIMITS,
-          depth: int = 0) -> Any:
+def check(
+    tp: Any,
+    value: Any,
+    where: str,
+    rules: Rules,
+    limits: Mapping[str, Any] = NO_LIMITS,
+    depth: int = 0,
+) -> Any:
     """Validate `value` against annotation `tp` (and field `limits`); return the typed value."""
     if rules.max_depth is not None and depth > rules.max_depth:
         raise rules.error(where, "nested too deep")
@@ -77,22 +83,33 @@ def check(tp: Any, value: Any, where: str, rules: Rules, limits: Mapping[str, An
         if not isinstance(value, list):
             raise rules.error(where, f"expected a list, got {rules.show(value)}")
         _check_len(value, where, rules, limits)
-        return [check(args[0], v, f"{where}[{i}]", rules, NO_LIMITS, depth + 1)
-                for i, v in enumerate(value)]
+        return [
+            check(args[0], v, f"{where}[{i}]", rules, NO_LIMITS, depth + 1)
+            for i, v in enumerate(value)
+        ]
     if origin is dict:
         if not isinstance(value, dict):
             raise rules.error(where, f"expected a map, got {rules.show(value)}")
         _check_len(value, where, rules, limits)
-        return {check(args[0], k, where, rules, NO_LIMITS, depth):
-                check(args[1], v, f"{where}.{k}", rules, NO_LIMITS, depth + 1)
-                for k, v in value.items()}
+        return {
+            check(args[0], k, where, rules, NO_LIMITS, depth): check(
+                args[1], v, f"{where}.{k}", rules, NO_LIMITS, depth + 1
+            )
+            for k, v in value.items()
+        }
     if tp is Any:
         return _check_any(value, where, rules, depth)
     return _check_scalar(tp, value, where, rules, limits)
 
 
-def _check_union(args: tuple[Any, ...], value: Any, where: str, rules: Rules,
-                 limits: Mapping[str, Any], depth: int) -> Any:
+def _check_union(
+    args: tuple[Any, ...],
+    value: Any,
+    where: str,
+    rules: Rules,
+    limits: Mapping[str, Any],
+    depth: int,
+) -> Any:
     """The first member that accepts `value` gives the typed value; if none does, the error
     says why each member refused (one member: its own error, unchanged)."""
     if value is None and _NONE in args:
@@ -106,7 +123,9 @@ def _check_union(args: tuple[Any, ...], value: Any, where: str, rules: Rules,
     if len(failures) == 1:
         raise failures[0][1]
     reasons = "; ".join(f"not {_name(m)} ({exc})" for m, exc in failures)
-    raise rules.error(where, f"{rules.show(value)} fits no member of {_name_union(args)}: {reasons}")
+    raise rules.error(
+        where, f"{rules.show(value)} fits no member of {_name_union(args)}: {reasons}"
+    )
 
 
 def _name(tp: Any) -> str:
@@ -117,8 +136,7 @@ def _name_union(args: tuple[Any, ...]) -> str:
     return " | ".join("None" if a is _NONE else _name(a) for a in args)
 
 
-def _check_scalar(tp: Any, value: Any, where: str, rules: Rules,
-                  limits: Mapping[str, Any]) -> Any:
+def _check_scalar(tp: Any, value: Any, where: str, rules: Rules, limits: Mapping[str, Any]) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             raise rules.error(where, f"expected bool, got {rules.show(value)}")
@@ -177,6 +195,10 @@ def _check_any(value: Any, where: str, rules: Rules, depth: int) -> Any:
     if isinstance(value, list):
         return [_check_any(v, f"{where}[{i}]", rules, depth + 1) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {check(str, k, where, rules, NO_LIMITS, depth):
-                _check_any(v, f"{where}.{k}", rules, depth + 1) for k, v in value.items()}
+        return {
+            check(str, k, where, rules, NO_LIMITS, depth): _check_any(
+                v, f"{where}.{k}", rules, depth + 1
+            )
+            for k, v in value.items()
+        }
     raise rules.error(where, f"unsupported value type {type(value).__name__}")

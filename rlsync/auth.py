@@ -44,10 +44,16 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"rlsync"
 LOG_EVERY_S = 2.0
 """A client that keeps failing reconnects every 100 ms; log its failures once per this."""
-_PROTOCOL_ERRORS = {int(getattr(zmq, n)): n[len("PROTOCOL_ERROR_"):].lower()
-                    for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_")}
-_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_PROTOCOL_ERRORS = {
+    int(getattr(zmq, n)): n[len("PROTOCOL_ERROR_") :].lower()
+    for n in dir(zmq)
+    if n.startswith("PROTOCOL_ERROR_")
+}
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class AuthError(ValueError):
@@ -109,7 +115,9 @@ def load_client_keys(directory: str | os.PathLike) -> ClientKeys:
     """A client's keypair and the engine's public key from `directory`."""
     root = Path(directory)
     public, secret = _load_pair(root / CLIENT_SECRET)
-    return ClientKeys(public=public, secret=secret, server_public=_load_public(root / SERVER_PUBLIC))
+    return ClientKeys(
+        public=public, secret=secret, server_public=_load_public(root / SERVER_PUBLIC)
+    )
 
 
 def _load_pair(path: Path) -> tuple[bytes, bytes]:
@@ -142,11 +150,14 @@ def _check_secret_file(path: Path) -> None:
     try:
         st = path.stat()
     except OSError:
-        raise AuthError(f"{path}: key file not found (make keys with "
-                        f"`python -m rlsync.auth DIR`)") from None
+        raise AuthError(
+            f"{path}: key file not found (make keys with `python -m rlsync.auth DIR`)"
+        ) from None
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise AuthError(f"{path}: secret key must be owned by uid {os.getuid()} with mode 0600, "
-                        f"got mode {oct(stat.S_IMODE(st.st_mode))} owner {st.st_uid}")
+        raise AuthError(
+            f"{path}: secret key must be owned by uid {os.getuid()} with mode 0600, "
+            f"got mode {oct(stat.S_IMODE(st.st_mode))} owner {st.st_uid}"
+        )
 
 
 # ---------------------------------------------------------------- sockets
@@ -155,9 +166,11 @@ def _check_secret_file(path: Path) -> None:
 def require_tcp_auth(endpoint: str, keys: object | None, insecure_tcp: bool) -> None:
     """Refuse a tcp:// endpoint without key material unless insecure mode was asked for."""
     if endpoint.startswith("tcp://") and keys is None and not insecure_tcp:
-        raise AuthError(f"{endpoint}: tcp:// endpoints require authentication; pass --auth-keys "
-                        f"DIR (make one with `python -m rlsync.auth DIR`) or, on a trusted "
-                        f"network only, --insecure-tcp")
+        raise AuthError(
+            f"{endpoint}: tcp:// endpoints require authentication; pass --auth-keys "
+            f"DIR (make one with `python -m rlsync.auth DIR`) or, on a trusted "
+            f"network only, --insecure-tcp"
+        )
 
 
 def secure_client_socket(sock: zmq.Socket, keys: ClientKeys) -> None:
@@ -220,8 +233,11 @@ class AuthGuard:
         ok = bool(key) and key in self.keys.allowed
         if not ok:
             who = z85.encode(key).decode() if len(key) == 32 else mechanism.decode(errors="replace")
-            self._warn("zap", f"auth: rejected a {mechanism.decode(errors='replace')} client from "
-                              f"{address.decode(errors='replace')}: key {who} is not allowed")
+            self._warn(
+                "zap",
+                f"auth: rejected a {mechanism.decode(errors='replace')} client from "
+                f"{address.decode(errors='replace')}: key {who} is not allowed",
+            )
         status = (b"200", b"OK") if ok else (b"400", b"client key not allowed")
         user = z85.encode(key) if ok else b""
         self._zap.send_multipart([b"1.0", request_id, *status, user, b""])
@@ -231,9 +247,12 @@ class AuthGuard:
             return  # already logged by _answer, with the key
         value = int(event["value"])  # a ZMTP protocol error code, or an errno
         reason = _PROTOCOL_ERRORS.get(value) or os.strerror(value)
-        self._warn(reason, f"auth: rejected a connection to {event['endpoint'].decode()}: "
-                           f"CURVE handshake failed ({reason}; an unauthenticated client, or one "
-                           f"that does not know this engine's public key)")
+        self._warn(
+            reason,
+            f"auth: rejected a connection to {event['endpoint'].decode()}: "
+            f"CURVE handshake failed ({reason}; an unauthenticated client, or one "
+            f"that does not know this engine's public key)",
+        )
 
     def _warn(self, kind: str, text: str) -> None:
         now = time.monotonic()
@@ -253,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m rlsync.auth DIR [CLIENT_NAME ...]", file=sys.stderr)
         return 2
     root = generate_keys(args[0], tuple(args[1:]) or ("client",))
-    print(f"keys in {root}: give {root / SERVER_PUBLIC} and a client's key_secret to clients; "
-          f"the engine reads {SERVER_SECRET} and {ALLOWED_DIR}/")
+    print(
+        f"keys in {root}: give {root / SERVER_PUBLIC} and a client's key_secret to clients; "
+        f"the engine reads {SERVER_SECRET} and {ALLOWED_DIR}/"
+    )
     return 0
 
 

@@ -22,10 +22,26 @@ MAX_PLAN_BYTES = 1 << 44  # 16 TiB: anything above is a corrupt plan, not a mode
 
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
-    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
-              torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
 }
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
+for _name in (
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+):
     if hasattr(torch, _name):
         _DTYPES[_name] = getattr(torch, _name)
 
@@ -53,15 +69,20 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
     return math.prod(shape) * dtype_from_name(dtype).itemsize
 
 
-def plan_buckets(specs: Iterable[tuple[str, str, Sequence[int]]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 alignment: int = DEFAULT_ALIGNMENT) -> BucketPlan:
+def plan_buckets(
+    specs: Iterable[tuple[str, str, Sequence[int]]],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> BucketPlan:
     """Greedy, order-preserving plan: fill a bucket until the next tensor would overflow it.
 
     A tensor larger than `bucket_bytes` gets a bucket of its own. Each tensor starts at an
     `alignment`-byte offset and each bucket's size is rounded up to `alignment`.
     """
     if bucket_bytes <= 0 or alignment <= 0 or alignment % 8:
-        raise PlanError(f"bucket_bytes={bucket_bytes} and alignment={alignment} must be >0 (alignment %8)")
+        raise PlanError(
+            f"bucket_bytes={bucket_bytes} and alignment={alignment} must be >0 (alignment %8)"
+        )
     buckets: list[Bucket] = []
     current: list[TensorSpec] = []
     used = 0
@@ -71,7 +92,9 @@ def plan_buckets(specs: Iterable[tuple[str, str, Sequence[int]]], bucket_bytes: 
         if current and start + nbytes > bucket_bytes:
             buckets.append(Bucket(nbytes=_bucket_size(used, alignment), tensors=current))
             current, start = [], 0
-        current.append(TensorSpec(name=name, dtype=dtype, shape=list(shape), offset=start, nbytes=nbytes))
+        current.append(
+            TensorSpec(name=name, dtype=dtype, shape=list(shape), offset=start, nbytes=nbytes)
+        )
         used = start + nbytes
     if current:
         buckets.append(Bucket(nbytes=_bucket_size(used, alignment), tensors=current))
@@ -85,8 +108,9 @@ def _bucket_size(used: int, alignment: int) -> int:
     return max(align_up(used, alignment), alignment)
 
 
-def specs_of(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
-             ) -> list[tuple[str, str, tuple[int, ...]]]:
+def specs_of(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
+) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, shape) of each tensor: the key a cached plan is valid for."""
     return [(n, dtype_name(dtype or t.dtype), tuple(t.shape)) for n, t in named_tensors]
 
@@ -98,7 +122,9 @@ def validate_plan(plan: BucketPlan) -> int:
     total, seen = 0, set()
     for b, bucket in enumerate(plan.buckets):
         if bucket.nbytes <= 0 or bucket.nbytes % plan.alignment:
-            raise PlanError(f"bucket {b}: nbytes {bucket.nbytes} not a positive multiple of {plan.alignment}")
+            raise PlanError(
+                f"bucket {b}: nbytes {bucket.nbytes} not a positive multiple of {plan.alignment}"
+            )
         end = 0
         for spec in bucket.tensors:
             _validate_spec(spec, bucket, b, plan.alignment, end)
@@ -127,9 +153,13 @@ def _validate_spec(spec: TensorSpec, bucket: Bucket, b: int, alignment: int, pre
     if spec.offset % alignment:
         raise PlanError(f"{where}: offset {spec.offset} not aligned to {alignment}")
     if spec.offset < prev_end:
-        raise PlanError(f"{where}: offset {spec.offset} overlaps the previous tensor (ends {prev_end})")
+        raise PlanError(
+            f"{where}: offset {spec.offset} overlaps the previous tensor (ends {prev_end})"
+        )
     if spec.offset + spec.nbytes > bucket.nbytes:
-        raise PlanError(f"{where}: ends at {spec.offset + spec.nbytes}, past bucket size {bucket.nbytes}")
+        raise PlanError(
+            f"{where}: ends at {spec.offset + spec.nbytes}, past bucket size {bucket.nbytes}"
+        )
 
 
 def plan_total_bytes(plan: BucketPlan) -> int:
@@ -152,11 +182,11 @@ def pack_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.
         if tuple(src.shape) != tuple(spec.shape):  # copy_ would broadcast a wrong shape
             raise PlanError(f"{spec.name}: shape {tuple(src.shape)} != planned {tuple(spec.shape)}")
         if spec.offset > end:
-            out[end:spec.offset].zero_()
+            out[end : spec.offset].zero_()
         _view(out, spec).copy_(src)
         end = spec.offset + spec.nbytes
     if bucket.nbytes > end:
-        out[end:bucket.nbytes].zero_()
+        out[end : bucket.nbytes].zero_()
 
 
 def bucket_views(bucket: Bucket, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -167,7 +197,7 @@ def bucket_views(bucket: Bucket, buf: torch.Tensor) -> list[tuple[str, torch.Ten
 
 
 def _view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    raw = buf[spec.offset:spec.offset + spec.nbytes]
+    raw = buf[spec.offset : spec.offset + spec.nbytes]
     return raw.view(dtype_from_name(spec.dtype)).view(spec.shape)
 
 
@@ -197,7 +227,7 @@ def fingerprint(buf: torch.Tensor) -> torch.Tensor:
     words = flat.view(torch.int64)
     total = torch.zeros((), dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK_WORDS):
-        chunk = words[start:start + _CHUNK_WORDS]
+        chunk = words[start : start + _CHUNK_WORDS]
         pos = _positions(words.device, chunk.numel()) + _wrap64(start * _MIX_POS)
         total += ((chunk ^ pos) * _MIX_VAL).sum()
     return total + nbytes

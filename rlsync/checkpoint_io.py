@@ -33,8 +33,13 @@ class CheckpointError(ValueError):
     """A checkpoint we cannot read or write; the message names the file or tensor."""
 
 
-def write_checkpoint(path: str | Path, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],
-                     max_shard_bytes: int = 2 << 30, metadata: dict[str, str] | None = None) -> None:
+def write_checkpoint(
+    path: str | Path,
+    cfg: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    max_shard_bytes: int = 2 << 30,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write config.json and the tensors as safetensors shards into `path`, atomically.
 
     Each tensor is copied to a contiguous CPU tensor of its own storage (views, strided and
@@ -94,8 +99,9 @@ def shard_file_names(num_shards: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
 
 
-def _write_shards(tmp: Path, tensors: Mapping[str, torch.Tensor], shards: list[list[str]],
-                  meta: dict[str, str]) -> None:
+def _write_shards(
+    tmp: Path, tensors: Mapping[str, torch.Tensor], shards: list[list[str]], meta: dict[str, str]
+) -> None:
     files = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
     total = 0
@@ -159,8 +165,9 @@ def _read_index(index: Path) -> dict[str, str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: unreadable index ({e})") from e
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and "/" not in v and v.endswith(".safetensors")
-            for k, v in weight_map.items()):
+        isinstance(k, str) and isinstance(v, str) and "/" not in v and v.endswith(".safetensors")
+        for k, v in weight_map.items()
+    ):
         raise CheckpointError(f"{index}: weight_map must map names to local *.safetensors files")
     return weight_map
 
@@ -202,8 +209,9 @@ def _check_against_index(file: Path, names: list[str], weight_map: dict[str, str
     listed = {n for n, f in weight_map.items() if f == file.name}
     missing, extra = sorted(listed - set(names)), sorted(set(names) - listed)
     if missing or extra:
-        raise CheckpointError(f"{file}: does not match the index (missing {missing[:3]}, "
-                              f"not in index {extra[:3]})")
+        raise CheckpointError(
+            f"{file}: does not match the index (missing {missing[:3]}, not in index {extra[:3]})"
+        )
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
@@ -218,9 +226,20 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def checkpoint_specs(path: str | Path) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -47,8 +47,14 @@ def decode(frame: bytes, max_bytes_field: int = MAX_BYTES_FIELD) -> Message:
     try:
         # bin length is capped per field below (so the error names the field); the frame
         # size already bounds what msgpack can allocate.
-        raw = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True, use_list=True,
-                              max_bin_len=MAX_FRAME_BYTES, max_str_len=1 << 20)
+        raw = msgpack.unpackb(
+            bytes(frame),
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=MAX_FRAME_BYTES,
+            max_str_len=1 << 20,
+        )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("frame", f"not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str)):
@@ -74,8 +80,12 @@ def _to_plain(value: Any) -> Any:
 def _rules(cap: int) -> annotations.Rules:
     """Wire rules: ProtocolError, types named (never echoed), bytes capped, depth bounded."""
     return annotations.Rules(
-        error=ProtocolError, catch=(ProtocolError,), bytes_cap=cap, max_depth=MAX_DEPTH,
-        build=lambda cls, value, where, depth: _build(cls, value, where, cap, depth))
+        error=ProtocolError,
+        catch=(ProtocolError,),
+        bytes_cap=cap,
+        max_depth=MAX_DEPTH,
+        build=lambda cls, value, where, depth: _build(cls, value, where, cap, depth),
+    )
 
 
 def _build(cls: type, fields: Any, where: str, cap: int, depth: int) -> Any:
@@ -92,8 +102,9 @@ def _build(cls: type, fields: Any, where: str, cap: int, depth: int) -> Any:
             if name in _required(cls):
                 raise ProtocolError(f"{where}.{name}", "required field missing")
             continue
-        kwargs[name] = annotations.check(hints[name], fields[name], f"{where}.{name}",
-                                         _rules(cap), f.metadata, depth + 1)
+        kwargs[name] = annotations.check(
+            hints[name], fields[name], f"{where}.{name}", _rules(cap), f.metadata, depth + 1
+        )
     return cls(**kwargs)
 
 
@@ -109,8 +120,13 @@ def _required(cls: type) -> frozenset[str]:
             required.add(f.name)
             continue
         try:
-            annotations.check(annotations.field_hints(cls)[f.name], f.default, f.name,
-                              _rules(MAX_BYTES_FIELD), f.metadata)
+            annotations.check(
+                annotations.field_hints(cls)[f.name],
+                f.default,
+                f.name,
+                _rules(MAX_BYTES_FIELD),
+                f.metadata,
+            )
         except ProtocolError:
             required.add(f.name)
     return frozenset(required)

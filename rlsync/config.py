@@ -40,7 +40,14 @@ class EngineConfig:
     call_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        positive(self, "kv_tokens", "max_running", "max_prefill_tokens", "start_timeout_s", "call_timeout_s")
+        positive(
+            self,
+            "kv_tokens",
+            "max_running",
+            "max_prefill_tokens",
+            "start_timeout_s",
+            "call_timeout_s",
+        )
 
 
 @dataclass(kw_only=True)
@@ -74,7 +81,6 @@ class SyncConfig:
         return int(self.bucket_mb * (1 << 20))
 
 
-
 def positive(obj: Any, *keys: str) -> None:
     """Raise ConfigError naming the first of `keys` whose value on `obj` is not > 0."""
     for key in keys:
@@ -104,7 +110,10 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 _RULES = annotations.Rules(
-    error=lambda where, problem: ConfigError(f"{where}: {problem}"), catch=(ConfigError,),
+    error=lambda where, problem: ConfigError(f"{where}: {problem}"),
+    catch=(ConfigError,),
     build=lambda cls, value, where, depth: build(cls, value, where + "."),
-    show=repr, float_strings=True)
+    show=repr,
+    float_strings=True,
+)
 """Config rules: ConfigError naming the dotted key, bad values shown as written, "1e-4" a float."""

@@ -52,7 +52,7 @@ def remove_private_endpoint(endpoint: str) -> None:
     """
     if not endpoint.startswith("ipc://"):
         return
-    directory = Path(endpoint[len("ipc://"):]).parent
+    directory = Path(endpoint[len("ipc://") :]).parent
     if directory.name.startswith(f"{_PREFIX}{os.getuid()}-"):
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -70,16 +70,18 @@ def check_endpoint(endpoint: str) -> str:
 
 def ipc_path(endpoint: str) -> Path | None:
     """The socket file of an ipc:// endpoint; None for tcp://."""
-    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
 
 
 def _check_ipc(endpoint: str) -> str:
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     if not path.startswith("/"):
         raise EndpointError(f"endpoint {endpoint!r}: ipc path must be absolute")
     if len(os.fsencode(path)) > MAX_IPC_PATH:
-        raise EndpointError(f"endpoint {endpoint!r}: ipc path is {len(os.fsencode(path))} bytes, "
-                            f"the unix socket limit is {MAX_IPC_PATH}")
+        raise EndpointError(
+            f"endpoint {endpoint!r}: ipc path is {len(os.fsencode(path))} bytes, "
+            f"the unix socket limit is {MAX_IPC_PATH}"
+        )
     if not Path(path).parent.is_dir():
         raise EndpointError(f"endpoint {endpoint!r}: directory {Path(path).parent} does not exist")
     return endpoint
@@ -116,7 +118,13 @@ def _is_private_dir(path: Path) -> bool:
 def _check_private(directory: Path) -> None:
     """mkdtemp makes 0700 dirs; verify anyway, since the socket's safety depends on it."""
     st = directory.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+    if (
+        not stat.S_ISDIR(st.st_mode)
+        or st.st_uid != os.getuid()
+        or stat.S_IMODE(st.st_mode) != 0o700
+    ):
         shutil.rmtree(directory, ignore_errors=True)
-        raise EndpointError(f"{directory}: expected a 0700 directory owned by uid {os.getuid()}, "
-                            f"got mode {oct(stat.S_IMODE(st.st_mode))} owner {st.st_uid}")
+        raise EndpointError(
+            f"{directory}: expected a 0700 directory owned by uid {os.getuid()}, "
+            f"got mode {oct(stat.S_IMODE(st.st_mode))} owner {st.st_uid}"
+        )

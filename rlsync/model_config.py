@@ -46,18 +46,28 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(f"model_type={self.model_type!r}: supported {SUPPORTED_MODEL_TYPES}")
+            raise ModelConfigError(
+                f"model_type={self.model_type!r}: supported {SUPPORTED_MODEL_TYPES}"
+            )
         if self.model_type == "llama" and self.attention_bias:
             # HF Llama's attention_bias also puts a bias on o_proj, which neither side has
             raise ModelConfigError("attention_bias=True is not supported for llama (o_proj bias)")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ModelConfigError(f"{key} must be a positive int, got {getattr(self, key)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelConfigError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide "
-                f"num_attention_heads={self.num_attention_heads}")
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ModelConfigError("hidden_size must be divisible by num_attention_heads")
@@ -111,9 +121,17 @@ class ModelConfig:
         """A config.json that transformers' Llama/Qwen2 classes load."""
         arch = "Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"
         out = dataclasses.asdict(self)
-        out.update(architectures=[arch], hidden_act="silu", rope_scaling=None,
-                   attention_dropout=0.0, mlp_bias=False, use_cache=True,
-                   initializer_range=0.02, bos_token_id=None, eos_token_id=None)
+        out.update(
+            architectures=[arch],
+            hidden_act="silu",
+            rope_scaling=None,
+            attention_dropout=0.0,
+            mlp_bias=False,
+            use_cache=True,
+            initializer_range=0.02,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         if self.model_type == "qwen2":
             out.pop("attention_bias")
             out.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
@@ -125,20 +143,27 @@ class ModelConfig:
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h)}
         for n in range(self.num_hidden_layers):
             p = f"model.layers.{n}."
-            shapes.update({
-                p + "input_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (i, h),
-                p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            })
+            shapes.update(
+                {
+                    p + "input_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (q, h),
+                    p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h),
+                    p + "self_attn.o_proj.weight": (h, q),
+                    p + "post_attention_layernorm.weight": (h,),
+                    p + "mlp.gate_proj.weight": (i, h),
+                    p + "mlp.up_proj.weight": (i, h),
+                    p + "mlp.down_proj.weight": (h, i),
+                }
+            )
             if self.attention_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                               p + "self_attn.v_proj.bias": (kv,)})
+                shapes.update(
+                    {
+                        p + "self_attn.q_proj.bias": (q,),
+                        p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,),
+                    }
+                )
         shapes["model.norm.weight"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, h)
@@ -156,5 +181,7 @@ def _rope_theta(raw: dict[str, Any]) -> dict[str, float]:
     if "rope_theta" not in rope:
         return {}
     if "rope_theta" in raw and raw["rope_theta"] != rope["rope_theta"]:
-        raise ModelConfigError(f"rope_theta={raw['rope_theta']} disagrees with rope_parameters={rope!r}")
+        raise ModelConfigError(
+            f"rope_theta={raw['rope_theta']} disagrees with rope_parameters={rope!r}"
+        )
     return {"rope_theta": rope["rope_theta"]}

@@ -20,8 +20,9 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 """The directory holding the `rlsync`, `trainer_side` and `infer_side` packages."""
 
 
-def child_env(extra: Mapping[str, str] | None = None, *,
-              python_on_path: bool = False) -> dict[str, str]:
+def child_env(
+    extra: Mapping[str, str] | None = None, *, python_on_path: bool = False
+) -> dict[str, str]:
     """Our environment for a child that must run this code: `ROOT` first on PYTHONPATH,
     then `extra` on top. `python_on_path`: this interpreter's directory first on PATH too,
     so a bare `python` (or `ray`) in the child is ours."""
@@ -71,7 +72,6 @@ def _signal(process: subprocess.Popen, sig: int) -> None:
 def _exited(process: subprocess.Popen) -> bool:
     """Whether the process has exited, without reaping it (it stays a zombie)."""
     try:
-        return os.waitid(os.P_PID, process.pid,
-                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # someone else reaped it
         return True

@@ -23,8 +23,14 @@ MAX_TOKENS = 1 << 20
 MAX_NAME = 512
 
 
-def _f(default: Any = None, *, ge: float | None = None, le: float | None = None,
-       max_len: int | None = None, factory: Any = None) -> Any:
+def _f(
+    default: Any = None,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    max_len: int | None = None,
+    factory: Any = None,
+) -> Any:
     """A dataclass field with the limits the codec checks on decode."""
     meta = {k: v for k, v in (("ge", ge), ("le", le), ("max_len", max_len)) if v is not None}
     if factory is not None:
@@ -33,6 +39,7 @@ def _f(default: Any = None, *, ge: float | None = None, le: float | None = None,
 
 
 # ---------------------------------------------------------------- bucket plan (nested values)
+
 
 @dataclass(kw_only=True)
 class TensorSpec:
@@ -358,12 +365,27 @@ UPDATE_MESSAGES: dict[str, type[UpdateWeights]] = {
 }
 """Transport kind -> its update message."""
 CONTROL_MESSAGES: tuple[type[Message], ...] = (
-    Abort, InitWeightsGroup, DestroyWeightsGroup, *UPDATE_MESSAGES.values(), FlushCache,
-    PauseGeneration, ContinueGeneration, GetWeightsFingerprint, GetWeightSpecs, GetInfo, Shutdown,
+    Abort,
+    InitWeightsGroup,
+    DestroyWeightsGroup,
+    *UPDATE_MESSAGES.values(),
+    FlushCache,
+    PauseGeneration,
+    ContinueGeneration,
+    GetWeightsFingerprint,
+    GetWeightSpecs,
+    GetInfo,
+    Shutdown,
 )
 REPLY_MESSAGES: tuple[type[Message], ...] = (
-    GenerateOutput, Result, EngineDied, UpdateAccepted, UpdateDone, WeightSpecs,
-    WeightFingerprints, EngineInfo,
+    GenerateOutput,
+    Result,
+    EngineDied,
+    UpdateAccepted,
+    UpdateDone,
+    WeightSpecs,
+    WeightFingerprints,
+    EngineInfo,
 )
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls for cls in (Generate, *CONTROL_MESSAGES, *REPLY_MESSAGES)

@@ -62,9 +62,15 @@ class RpcError(RuntimeError):
 class RpcClient:
     """Request/reply client of one engine endpoint."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float,
-                 liveness: Callable[[], bool] | None = None, context: zmq.Context | None = None,
-                 auth: ClientKeys | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float,
+        liveness: Callable[[], bool] | None = None,
+        context: zmq.Context | None = None,
+        auth: ClientKeys | None = None,
+    ):
         """`auth`: CURVE keys for an engine served with --auth-keys (required for tcp://)."""
         self.endpoint = check_endpoint(endpoint)
         self.timeout_s = timeout_s
@@ -120,8 +126,9 @@ class RpcClient:
                 raise RuntimeError("recv: nothing was sent with send() that still awaits a reply")
             self._pump(deadline, ", ".join(sorted(set(self._loose.values()))), timeout)
 
-    def generate(self, requests: Iterable[Generate],
-                 timeout_s: float | None = None) -> Iterator[GenerateOutput]:
+    def generate(
+        self, requests: Iterable[Generate], timeout_s: float | None = None
+    ) -> Iterator[GenerateOutput]:
         """Send every request, then yield outputs in the order they finish (stream chunks as
         they come). `timeout_s` bounds the whole batch; on timeout or early exit the unfinished
         requests are aborted. A Result for a request (rejected) is yielded as an error output.
@@ -155,8 +162,9 @@ class RpcClient:
 
     # ------------------------------------------------------------ internals
 
-    def _send(self, msg: Message, timeout: float, box: deque[Message] | None = None, *,
-              track: bool = True) -> str:
+    def _send(
+        self, msg: Message, timeout: float, box: deque[Message] | None = None, *, track: bool = True
+    ) -> str:
         """Send one message. Its replies are filed, in arrival order, into `box` (shared by
         the requests of one generate or by every `send`), or a fresh inbox; with track=False
         they are dropped on arrival."""
@@ -171,8 +179,9 @@ class RpcClient:
             if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
                 self._inbox.pop(msg.request_id, None)
                 self._loose.pop(msg.request_id, None)
-                raise RpcTimeout(f"{self.endpoint}: could not send {type(msg).__name__} "
-                                 f"within {timeout:g} s")
+                raise RpcTimeout(
+                    f"{self.endpoint}: could not send {type(msg).__name__} within {timeout:g} s"
+                )
             sock.send(frame, zmq.NOBLOCK)
         return msg.request_id
 
@@ -203,8 +212,9 @@ class RpcClient:
         if remaining <= 0 and not got:  # past the deadline: replies already here still count
             raise RpcTimeout(f"{self.endpoint}: no reply to {what} within {timeout:g} s")
         if not alive and not got:
-            raise EngineDead(f"{self.endpoint}: engine is gone (liveness check failed) "
-                             f"while waiting for {what}")
+            raise EngineDead(
+                f"{self.endpoint}: engine is gone (liveness check failed) while waiting for {what}"
+            )
 
     def _drain(self, sock: zmq.Socket) -> None:
         while True:
@@ -219,8 +229,12 @@ class RpcClient:
                 continue
             box = self._inbox.get(reply.request_id)
             if box is None:
-                log.debug("%s: dropping %s for unknown request_id %r", self.endpoint,
-                          type(reply).__name__, reply.request_id)
+                log.debug(
+                    "%s: dropping %s for unknown request_id %r",
+                    self.endpoint,
+                    type(reply).__name__,
+                    reply.request_id,
+                )
                 continue
             box.append(reply)
 
@@ -295,5 +309,9 @@ def _as_output(reply: Message) -> GenerateOutput:
     if isinstance(reply, GenerateOutput):
         return reply
     message = failed(reply) or f"unexpected {type(reply).__name__}"
-    return GenerateOutput(request_id=reply.request_id, finished=True, finish_reason="abort",
-                          error=message or "request rejected")
+    return GenerateOutput(
+        request_id=reply.request_id,
+        finished=True,
+        finish_reason="abort",
+        error=message or "request rejected",
+    )

@@ -13,16 +13,30 @@ from typing import Any
 
 import torch
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
 """Default architecture: small enough for a 2-core CPU, big enough to catch layout bugs."""
 ROPE_THETA = {"llama": 5000.0, "qwen2": 1_000_000.0}
 """Non-default thetas, so a loader that ignores the config's rope theta fails the tests."""
 
 
-def make_hf_checkpoint(tmp_path: str | Path, *, model_type: str = "llama", tie: bool = False,
-                       kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
-                       **overrides: Any) -> Path:
+def make_hf_checkpoint(
+    tmp_path: str | Path,
+    *,
+    model_type: str = "llama",
+    tie: bool = False,
+    kv_heads: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
     """Build a tiny random Llama/Qwen2 with transformers, save it as safetensors, return the dir.
 
     Weights are re-drawn (norm weights near 1, biases and matrices ~N(0, 0.1^2) scaled by
@@ -43,17 +57,24 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = None) -> torch.n
     """The transformers model saved at `path`, in eval mode, on CPU (eager attention)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
-                                                 attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or "auto", attn_implementation="eager"
+    )
     return model.eval()
 
 
 def _hf_config(model_type: str, tie: bool, kv_heads: int, overrides: dict[str, Any]) -> Any:
     from transformers import LlamaConfig, Qwen2Config
 
-    kwargs: dict[str, Any] = {**TINY, "num_key_value_heads": kv_heads, "tie_word_embeddings": tie,
-                              "rope_theta": ROPE_THETA.get(model_type, 10000.0),
-                              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    kwargs: dict[str, Any] = {
+        **TINY,
+        "num_key_value_heads": kv_heads,
+        "tie_word_embeddings": tie,
+        "rope_theta": ROPE_THETA.get(model_type, 10000.0),
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
     kwargs.update(overrides)
     if model_type == "llama":
         return LlamaConfig(**kwargs)

@@ -31,9 +31,18 @@ def section(text: str, heading: str) -> str:
 def test_protocol_doc_says_tcp_is_curve_authenticated_unless_insecure() -> None:
     text = (DOCS / "PROTOCOL.md").read_text()
     security = section(text, "Authentication (tcp://)")
-    for needed in ("CURVE", "--insecure-tcp", "insecure_tcp=True", "--auth-keys",
-                   "python -m rlsync.auth", auth.SERVER_PUBLIC, auth.SERVER_SECRET,
-                   auth.CLIENT_SECRET, auth.ALLOWED_DIR, auth.ZAP_DOMAIN.decode()):
+    for needed in (
+        "CURVE",
+        "--insecure-tcp",
+        "insecure_tcp=True",
+        "--auth-keys",
+        "python -m rlsync.auth",
+        auth.SERVER_PUBLIC,
+        auth.SERVER_SECRET,
+        auth.CLIENT_SECRET,
+        auth.ALLOWED_DIR,
+        auth.ZAP_DOMAIN.decode(),
+    ):
         assert needed in security, needed
     transport = " ".join(section(text, "Transport").split())
     assert "no authentication" not in transport and "CURVE authentication" in transport

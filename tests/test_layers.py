@@ -24,10 +24,20 @@ FORBIDDEN = {
     "trainer_side": ("infer_side", *ABOVE),
     "infer_side": ("trainer_side", *ABOVE),
 }
-LIGHT_MODULES = ["rlsync.protocol", "rlsync.codec", "rlsync.rpc", "rlsync.config",
-                 "rlsync.buckets", "rlsync.transports.broadcast", "rlsync.transports.shm",
-                 "rlsync.transports.disk", "trainer_side.pusher", "infer_side.engine_core",
-                 "infer_side.server", "infer_side.client"]
+LIGHT_MODULES = [
+    "rlsync.protocol",
+    "rlsync.codec",
+    "rlsync.rpc",
+    "rlsync.config",
+    "rlsync.buckets",
+    "rlsync.transports.broadcast",
+    "rlsync.transports.shm",
+    "rlsync.transports.disk",
+    "trainer_side.pusher",
+    "infer_side.engine_core",
+    "infer_side.server",
+    "infer_side.client",
+]
 CLI_LIGHT = ["serve", "push", "info", "generate", "flush"]
 """Subcommands that work with the base install (their lazy imports are in LIGHT_MODULES)."""
 BLOCKED = ("ray", "yaml", "tqdm", "matplotlib", "numpy")
@@ -69,15 +79,22 @@ def crossings(path: Path, source: str) -> list[str]:
     rules = FORBIDDEN.get(layer(path) or "", ())
     tree = ast.parse(source, str(path))
     found = imported(tree, module_name(path), path.name == "__init__.py")
-    hits = {(line, bad): name for line, name in reversed(found)
-            for bad in rules if name == bad or name.startswith(bad + ".")}
-    return [f"{path.relative_to(ROOT)}:{line} imports {name}"
-            for (line, _), name in sorted(hits.items())]
+    hits = {
+        (line, bad): name
+        for line, name in reversed(found)
+        for bad in rules
+        if name == bad or name.startswith(bad + ".")
+    }
+    return [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for (line, _), name in sorted(hits.items())
+    ]
 
 
 def sources() -> list[Path]:
-    return sorted(p for pkg in ("rlsync", "trainer_side", "infer_side")
-                  for p in (ROOT / pkg).rglob("*.py"))
+    return sorted(
+        p for pkg in ("rlsync", "trainer_side", "infer_side") for p in (ROOT / pkg).rglob("*.py")
+    )
 
 
 def test_no_import_crosses_a_layer_the_wrong_way() -> None:
@@ -85,26 +102,32 @@ def test_no_import_crosses_a_layer_the_wrong_way() -> None:
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize(("path", "source"), [
-    ("rlsync/codec.py", "import yaml\n"),
-    ("rlsync/transports/shm.py", "def f():\n    from rlsync.app import metrics\n"),
-    ("rlsync/buckets.py", "from trainer_side.pusher import WeightPusher\n"),
-    ("rlsync/config.py", "from .app.run_config import RunConfig\n"),
-    ("trainer_side/pusher.py", "import infer_side.engine_core\n"),
-    ("infer_side/server.py", "from trainer_side import policy\n"),
-    ("infer_side/actor.py", "from rlsync.app.ray_session import gather\n"),
-    ("trainer_side/actor.py", "from rlsync import cli\n"),
-    ("rlsync/transports/__init__.py", "from ..bench import report\n"),
-])
+@pytest.mark.parametrize(
+    ("path", "source"),
+    [
+        ("rlsync/codec.py", "import yaml\n"),
+        ("rlsync/transports/shm.py", "def f():\n    from rlsync.app import metrics\n"),
+        ("rlsync/buckets.py", "from trainer_side.pusher import WeightPusher\n"),
+        ("rlsync/config.py", "from .app.run_config import RunConfig\n"),
+        ("trainer_side/pusher.py", "import infer_side.engine_core\n"),
+        ("infer_side/server.py", "from trainer_side import policy\n"),
+        ("infer_side/actor.py", "from rlsync.app.ray_session import gather\n"),
+        ("trainer_side/actor.py", "from rlsync import cli\n"),
+        ("rlsync/transports/__init__.py", "from ..bench import report\n"),
+    ],
+)
 def test_the_checker_catches_a_violating_import(path: str, source: str) -> None:
     assert crossings(ROOT / path, source)
 
 
-@pytest.mark.parametrize(("path", "source"), [
-    ("rlsync/app/launcher.py", "import ray\nfrom trainer_side.actor import TrainerActor\n"),
-    ("trainer_side/actor.py", "import ray\nfrom rlsync.config import SyncConfig\n"),
-    ("rlsync/codec.py", "from rlsync.protocol import Message\nfrom . import protocol\n"),
-])
+@pytest.mark.parametrize(
+    ("path", "source"),
+    [
+        ("rlsync/app/launcher.py", "import ray\nfrom trainer_side.actor import TrainerActor\n"),
+        ("trainer_side/actor.py", "import ray\nfrom rlsync.config import SyncConfig\n"),
+        ("rlsync/codec.py", "from rlsync.protocol import Message\nfrom . import protocol\n"),
+    ],
+)
 def test_the_checker_allows_imports_that_point_down(path: str, source: str) -> None:
     assert crossings(ROOT / path, source) == []
 
@@ -122,11 +145,18 @@ sys.meta_path.insert(0, Block())
 
 
 def import_without_app_packages(modules: list[str], then: str = "") -> subprocess.CompletedProcess:
-    code = BLOCKER + "".join(f"import {m}\n" for m in modules) + then + (
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)\n"
-        "assert not bad, bad\n")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        BLOCKER
+        + "".join(f"import {m}\n" for m in modules)
+        + then
+        + (
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)\n"
+            "assert not bad, bad\n"
+        )
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_library_and_sides_import_without_ray_yaml_tqdm_matplotlib_numpy() -> None:
@@ -141,8 +171,10 @@ def test_the_import_check_fails_when_a_module_needs_a_blocked_package() -> None:
 
 @pytest.mark.parametrize("command", CLI_LIGHT)
 def test_base_install_subcommands_parse_without_app_packages(command: str) -> None:
-    then = (f"from rlsync.cli import main\n"
-            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n"
-            f"    assert e.code == 0, e.code\n")
+    then = (
+        f"from rlsync.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n"
+        f"    assert e.code == 0, e.code\n"
+    )
     proc = import_without_app_packages(["rlsync.checkpoint_io", "trainer_side.push_report"], then)
     assert proc.returncode == 0, proc.stderr[-3000:]

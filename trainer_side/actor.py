@@ -44,13 +44,17 @@ def check_versions(versions: list[int], current: int, staleness: int) -> None:
         raise StaleRolloutError("empty batch: no rollouts to check")
     oldest, newest = min(versions), max(versions)
     if newest > current:
-        raise StaleRolloutError(f"rollout from weight version {newest}, but the trainer holds "
-                                f"version {current}: a version it never pushed")
+        raise StaleRolloutError(
+            f"rollout from weight version {newest}, but the trainer holds "
+            f"version {current}: a version it never pushed"
+        )
     if oldest < current - staleness:
         stale = sum(v < current - staleness for v in versions)
-        raise StaleRolloutError(f"{stale}/{len(versions)} rollouts come from weight version "
-                                f"{oldest}; the trainer holds version {current} and staleness="
-                                f"{staleness} allows >= {current - staleness}")
+        raise StaleRolloutError(
+            f"{stale}/{len(versions)} rollouts come from weight version "
+            f"{oldest}; the trainer holds version {current} and staleness="
+            f"{staleness} allows >= {current - staleness}"
+        )
 
 
 def trainer_device(engine_device: str) -> str:
@@ -77,16 +81,23 @@ class TrainerActor:
         path = self.cfg.trainer.init_checkpoint
         if path:
             return LlamaPolicy.from_pretrained(path, device=self.device)
-        return LlamaPolicy.from_config(self.cfg.model, seed=self.cfg.trainer.seed,
-                                       device=self.device)
+        return LlamaPolicy.from_config(
+            self.cfg.model, seed=self.cfg.trainer.seed, device=self.device
+        )
 
     # ------------------------------------------------------------ setup
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the TCP store the ranks meet at (port chosen by the OS)."""
         host = self.node_address()
-        self._store = dist.TCPStore(host, 0, self.world_size, is_master=True,
-                                    wait_for_workers=False, timeout=self._timeout())
+        self._store = dist.TCPStore(
+            host,
+            0,
+            self.world_size,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=self._timeout(),
+        )
         return host, self._store.port
 
     def setup(self, host: str | None = None, port: int | None = None) -> int:
@@ -94,21 +105,34 @@ class TrainerActor:
         if self.world_size > 1:
             self.group = self._join_group(host, port)
         task = self.cfg.task
-        self.learner = Learner(self.policy, self.cfg.trainer, group_size=task.group_size,
-                               temperature=task.temperature, process_group=self.group)
+        self.learner = Learner(
+            self.policy,
+            self.cfg.trainer,
+            group_size=task.group_size,
+            temperature=task.temperature,
+            process_group=self.group,
+        )
         return self.rank
 
     def _join_group(self, host: str | None, port: int | None) -> dist.ProcessGroup:
         """Default group = these trainer ranks only (this process holds nothing else);
         the Learner is handed an explicit group over all of them."""
         if host is None or port is None:
-            raise ValueError(f"trainer rank {self.rank}: world_size={self.world_size} "
-                             "needs the rendezvous host and port")
-        store = self._store or dist.TCPStore(host, port, self.world_size, is_master=False,
-                                             timeout=self._timeout())
+            raise ValueError(
+                f"trainer rank {self.rank}: world_size={self.world_size} "
+                "needs the rendezvous host and port"
+            )
+        store = self._store or dist.TCPStore(
+            host, port, self.world_size, is_master=False, timeout=self._timeout()
+        )
         backend = "nccl" if self.device == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=self.rank,
-                                world_size=self.world_size, timeout=self._timeout())
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=self._timeout(),
+        )
         return dist.new_group(list(range(self.world_size)), backend=backend)
 
     def _timeout(self) -> timedelta:
@@ -117,8 +141,12 @@ class TrainerActor:
     def node_address(self) -> str:
         return node_address()
 
-    def connect_engines(self, endpoints: dict[str, str], master_address: str | None = None,
-                        auth_keys: str | None = None) -> list[str]:
+    def connect_engines(
+        self,
+        endpoints: dict[str, str],
+        master_address: str | None = None,
+        auth_keys: str | None = None,
+    ) -> list[str]:
         """Rank 0: build the WeightPusher for these engines (engine name -> endpoint);
         `master_address` replaces sync.master_address (where engines reach this rank)."""
         self._require_rank0("connect_engines")
@@ -127,8 +155,14 @@ class TrainerActor:
         sync = self.cfg.sync
         if master_address is not None:
             sync = replace(sync, master_address=master_address)
-        self.pusher = WeightPusher(sync, endpoints, self.run_dir / "sync", device=self.device,
-                                   connect_timeout_s=sync.timeout_s, auth_keys=auth_keys)
+        self.pusher = WeightPusher(
+            sync,
+            endpoints,
+            self.run_dir / "sync",
+            device=self.device,
+            connect_timeout_s=sync.timeout_s,
+            auth_keys=auth_keys,
+        )
         return sorted(endpoints)
 
     # ------------------------------------------------------------ per step
@@ -153,8 +187,10 @@ class TrainerActor:
     def fingerprints(self, dtypes: dict[str, str] | None = None) -> dict[str, int]:
         """name -> fingerprint of this rank's weights, cast to `dtypes` (the engine's) if given."""
         dtypes = dtypes or {}
-        return {name: tensor_fingerprint(t.to(dtype_from_name(dtypes[name])) if name in dtypes else t)
-                for name, t in self.policy.hf_tensors().items()}
+        return {
+            name: tensor_fingerprint(t.to(dtype_from_name(dtypes[name])) if name in dtypes else t)
+            for name, t in self.policy.hf_tensors().items()
+        }
 
     def save_checkpoint(self, path: str) -> str:
         """Write a Hugging Face-loadable checkpoint (config.json + safetensors) to `path`."""
@@ -170,5 +206,6 @@ class TrainerActor:
 
     def _require_rank0(self, what: str) -> None:
         if self.rank != 0:
-            raise RuntimeError(f"{what}: only trainer rank 0 talks to the engines "
-                               f"(this is rank {self.rank})")
+            raise RuntimeError(
+                f"{what}: only trainer rank 0 talks to the engines (this is rank {self.rank})"
+            )

@@ -44,12 +44,14 @@ class RolloutBatch:
         n = len(self.prompts)
         for name in ("completions", "logprobs", "rewards"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"RolloutBatch.{name}: {len(getattr(self, name))} items, "
-                                 f"prompts has {n}")
+                raise ValueError(
+                    f"RolloutBatch.{name}: {len(getattr(self, name))} items, prompts has {n}"
+                )
         for i, (c, lp) in enumerate(zip(self.completions, self.logprobs, strict=True)):
             if len(c) != len(lp):
-                raise ValueError(f"RolloutBatch.logprobs[{i}]: {len(lp)} values for "
-                                 f"{len(c)} completion tokens")
+                raise ValueError(
+                    f"RolloutBatch.logprobs[{i}]: {len(lp)} values for {len(c)} completion tokens"
+                )
 
 
 @dataclass
@@ -74,12 +76,13 @@ def pad_batch(batch: RolloutBatch, pad_id: int, device: torch.device) -> PaddedB
     attn = torch.zeros(n, t, dtype=torch.long)
     old = torch.zeros(n, t - 1)
     mask = torch.zeros(n, t - 1, dtype=torch.bool)
-    for i, (p, c, lp) in enumerate(zip(batch.prompts, batch.completions, batch.logprobs,
-                                       strict=True)):
+    for i, (p, c, lp) in enumerate(
+        zip(batch.prompts, batch.completions, batch.logprobs, strict=True)
+    ):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         attn[i, : len(p) + len(c)] = 1
-        old[i, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(lp, dtype=torch.float32)
-        mask[i, len(p) - 1: len(p) - 1 + len(c)] = True
+        old[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(lp, dtype=torch.float32)
+        mask[i, len(p) - 1 : len(p) - 1 + len(c)] = True
     out = PaddedBatch(ids, attn, ids[:, 1:], old, mask)
     return PaddedBatch(*(getattr(out, f).to(device) for f in out.__dataclass_fields__))
 
@@ -92,16 +95,25 @@ class Learner:
     log-probs are of the same distribution.
     """
 
-    def __init__(self, policy: nn.Module, cfg: TrainerConfig, *, group_size: int,
-                 temperature: float = 1.0, reference: nn.Module | None = None,
-                 process_group: dist.ProcessGroup | None = None, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        policy: nn.Module,
+        cfg: TrainerConfig,
+        *,
+        group_size: int,
+        temperature: float = 1.0,
+        reference: nn.Module | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        pad_id: int = 0,
+    ) -> None:
         self.policy, self.cfg, self.group_size = policy, cfg, group_size
         self.temperature, self.pad_id, self.group = temperature, pad_id, process_group
         self.device = next(policy.parameters()).device
         if self.group is not None:
             self._broadcast_parameters()  # before the reference copy: it must be rank 0's too
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
         if reference is None and cfg.kl_coef > 0:
             reference = copy.deepcopy(policy)
         self.reference = None if reference is None else reference.requires_grad_(False).eval()
@@ -130,7 +142,7 @@ class Learner:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype)
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
 
     def _check_same_minibatch_count(self, count: int) -> None:
@@ -138,9 +150,11 @@ class Learner:
         counts = torch.tensor([count, -count], dtype=torch.long, device=self.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
         if counts[0].item() != -counts[1].item():
-            raise ValueError(f"data-parallel ranks have different minibatch counts "
-                             f"(min {-counts[1].item()}, max {counts[0].item()}); give every "
-                             f"rank the same number of rollouts")
+            raise ValueError(
+                f"data-parallel ranks have different minibatch counts "
+                f"(min {-counts[1].item()}, max {counts[0].item()}); give every "
+                f"rank the same number of rollouts"
+            )
 
     # ------------------------------------------------------------ the step
 
@@ -156,7 +170,7 @@ class Learner:
     def _minibatches(self, n: int) -> list[Tensor]:
         size = self.cfg.minibatch_size
         order = torch.randperm(n, generator=self.rng)
-        return [order[i: i + size] for i in range(0, n, size)]
+        return [order[i : i + size] for i in range(0, n, size)]
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         """ppo_epochs x minibatches of clipped PPO on this batch; returns stats.
@@ -180,22 +194,27 @@ class Learner:
             if self.group is not None:
                 self._check_same_minibatch_count(len(minibatches))
             for idx in minibatches:
-                stats = self._update(data.select(idx), adv[idx],
-                                     None if ref is None else ref[idx])
+                stats = self._update(data.select(idx), adv[idx], None if ref is None else ref[idx])
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 count += 1
         self.step += 1
         out = {k: v / max(count, 1) for k, v in totals.items()}
         entropy = -(data.old_logprobs * data.mask).sum() / data.mask.sum().clamp(min=1)
-        out.update(reward_mean=rewards.mean().item(), entropy=entropy.item(),
-                   step=float(self.step))
+        out.update(reward_mean=rewards.mean().item(), entropy=entropy.item(), step=float(self.step))
         return out
 
     def _update(self, mb: PaddedBatch, adv: Tensor, ref: Tensor | None) -> dict[str, float]:
         new = self._logprobs(self.policy, mb)
-        loss, stats = ppo_loss(new, mb.old_logprobs, adv, mb.mask, self.cfg.clip_eps,
-                               ref_logprobs=ref, kl_coef=self.cfg.kl_coef)
+        loss, stats = ppo_loss(
+            new,
+            mb.old_logprobs,
+            adv,
+            mb.mask,
+            self.cfg.clip_eps,
+            ref_logprobs=ref,
+            kl_coef=self.cfg.kl_coef,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.group is not None:
@@ -209,9 +228,13 @@ class Learner:
 
 
 @torch.no_grad()
-def generate(policy: nn.Module, prompts: list[list[int]], max_new_tokens: int,
-             temperature: float, generator: torch.Generator) -> tuple[list[list[int]],
-                                                                        list[list[float]]]:
+def generate(
+    policy: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> tuple[list[list[int]], list[list[float]]]:
     """Sample completions (same-length prompts batched together); returns tokens, log-probs."""
     device = next(policy.parameters()).device
     completions: list[list[int]] = [[] for _ in prompts]
@@ -232,9 +255,16 @@ def generate(policy: nn.Module, prompts: list[list[int]], max_new_tokens: int,
     return completions, logprobs
 
 
-def sample_rollouts(policy: nn.Module, task: Task, prompts_per_step: int, group_size: int,
-                    max_new_tokens: int, rng: random.Random, generator: torch.Generator,
-                    temperature: float = 1.0) -> RolloutBatch:
+def sample_rollouts(
+    policy: nn.Module,
+    task: Task,
+    prompts_per_step: int,
+    group_size: int,
+    max_new_tokens: int,
+    rng: random.Random,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+) -> RolloutBatch:
     """Fresh prompts, `group_size` samples each (consecutive), scored by the task."""
     prompts = [p for p in task.sample_prompts(prompts_per_step, rng) for _ in range(group_size)]
     was_training = policy.training

@@ -39,11 +39,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """cos/sin tables [T, head_dim] for positions 0..T-1 (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                             device=device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )
     positions = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = positions[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         k, v = self._share_kv(k), self._share_kv(v)
         # Plain matmul-softmax-matmul (softmax in float32), as transformers' eager path does,
         # rather than a fused kernel whose rounding differs.
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v)
@@ -137,8 +139,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def attention_allowed(attention_mask: Tensor | None, batch: int, seq_len: int,
-                      device: torch.device) -> Tensor:
+def attention_allowed(
+    attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> Tensor:
     """Bool [B, 1, T, T]: causal, padded keys hidden; the diagonal stays so no row is empty."""
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
     if attention_mask is None:
@@ -157,13 +160,17 @@ def read_config(path: str | Path) -> ModelConfig:
     raw: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
     rope = raw.pop("rope_parameters", None)
     if rope is not None:
-        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or \
-                set(rope) - {"rope_type", "rope_theta"}:
+        if (
+            not isinstance(rope, dict)
+            or rope.get("rope_type", "default") != "default"
+            or set(rope) - {"rope_type", "rope_theta"}
+        ):
             raise ModelConfigError(f"rope_parameters={rope!r}: only default rope is supported")
         raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         if raw["rope_theta"] != rope.get("rope_theta", raw["rope_theta"]):
-            raise ModelConfigError(f"rope_theta={raw['rope_theta']} disagrees with "
-                                   f"rope_parameters={rope!r}")
+            raise ModelConfigError(
+                f"rope_theta={raw['rope_theta']} disagrees with rope_parameters={rope!r}"
+            )
     return ModelConfig.from_hf_dict(raw)
 
 
@@ -186,8 +193,9 @@ class LlamaPolicy(nn.Module):
         """input_ids [B, T] (padding on the right) -> float32 logits [B, T, V]."""
         b, t = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(t, int(self.cfg.head_dim or 0), self.cfg.rope_theta,
-                                x.device, x.dtype)
+        cos, sin = rope_cos_sin(
+            t, int(self.cfg.head_dim or 0), self.cfg.rope_theta, x.device, x.dtype
+        )
         allowed = attention_allowed(attention_mask, b, t, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, allowed)
@@ -198,9 +206,15 @@ class LlamaPolicy(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters()}
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, seed: int = 0, *, init_std: float = INIT_STD,
-                    dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> LlamaPolicy:
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        seed: int = 0,
+        *,
+        init_std: float = INIT_STD,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LlamaPolicy:
         """Random init, reproducible from `seed`: N(0, init_std) matrices, unit norms, zero biases."""
         policy = cls(cfg)
         gen = torch.Generator().manual_seed(seed)
@@ -215,8 +229,13 @@ class LlamaPolicy(nn.Module):
         return policy.to(device=device, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> LlamaPolicy:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LlamaPolicy:
         """Load a Hugging Face checkpoint directory; every parameter must be present."""
         cfg = read_config(path)
         policy = cls(cfg).to(dtype=dtype)
@@ -229,8 +248,10 @@ class LlamaPolicy(nn.Module):
                 if name not in params:
                     raise KeyError(f"{path}: unexpected tensor {name!r}")
                 if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(params[name].shape)}")
+                    raise ValueError(
+                        f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(params[name].shape)}"
+                    )
                 params[name].copy_(tensor)
                 seen.add(name)
         missing = sorted(set(params) - seen)

@@ -62,9 +62,15 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.expm1(d) - d
 
 
-def ppo_loss(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-             clip_eps: float, ref_logprobs: Tensor | None = None,
-             kl_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def ppo_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate, token-mean over `mask`, plus kl_coef * k3 KL to a reference.
 
     new/old/ref log-probs and mask are [B, T]; advantages are [B] (one per sequence) or

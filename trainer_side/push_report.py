@@ -61,8 +61,10 @@ class PushReport:
     @property
     def engine_pause_ms(self) -> float:
         """Longest time any engine stopped generating for this push."""
-        return max((o.done.timings.pause_ms for o in self.engines.values()
-                    if o.ok and o.done is not None), default=0.0)
+        return max(
+            (o.done.timings.pause_ms for o in self.engines.values() if o.ok and o.done is not None),
+            default=0.0,
+        )
 
     def record(self, name: str, ok: bool, message: str, done: UpdateDone | None = None) -> None:
         self.engines[name] = EngineOutcome(ok, message, done)
@@ -77,18 +79,29 @@ class PushReport:
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "transport": self.transport, "bytes": self.bytes,
-                "seconds": self.seconds, "transfer_s": self.transfer_s,
-                "control_s": self.control_s, "gbps": self.gbps,
-                "engine_pause_ms": self.engine_pause_ms, "failed": self.failed,
-                "transfer_error": self.transfer_error, "plan_sent": self.plan_sent,
-                "engines": {n: _outcome_dict(o) for n, o in self.engines.items()}}
+        return {
+            "version": self.version,
+            "transport": self.transport,
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "transfer_s": self.transfer_s,
+            "control_s": self.control_s,
+            "gbps": self.gbps,
+            "engine_pause_ms": self.engine_pause_ms,
+            "failed": self.failed,
+            "transfer_error": self.transfer_error,
+            "plan_sent": self.plan_sent,
+            "engines": {n: _outcome_dict(o) for n, o in self.engines.items()},
+        }
 
 
 def _outcome_dict(o: EngineOutcome) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": o.ok, "message": o.message}
     if o.done is not None:
-        out.update(weight_version=o.done.weight_version, bytes=o.done.bytes,
-                   weights_incomplete=o.done.weights_incomplete,
-                   **dataclasses.asdict(o.done.timings))
+        out.update(
+            weight_version=o.done.weight_version,
+            bytes=o.done.bytes,
+            weights_incomplete=o.done.weights_incomplete,
+            **dataclasses.asdict(o.done.timings),
+        )
     return out

@@ -60,9 +60,16 @@ def named_tensors(weights: WeightsLike) -> dict[str, torch.Tensor]:
 class WeightPusher:
     """Pushes versions of one model to a fixed set of engines through one transport."""
 
-    def __init__(self, cfg: SyncConfig, endpoints: Mapping[str, str], work_dir: str | Path,
-                 *, device: str | torch.device = "cpu", connect_timeout_s: float = 60.0,
-                 auth_keys: str | Path | None = None):
+    def __init__(
+        self,
+        cfg: SyncConfig,
+        endpoints: Mapping[str, str],
+        work_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        connect_timeout_s: float = 60.0,
+        auth_keys: str | Path | None = None,
+    ):
         """`auth_keys`: a `rlsync.auth` key directory, required for engines on tcp:// endpoints."""
         self.cfg = cfg
         auth = load_client_keys(auth_keys) if auth_keys is not None else None
@@ -70,7 +77,8 @@ class WeightPusher:
         try:
             self.specs = self.engines.discover(connect_timeout_s)
             self.sender: Sender = registry.sender_class(cfg.transport)(
-                cfg, self.engines, Path(work_dir), torch.device(device))
+                cfg, self.engines, Path(work_dir), torch.device(device)
+            )
         except ValueError as exc:
             self.engines.close()
             raise PushError(str(exc)) from None
@@ -108,8 +116,9 @@ class WeightPusher:
         self.sender.rebuild()
         self._stale_group = False
 
-    def _push_once(self, plan: BucketPlan, tensors: dict[str, torch.Tensor],
-                   version: int) -> PushReport:
+    def _push_once(
+        self, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
+    ) -> PushReport:
         report = PushReport(version, self.cfg.transport)
         self.sender.prepare(plan, tensors, version)
         rids, replies = self._announce(self.engines.live(), version, report)
@@ -132,8 +141,9 @@ class WeightPusher:
             report.record(name, False, "engine is dead")
         return report
 
-    def _announce(self, names: list[str], version: int, report: PushReport
-                  ) -> tuple[dict[str, str], dict[str, Message]]:
+    def _announce(
+        self, names: list[str], version: int, report: PushReport
+    ) -> tuple[dict[str, str], dict[str, Message]]:
         """Send each engine its update and gather the first replies; an engine that no longer
         holds the plan (restarted, or evicted it) gets the whole plan once more."""
         rids = self.engines.send({n: self._update_for(n, version, report) for n in names})
@@ -151,15 +161,28 @@ class WeightPusher:
         send_plan = self.known_plans.get(engine) != self.plan_id
         report.plan_sent |= send_plan
         c = self.cfg
-        fields = dict(weight_version=version, flush_cache=c.flush_cache,
-                      torch_empty_cache=c.torch_empty_cache, load_mode=c.load_mode,
-                      pause_mode=c.pause_mode, idle_timeout_s=c.idle_timeout_s,
-                      timeout_s=c.timeout_s, verify=c.verify)
-        return self.sender.announce(engine, Announce(
-            fields=fields, plan=self.plan if send_plan else None, plan_id=self.plan_id))
+        fields = dict(
+            weight_version=version,
+            flush_cache=c.flush_cache,
+            torch_empty_cache=c.torch_empty_cache,
+            load_mode=c.load_mode,
+            pause_mode=c.pause_mode,
+            idle_timeout_s=c.idle_timeout_s,
+            timeout_s=c.timeout_s,
+            verify=c.verify,
+        )
+        return self.sender.announce(
+            engine,
+            Announce(fields=fields, plan=self.plan if send_plan else None, plan_id=self.plan_id),
+        )
 
-    def _send(self, report: PushReport, plan: BucketPlan, tensors: dict[str, torch.Tensor],
-              accepted: list[str]) -> None:
+    def _send(
+        self,
+        report: PushReport,
+        plan: BucketPlan,
+        tensors: dict[str, torch.Tensor],
+        accepted: list[str],
+    ) -> None:
         start = time.perf_counter()
         try:
             self.sender.send(plan, tensors, accepted)
@@ -184,10 +207,14 @@ class WeightPusher:
             if name not in self.specs:
                 raise PushError(f"{name}: the engines have no tensor of that name")
             if tuple(t.shape) != self.specs[name][1]:
-                raise PushError(f"{name}: shape {list(t.shape)}, engines expect {list(self.specs[name][1])}")
+                raise PushError(
+                    f"{name}: shape {list(t.shape)}, engines expect {list(self.specs[name][1])}"
+                )
         missing = [n for n in self.specs if n not in tensors]
         if missing:
-            raise PushError(f"{missing[0]}: missing from the pushed weights ({len(missing)} missing)")
+            raise PushError(
+                f"{missing[0]}: missing from the pushed weights ({len(missing)} missing)"
+            )
 
     def fingerprints(self, timeout_s: float | None = None) -> dict[str, WeightFingerprints]:
         """engine name -> its WeightFingerprints (engines that fail to answer are left out)."""
@@ -197,10 +224,14 @@ class WeightPusher:
     def mismatches(self, weights: WeightsLike) -> dict[str, list[str]]:
         """engine name -> tensors whose fingerprint differs from the trainer's (empty = equal)."""
         tensors = named_tensors(weights)
-        mine = {n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0])))
-                for n, t in tensors.items()}
-        return {engine: [n for n, fp in mine.items() if reply.fingerprints.get(n) != fp]
-                for engine, reply in self.fingerprints().items()}
+        mine = {
+            n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0])))
+            for n, t in tensors.items()
+        }
+        return {
+            engine: [n for n, fp in mine.items() if reply.fingerprints.get(n) != fp]
+            for engine, reply in self.fingerprints().items()
+        }
 
     def close(self) -> None:
         self.sender.close()

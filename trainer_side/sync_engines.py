@@ -28,7 +28,9 @@ PING_TIMEOUT_S = 3.0
 class EngineSet:
     """RPC clients by engine name, plus the names found dead."""
 
-    def __init__(self, endpoints: Mapping[str, str], timeout_s: float, auth: ClientKeys | None = None):
+    def __init__(
+        self, endpoints: Mapping[str, str], timeout_s: float, auth: ClientKeys | None = None
+    ):
         if not endpoints:
             raise ValueError("endpoints: at least one engine is needed")
         self.clients: dict[str, RpcClient] = {}

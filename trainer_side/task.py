@@ -30,8 +30,9 @@ class TaskError(ValueError):
 class Task:
     """Copy (or reverse) `length` prompt symbols; reward in [0, 1] with per-position credit."""
 
-    def __init__(self, vocab_size: int, *, length: int = 4, alphabet: int = 8,
-                 reverse: bool = False) -> None:
+    def __init__(
+        self, vocab_size: int, *, length: int = 4, alphabet: int = 8, reverse: bool = False
+    ) -> None:
         if length <= 0:
             raise TaskError(f"length must be > 0, got {length}")
         if not 1 <= alphabet < vocab_size:
@@ -55,8 +56,9 @@ class Task:
 
     def sample_prompts(self, n: int, rng: random.Random) -> list[list[int]]:
         """n prompts: `length` symbols from 1..alphabet, then SEP."""
-        return [[rng.randint(1, self.alphabet) for _ in range(self.length)] + [SEP]
-                for _ in range(n)]
+        return [
+            [rng.randint(1, self.alphabet) for _ in range(self.length)] + [SEP] for _ in range(n)
+        ]
 
     def target(self, prompt: Sequence[int]) -> list[int]:
         """The answer the task rewards fully."""

@@ -68,11 +68,15 @@ def checked(cfg: RunConfig) -> RunConfig:
     if cfg.placement == "disaggregated" and cfg.sync.transport == "ipc":
         cfg = replace(cfg, sync=replace(cfg.sync, transport="broadcast"))
     if cfg.task.prompts_per_step % cfg.trainer.world_size:
-        raise ConfigError(f"task.prompts_per_step={cfg.task.prompts_per_step} must be a multiple "
-                          f"of trainer.world_size={cfg.trainer.world_size} (whole groups per rank)")
+        raise ConfigError(
+            f"task.prompts_per_step={cfg.task.prompts_per_step} must be a multiple "
+            f"of trainer.world_size={cfg.trainer.world_size} (whole groups per rank)"
+        )
     if cfg.task.prompts_per_step < cfg.num_engines:
-        raise ConfigError(f"task.prompts_per_step={cfg.task.prompts_per_step} leaves some of the "
-                          f"num_engines={cfg.num_engines} engines idle")
+        raise ConfigError(
+            f"task.prompts_per_step={cfg.task.prompts_per_step} leaves some of the "
+            f"num_engines={cfg.num_engines} engines idle"
+        )
     return cfg
 
 
@@ -102,8 +106,11 @@ def run_steps(rl: RLRun, progress: bool = True) -> RunResult:
     with tqdm(total=rl.cfg.steps, desc=rl.cfg.name, unit="step", disable=not progress) as bar:
         for step in range(rl.cfg.steps):
             row = rl.step(step)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.2e}",
-                            push_ms=f"{row['push_s'] * 1e3:.1f}")
+            bar.set_postfix(
+                reward=f"{row['reward_mean']:.3f}",
+                kl=f"{row['kl']:.2e}",
+                push_ms=f"{row['push_s'] * 1e3:.1f}",
+            )
             bar.update()
     return rl.finish(time.perf_counter() - rl.started)
 
@@ -143,16 +150,25 @@ class RLRun:
         """Every actor starts at once (worker start-up dominates on small models); engines and
         trainers all load the same initial checkpoint, so they begin bit-identical."""
         cfg = self.cfg
-        self.placement = ray_session.place(cfg.placement, cfg.trainer.world_size, cfg.num_engines,
-                                           cfg.engine.device.startswith("cuda"),
-                                           timeout_s=cfg.engine.start_timeout_s)
+        self.placement = ray_session.place(
+            cfg.placement,
+            cfg.trainer.world_size,
+            cfg.num_engines,
+            cfg.engine.device.startswith("cuda"),
+            timeout_s=cfg.engine.start_timeout_s,
+        )
         model_dir = cfg.trainer.init_checkpoint or self._write_initial_checkpoint()
         self._start_trainers(model_dir)
         self._start_engines(model_dir)
         self._setup_trainers()
         endpoints = self._wait(self._each(self.engines, "endpoint"), "start", self._start_s())
-        self._call_rank0("connect_engines", "connecting the weight pusher to the engines",
-                         endpoints, self._master_address(), self.auth_keys)
+        self._call_rank0(
+            "connect_engines",
+            "connecting the weight pusher to the engines",
+            endpoints,
+            self._master_address(),
+            self.auth_keys,
+        )
 
     def _write_initial_checkpoint(self) -> str:
         """runs/NAME/initial: the model the trainers and engines start from (version 0)."""
@@ -166,15 +182,16 @@ class RLRun:
         remote = ray.remote(TrainerActor)
         for rank in range(cfg.trainer.world_size):
             self.trainers[f"trainer rank {rank}"] = remote.options(
-                **self.placement.trainer_options(rank)).remote(to_dict(cfg), rank,
-                                                               str(self.run_dir))
+                **self.placement.trainer_options(rank)
+            ).remote(to_dict(cfg), rank, str(self.run_dir))
 
     def _setup_trainers(self) -> None:
         rdzv: tuple[str | None, int | None] = (None, None)
         if self.cfg.trainer.world_size > 1:
             rdzv = self._call_rank0("rendezvous", "opening the trainers' rendezvous")
-        self._wait({n: a.setup.remote(*rdzv) for n, a in self.trainers.items()},
-                   "setup", self._start_s())
+        self._wait(
+            {n: a.setup.remote(*rdzv) for n, a in self.trainers.items()}, "setup", self._start_s()
+        )
 
     def _start_engines(self, model_dir: str) -> None:
         assert self.placement is not None
@@ -188,7 +205,8 @@ class RLRun:
         for i in range(self.cfg.num_engines):
             name = f"engine{i}"
             self.engines[name] = remote.options(**self.placement.engine_options(i)).remote(
-                name, model_dir, to_dict(self.cfg.engine), endpoint, auth_keys=self.auth_keys)
+                name, model_dir, to_dict(self.cfg.engine), endpoint, auth_keys=self.auth_keys
+            )
 
     def _master_address(self) -> str | None:
         """Where engines reach trainer rank 0 for the broadcast group: the configured address,
@@ -214,11 +232,19 @@ class RLRun:
         t2 = time.perf_counter()
         report = self._push(step, version + 1)
         tokens = sum(len(o.output_ids) for o in outputs)
-        row = {"step": step, "weight_version": min(versions),
-               **metrics.reward_stats(batch.rewards), **stats, **metrics.push_stats(report),
-               "rollout_s": rollout_s, "rollout_tokens": tokens,
-               "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9), "train_s": t2 - t1,
-               "step_s": time.perf_counter() - t0, "pushed_version": report["version"]}
+        row = {
+            "step": step,
+            "weight_version": min(versions),
+            **metrics.reward_stats(batch.rewards),
+            **stats,
+            **metrics.push_stats(report),
+            "rollout_s": rollout_s,
+            "rollout_tokens": tokens,
+            "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
+            "train_s": t2 - t1,
+            "step_s": time.perf_counter() - t0,
+            "pushed_version": report["version"],
+        }
         self.metrics.write(row)
         return row
 
@@ -232,8 +258,9 @@ class RLRun:
             first = part.start * task.group_size
             calls[name] = engine.generate.remote(prompts, self._sampling(step, first, len(prompts)))
         t0 = time.perf_counter()
-        results = self._wait(calls, f"rollouts at step {step}",
-                             self.cfg.engine.call_timeout_s + SETUP_SLACK_S)
+        results = self._wait(
+            calls, f"rollouts at step {step}", self.cfg.engine.call_timeout_s + SETUP_SLACK_S
+        )
         rollout_s = time.perf_counter() - t0
         prompts = [groups[g] for part in parts for g in part for _ in range(task.group_size)]
         outputs = [out for name in self.engines for out in results[name]]
@@ -244,17 +271,23 @@ class RLRun:
         """One seeded stream per sample (task seed, step, index): a run replays exactly."""
         task = self.cfg.task
         base = (task.seed * 1_000_003 + step) * 1_000_000 + first
-        return [SamplingParams(max_new_tokens=max(task.max_new_tokens, self.task.answer_len),
-                               temperature=task.temperature, seed=(base + i) % (1 << 62))
-                for i in range(count)]
+        return [
+            SamplingParams(
+                max_new_tokens=max(task.max_new_tokens, self.task.answer_len),
+                temperature=task.temperature,
+                seed=(base + i) % (1 << 62),
+            )
+            for i in range(count)
+        ]
 
     def _check_outputs(self, outputs: list[GenerateOutput], step: int) -> None:
         bad = [o.error for o in outputs if o.error]
         if bad:
             raise RunError(f"step {step}: {len(bad)} rollouts failed on the engines: {bad[0]}")
 
-    def _batch(self, prompts: list[list[int]], outputs: list[GenerateOutput],
-               step: int) -> tuple[RolloutBatch, list[int]]:
+    def _batch(
+        self, prompts: list[list[int]], outputs: list[GenerateOutput], step: int
+    ) -> tuple[RolloutBatch, list[int]]:
         completions = [list(o.output_ids) for o in outputs]
         rewards = [self.task.reward(p, c) for p, c in zip(prompts, completions, strict=True)]
         batch = RolloutBatch(prompts, completions, [list(o.logprobs) for o in outputs], rewards)
@@ -267,8 +300,12 @@ class RLRun:
         calls = {}
         for (name, trainer), part in zip(self.trainers.items(), parts, strict=True):
             rows = range(part.start * size, part.stop * size)
-            shard = RolloutBatch(*([getattr(batch, f)[i] for i in rows]
-                                   for f in ("prompts", "completions", "logprobs", "rewards")))
+            shard = RolloutBatch(
+                *(
+                    [getattr(batch, f)[i] for i in rows]
+                    for f in ("prompts", "completions", "logprobs", "rewards")
+                )
+            )
             calls[name] = trainer.train_step.remote(shard, [versions[i] for i in rows])
         stats = self._wait(calls, f"the PPO step at step {step}", TRAIN_TIMEOUT_S)
         return metrics.mean_over_ranks(list(stats.values()), self.cfg.trainer.kl_coef > 0)
@@ -277,8 +314,10 @@ class RLRun:
         report = self._call_rank0("push", f"the push of version {version} at step {step}")
         if report["failed"]:
             details = "; ".join(f"{n}: {report['engines'][n]['message']}" for n in report["failed"])
-            raise RunError(f"step {step}: the push of version {version} failed on "
-                           f"{', '.join(report['failed'])} ({details})")
+            raise RunError(
+                f"step {step}: the push of version {version} failed on "
+                f"{', '.join(report['failed'])} ({details})"
+            )
         return report
 
     # ------------------------------------------------------------ end of run
@@ -287,25 +326,35 @@ class RLRun:
         """Save the final checkpoint, compare engine and trainer weights, plot, summarise."""
         final = self.run_dir / "final"
         self._call_rank0("save_checkpoint", "saving the final checkpoint", str(final))
-        engines = self._wait(self._each(self.engines, "fingerprints"), "fingerprints",
-                             self.cfg.engine.call_timeout_s)
+        engines = self._wait(
+            self._each(self.engines, "fingerprints"), "fingerprints", self.cfg.engine.call_timeout_s
+        )
         first = {"engine": next(iter(self.engines.values())).weight_specs.remote()}
         specs = self._wait(first, "weight specs", self.cfg.engine.call_timeout_s)["engine"]
         dtypes = {s.name: s.dtype for s in specs.specs}
-        ranks = self._wait({n: t.fingerprints.remote(dtypes) for n, t in self.trainers.items()},
-                           "fingerprints", TRAIN_TIMEOUT_S)
+        ranks = self._wait(
+            {n: t.fingerprints.remote(dtypes) for n, t in self.trainers.items()},
+            "fingerprints",
+            TRAIN_TIMEOUT_S,
+        )
         mismatches = metrics.compare_fingerprints(ranks, engines, self.cfg.steps)
         rows = self.metrics.rows
         if rows:
             plot_metrics(rows, self.run_dir / "metrics.png", title=self.cfg.name)
         metrics.write_summary(
-            self.run_dir / "summary.json", rows, wall_s=wall_s, final_checkpoint=final,
+            self.run_dir / "summary.json",
+            rows,
+            wall_s=wall_s,
+            final_checkpoint=final,
             mismatches=mismatches,
             weights_fingerprint=metrics.weights_fingerprint(ranks["trainer rank 0"]),
-            engine_versions={n: p.weight_version for n, p in engines.items()})
+            engine_versions={n: p.weight_version for n, p in engines.items()},
+        )
         if any(mismatches.values()):
             bad = {n: m[:3] for n, m in mismatches.items() if m}
-            raise RunError(f"after the last push the engines' weights differ from the trainer's: {bad}")
+            raise RunError(
+                f"after the last push the engines' weights differ from the trainer's: {bad}"
+            )
         return RunResult(self.run_dir, rows, final, wall_s, mismatches)
 
     # ------------------------------------------------------------ calls and cleanup

@@ -27,18 +27,32 @@ from typing import Any
 
 from rlsync.protocol import WeightFingerprints
 
-STEP_KEYS = ("step", "reward_mean", "reward_std", "kl", "loss", "push_s", "push_gbps",
-             "engine_pause_ms", "weight_version", "rollout_tokens_per_s")
+STEP_KEYS = (
+    "step",
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "loss",
+    "push_s",
+    "push_gbps",
+    "engine_pause_ms",
+    "weight_version",
+    "rollout_tokens_per_s",
+)
 LEARNER_KEYS = ("loss", "kl", "kl_old", "clip_frac", "grad_norm", "ratio_mean", "entropy")
 
 
 def reward_stats(rewards: Sequence[float]) -> dict[str, float]:
     """Mean and population std of the step's rewards."""
-    return {"reward_mean": statistics.fmean(rewards),
-            "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0}
+    return {
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+    }
 
 
-def mean_over_ranks(per_rank: Sequence[Mapping[str, float]], kl_to_reference: bool) -> dict[str, float]:
+def mean_over_ranks(
+    per_rank: Sequence[Mapping[str, float]], kl_to_reference: bool
+) -> dict[str, float]:
     """Average the Learner stats over data-parallel ranks; pick what `kl` means."""
     keys = [k for k in LEARNER_KEYS if all(k in s for s in per_rank)]
     out = {key: statistics.fmean(s[key] for s in per_rank) for key in keys}
@@ -50,9 +64,12 @@ def mean_over_ranks(per_rank: Sequence[Mapping[str, float]], kl_to_reference: bo
 
 def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a PushReport.to_dict() that go into the step line."""
-    return {"push_s": float(report["seconds"]), "push_gbps": float(report["gbps"]),
-            "push_bytes": float(report["bytes"]),
-            "engine_pause_ms": float(report["engine_pause_ms"])}
+    return {
+        "push_s": float(report["seconds"]),
+        "push_gbps": float(report["gbps"]),
+        "push_bytes": float(report["bytes"]),
+        "engine_pause_ms": float(report["engine_pause_ms"]),
+    }
 
 
 class MetricsLog:
@@ -87,9 +104,11 @@ def weights_fingerprint(fingerprints: Mapping[str, int]) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def compare_fingerprints(ranks: Mapping[str, Mapping[str, int]],
-                         engines: Mapping[str, WeightFingerprints],
-                         expected_version: int) -> dict[str, list[str]]:
+def compare_fingerprints(
+    ranks: Mapping[str, Mapping[str, int]],
+    engines: Mapping[str, WeightFingerprints],
+    expected_version: int,
+) -> dict[str, list[str]]:
     """Trainer rank or engine -> what differs from trainer rank 0 (empty: identical).
 
     `ranks`: rank name -> tensor name -> fingerprint, "trainer rank 0" among them.
@@ -103,18 +122,19 @@ def compare_fingerprints(ranks: Mapping[str, Mapping[str, int]],
     for name, reply in engines.items():
         diff = sorted(k for k in ref if reply.fingerprints.get(k) != ref[k])
         if reply.weight_version != expected_version:
-            diff.insert(0, f"weight_version={reply.weight_version} "
-                           f"(expected {expected_version})")
+            diff.insert(0, f"weight_version={reply.weight_version} (expected {expected_version})")
         out[name] = diff
     return out
 
 
 def write_summary(path: Path, rows: Sequence[Mapping[str, Any]], **facts: Any) -> dict[str, Any]:
     """summary.json: the facts given (paths as strings) plus step count and first/last reward."""
-    summary = {"steps": len(rows), **{k: str(v) if isinstance(v, Path) else v
-                                       for k, v in facts.items()},
-               "weights_match": not any(facts.get("mismatches", {}).values()),
-               "reward_first": rows[0]["reward_mean"] if rows else None,
-               "reward_last": rows[-1]["reward_mean"] if rows else None}
+    summary = {
+        "steps": len(rows),
+        **{k: str(v) if isinstance(v, Path) else v for k, v in facts.items()},
+        "weights_match": not any(facts.get("mismatches", {}).values()),
+        "reward_first": rows[0]["reward_mean"] if rows else None,
+        "reward_last": rows[-1]["reward_mean"] if rows else None,
+    }
     path.write_text(json.dumps(summary, indent=2))
     return summary

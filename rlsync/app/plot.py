@@ -23,15 +23,26 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out: Path, title: str = "") 
     std = [r["reward_std"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
     top.plot(steps, mean, marker="o", label="reward mean")
-    top.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                     [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2, label="+- std")
+    top.fill_between(
+        steps,
+        [m - s for m, s in zip(mean, std, strict=True)],
+        [m + s for m, s in zip(mean, std, strict=True)],
+        alpha=0.2,
+        label="+- std",
+    )
     top.set_ylabel("reward")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)
-    bottom.plot(steps, [r["push_s"] * 1e3 for r in rows], marker="o", color="tab:orange",
-                label="push")
-    bottom.plot(steps, [r["engine_pause_ms"] for r in rows], marker="x", color="tab:red",
-                label="engine pause")
+    bottom.plot(
+        steps, [r["push_s"] * 1e3 for r in rows], marker="o", color="tab:orange", label="push"
+    )
+    bottom.plot(
+        steps,
+        [r["engine_pause_ms"] for r in rows],
+        marker="x",
+        color="tab:red",
+        label="engine pause",
+    )
     bottom.set_ylabel("ms")
     bottom.set_xlabel("step")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))

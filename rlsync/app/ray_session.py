@@ -61,16 +61,23 @@ def use_private_token(ray_dir: Path) -> dict[str, str | None]:
     return saved
 
 
-def start_local(ray_dir: Path, num_cpus: float, num_gpus: int | None = None,
-                log_to_driver: bool = True) -> RaySession:
+def start_local(
+    ray_dir: Path, num_cpus: float, num_gpus: int | None = None, log_to_driver: bool = True
+) -> RaySession:
     """Start a private single-node Ray whose files all live in `ray_dir`."""
     ray_dir.mkdir(parents=True, exist_ok=True)
     saved = use_private_token(ray_dir)
     link = short_link(ray_dir)
     try:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(link),
-                 include_dashboard=False, log_to_driver=log_to_driver,
-                 _node_ip_address="127.0.0.1", namespace="rlsync")
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            _temp_dir=str(link),
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            _node_ip_address="127.0.0.1",
+            namespace="rlsync",
+        )
     except BaseException:
         _restore_env(saved)
         shutil.rmtree(link.parent, ignore_errors=True)
@@ -78,8 +85,9 @@ def start_local(ray_dir: Path, num_cpus: float, num_gpus: int | None = None,
     return RaySession(started=True, link_dir=link.parent, saved_env=saved)
 
 
-def connect(address: str | None, ray_dir: Path, num_cpus: float,
-            num_gpus: int | None = None) -> RaySession:
+def connect(
+    address: str | None, ray_dir: Path, num_cpus: float, num_gpus: int | None = None
+) -> RaySession:
     """Join `address`, reuse a Ray this process already runs, or start a private local one."""
     if ray.is_initialized():
         return RaySession(started=False)
@@ -127,7 +135,8 @@ class Placement:
 
     def _options(self, group: int, bundle: int) -> dict[str, Any]:
         strategy = PlacementGroupSchedulingStrategy(
-            placement_group=self.groups[group], placement_group_bundle_index=bundle)
+            placement_group=self.groups[group], placement_group_bundle_index=bundle
+        )
         return {"num_cpus": 1, "num_gpus": self.gpu_per_actor, "scheduling_strategy": strategy}
 
     def remove(self) -> None:
@@ -135,8 +144,9 @@ class Placement:
             remove_placement_group(group)
 
 
-def place(kind: str, world_size: int, num_engines: int, use_gpu: bool,
-          timeout_s: float = 60.0) -> Placement:
+def place(
+    kind: str, world_size: int, num_engines: int, use_gpu: bool, timeout_s: float = 60.0
+) -> Placement:
     """Reserve bundles for `world_size` trainers and `num_engines` engines; wait until ready."""
     if kind == "colocated":
         placement = _colocated(world_size, num_engines, use_gpu)
@@ -149,21 +159,28 @@ def place(kind: str, world_size: int, num_engines: int, use_gpu: bool,
     except ray.exceptions.GetTimeoutError:
         placement.remove()
         need = "CPU and GPU" if use_gpu else "CPU"
-        raise TimeoutError(f"placement {kind}: the cluster could not reserve {world_size} trainer "
-                           f"+ {num_engines} engine slots ({need}) within {timeout_s:.0f}s; "
-                           f"available: {ray.available_resources()}") from None
+        raise TimeoutError(
+            f"placement {kind}: the cluster could not reserve {world_size} trainer "
+            f"+ {num_engines} engine slots ({need}) within {timeout_s:.0f}s; "
+            f"available: {ray.available_resources()}"
+        ) from None
     return placement
 
 
 def _colocated(world_size: int, num_engines: int, use_gpu: bool) -> Placement:
     """One bundle per trainer rank, holding that rank and the engines dealt to it."""
-    per_bundle = [1 + sum(1 for e in range(num_engines) if e % world_size == r)
-                  for r in range(world_size)]
+    per_bundle = [
+        1 + sum(1 for e in range(num_engines) if e % world_size == r) for r in range(world_size)
+    ]
     gpu_share = 1.0 / max(per_bundle) if use_gpu else 0.0
     bundles = [_bundle(n, 1 if use_gpu else 0) for n in per_bundle]
     group = placement_group(bundles, strategy="STRICT_PACK")
-    return Placement([group], [(0, r) for r in range(world_size)],
-                     [(0, e % world_size) for e in range(num_engines)], gpu_share)
+    return Placement(
+        [group],
+        [(0, r) for r in range(world_size)],
+        [(0, e % world_size) for e in range(num_engines)],
+        gpu_share,
+    )
 
 
 def _disaggregated(world_size: int, num_engines: int, use_gpu: bool) -> Placement:
@@ -171,8 +188,12 @@ def _disaggregated(world_size: int, num_engines: int, use_gpu: bool) -> Placemen
     gpus = 1 if use_gpu else 0
     trainers = placement_group([_bundle(1, gpus)] * world_size, strategy="PACK")
     engines = placement_group([_bundle(1, gpus)] * num_engines, strategy="SPREAD")
-    return Placement([trainers, engines], [(0, r) for r in range(world_size)],
-                     [(1, e) for e in range(num_engines)], float(gpus))
+    return Placement(
+        [trainers, engines],
+        [(0, r) for r in range(world_size)],
+        [(1, e) for e in range(num_engines)],
+        float(gpus),
+    )
 
 
 def _bundle(cpus: int, gpus: int) -> dict[str, float]:
@@ -211,8 +232,9 @@ def _get_one(ref: Any, name: str, what: str) -> Any:
         raise ActorCallError(f"{name} died during {what}: {_death_reason(exc)}") from exc
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if exc.cause is not None else exc
-        raise ActorCallError(f"{name} failed during {what}: {type(cause).__name__}: "
-                             f"{cause}") from exc
+        raise ActorCallError(
+            f"{name} failed during {what}: {type(cause).__name__}: {cause}"
+        ) from exc
 
 
 _EXC_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Dead|Timeout)): (.*)$")

@@ -21,8 +21,17 @@ from rlsync.config import ConfigError, EngineConfig, SyncConfig, build, positive
 from rlsync.model_config import ModelConfig
 from trainer_side.config import TaskConfig, TrainerConfig
 
-__all__ = ["ConfigError", "EngineConfig", "RunConfig", "SyncConfig", "TaskConfig",
-           "TrainerConfig", "apply_override", "load_config", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "EngineConfig",
+    "RunConfig",
+    "SyncConfig",
+    "TaskConfig",
+    "TrainerConfig",
+    "apply_override",
+    "load_config",
+    "to_dict",
+]
 
 
 @dataclass(kw_only=True)
@@ -50,8 +59,9 @@ class RunConfig:
             raise ConfigError(f"staleness: must be >= 0, got {self.staleness}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = RunConfig) -> Any:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig
+) -> Any:
     """Read YAML (or start from defaults), apply `a.b=value` overrides, build and validate."""
     raw: dict[str, Any] = {}
     if path is not None:

@@ -40,18 +40,40 @@ NO_ENGINE = "no live engine: pause = receiver's receive+load time"
 def group_specs(method: str, engines: int, timeout_s: float, **extra: Any) -> list[dict[str, Any]]:
     """Receiver specs for ranks 1..engines of a fresh gloo group (rank 0 is the sender)."""
     port, group = free_port(), f"bench-{uuid.uuid4().hex[:8]}"
-    return [{"method": method, "port": port, "rank": i + 1, "world": engines + 1,
-             "group": group, "timeout_s": timeout_s, **extra} for i in range(engines)]
+    return [
+        {
+            "method": method,
+            "port": port,
+            "rank": i + 1,
+            "world": engines + 1,
+            "group": group,
+            "timeout_s": timeout_s,
+            **extra,
+        }
+        for i in range(engines)
+    ]
 
 
 def sender_group(spec: dict[str, Any]) -> BroadcastGroup:
-    return BroadcastGroup.create(master_address="127.0.0.1", master_port=spec["port"], rank=0,
-                                 world_size=spec["world"], backend="gloo",
-                                 timeout_s=spec["timeout_s"], group_name=spec["group"])
+    return BroadcastGroup.create(
+        master_address="127.0.0.1",
+        master_port=spec["port"],
+        rank=0,
+        world_size=spec["world"],
+        backend="gloo",
+        timeout_s=spec["timeout_s"],
+        group_name=spec["group"],
+    )
 
 
-def record(row: Row, t0: float, t_sent: float, events: list[dict[str, Any]],
-           samples: list[dict[str, float]], extra: dict[str, float] | None = None) -> None:
+def record(
+    row: Row,
+    t0: float,
+    t_sent: float,
+    events: list[dict[str, Any]],
+    samples: list[dict[str, float]],
+    extra: dict[str, float] | None = None,
+) -> None:
     """One timed repetition: e2e to the last receiver's done, trainer block, phases."""
     row.seconds.append(max(ev["t_done"] for ev in events) - t0)
     row.block_s.append(t_sent - t0)
@@ -66,12 +88,20 @@ def finish(row: Row, samples: list[dict[str, float]], note: str = NO_ENGINE) -> 
     return row
 
 
-def run_per_tensor(row: Row, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *,
-                   repeat: int, work_dir: Path, timeout_s: float) -> Row:
+def run_per_tensor(
+    row: Row,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    repeat: int,
+    work_dir: Path,
+    timeout_s: float,
+) -> Row:
     """Broadcast every tensor on its own; receivers allocate, receive and copy each."""
     names = [[n, dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()]
-    specs = group_specs("per-tensor", row.engines, timeout_s,
-                        model=dataclasses.asdict(cfg), tensors=names)
+    specs = group_specs(
+        "per-tensor", row.engines, timeout_s, model=dataclasses.asdict(cfg), tensors=names
+    )
     samples: list[dict[str, float]] = []
     with Receivers(specs, work_dir, timeout_s) as receivers:
         group = sender_group(specs[0])
@@ -91,8 +121,15 @@ def run_per_tensor(row: Row, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
     return finish(row, samples)
 
 
-def run_safetensors(row: Row, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *,
-                    repeat: int, work_dir: Path, timeout_s: float) -> Row:
+def run_safetensors(
+    row: Row,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    repeat: int,
+    work_dir: Path,
+    timeout_s: float,
+) -> Row:
     """save_file, then every receiver loads the file; a fresh file per repetition."""
     specs = [{"method": "safetensors", "model": dataclasses.asdict(cfg)}] * row.engines
     samples: list[dict[str, float]] = []
@@ -122,13 +159,30 @@ def run_safetensors(row: Row, cfg: ModelConfig, tensors: dict[str, torch.Tensor]
 def run_pickle(row: Row, checkpoint: Path, *, repeat: int, timeout_s: float) -> Row:
     """Pickle over ZMQ, run as its own process (`rlsync.bench.pickle_baseline` is imported by
     nothing): it reads the same weights from the benchmark's checkpoint."""
-    cmd = [sys.executable, "-m", "rlsync.bench.pickle_baseline", "send", "--checkpoint",
-           str(checkpoint), "--engines", str(row.engines), "--repeat", str(repeat),
-           "--timeout", str(timeout_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlsync.bench.pickle_baseline",
+        "send",
+        "--checkpoint",
+        str(checkpoint),
+        "--engines",
+        str(row.engines),
+        "--repeat",
+        str(repeat),
+        "--timeout",
+        str(timeout_s),
+    ]
     budget = 60.0 + (repeat + 1) * (timeout_s + 10.0)
     # its own process group: on a timeout the sender and the receivers it started all go
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=budget)
     except subprocess.TimeoutExpired:

@@ -22,8 +22,15 @@ import torch
 
 from rlsync.protocol import Generate, GenerateOutput, SamplingParams
 
-SMALL = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+SMALL = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 """The checkpoint's architecture (Llama): small enough that per-step overheads show."""
 PAD = 0
 
@@ -35,8 +42,13 @@ def make_small_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Path:
 
     hf_logging.disable_progress_bar()  # keep the benchmark's stderr to its own lines
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**SMALL, **overrides}, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        **{**SMALL, **overrides},
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # wider than the default init, so greedy tokens vary
         for p in model.parameters():
@@ -86,9 +98,15 @@ def run_hf(model: Any, prompts: list[list[int]], max_new: int) -> list[list[int]
     ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                             min_new_tokens=max_new, do_sample=False, pad_token_id=PAD,
-                             eos_token_id=None)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=None,
+        )
     return out[:, width:].tolist()
 
 
@@ -97,8 +115,9 @@ def run_server(client: Any, prompts: list[list[int]], max_new: int) -> list[list
     return [list(o.output_ids) for o in outs]
 
 
-def interleaved(runs: dict[str, Callable[[], list[list[int]]]], repeat: int
-                ) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
+def interleaved(
+    runs: dict[str, Callable[[], list[list[int]]]], repeat: int
+) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
     """Tokens/s of every runner, `repeat` rounds after one warm-up round; within a round the
     runners go one after the other, so load that comes and goes hits them alike. Returns the
     rates and each runner's last outputs."""
@@ -124,8 +143,15 @@ def summarize(rates: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------- the benchmark
 
 
-def run_generate(batches: list[int], *, max_new: int = 64, repeat: int = 3, server: bool = True,
-                 work_dir: Path | None = None, threads: int | None = None) -> dict[str, Any]:
+def run_generate(
+    batches: list[int],
+    *,
+    max_new: int = 64,
+    repeat: int = 3,
+    server: bool = True,
+    work_dir: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Every path at every batch size, in one process and one run; JSON-ready result."""
     import tempfile
 
@@ -140,8 +166,9 @@ def run_generate(batches: list[int], *, max_new: int = 64, repeat: int = 3, serv
         ckpt = make_small_checkpoint(Path(tmp) / "ckpt")
         prompts = make_prompts(max(batches), SMALL["vocab_size"])
         kv = max(batches) * (24 + max_new) + 256
-        core = EngineCore.from_checkpoint(ckpt, EngineConfig(kv_tokens=kv, max_running=max(batches),
-                                                             max_prefill_tokens=kv))
+        core = EngineCore.from_checkpoint(
+            ckpt, EngineConfig(kv_tokens=kv, max_running=max(batches), max_prefill_tokens=kv)
+        )
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         client = _launch(ckpt, kv, threads) if server else None
         try:
@@ -149,8 +176,14 @@ def run_generate(batches: list[int], *, max_new: int = 64, repeat: int = 3, serv
         finally:
             if client is not None:
                 client.close()
-    return {"threads": threads, "max_new_tokens": max_new, "repeat": repeat,
-            "model": SMALL, "torch": torch.__version__, "rows": rows}
+    return {
+        "threads": threads,
+        "max_new_tokens": max_new,
+        "repeat": repeat,
+        "model": SMALL,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
 
 
 def _launch(ckpt: Path, kv: int, threads: int) -> Any:
@@ -159,18 +192,25 @@ def _launch(ckpt: Path, kv: int, threads: int) -> Any:
     return launch_engine(ckpt, kv_tokens=kv, threads=threads, extra_args=["--max-running", "64"])
 
 
-def _one_batch(batch: int, prompts: list[list[int]], max_new: int, repeat: int, core: Any,
-               hf: Any, client: Any) -> dict[str, Any]:
-    runs = {"ours": lambda: run_core(core, prompts, max_new),
-            "hf": lambda: run_hf(hf, prompts, max_new)}
+def _one_batch(
+    batch: int, prompts: list[list[int]], max_new: int, repeat: int, core: Any, hf: Any, client: Any
+) -> dict[str, Any]:
+    runs = {
+        "ours": lambda: run_core(core, prompts, max_new),
+        "hf": lambda: run_hf(hf, prompts, max_new),
+    }
     if client is not None:
         runs["server"] = lambda: run_server(client, prompts, max_new)
     rates, outs = interleaved(runs, repeat)
-    row: dict[str, Any] = {"batch": batch, **{k: summarize(v) for k, v in rates.items()},
-                           "match": match_fraction(outs["ours"], outs["hf"])}
+    row: dict[str, Any] = {
+        "batch": batch,
+        **{k: summarize(v) for k, v in rates.items()},
+        "match": match_fraction(outs["ours"], outs["hf"]),
+    }
     row["ratio"] = row["ours"]["best"] / row["hf"]["best"]
     row["ratio_median_paired"] = statistics.median(
-        a / b for a, b in zip(rates["ours"], rates["hf"], strict=True))
+        a / b for a, b in zip(rates["ours"], rates["hf"], strict=True)
+    )
     if client is not None:
         row["server_ratio"] = row["server"]["best"] / row["hf"]["best"]
     return row
@@ -178,18 +218,21 @@ def _one_batch(batch: int, prompts: list[list[int]], max_new: int, repeat: int, 
 
 def format_generate(result: dict[str, Any]) -> str:
     """Markdown table: tokens/s (best, median) per path and batch size, ratios to HF."""
-    lines = [f"\ngeneration: {result['max_new_tokens']} new tokens per prompt, greedy, "
-             f"{result['threads']} torch threads, best of {result['repeat']} (median)\n",
-             "| batch | ours in-process tok/s | ours server tok/s | HF generate tok/s | "
-             "ours / HF (best) | ours / HF (median of rounds) | server / HF | same tokens as HF |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\ngeneration: {result['max_new_tokens']} new tokens per prompt, greedy, "
+        f"{result['threads']} torch threads, best of {result['repeat']} (median)\n",
+        "| batch | ours in-process tok/s | ours server tok/s | HF generate tok/s | "
+        "ours / HF (best) | ours / HF (median of rounds) | server / HF | same tokens as HF |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         server = r.get("server")
         server_ratio = f"{r['server_ratio']:.2f}x" if server else "n/a"
         lines.append(
             f"| {r['batch']} | {_rate(r['ours'])} | {_rate(server) if server else 'n/a'} | "
             f"{_rate(r['hf'])} | {r['ratio']:.2f}x | {r['ratio_median_paired']:.2f}x | "
-            f"{server_ratio} | {r['match'] * 100:.0f}% |")
+            f"{server_ratio} | {r['match'] * 100:.0f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 

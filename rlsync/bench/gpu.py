@@ -40,8 +40,9 @@ STEPS_AFTER = 3
 """Decode steps after the update counted as "first steps after"."""
 
 
-def run_gpu(size_gib: float, *, repeat: int, work_dir: Path, timeout_s: float,
-            device: str = "cuda") -> dict[str, Any]:
+def run_gpu(
+    size_gib: float, *, repeat: int, work_dir: Path, timeout_s: float, device: str = "cuda"
+) -> dict[str, Any]:
     """Both experiments on one engine on `device` (the current GPU); see the module doc."""
     if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device: run `scripts/bench_sync.sh --gpu` on a GPU machine"}
@@ -52,21 +53,49 @@ def run_gpu(size_gib: float, *, repeat: int, work_dir: Path, timeout_s: float,
     ckpt = bench_model.write_bench_checkpoint(work_dir / f"gpu-ckpt-{size_gib:g}", cfg, cpu)
     tensors = {n: t.to(device) for n, t in cpu.items()}
     del cpu
-    result: dict[str, Any] = {"device": _device_name(device), "size_gib": size_gib,
-                              "d2d": d2d_copy(tensors, repeat, device)}
+    result: dict[str, Any] = {
+        "device": _device_name(device),
+        "size_gib": size_gib,
+        "d2d": d2d_copy(tensors, repeat, device),
+    }
     engine = launch_engine(ckpt, device=device, kv_tokens=KV_TOKENS, start_timeout_s=300.0)
     try:
         versions = itertools.count(1)
-        result["ipc"] = [run_ours(Row(size_gib=size_gib, engines=1, method="ipc", kind="ours",
-                                      mode=mode, bytes=bench_model.total_bytes(tensors)),
-                                  {"engine0": engine.endpoint}, tensors, repeat=repeat,
-                                  versions=versions, work_dir=work_dir, timeout_s=timeout_s,
-                                  bucket_mb=256.0, probe=True, device=device).to_dict()
-                         for mode in LOAD_MODES]
-        result["flush"] = [flush_experiment(engine.endpoint, tensors, empty_cache=flag,
-                                            pushes=max(repeat, 5), versions=versions,
-                                            work_dir=work_dir, timeout_s=timeout_s, device=device)
-                           for flag in (False, True)]
+        result["ipc"] = [
+            run_ours(
+                Row(
+                    size_gib=size_gib,
+                    engines=1,
+                    method="ipc",
+                    kind="ours",
+                    mode=mode,
+                    bytes=bench_model.total_bytes(tensors),
+                ),
+                {"engine0": engine.endpoint},
+                tensors,
+                repeat=repeat,
+                versions=versions,
+                work_dir=work_dir,
+                timeout_s=timeout_s,
+                bucket_mb=256.0,
+                probe=True,
+                device=device,
+            ).to_dict()
+            for mode in LOAD_MODES
+        ]
+        result["flush"] = [
+            flush_experiment(
+                engine.endpoint,
+                tensors,
+                empty_cache=flag,
+                pushes=max(repeat, 5),
+                versions=versions,
+                work_dir=work_dir,
+                timeout_s=timeout_s,
+                device=device,
+            )
+            for flag in (False, True)
+        ]
     finally:
         engine.close()
     return result
@@ -95,26 +124,46 @@ def d2d_copy(tensors: dict[str, torch.Tensor], repeat: int, device: str) -> dict
         if rep:
             times.append(time.perf_counter() - t0)
     del src, dst
-    return {"bytes": nbytes, "best_s": min(times), "median_s": statistics.median(times),
-            "gbps": nbytes / min(times) / 1e9}
+    return {
+        "bytes": nbytes,
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "gbps": nbytes / min(times) / 1e9,
+    }
 
 
-def flush_experiment(endpoint: str, tensors: dict[str, torch.Tensor], *, empty_cache: bool,
-                     pushes: int, versions: itertools.count, work_dir: Path, timeout_s: float,
-                     device: str) -> dict[str, Any]:
+def flush_experiment(
+    endpoint: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    empty_cache: bool,
+    pushes: int,
+    versions: itertools.count,
+    work_dir: Path,
+    timeout_s: float,
+    device: str,
+) -> dict[str, Any]:
     """`pushes` shadow pushes (pause retract) while STREAMS requests decode on the engine."""
     from trainer_side.pusher import WeightPusher
 
-    cfg = SyncConfig(transport="ipc", load_mode="shadow", pause_mode="retract",
-                     torch_empty_cache=empty_cache, timeout_s=timeout_s, bucket_mb=256.0)
+    cfg = SyncConfig(
+        transport="ipc",
+        load_mode="shadow",
+        pause_mode="retract",
+        torch_empty_cache=empty_cache,
+        timeout_s=timeout_s,
+        bucket_mb=256.0,
+    )
     pusher = WeightPusher(cfg, {"engine0": endpoint}, work_dir, device=device)
     probes: list[StreamProbe] = []
     windows: list[tuple[float, float]] = []
     updates: list[float] = []
     try:
         timed_push(pusher, tensors, next(versions))  # warm-up: buffers, shadow copy
-        probes = [StreamProbe(endpoint, timeout_s=4 * timeout_s, max_new_tokens=STREAM_TOKENS).start()
-                  for _ in range(STREAMS)]
+        probes = [
+            StreamProbe(endpoint, timeout_s=4 * timeout_s, max_new_tokens=STREAM_TOKENS).start()
+            for _ in range(STREAMS)
+        ]
         for p in probes:
             p.wait_tokens(8)
         for _ in range(pushes):
@@ -129,12 +178,18 @@ def flush_experiment(endpoint: str, tensors: dict[str, torch.Tensor], *, empty_c
         for p in probes:
             p.stop()
         pusher.close()
-    return {"torch_empty_cache": empty_cache, "pushes": pushes,
-            **summarize_flush(updates, [p.times for p in probes], windows)}
+    return {
+        "torch_empty_cache": empty_cache,
+        "pushes": pushes,
+        **summarize_flush(updates, [p.times for p in probes], windows),
+    }
 
 
-def summarize_flush(updates: Sequence[float], streams: Sequence[Sequence[float]],
-                    windows: Sequence[tuple[float, float]]) -> dict[str, float]:
+def summarize_flush(
+    updates: Sequence[float],
+    streams: Sequence[Sequence[float]],
+    windows: Sequence[tuple[float, float]],
+) -> dict[str, float]:
     """Update latency and decode gaps: around each update (overlapping it, or among the first
     STEPS_AFTER after it), the first STEPS_AFTER after it alone, and far from any update."""
     gaps: dict[str, list[float]] = {"normal": [], "during": [], "after": []}
@@ -143,16 +198,21 @@ def summarize_flush(updates: Sequence[float], streams: Sequence[Sequence[float]]
             gaps.setdefault(label, []).append(gap)
     around = gaps["during"] + gaps["after"]
     ms = 1e3
-    return {"update_median_ms": statistics.median(updates) * ms, "update_max_ms": max(updates) * ms,
-            "step_normal_p50_ms": percentile(gaps["normal"], 50) * ms,
-            "step_around_p50_ms": percentile(around, 50) * ms,
-            "step_around_p99_ms": percentile(around, 99) * ms,
-            "first_steps_after_mean_ms": (statistics.fmean(gaps["after"]) * ms
-                                          if gaps["after"] else float("nan"))}
+    return {
+        "update_median_ms": statistics.median(updates) * ms,
+        "update_max_ms": max(updates) * ms,
+        "step_normal_p50_ms": percentile(gaps["normal"], 50) * ms,
+        "step_around_p50_ms": percentile(around, 50) * ms,
+        "step_around_p99_ms": percentile(around, 99) * ms,
+        "first_steps_after_mean_ms": (
+            statistics.fmean(gaps["after"]) * ms if gaps["after"] else float("nan")
+        ),
+    }
 
 
-def classify_gaps(times: Sequence[float], windows: Sequence[tuple[float, float]],
-                  steps_after: int = STEPS_AFTER) -> list[tuple[str, float]]:
+def classify_gaps(
+    times: Sequence[float], windows: Sequence[tuple[float, float]], steps_after: int = STEPS_AFTER
+) -> list[tuple[str, float]]:
     """(label, gap) for each inter-token gap of one stream: "prefill" (the first), "during"
     (overlaps an update window), "after" (one of the first `steps_after` gaps starting after
     a window ends) or "normal"."""
@@ -171,21 +231,33 @@ def classify_gaps(times: Sequence[float], windows: Sequence[tuple[float, float]]
 
 def format_gpu(result: dict[str, Any]) -> str:
     if "skipped" in result or "error" in result:
-        why = f"skipped: {result['skipped']}" if "skipped" in result else f"FAILED: {result['error']}"
+        why = (
+            f"skipped: {result['skipped']}" if "skipped" in result else f"FAILED: {result['error']}"
+        )
         return f"\nGPU section: {why}\n"
     d2d = result["d2d"]
-    lines = [f"\n### GPU: {result['device']}, {result['size_gib']:g} GiB\n",
-             "| method | e2e best s | GB/s | x d2d copy | engine pause ms |", "|---|---|---|---|---|",
-             f"| d2d copy | {d2d['best_s']:.4f} | {d2d['gbps']:.1f} | 1.00 | n/a |"]
+    lines = [
+        f"\n### GPU: {result['device']}, {result['size_gib']:g} GiB\n",
+        "| method | e2e best s | GB/s | x d2d copy | engine pause ms |",
+        "|---|---|---|---|---|",
+        f"| d2d copy | {d2d['best_s']:.4f} | {d2d['gbps']:.1f} | 1.00 | n/a |",
+    ]
     for r in result["ipc"]:
-        lines.append(f"| cuda ipc {r['mode']} | {r['best_s']:.4f} | {r['gbps']:.1f} | "
-                     f"{r['gbps'] / d2d['gbps']:.2f} | {r['engine_pause_ms']:.1f} |")
-    lines += ["", "| torch_empty_cache | update median ms | update max ms | step p50 ms (normal) "
-              "| step p50 ms around flush | step p99 ms around flush | first steps after ms |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| cuda ipc {r['mode']} | {r['best_s']:.4f} | {r['gbps']:.1f} | "
+            f"{r['gbps'] / d2d['gbps']:.2f} | {r['engine_pause_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "| torch_empty_cache | update median ms | update max ms | step p50 ms (normal) "
+        "| step p50 ms around flush | step p99 ms around flush | first steps after ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in result["flush"]:
-        lines.append(f"| {f['torch_empty_cache']} | {f['update_median_ms']:.1f} | "
-                     f"{f['update_max_ms']:.1f} | {f['step_normal_p50_ms']:.2f} | "
-                     f"{f['step_around_p50_ms']:.2f} | {f['step_around_p99_ms']:.2f} | "
-                     f"{f['first_steps_after_mean_ms']:.2f} |")
+        lines.append(
+            f"| {f['torch_empty_cache']} | {f['update_median_ms']:.1f} | "
+            f"{f['update_max_ms']:.1f} | {f['step_normal_p50_ms']:.2f} | "
+            f"{f['step_around_p50_ms']:.2f} | {f['step_around_p99_ms']:.2f} | "
+            f"{f['first_steps_after_mean_ms']:.2f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ def flat_copy_source(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     offset = 0
     for t in tensors.values():
         n = t.numel() * t.element_size()
-        flat[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        flat[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
         offset += n
     return flat
 

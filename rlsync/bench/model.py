@@ -43,10 +43,17 @@ def bench_model_config(size_gib: float, layers: int = DEFAULT_LAYERS) -> ModelCo
 
 
 def _config(hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> ModelConfig:
-    return ModelConfig(model_type="qwen2", vocab_size=8 * hidden, hidden_size=hidden,
-                       intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=4096, torch_dtype="float32")
+    return ModelConfig(
+        model_type="qwen2",
+        vocab_size=8 * hidden,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        torch_dtype="float32",
+    )
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -84,7 +91,14 @@ def write_bench_checkpoint(path: Path, cfg: ModelConfig, tensors: dict[str, torc
 def describe(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, object]:
     """What the table header says about the model: bytes, tensor count, small tensors."""
     small = sum(1 for t in tensors.values() if t.numel() * t.element_size() < (1 << 20))
-    return {"bytes": total_bytes(tensors), "tensors": len(tensors), "tensors_under_1mib": small,
-            "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
-            "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
-            "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size}
+    return {
+        "bytes": total_bytes(tensors),
+        "tensors": len(tensors),
+        "tensors_under_1mib": small,
+        "hidden": cfg.hidden_size,
+        "intermediate": cfg.intermediate_size,
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "vocab": cfg.vocab_size,
+    }

@@ -26,13 +26,28 @@ PROBE_TOKENS_BEFORE = 6
 PROBE_TOKENS_AFTER = 2
 
 
-def run_ours(row: Row, endpoints: Mapping[str, str], tensors: dict[str, torch.Tensor], *,
-             repeat: int, versions: itertools.count, work_dir: Path, timeout_s: float,
-             bucket_mb: float, probe: bool, device: str = "cpu") -> Row:
+def run_ours(
+    row: Row,
+    endpoints: Mapping[str, str],
+    tensors: dict[str, torch.Tensor],
+    *,
+    repeat: int,
+    versions: itertools.count,
+    work_dir: Path,
+    timeout_s: float,
+    bucket_mb: float,
+    probe: bool,
+    device: str = "cpu",
+) -> Row:
     """Fill `row` (method = transport, mode = load mode) by pushing `tensors` `repeat` times
     (`device`: where the trainer's tensors live; "cuda" makes ipc a CUDA IPC push)."""
-    cfg = SyncConfig(transport=row.method, load_mode=row.mode, pause_mode="in_place",  # type: ignore[arg-type]
-                     bucket_mb=bucket_mb, timeout_s=timeout_s)
+    cfg = SyncConfig(
+        transport=row.method,
+        load_mode=row.mode,
+        pause_mode="in_place",  # type: ignore[arg-type]
+        bucket_mb=bucket_mb,
+        timeout_s=timeout_s,
+    )
     pusher = WeightPusher(cfg, endpoints, work_dir, device=device)
     try:
         timed_push(pusher, tensors, next(versions))  # warm-up
@@ -53,8 +68,9 @@ def run_ours(row: Row, endpoints: Mapping[str, str], tensors: dict[str, torch.Te
     return row
 
 
-def timed_push(pusher: WeightPusher, tensors: dict[str, torch.Tensor], version: int
-          ) -> tuple[float, PushReport]:
+def timed_push(
+    pusher: WeightPusher, tensors: dict[str, torch.Tensor], version: int
+) -> tuple[float, PushReport]:
     start = time.perf_counter()
     report = pusher.push(tensors, version)
     seconds = time.perf_counter() - start
@@ -73,8 +89,14 @@ def push_phases(report: PushReport) -> dict[str, float]:
     return out
 
 
-def _probed_push(row: Row, pusher: WeightPusher, endpoints: Mapping[str, str],
-                 tensors: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+def _probed_push(
+    row: Row,
+    pusher: WeightPusher,
+    endpoints: Mapping[str, str],
+    tensors: dict[str, torch.Tensor],
+    version: int,
+    timeout_s: float,
+) -> None:
     """One push while every engine streams tokens: the pause as the stream saw it."""
     probes = [StreamProbe(ep, timeout_s=4 * timeout_s).start() for ep in endpoints.values()]
     try:
@@ -105,4 +127,3 @@ def ours_methods(transports: list[str], modes: list[str]) -> list[tuple[str, str
                 continue
             out.append((transport, mode))
     return out
-

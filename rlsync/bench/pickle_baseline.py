@@ -55,10 +55,24 @@ def send(args: argparse.Namespace) -> dict[str, Any]:
             sock = ctx.socket(zmq.PAIR)
             sock.bind(ep)
             socks.append(sock)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "rlsync.bench.pickle_baseline", "receive", "--endpoint", ep,
-                 "--checkpoint", args.checkpoint, "--timeout", str(args.timeout)],
-                stdin=subprocess.DEVNULL, env=child_env()))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "rlsync.bench.pickle_baseline",
+                        "receive",
+                        "--endpoint",
+                        ep,
+                        "--checkpoint",
+                        args.checkpoint,
+                        "--timeout",
+                        str(args.timeout),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    env=child_env(),
+                )
+            )
         for sock in socks:
             _recv(sock, args.timeout, "receiver ready")
         return _rounds(tensors, socks, args.repeat, args.timeout)
@@ -77,8 +91,9 @@ def send(args: argparse.Namespace) -> dict[str, Any]:
             remove_private_endpoint(ep)
 
 
-def _rounds(tensors: dict[str, torch.Tensor], socks: list[zmq.Socket], repeat: int,
-            timeout_s: float) -> dict[str, Any]:
+def _rounds(
+    tensors: dict[str, torch.Tensor], socks: list[zmq.Socket], repeat: int, timeout_s: float
+) -> dict[str, Any]:
     out: dict[str, Any] = {"seconds": [], "block_s": [], "samples": []}
     for rep in range(repeat + 1):  # rep 0 warms up
         t0 = time.monotonic()
@@ -92,9 +107,13 @@ def _rounds(tensors: dict[str, torch.Tensor], socks: list[zmq.Socket], repeat: i
         if rep:
             out["seconds"].append(max(a["t_done"] for a in acks) - t0)
             out["block_s"].append(t_sent - t0)
-            out["samples"].append({"pickle_s": t_pickled - t0,
-                                   "recv_s": max(a["recv_s"] for a in acks),
-                                   "load_s": max(a["load_s"] for a in acks)})
+            out["samples"].append(
+                {
+                    "pickle_s": t_pickled - t0,
+                    "recv_s": max(a["recv_s"] for a in acks),
+                    "load_s": max(a["load_s"] for a in acks),
+                }
+            )
     return out
 
 

@@ -39,8 +39,9 @@ class Gaps:
 class StreamProbe:
     """One streaming generate on `endpoint`, with the arrival time of every chunk."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 120.0,
-                 max_new_tokens: int = MAX_NEW_TOKENS):
+    def __init__(
+        self, endpoint: str, *, timeout_s: float = 120.0, max_new_tokens: int = MAX_NEW_TOKENS
+    ):
         self.endpoint, self.timeout_s, self.max_new_tokens = endpoint, timeout_s, max_new_tokens
         self.times: list[float] = []
         self.error = ""
@@ -86,8 +87,10 @@ class StreamProbe:
                     raise RuntimeError(f"pause probe on {self.endpoint}: stream ended early")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"pause probe on {self.endpoint}: {len(self.times)} of "
-                                       f"{n} tokens after {timeout_s or self.timeout_s:.0f}s")
+                    raise TimeoutError(
+                        f"pause probe on {self.endpoint}: {len(self.times)} of "
+                        f"{n} tokens after {timeout_s or self.timeout_s:.0f}s"
+                    )
                 self._cond.wait(min(left, 0.5))
 
     def count(self) -> int:
@@ -109,7 +112,13 @@ def token_gaps(times: Sequence[float], start: float, end: float) -> Gaps:
     before = [b - a for a, b in pairs[1:] if b <= start]
     during = [b - a for a, b in pairs if b > start and a < end]
     if not before or not during:
-        raise ValueError(f"pause probe: {len(before)} gaps before and {len(during)} during "
-                         "the push; need at least one of each")
-    return Gaps(normal_ms=statistics.median(before) * 1e3, max_ms=max(during) * 1e3,
-                tokens=len(times), during=sum(1 for t in times if start < t < end))
+        raise ValueError(
+            f"pause probe: {len(before)} gaps before and {len(during)} during "
+            "the push; need at least one of each"
+        )
+    return Gaps(
+        normal_ms=statistics.median(before) * 1e3,
+        max_ms=max(during) * 1e3,
+        tokens=len(times),
+        during=sum(1 for t in times if start < t < end),
+    )

@@ -46,9 +46,15 @@ class Receivers:
         path = work_dir / f"receiver-{os.getpid()}-{index}-{time.monotonic_ns()}.json"
         path.write_text(json.dumps(spec))
         log = tempfile.TemporaryFile()
-        proc = subprocess.Popen([sys.executable, "-m", "rlsync.bench.receiver", str(path)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                env=child_env(), text=True, bufsize=1)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlsync.bench.receiver", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=child_env(),
+            text=True,
+            bufsize=1,
+        )
         self.procs.append(proc)
         self.logs.append(log)
         threading.Thread(target=self._read, args=(index, proc), daemon=True).start()
@@ -83,12 +89,14 @@ class Receivers:
                 index, ev = self.events.get(timeout=max(left, 0.0))
             except queue.Empty:
                 missing = sorted(set(range(len(self.procs))) - set(got))
-                raise ReceiverError(f"receivers {missing}: no {event!r} within "
-                                    f"{timeout_s or self.timeout_s:.0f}s{self._tail(missing[0])}"
-                                    ) from None
+                raise ReceiverError(
+                    f"receivers {missing}: no {event!r} within "
+                    f"{timeout_s or self.timeout_s:.0f}s{self._tail(missing[0])}"
+                ) from None
             if ev.get("event") in ("error", "exited"):
-                raise ReceiverError(f"receiver {index}: {ev.get('message', 'exited')}"
-                                    f"{self._tail(index)}")
+                raise ReceiverError(
+                    f"receiver {index}: {ev.get('message', 'exited')}{self._tail(index)}"
+                )
             if ev.get("event") == event:
                 got[index] = ev
         return [got[i] for i in range(len(self.procs))]

@@ -45,14 +45,17 @@ def with_threads(n: int, run: Callable[[], Any]) -> Callable[[], Any]:
             return run()
         finally:
             torch.set_num_threads(before)
+
     return wrapped
 
 
-def profile_components(cfg: ModelConfig, tensors: dict[str, torch.Tensor], bucket_mb: float,
-                       repeat: int = 3) -> dict[str, float]:
+def profile_components(
+    cfg: ModelConfig, tensors: dict[str, torch.Tensor], bucket_mb: float, repeat: int = 3
+) -> dict[str, float]:
     """Seconds of each piece (see the module doc) plus their GB/s, for these weights."""
-    plan = plan_buckets([(n, "float32", tuple(t.shape)) for n, t in tensors.items()],
-                        int(bucket_mb * (1 << 20)))
+    plan = plan_buckets(
+        [(n, "float32", tuple(t.shape)) for n, t in tensors.items()], int(bucket_mb * (1 << 20))
+    )
     src = flat_copy_source(tensors)
     dst = torch.zeros_like(src)
     buf = torch.zeros(max(b.nbytes for b in plan.buckets), dtype=torch.uint8)
@@ -73,7 +76,9 @@ def profile_components(cfg: ModelConfig, tensors: dict[str, torch.Tensor], bucke
         "pack": best_of(lambda: [pack_bucket(b, tensors, buf) for b in plan.buckets], repeat),
         "load_1t": best_of(with_threads(1, load), repeat),
         "cold_copy": best_of(lambda: torch.empty_like(src).copy_(src), repeat),
-        "per_tensor_copy": best_of(lambda: [copies[n].copy_(t) for n, t in tensors.items()], repeat),
+        "per_tensor_copy": best_of(
+            lambda: [copies[n].copy_(t) for n, t in tensors.items()], repeat
+        ),
     }
     nbytes = src.numel()
     out: dict[str, float] = {f"{k}_s": v for k, v in seconds.items()}

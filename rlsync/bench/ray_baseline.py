@@ -46,8 +46,16 @@ class RayReceiver:
         return {"t_done": time.monotonic(), "recv_s": t1 - t0, "load_s": t2 - t1}
 
 
-def run_ray(row: Row, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, repeat: int,
-            work_dir: Path, timeout_s: float, ray_dir: Path | None = None) -> Row:
+def run_ray(
+    row: Row,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    repeat: int,
+    work_dir: Path,
+    timeout_s: float,
+    ray_dir: Path | None = None,
+) -> Row:
     """`repeat` timed put/get/load rounds (after one warm-up) to `row.engines` actors.
 
     Pass the same `ray_dir` for every call in one process: Ray caches the auth token of the

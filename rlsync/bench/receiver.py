@@ -37,9 +37,15 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def join_group(spec: dict[str, Any]) -> BroadcastGroup:
-    return BroadcastGroup.create(master_address="127.0.0.1", master_port=spec["port"],
-                                 rank=spec["rank"], world_size=spec["world"], backend="gloo",
-                                 timeout_s=spec["timeout_s"], group_name=spec["group"])
+    return BroadcastGroup.create(
+        master_address="127.0.0.1",
+        master_port=spec["port"],
+        rank=spec["rank"],
+        world_size=spec["world"],
+        backend="gloo",
+        timeout_s=spec["timeout_s"],
+        group_name=spec["group"],
+    )
 
 
 class PerTensor:

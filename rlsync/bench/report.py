@@ -12,9 +12,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("method", "N", "e2e best s", "median s", "GB/s", "x memcpy", "x ours",
-           "transfer s", "control ms", "trainer block s", "gap before ms", "max gap ms",
-           "tokens in push", "engine pause ms", "note")
+COLUMNS = (
+    "method",
+    "N",
+    "e2e best s",
+    "median s",
+    "GB/s",
+    "x memcpy",
+    "x ours",
+    "transfer s",
+    "control ms",
+    "trainer block s",
+    "gap before ms",
+    "max gap ms",
+    "tokens in push",
+    "engine pause ms",
+    "note",
+)
 KIND_ORDER = {"limit": 0, "ours": 1, "baseline": 2}
 NOTES = {"limit": "limit", "baseline": "~ receiver recv+load (no live engine)"}
 
@@ -38,18 +52,37 @@ def sorted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def row_cells(r: dict[str, Any]) -> list[str]:
     label = f"{r['kind']}: {r['label']}" if r["kind"] != "ours" else f"**ours: {r['label']}**"
     if r["error"]:
-        return [label, str(r["engines"]), "FAILED", *[""] * (len(COLUMNS) - 4),
-                r["error"].splitlines()[0][:80]]
+        return [
+            label,
+            str(r["engines"]),
+            "FAILED",
+            *[""] * (len(COLUMNS) - 4),
+            r["error"].splitlines()[0][:80],
+        ]
     pause = r["engine_pause_ms"]
-    pause_cell = _num(pause, 1) if r["kind"] != "baseline" or pause is None else f"~{_num(pause, 0)}"
+    pause_cell = (
+        _num(pause, 1) if r["kind"] != "baseline" or pause is None else f"~{_num(pause, 0)}"
+    )
     note = NOTES.get(r["kind"], "")
     if r["kind"] == "ours" and r.get("verified") is not None:
         note = "bit-exact" if r["verified"] else "MISMATCH"
-    return [label, str(r["engines"]), _num(r["best_s"]), _num(r["median_s"]), _num(r["gbps"], 2),
-            _num(r["x_memcpy"], 2), _num(r["x_ours"], 1), _phase(r, "transfer_s", 1),
-            _phase(r, "control_s", 1e3), _num(r["block_median_s"]),
-            _num(r["normal_gap_ms"], 1), _num(r["max_gap_ms"], 1),
-            "n/a" if r.get("tokens_during") is None else str(r["tokens_during"]), pause_cell, note]
+    return [
+        label,
+        str(r["engines"]),
+        _num(r["best_s"]),
+        _num(r["median_s"]),
+        _num(r["gbps"], 2),
+        _num(r["x_memcpy"], 2),
+        _num(r["x_ours"], 1),
+        _phase(r, "transfer_s", 1),
+        _phase(r, "control_s", 1e3),
+        _num(r["block_median_s"]),
+        _num(r["normal_gap_ms"], 1),
+        _num(r["max_gap_ms"], 1),
+        "n/a" if r.get("tokens_during") is None else str(r["tokens_during"]),
+        pause_cell,
+        note,
+    ]
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -57,8 +90,11 @@ def format_table(result: dict[str, Any]) -> str:
     out = []
     rows = sorted_rows(result["rows"])
     # results saved before the probe counted tokens have no such column
-    keep = [i for i, c in enumerate(COLUMNS)
-            if c != "tokens in push" or any("tokens_during" in r for r in rows)]
+    keep = [
+        i
+        for i, c in enumerate(COLUMNS)
+        if c != "tokens in push" or any("tokens_during" in r for r in rows)
+    ]
     for size in sorted({r["size_gib"] for r in rows}):
         model = result.get("models", {}).get(str(size), {})
         out.append(f"\n### {size:g} GiB model: {_model_line(model)}\n")
@@ -80,7 +116,11 @@ def format_profile(result: dict[str, Any]) -> str:
     if not models:
         return ""
     head = "| size GiB | " + " | ".join(f"{k} s (GB/s)" for k in PROFILE_KEYS) + " |"
-    lines = ["\ncopies timed alone (best of repeats):\n", head, "|" + "---|" * (len(PROFILE_KEYS) + 1)]
+    lines = [
+        "\ncopies timed alone (best of repeats):\n",
+        head,
+        "|" + "---|" * (len(PROFILE_KEYS) + 1),
+    ]
     for size, p in models.items():
         cells = [f"{p[k + '_s']:.3f} ({p[k + '_gbps']:.1f})" for k in PROFILE_KEYS]
         lines.append(f"| {float(size):g} | " + " | ".join(cells) + " |")
@@ -90,9 +130,11 @@ def format_profile(result: dict[str, Any]) -> str:
 def _model_line(m: dict[str, Any]) -> str:
     if "tensors" not in m:
         return ""
-    return (f"{m['bytes'] / 2**30:.3f} GiB fp32, {m['tensors']} tensors ({m['tensors_under_1mib']} "
-            f"under 1 MiB), hidden {m['hidden']}, MLP {m['intermediate']}, {m['layers']} layers, "
-            f"{m['heads']}/{m['kv_heads']} heads, vocab {m['vocab']}")
+    return (
+        f"{m['bytes'] / 2**30:.3f} GiB fp32, {m['tensors']} tensors ({m['tensors_under_1mib']} "
+        f"under 1 MiB), hidden {m['hidden']}, MLP {m['intermediate']}, {m['layers']} layers, "
+        f"{m['heads']}/{m['kv_heads']} heads, vocab {m['vocab']}"
+    )
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
@@ -113,13 +155,17 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         raise ValueError("nothing to plot: no successful rows")
     from matplotlib.ticker import NullFormatter
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 5.5), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(4.2 * len(groups), 5.5), squeeze=False, sharex=True
+    )
     colors = {"limit": "tab:gray", "ours": "tab:blue", "baseline": "tab:red"}
     for ax, (size, n) in zip(axes[0], groups, strict=True):
         sel = [r for r in rows if (r["size_gib"], r["engines"]) == (size, n)]
-        ax.barh([r["label"] for r in sel], [r["gbps"] for r in sel],
-                color=[colors.get(r["kind"], "k") for r in sel])
+        ax.barh(
+            [r["label"] for r in sel],
+            [r["gbps"] for r in sel],
+            color=[colors.get(r["kind"], "k") for r in sel],
+        )
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis

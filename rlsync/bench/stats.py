@@ -68,8 +68,13 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(label=self.label, best_s=_finite(self.best_s), median_s=_finite(self.median_s),
-                   gbps=_finite(self.gbps), block_median_s=_finite(self.block_median_s))
+        out.update(
+            label=self.label,
+            best_s=_finite(self.best_s),
+            median_s=_finite(self.median_s),
+            gbps=_finite(self.gbps),
+            block_median_s=_finite(self.block_median_s),
+        )
         return out
 
 

@@ -88,8 +88,12 @@ def run_sync(bench: SyncBench, log: Log = lambda s: print(s, file=sys.stderr)) -
     add_ratios(rows)
     machine["load_avg_end"] = os.getloadavg()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(bench).items()}
-    return {"machine": machine, "config": config, "models": models,
-            "rows": [r.to_dict() for r in rows]}
+    return {
+        "machine": machine,
+        "config": config,
+        "models": models,
+        "rows": [r.to_dict() for r in rows],
+    }
 
 
 def _run_size(bench: SyncBench, size: float, work: Path, rows: list[Row], log: Log) -> dict:
@@ -111,8 +115,13 @@ def _run_size(bench: SyncBench, size: float, work: Path, rows: list[Row], log: L
         from rlsync.bench.profile import profile_components
 
         info["profile"] = profile_components(cfg, tensors, bench.bucket_mb, bench.repeat)
-        log(f"[{size:g} GiB] profile: " + ", ".join(
-            f"{k[:-5]} {v:.2f}" for k, v in info["profile"].items() if k.endswith("_gbps")) + " GB/s")
+        log(
+            f"[{size:g} GiB] profile: "
+            + ", ".join(
+                f"{k[:-5]} {v:.2f}" for k, v in info["profile"].items() if k.endswith("_gbps")
+            )
+            + " GB/s"
+        )
     for n in bench.engines:
         _limits(bench, new, n, tensors, work, log)
     _ours(bench, new, tensors, ckpt, work, log)
@@ -123,19 +132,28 @@ def _run_size(bench: SyncBench, size: float, work: Path, rows: list[Row], log: L
     return info
 
 
-def _limits(bench: SyncBench, new: Callable[..., Row], n: int, tensors: dict, work: Path,
-            log: Log) -> None:
+def _limits(
+    bench: SyncBench, new: Callable[..., Row], n: int, tensors: dict, work: Path, log: Log
+) -> None:
     from rlsync.bench.limits import run_memcpy, run_raw_broadcast
 
     if "memcpy" in bench.methods:
-        guarded(new("memcpy", "limit", n), lambda r: run_memcpy(r, tensors, repeat=bench.repeat), log)
+        guarded(
+            new("memcpy", "limit", n), lambda r: run_memcpy(r, tensors, repeat=bench.repeat), log
+        )
     if "raw-broadcast" in bench.methods:
-        guarded(new("raw-broadcast", "limit", n), lambda r: run_raw_broadcast(
-            r, repeat=bench.repeat, work_dir=work, timeout_s=bench.timeout_s), log)
+        guarded(
+            new("raw-broadcast", "limit", n),
+            lambda r: run_raw_broadcast(
+                r, repeat=bench.repeat, work_dir=work, timeout_s=bench.timeout_s
+            ),
+            log,
+        )
 
 
-def _ours(bench: SyncBench, new: Callable[..., Row], tensors: dict, ckpt: Path, work: Path,
-          log: Log) -> None:
+def _ours(
+    bench: SyncBench, new: Callable[..., Row], tensors: dict, ckpt: Path, work: Path, log: Log
+) -> None:
     from infer_side.client import launch_engine
     from rlsync.bench.ours import ours_methods, run_ours
 
@@ -145,41 +163,78 @@ def _ours(bench: SyncBench, new: Callable[..., Row], tensors: dict, ckpt: Path, 
     engines = []
     try:
         for _ in range(max(bench.engines)):
-            engines.append(launch_engine(ckpt, kv_tokens=bench.kv_tokens, threads=bench.engine_threads,
-                                         start_timeout_s=max(300.0, bench.timeout_s)))
+            engines.append(
+                launch_engine(
+                    ckpt,
+                    kv_tokens=bench.kv_tokens,
+                    threads=bench.engine_threads,
+                    start_timeout_s=max(300.0, bench.timeout_s),
+                )
+            )
         versions = itertools.count(1)
         for n in bench.engines:
             endpoints = {f"engine{i}": e.endpoint for i, e in enumerate(engines[:n])}
             for transport, mode in pairs:
-                guarded(new(transport, "ours", n, mode), partial(
-                    run_ours, endpoints=endpoints, tensors=tensors, repeat=bench.repeat,
-                    versions=versions, work_dir=work, timeout_s=bench.timeout_s,
-                    bucket_mb=bench.bucket_mb, probe=bench.probe), log)
+                guarded(
+                    new(transport, "ours", n, mode),
+                    partial(
+                        run_ours,
+                        endpoints=endpoints,
+                        tensors=tensors,
+                        repeat=bench.repeat,
+                        versions=versions,
+                        work_dir=work,
+                        timeout_s=bench.timeout_s,
+                        bucket_mb=bench.bucket_mb,
+                        probe=bench.probe,
+                    ),
+                    log,
+                )
     finally:
         for engine in engines:
             engine.close()
 
 
-def _baselines(bench: SyncBench, new: Callable[..., Row], n: int, cfg: Any, tensors: dict,
-               ckpt: Path, work: Path, log: Log) -> None:
+def _baselines(
+    bench: SyncBench,
+    new: Callable[..., Row],
+    n: int,
+    cfg: Any,
+    tensors: dict,
+    ckpt: Path,
+    work: Path,
+    log: Log,
+) -> None:
     from rlsync.bench import baselines
 
     common = dict(repeat=bench.repeat, work_dir=work, timeout_s=bench.timeout_s)
     if "per-tensor" in bench.methods:
-        guarded(new("per-tensor", "baseline", n),
-                lambda r: baselines.run_per_tensor(r, cfg, tensors, **common), log)
+        guarded(
+            new("per-tensor", "baseline", n),
+            lambda r: baselines.run_per_tensor(r, cfg, tensors, **common),
+            log,
+        )
     if "safetensors" in bench.methods:
-        guarded(new("safetensors", "baseline", n),
-                lambda r: baselines.run_safetensors(r, cfg, tensors, **common), log)
+        guarded(
+            new("safetensors", "baseline", n),
+            lambda r: baselines.run_safetensors(r, cfg, tensors, **common),
+            log,
+        )
     if "ray" in bench.methods:
         from rlsync.bench.ray_baseline import run_ray
 
         ray_dir = work.parent / "ray"  # one per run: Ray caches its first auth token
-        guarded(new("ray", "baseline", n),
-                lambda r: run_ray(r, cfg, tensors, ray_dir=ray_dir, **common), log)
+        guarded(
+            new("ray", "baseline", n),
+            lambda r: run_ray(r, cfg, tensors, ray_dir=ray_dir, **common),
+            log,
+        )
     if "pickle" in bench.methods:
-        guarded(new("pickle", "baseline", n), lambda r: baselines.run_pickle(
-            r, ckpt, repeat=bench.repeat, timeout_s=bench.timeout_s), log)
+        guarded(
+            new("pickle", "baseline", n),
+            lambda r: baselines.run_pickle(r, ckpt, repeat=bench.repeat, timeout_s=bench.timeout_s),
+            log,
+        )
 
 
 def guarded(row: Row, run: Callable[[Row], Any], log: Log) -> Row:
@@ -194,17 +249,25 @@ def guarded(row: Row, run: Callable[[Row], Any], log: Log) -> Row:
     if row.error:
         log(f"{what}: FAILED after {took:.1f}s: {row.error.splitlines()[0]}")
     else:
-        log(f"{what}: best {row.best_s:.3f}s, median {row.median_s:.3f}s, {row.gbps:.2f} GB/s "
-            f"({took:.1f}s)")
+        log(
+            f"{what}: best {row.best_s:.3f}s, median {row.median_s:.3f}s, {row.gbps:.2f} GB/s "
+            f"({took:.1f}s)"
+        )
     return row
 
 
 def machine_info() -> dict[str, Any]:
-    return {"cores": os.cpu_count(), "memory_gib": _mem_gib(), "cpu": _cpu_model(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "cuda": torch.cuda.is_available(),
-            "load_avg_start": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": _mem_gib(),
+        "cpu": _cpu_model(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.is_available(),
+        "load_avg_start": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def _mem_gib() -> float | None:
@@ -219,7 +282,9 @@ def _mem_gib() -> float | None:
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                     if ln.startswith("Model name")), platform.processor())
+        return next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+            platform.processor(),
+        )
     except (OSError, subprocess.SubprocessError):
         return platform.processor()

@@ -48,18 +48,31 @@ def check_group(rows: Rows) -> list[tuple[str, float, str, bool]]:
 
 def _pauses(rows: Rows) -> list[tuple[str, float, str, bool]]:
     out = []
-    shadow = [r["engine_pause_ms"] for r in rows
-              if r["kind"] == "ours" and r["mode"] == "shadow" and r["engine_pause_ms"] is not None]
+    shadow = [
+        r["engine_pause_ms"]
+        for r in rows
+        if r["kind"] == "ours" and r["mode"] == "shadow" and r["engine_pause_ms"] is not None
+    ]
     if shadow:
         worst = max(shadow)
         out.append(("shadow engine pause < 10 ms", worst, f"{worst:.1f} ms", worst < 10))
     for r in rows:
-        if r["kind"] == "ours" and r["mode"] == "in_place" and r["method"] != "disk" \
-                and r["engine_pause_ms"] is not None and r["phases"].get("transfer_s"):
+        if (
+            r["kind"] == "ours"
+            and r["mode"] == "in_place"
+            and r["method"] != "disk"
+            and r["engine_pause_ms"] is not None
+            and r["phases"].get("transfer_s")
+        ):
             ratio = r["engine_pause_ms"] / 1e3 / r["phases"]["transfer_s"]
-            out.append((f"{r['method']} in_place pause ~ transfer time", ratio,
-                        f"{r['engine_pause_ms']:.0f} ms vs {r['phases']['transfer_s'] * 1e3:.0f} ms",
-                        0.5 <= ratio <= 2.0))
+            out.append(
+                (
+                    f"{r['method']} in_place pause ~ transfer time",
+                    ratio,
+                    f"{r['engine_pause_ms']:.0f} ms vs {r['phases']['transfer_s'] * 1e3:.0f} ms",
+                    0.5 <= ratio <= 2.0,
+                )
+            )
     return out
 
 
@@ -70,16 +83,30 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for size, engines in sorted({(r["size_gib"], r["engines"]) for r in rows}):
         group = [r for r in rows if (r["size_gib"], r["engines"]) == (size, engines)]
         for target, value, shown, met in check_group(group):
-            out.append({"size_gib": size, "engines": engines, "target": target, "value": value,
-                        "shown": shown, "met": met})
+            out.append(
+                {
+                    "size_gib": size,
+                    "engines": engines,
+                    "target": target,
+                    "value": value,
+                    "shown": shown,
+                    "met": met,
+                }
+            )
     return out
 
 
 def format_targets(checks: list[dict[str, Any]]) -> str:
     if not checks:
         return ""
-    lines = ["\ntargets (each within one size and engine count of this run):\n",
-             "| size GiB | N | target | measured | met |", "|---|---|---|---|---|"]
-    lines += [f"| {c['size_gib']:g} | {c['engines']} | {c['target']} | {c['shown']} | "
-              f"{'yes' if c['met'] else '**no**'} |" for c in checks]
+    lines = [
+        "\ntargets (each within one size and engine count of this run):\n",
+        "| size GiB | N | target | measured | met |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['size_gib']:g} | {c['engines']} | {c['target']} | {c['shown']} | "
+        f"{'yes' if c['met'] else '**no**'} |"
+        for c in checks
+    ]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """`rlsync bench`: the weight-sync and generation benchmarks (see docs/BENCHMARKS.md).
 
-    rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [--plot P] [--gpu]
-    rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--json P]
+rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [--plot P] [--gpu]
+rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--json P]
 """
 
 from __future__ import annotations
@@ -24,28 +24,49 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
     from rlsync.bench.sync import ALL_METHODS
 
     s = kinds.add_parser("sync", help="weight sync: our transports vs baselines vs limits")
-    s.add_argument("--size-gib", type=float, nargs="+", default=[0.25, 1.0],
-                   help="model sizes (GiB of fp32 weights)")
+    s.add_argument(
+        "--size-gib",
+        type=float,
+        nargs="+",
+        default=[0.25, 1.0],
+        help="model sizes (GiB of fp32 weights)",
+    )
     s.add_argument("--engines", type=int, nargs="+", default=[1, 2], help="engine counts")
-    s.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS),
-                   metavar="M", help=f"subset of: {' '.join(ALL_METHODS)}")
-    s.add_argument("--modes", nargs="+", choices=LOAD_MODES, default=list(LOAD_MODES),
-                   help="load modes for our transports")
+    s.add_argument(
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS,
+        default=list(ALL_METHODS),
+        metavar="M",
+        help=f"subset of: {' '.join(ALL_METHODS)}",
+    )
+    s.add_argument(
+        "--modes",
+        nargs="+",
+        choices=LOAD_MODES,
+        default=list(LOAD_MODES),
+        help="load modes for our transports",
+    )
     s.add_argument("--repeat", type=int, default=3, help="timed repetitions (after a warm-up)")
     s.add_argument("--bucket-mb", type=float, default=64.0)
     s.add_argument("--layers", type=int, default=24, help="decoder layers of the bench model")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds for every wait")
     s.add_argument("--no-probe", action="store_true", help="skip the streaming pause probe")
     s.add_argument("--engine-threads", type=int, default=1, help="torch threads per engine")
-    s.add_argument("--trainer-threads", type=int, default=1,
-                   help="torch threads of the pushing (trainer) process; 0: torch's default")
+    s.add_argument(
+        "--trainer-threads",
+        type=int,
+        default=1,
+        help="torch threads of the pushing (trainer) process; 0: torch's default",
+    )
     s.add_argument("--no-profile", action="store_true", help="skip timing each copy alone")
     s.add_argument("--work-dir", type=Path, default=None, help="scratch parent (default: temp)")
     s.add_argument("--json", type=Path, default=None, help="write the result as JSON")
     s.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
     gpu = s.add_mutually_exclusive_group()
-    gpu.add_argument("--gpu", action="store_true",
-                     help="run the GPU section (default: when CUDA is available)")
+    gpu.add_argument(
+        "--gpu", action="store_true", help="run the GPU section (default: when CUDA is available)"
+    )
     gpu.add_argument("--no-gpu", action="store_true", help="never run the GPU section")
     s.add_argument("--gpu-only", action="store_true", help="only the GPU section")
     s.add_argument("--gpu-size-gib", type=float, default=1.0)
@@ -71,11 +92,21 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
     from rlsync.bench.sync import SyncBench, machine_info, run_sync
 
     try:
-        bench = SyncBench(sizes=args.size_gib, engines=args.engines, methods=args.methods,
-                          modes=args.modes, repeat=args.repeat, bucket_mb=args.bucket_mb,
-                          timeout_s=args.timeout, layers=args.layers, probe=not args.no_probe,
-                          engine_threads=args.engine_threads, work_dir=args.work_dir,
-                          trainer_threads=args.trainer_threads or None, profile=not args.no_profile)
+        bench = SyncBench(
+            sizes=args.size_gib,
+            engines=args.engines,
+            methods=args.methods,
+            modes=args.modes,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            timeout_s=args.timeout,
+            layers=args.layers,
+            probe=not args.no_probe,
+            engine_threads=args.engine_threads,
+            work_dir=args.work_dir,
+            trainer_threads=args.trainer_threads or None,
+            profile=not args.no_profile,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -105,8 +136,9 @@ def _gpu_section(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="rlsync-gpubench-", dir=args.work_dir) as tmp:
         try:
-            return run_gpu(args.gpu_size_gib, repeat=args.repeat, work_dir=Path(tmp),
-                           timeout_s=args.timeout)
+            return run_gpu(
+                args.gpu_size_gib, repeat=args.repeat, work_dir=Path(tmp), timeout_s=args.timeout
+            )
         except Exception as exc:
             print(f"GPU section failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return {"error": f"{type(exc).__name__}: {exc}"}
@@ -119,8 +151,13 @@ def run_generate_cmd(args: argparse.Namespace) -> int:
     if min(args.batch) < 1 or args.max_new_tokens < 1 or args.repeat < 1:
         print("error: --batch, --max-new-tokens and --repeat must be >= 1", file=sys.stderr)
         return 2
-    result = run_generate(args.batch, max_new=args.max_new_tokens, repeat=args.repeat,
-                          server=not args.no_server, threads=args.threads)
+    result = run_generate(
+        args.batch,
+        max_new=args.max_new_tokens,
+        repeat=args.repeat,
+        server=not args.no_server,
+        threads=args.threads,
+    )
     print(format_generate(result))
     if args.json:
         write_json(result, args.json)

@@ -11,9 +11,15 @@ from typing import Any
 
 def add_connection_args(p: argparse.ArgumentParser, timeout_s: float) -> None:
     p.add_argument("--endpoint", required=True, help="engine endpoint (ipc:// or tcp://)")
-    p.add_argument("--auth-keys", default=None, metavar="DIR",
-                   help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)")
-    p.add_argument("--timeout", type=float, default=timeout_s, help="seconds to wait for the engine")
+    p.add_argument(
+        "--auth-keys",
+        default=None,
+        metavar="DIR",
+        help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=timeout_s, help="seconds to wait for the engine"
+    )
 
 
 def call_engine(args: argparse.Namespace, call: Callable[[Any], Any]) -> tuple[int, Any]:

@@ -15,8 +15,11 @@ from rlsync.cli.engine_call import add_connection_args, call_engine
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flush", help="flush a running engine's KV / prefix cache")
     add_connection_args(p, 30.0)
-    p.add_argument("--no-empty-cache", action="store_true",
-                   help="skip torch.cuda.empty_cache() (it syncs every CUDA stream)")
+    p.add_argument(
+        "--no-empty-cache",
+        action="store_true",
+        help="skip torch.cuda.empty_cache() (it syncs every CUDA stream)",
+    )
     p.set_defaults(func=run)
 
 

@@ -17,8 +17,16 @@ from typing import Any
 
 from rlsync.protocol import GenerateOutput
 
-RECORD_FIELDS = ("output_ids", "logprobs", "finish_reason", "prompt_tokens", "cached_tokens",
-                 "weight_version", "min_weight_version", "error")
+RECORD_FIELDS = (
+    "output_ids",
+    "logprobs",
+    "finish_reason",
+    "prompt_tokens",
+    "cached_tokens",
+    "weight_version",
+    "min_weight_version",
+    "error",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", help="checkpoint dir: start a temporary engine for this call")
     where.add_argument("--endpoint", help="endpoint of a running engine")
-    p.add_argument("--input-ids", action="append", required=True, type=_token_ids,
-                   help="one prompt as comma-separated token ids (repeat for more prompts)")
+    p.add_argument(
+        "--input-ids",
+        action="append",
+        required=True,
+        type=_token_ids,
+        help="one prompt as comma-separated token ids (repeat for more prompts)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,8 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-token-ids", type=_token_ids, default=[])
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool of a --model engine")
     p.add_argument("--threads", type=int, default=None, help="torch threads of a --model engine")
-    p.add_argument("--auth-keys", default=None, metavar="DIR",
-                   help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)")
+    p.add_argument(
+        "--auth-keys",
+        default=None,
+        metavar="DIR",
+        help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole batch")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per prompt")
     p.set_defaults(func=run)
@@ -50,8 +67,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         sampling = _sampling(args)
         if args.model:
-            engine = launch_engine(args.model, kv_tokens=args.kv_tokens, threads=args.threads,
-                                   start_timeout_s=args.timeout, call_timeout_s=args.timeout)
+            engine = launch_engine(
+                args.model,
+                kv_tokens=args.kv_tokens,
+                threads=args.threads,
+                start_timeout_s=args.timeout,
+                call_timeout_s=args.timeout,
+            )
         else:
             engine = connect(args.endpoint, timeout_s=args.timeout, auth_keys=args.auth_keys)
         with engine:
@@ -77,9 +99,14 @@ def _sampling(args: argparse.Namespace) -> Any:
     from rlsync.codec import decode, encode
     from rlsync.protocol import Generate, SamplingParams
 
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                              stop_token_ids=args.stop_token_ids)
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_token_ids=args.stop_token_ids,
+    )
     return decode(encode(Generate(request_id="check", sampling=sampling))).sampling
 
 
@@ -96,5 +123,7 @@ def _token_ids(text: str) -> list[int]:
 def _line(record: dict[str, Any]) -> str:
     if record["error"]:
         return f"error: {record['error']}"
-    return (f"{','.join(map(str, record['output_ids']))}  finish={record['finish_reason']} "
-            f"cached={record['cached_tokens']} version={record['weight_version']}")
+    return (
+        f"{','.join(map(str, record['output_ids']))}  finish={record['finish_reason']} "
+        f"cached={record['cached_tokens']} version={record['weight_version']}"
+    )

@@ -1,6 +1,6 @@
 """`rlsync push`: push a Hugging Face checkpoint directory to running engines.
 
-    rlsync push --checkpoint DIR --endpoint E [--endpoint E2 ...] --transport ipc --version 3 --json
+rlsync push --checkpoint DIR --endpoint E [--endpoint E2 ...] --transport ipc --version 3 --json
 """
 
 from __future__ import annotations
@@ -16,13 +16,22 @@ from rlsync.protocol import LOAD_MODES, PAUSE_MODES, TRANSPORT_KINDS
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="push a checkpoint's weights to running engines")
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--endpoint", action="append", required=True, help="engine endpoint (repeatable)")
+    p.add_argument(
+        "--endpoint", action="append", required=True, help="engine endpoint (repeatable)"
+    )
     p.add_argument("--transport", choices=TRANSPORT_KINDS, default="ipc")
-    p.add_argument("--version", type=int, required=True, help="weight version to publish (> current)")
+    p.add_argument(
+        "--version", type=int, required=True, help="weight version to publish (> current)"
+    )
     p.add_argument("--no-flush", action="store_true", help="keep the KV/prefix cache (stale KV!)")
-    p.add_argument("--torch-empty-cache", action="store_true",
-                   help="also call torch.cuda.empty_cache() in the flush (syncs every CUDA stream)")
-    p.add_argument("--verify", action="store_true", help="check every bucket's fingerprint on arrival")
+    p.add_argument(
+        "--torch-empty-cache",
+        action="store_true",
+        help="also call torch.cuda.empty_cache() in the flush (syncs every CUDA stream)",
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="check every bucket's fingerprint on arrival"
+    )
     p.add_argument("--load-mode", choices=LOAD_MODES, default="in_place")
     p.add_argument("--pause-mode", choices=PAUSE_MODES, default=None)
     p.add_argument("--bucket-mb", type=float, default=64.0)
@@ -37,10 +46,16 @@ def run(args: argparse.Namespace) -> int:
     from trainer_side.push_report import PushError
     from trainer_side.pusher import WeightPusher
 
-    cfg = SyncConfig(transport=args.transport, bucket_mb=args.bucket_mb, load_mode=args.load_mode,
-                     pause_mode=args.pause_mode, flush_cache=not args.no_flush,
-                     torch_empty_cache=args.torch_empty_cache, verify=args.verify,
-                     timeout_s=args.timeout)
+    cfg = SyncConfig(
+        transport=args.transport,
+        bucket_mb=args.bucket_mb,
+        load_mode=args.load_mode,
+        pause_mode=args.pause_mode,
+        flush_cache=not args.no_flush,
+        torch_empty_cache=args.torch_empty_cache,
+        verify=args.verify,
+        timeout_s=args.timeout,
+    )
     endpoints = {f"engine{i}": e for i, e in enumerate(args.endpoint)}
     with tempfile.TemporaryDirectory(prefix="rlsync-push-") as work:
         try:
@@ -61,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(f"version {report.version} via {report.transport}: {report.bytes / 1e6:.1f} MB in "
-              f"{report.seconds:.3f}s ({report.gbps:.2f} GB/s); {report.summary()}")
+        print(
+            f"version {report.version} via {report.transport}: {report.bytes / 1e6:.1f} MB in "
+            f"{report.seconds:.3f}s ({report.gbps:.2f} GB/s); {report.summary()}"
+        )
     return 1 if report.failed else 0

@@ -11,11 +11,22 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="run the RL loop (trainers + engines on Ray)",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("config", nargs="?", default=None, help="YAML run config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set steps=5 --set trainer.lr=1e-3")
+    p = subparsers.add_parser(
+        "run",
+        help="run the RL loop (trainers + engines on Ray)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "config", nargs="?", default=None, help="YAML run config (default: built-in defaults)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set steps=5 --set trainer.lr=1e-3",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -46,9 +57,13 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(result) -> None:  # noqa: ANN001 - RunResult, imported lazily
     rows = result.rows
     for row in rows:
-        print(f"step {row['step']:3d}  v{row['weight_version']}  reward {row['reward_mean']:.3f} "
-              f"+- {row['reward_std']:.3f}  kl {row['kl']:.1e}  push {row['push_s'] * 1e3:7.1f} ms "
-              f"({row['push_gbps']:.3f} GB/s, pause {row['engine_pause_ms']:.1f} ms)  "
-              f"{row['rollout_tokens_per_s']:.0f} tok/s")
-    print(f"done: {len(rows)} steps in {result.wall_s:.1f} s; engine weights == trainer weights; "
-          f"metrics {result.run_dir / 'metrics.jsonl'}; final checkpoint {result.final_checkpoint}")
+        print(
+            f"step {row['step']:3d}  v{row['weight_version']}  reward {row['reward_mean']:.3f} "
+            f"+- {row['reward_std']:.3f}  kl {row['kl']:.1e}  push {row['push_s'] * 1e3:7.1f} ms "
+            f"({row['push_gbps']:.3f} GB/s, pause {row['engine_pause_ms']:.1f} ms)  "
+            f"{row['rollout_tokens_per_s']:.0f} tok/s"
+        )
+    print(
+        f"done: {len(rows)} steps in {result.wall_s:.1f} s; engine weights == trainer weights; "
+        f"metrics {result.run_dir / 'metrics.jsonl'}; final checkpoint {result.final_checkpoint}"
+    )

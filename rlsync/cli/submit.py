@@ -39,20 +39,36 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("submit", help="submit the RL run as a Ray job to a cluster",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "submit",
+        help="submit the RL run as a Ray job to a cluster",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("config", nargs="?", default=None, help="YAML run config")
-    p.add_argument("--address", default=None,
-                   help="the cluster's job API, e.g. http://HEAD:8265 (Ray dashboard port)")
-    p.add_argument("--local", action="store_true",
-                   help="start a throwaway local cluster, submit to it, stop it afterwards")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's job API, e.g. http://HEAD:8265 (Ray dashboard port)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="start a throwaway local cluster, submit to it, stop it afterwards",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-dir", default=None,
-                   help="run_dir as the job sees it (default: this run_dir, made absolute)")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="run_dir as the job sees it (default: this run_dir, made absolute)",
+    )
     p.add_argument("--python", default="python", help="Python on the cluster nodes")
     p.add_argument("--auth-token-file", default=None, help="the cluster's Ray auth token file")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0,
-                   help="seconds to wait for the job before stopping it")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600.0,
+        help="seconds to wait for the job before stopping it",
+    )
     p.add_argument("--no-wait", action="store_true", help="submit and return the job id")
     p.set_defaults(func=run)
 
@@ -95,8 +111,11 @@ def runtime_env(staging: Path) -> dict[str, Any]:
     import importlib
 
     modules = [str(Path(importlib.import_module(p).__file__).parent) for p in PACKAGES]
-    return {"working_dir": str(staging), "py_modules": modules,
-            "excludes": ["__pycache__", "*.pyc"]}
+    return {
+        "working_dir": str(staging),
+        "py_modules": modules,
+        "excludes": ["__pycache__", "*.pyc"],
+    }
 
 
 def entrypoint(python: str) -> str:
@@ -114,9 +133,11 @@ def submit_and_follow(cfg: Any, address: str, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="rlsync-job-") as tmp:
         staging = Path(tmp)
         (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        job_id = client.submit_job(entrypoint=entrypoint(args.python),
-                                   runtime_env=runtime_env(staging),
-                                   submission_id=f"rlsync-{cfg.name}-{int(time.time())}")
+        job_id = client.submit_job(
+            entrypoint=entrypoint(args.python),
+            runtime_env=runtime_env(staging),
+            submission_id=f"rlsync-{cfg.name}-{int(time.time())}",
+        )
     print(f"submitted {job_id} to {address}; run dir {Path(cfg.run_dir) / cfg.name}", flush=True)
     if args.no_wait:
         return 0
@@ -137,7 +158,9 @@ def follow(client: Any, job_id: str, timeout_s: float) -> int:
             return 0 if status == "SUCCEEDED" else 1
         if time.monotonic() > deadline:
             client.stop_job(job_id)
-            print(f"job {job_id}: still {status} after {timeout_s:g} s; stopped it", file=sys.stderr)
+            print(
+                f"job {job_id}: still {status} after {timeout_s:g} s; stopped it", file=sys.stderr
+            )
             return 1
         time.sleep(0.5)
 
@@ -179,14 +202,28 @@ class LocalHead:
         token.chmod(0o600)
         self.link_dir = short_link(self.root).parent
         ports = [f"--{name}={port}" for name, port in self.ports.items()]
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-               f"--node-ip-address={self.host}", f"--temp-dir={self.link_dir / 'r'}",
-               f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
-               f"--dashboard-host={self.host}", "--disable-usage-stats", *ports]
+        cmd = [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={self.host}",
+            f"--temp-dir={self.link_dir / 'r'}",
+            f"--num-cpus={self.num_cpus}",
+            "--include-dashboard=true",
+            f"--dashboard-host={self.host}",
+            "--disable-usage-stats",
+            *ports,
+        ]
         log = (self.root / "ray_start.log").open("wb")
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env=self._env(),
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=self._env(),
+            start_new_session=True,
+        )
         self._wait_ready(timeout_s)
         return self
 
@@ -202,8 +239,10 @@ class LocalHead:
             assert self.process is not None
             if self.process.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"ray start exited with {self.process.returncode}; see "
-                                   f"{self.root / 'ray_start.log'}")
+                raise RuntimeError(
+                    f"ray start exited with {self.process.returncode}; see "
+                    f"{self.root / 'ray_start.log'}"
+                )
             try:
                 urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
                 return
@@ -212,8 +251,9 @@ class LocalHead:
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"local Ray head not up within {timeout_s:g} s; see "
-                           f"{self.root / 'ray_start.log'}")
+        raise TimeoutError(
+            f"local Ray head not up within {timeout_s:g} s; see {self.root / 'ray_start.log'}"
+        )
 
     def stop(self, grace_s: float = 3.0) -> None:
         """End this cluster only: SIGTERM to its process group (all its daemons, workers and
@@ -239,6 +279,14 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-               "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "runtime-env-agent-port", "metrics-export-port")
+_HEAD_PORTS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)

@@ -80,8 +80,9 @@ class Sender:
     kind: ClassVar[str] = ""
     can_rebuild: ClassVar[bool] = False
 
-    def __init__(self, cfg: SyncConfig, engines: ControlPlane, work_dir: Path,
-                 device: torch.device):
+    def __init__(
+        self, cfg: SyncConfig, engines: ControlPlane, work_dir: Path, device: torch.device
+    ):
         self.cfg, self.engines, self.work_dir, self.device = cfg, engines, work_dir, device
 
     def prepare(self, plan: BucketPlan, tensors: Tensors, version: int) -> None:

@@ -69,27 +69,51 @@ class BroadcastGroup:
     _buffers: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @classmethod
-    def create(cls, master_address: str, master_port: int, rank: int, world_size: int,
-               backend: Backend = "gloo", timeout_s: float = 60.0, group_name: str = "weights",
-               device: torch.device | str | None = None) -> BroadcastGroup:
+    def create(
+        cls,
+        master_address: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        backend: Backend = "gloo",
+        timeout_s: float = 60.0,
+        group_name: str = "weights",
+        device: torch.device | str | None = None,
+    ) -> BroadcastGroup:
         """Rendezvous at master_address:master_port (rank 0 hosts the store) and connect.
 
         Returns once every rank has joined; raises TransportTimeout when a peer does not show
         up within `timeout_s`.
         """
         if not 0 <= rank < world_size or world_size < 2:
-            raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < size, size >= 2")
+            raise ValueError(
+                f"rank {rank} / world_size {world_size}: need 0 <= rank < size, size >= 2"
+            )
         where = f"broadcast group {group_name!r} rank {rank}/{world_size}"
         dev = _device(backend, device)
         try:
-            store = TCPStore(master_address, master_port, world_size, rank == 0,
-                             timedelta(seconds=timeout_s), wait_for_workers=True)
+            store = TCPStore(
+                master_address,
+                master_port,
+                world_size,
+                rank == 0,
+                timedelta(seconds=timeout_s),
+                wait_for_workers=True,
+            )
             prefixed = PrefixStore(group_name, store)
             pg = _make_backend(backend, prefixed, rank, world_size, timeout_s, master_address)
         except RuntimeError as e:
             raise _translate(e, f"{where}: rendezvous at {master_address}:{master_port}") from e
-        group = cls(rank=rank, world_size=world_size, backend=backend, group_name=group_name,
-                    device=dev, timeout_s=timeout_s, _pg=pg, _store=store)
+        group = cls(
+            rank=rank,
+            world_size=world_size,
+            backend=backend,
+            group_name=group_name,
+            device=dev,
+            timeout_s=timeout_s,
+            _pg=pg,
+            _store=store,
+        )
         try:
             group.broadcast(torch.zeros(1, device=dev), timeout_s)  # all ranks in; NCCL is up
         except BaseException:
@@ -125,8 +149,9 @@ class BroadcastGroup:
         """Two reusable uint8 buffers of >= nbytes on the group's device (pre-faulted)."""
         if not self._buffers or self._buffers[0].numel() < nbytes:
             self._buffers = []  # free the old pair before allocating the new one
-            self._buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-                             for _ in range(2)]
+            self._buffers = [
+                torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)
+            ]
         return self._buffers
 
     def destroy(self) -> None:
@@ -146,20 +171,27 @@ def _device(backend: Backend, device: torch.device | str | None) -> torch.device
     if backend == "gloo":
         return torch.device(device or "cpu")
     if backend == "nccl":
-        return torch.device(device) if device is not None else \
-            torch.device("cuda", torch.cuda.current_device())
+        return (
+            torch.device(device)
+            if device is not None
+            else torch.device("cuda", torch.cuda.current_device())
+        )
     raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
 
 
-def _make_backend(backend: Backend, store: Any, rank: int, size: int, timeout_s: float,
-                  master_address: str) -> Any:
+def _make_backend(
+    backend: Backend, store: Any, rank: int, size: int, timeout_s: float, master_address: str
+) -> Any:
     timeout = timedelta(seconds=timeout_s)
     if backend == "gloo":
         opts = ProcessGroupGloo._Options()
         opts._timeout = timeout
         local = master_address in _LOOPBACK
-        opts._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1") if local
-                         else ProcessGroupGloo.create_default_device()]
+        opts._devices = [
+            ProcessGroupGloo.create_device(hostname="127.0.0.1")
+            if local
+            else ProcessGroupGloo.create_default_device()
+        ]
         return ProcessGroupGloo(store, rank, size, opts)
     from torch.distributed import ProcessGroupNCCL  # absent from CPU-only builds
 
@@ -178,8 +210,14 @@ def _wire_bytes(plan: BucketPlan, verify: bool) -> int:
     return max((integrity.wire_bytes(b.nbytes, verify) for b in plan.buckets), default=0)
 
 
-def send_buckets(group: BroadcastGroup, plan: BucketPlan, tensors: Mapping[str, torch.Tensor],
-                 *, verify: bool = False, timeout_s: float = 60.0) -> TransferStats:
+def send_buckets(
+    group: BroadcastGroup,
+    plan: BucketPlan,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    verify: bool = False,
+    timeout_s: float = 60.0,
+) -> TransferStats:
     """Rank 0: broadcast every bucket of `plan`, packing bucket g+1 while g is in flight."""
     if group.rank != 0:
         raise TransportError(f"send_buckets on rank {group.rank}: only rank 0 sends")
@@ -191,7 +229,7 @@ def send_buckets(group: BroadcastGroup, plan: BucketPlan, tensors: Mapping[str, 
         k = g % 2
         _finish(group, inflight[k], timeout_s, f"bucket {g - 2}", stats)  # frees buffer k
         t = time.perf_counter()
-        buf = bufs[k][:integrity.wire_bytes(bucket.nbytes, verify)]
+        buf = bufs[k][: integrity.wire_bytes(bucket.nbytes, verify)]
         pack_bucket(bucket, tensors, buf)
         if verify:
             integrity.seal(g, buf, bucket.nbytes)
@@ -205,9 +243,15 @@ def send_buckets(group: BroadcastGroup, plan: BucketPlan, tensors: Mapping[str, 
     return stats
 
 
-def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *,
-                 verify: bool = False, timeout_s: float = 60.0,
-                 cancel: threading.Event | None = None) -> TransferStats:
+def recv_buckets(
+    group: BroadcastGroup,
+    plan: BucketPlan,
+    on_bucket: OnBucket,
+    *,
+    verify: bool = False,
+    timeout_s: float = 60.0,
+    cancel: threading.Event | None = None,
+) -> TransferStats:
     """Ranks > 0: receive every bucket of `plan` and hand it to `on_bucket`; the receive of
     bucket g+1 is posted before bucket g is loaded. A set `cancel` stops it between buckets
     (a receive already posted still completes or times out, but nothing more is loaded)."""
@@ -216,8 +260,9 @@ def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
     bufs = group.buffers(_wire_bytes(plan, verify))
-    views = [bufs[g % 2][:integrity.wire_bytes(b.nbytes, verify)]
-             for g, b in enumerate(plan.buckets)]
+    views = [
+        bufs[g % 2][: integrity.wire_bytes(b.nbytes, verify)] for g, b in enumerate(plan.buckets)
+    ]
     pending = group.broadcast_async(views[0], timeout_s) if views else None
     for g, bucket in enumerate(plan.buckets):
         _check_cancel(cancel, g)
@@ -229,7 +274,7 @@ def recv_buckets(group: BroadcastGroup, plan: BucketPlan, on_bucket: OnBucket, *
             integrity.check(g, views[g], bucket.nbytes)
             stats.add("verify", time.perf_counter() - t)
             t = time.perf_counter()
-        on_bucket(g, bucket, views[g][:bucket.nbytes])
+        on_bucket(g, bucket, views[g][: bucket.nbytes])
         stats.add("load", time.perf_counter() - t)
         pending = following
     stats.seconds = time.perf_counter() - t0
@@ -241,8 +286,9 @@ def _check_cancel(cancel: threading.Event | None, g: int) -> None:
         raise base.Cancelled(f"broadcast receive cancelled before bucket {g}")
 
 
-def _finish(group: BroadcastGroup, work: Any, timeout_s: float, what: str,
-            stats: TransferStats) -> None:
+def _finish(
+    group: BroadcastGroup, work: Any, timeout_s: float, what: str, stats: TransferStats
+) -> None:
     if work is not None:
         t = time.perf_counter()
         group.wait(work, timeout_s, what)
@@ -268,17 +314,36 @@ class Sender(base.Sender):
     def _form(self, names: list[str]) -> None:
         """Rendezvous: every engine joins from its loop while rank 0 joins here; all bounded."""
         cfg = self.cfg
-        backend = cfg.backend if cfg.backend != "auto" else (
-            "nccl" if self.device.type == "cuda" else "gloo")
+        backend = (
+            cfg.backend
+            if cfg.backend != "auto"
+            else ("nccl" if self.device.type == "cuda" else "gloo")
+        )
         port, world = free_port(cfg.master_address), len(names) + 1
         self.group_name = f"weights-{uuid.uuid4().hex[:8]}"
-        rids = self.engines.send({n: InitWeightsGroup(
-            master_address=cfg.master_address, master_port=port, rank_offset=i + 1,
-            world_size=world, group_name=self.group_name, backend=backend,
-            timeout_s=cfg.timeout_s) for i, n in enumerate(names)})
+        rids = self.engines.send(
+            {
+                n: InitWeightsGroup(
+                    master_address=cfg.master_address,
+                    master_port=port,
+                    rank_offset=i + 1,
+                    world_size=world,
+                    group_name=self.group_name,
+                    backend=backend,
+                    timeout_s=cfg.timeout_s,
+                )
+                for i, n in enumerate(names)
+            }
+        )
         self.group = BroadcastGroup.create(
-            master_address=cfg.master_address, master_port=port, rank=0, world_size=world,
-            backend=backend, timeout_s=cfg.timeout_s, group_name=self.group_name)
+            master_address=cfg.master_address,
+            master_port=port,
+            rank=0,
+            world_size=world,
+            backend=backend,
+            timeout_s=cfg.timeout_s,
+            group_name=self.group_name,
+        )
         replies = self.engines.gather(rids, cfg.timeout_s)
         refused = {n: why for n, r in replies.items() if (why := failed(r)) is not None}
         if refused:
@@ -287,17 +352,20 @@ class Sender(base.Sender):
         self.members = names
 
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDistributed:
-        return UpdateWeightsFromDistributed(group_name=self.group_name, plan=update.plan,
-                                            plan_id=update.plan_id, **update.fields)
+        return UpdateWeightsFromDistributed(
+            group_name=self.group_name, plan=update.plan, plan_id=update.plan_id, **update.fields
+        )
 
     def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
         if sorted(accepted) != sorted(self.members):
             refused = sorted(set(self.members) - set(accepted))
-            raise TransportError(f"engines {refused} refused the update; a broadcast needs "
-                                 "every member")
+            raise TransportError(
+                f"engines {refused} refused the update; a broadcast needs every member"
+            )
         assert self.group is not None
-        send_buckets(self.group, plan, tensors, verify=self.cfg.verify,
-                     timeout_s=self.cfg.timeout_s)
+        send_buckets(
+            self.group, plan, tensors, verify=self.cfg.verify, timeout_s=self.cfg.timeout_s
+        )
 
     def rebuild(self) -> None:
         self._dissolve()
@@ -308,8 +376,7 @@ class Sender(base.Sender):
             self.group.destroy()
             self.group = None
         live = [n for n in self.members if n not in self.engines.dead]
-        rids = self.engines.send({n: DestroyWeightsGroup(group_name=self.group_name)
-                                  for n in live})
+        rids = self.engines.send({n: DestroyWeightsGroup(group_name=self.group_name) for n in live})
         self.engines.gather(rids, min(self.cfg.timeout_s, 10.0))
 
     def close(self) -> None:
@@ -321,16 +388,20 @@ class _Join:
 
     def __init__(self, msg: InitWeightsGroup):
         self.msg, self.group, self.error = msg, None, ""
-        self.thread = threading.Thread(target=self._run, name=f"join-{msg.group_name}",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"join-{msg.group_name}", daemon=True)
 
     def _run(self) -> None:
         msg = self.msg
         try:
             self.group = BroadcastGroup.create(
-                master_address=msg.master_address, master_port=msg.master_port,
-                rank=msg.rank_offset, world_size=msg.world_size, backend=msg.backend,
-                timeout_s=msg.timeout_s, group_name=msg.group_name)
+                master_address=msg.master_address,
+                master_port=msg.master_port,
+                rank=msg.rank_offset,
+                world_size=msg.world_size,
+                backend=msg.backend,
+                timeout_s=msg.timeout_s,
+                group_name=msg.group_name,
+            )
         except Exception as exc:  # reported in the Result; the engine loop goes on
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -374,8 +445,9 @@ class Receiver(base.Receiver):
                 text = f"joined group {name} as rank {join.msg.rank_offset}"
                 done.append(Result(request_id=rid, success=True, message=text))
             else:
-                done.append(Result(request_id=rid, success=False,
-                                   message=f"InitWeightsGroup: {join.error}"))
+                done.append(
+                    Result(request_id=rid, success=False, message=f"InitWeightsGroup: {join.error}")
+                )
         return done
 
     def destroy_group(self, name: str) -> bool:
@@ -384,18 +456,27 @@ class Receiver(base.Receiver):
             group.destroy()
         return group is not None
 
-    def check(self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None,
-              weights: base.WeightStore) -> int:
+    def check(
+        self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None, weights: base.WeightStore
+    ) -> int:
         if msg.group_name not in self.groups:
-            raise ValueError(f"group_name {msg.group_name!r}: no such weights group "
-                             "(InitWeightsGroup first)")
+            raise ValueError(
+                f"group_name {msg.group_name!r}: no such weights group (InitWeightsGroup first)"
+            )
         return plan_total_bytes(plan) if plan is not None else 0
 
-    def receive(self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None,
-                writer: base.WeightWriter) -> None:
+    def receive(
+        self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None, writer: base.WeightWriter
+    ) -> None:
         assert plan is not None
-        recv_buckets(self.groups[msg.group_name], plan, writer.on_bucket, verify=msg.verify,
-                     timeout_s=msg.timeout_s, cancel=writer.cancel)
+        recv_buckets(
+            self.groups[msg.group_name],
+            plan,
+            writer.on_bucket,
+            verify=msg.verify,
+            timeout_s=msg.timeout_s,
+            cancel=writer.cancel,
+        )
 
     def failed(self, msg: UpdateWeightsFromDistributed) -> None:
         self.destroy_group(msg.group_name)  # a failed collective leaves the group unusable

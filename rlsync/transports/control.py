@@ -115,9 +115,11 @@ class Segment:
             try:
                 os.posix_fallocate(fd, 0, nbytes)
             except OSError as e:
-                raise TransportError(f"shm {self.name}: cannot allocate {nbytes} bytes in "
-                                     f"{SHM_DIR} ({e.strerror}); free space there or use "
-                                     f"smaller buckets / fewer slots") from None
+                raise TransportError(
+                    f"shm {self.name}: cannot allocate {nbytes} bytes in "
+                    f"{SHM_DIR} ({e.strerror}); free space there or use "
+                    f"smaller buckets / fewer slots"
+                ) from None
             return nbytes
         size = os.fstat(fd).st_size
         if size <= 0 or (nbytes is not None and size != nbytes):
@@ -203,8 +205,12 @@ class Control:
     def create(cls, num_engines: int, num_slots: int, slot_bytes: int) -> Control:
         nbytes = 8 * (_HDR_WORDS + _ENGINE_WORDS * num_engines)
         ctl = cls(Segment(new_segment_name("ctl"), nbytes, create=True))
-        for word, value in ((_ENGINES_W, num_engines), (_SLOTS_W, num_slots),
-                            (_SLOT_BYTES_W, slot_bytes), (_PID_W, os.getpid())):
+        for word, value in (
+            (_ENGINES_W, num_engines),
+            (_SLOTS_W, num_slots),
+            (_SLOT_BYTES_W, slot_bytes),
+            (_PID_W, os.getpid()),
+        ):
             ctl.words[word] = value
         fence()
         ctl.words[_MAGIC_W] = _MAGIC
@@ -215,13 +221,16 @@ class Control:
         """Map the control segment a descriptor names and check it matches the descriptor."""
         ctl = cls(Segment(buffer.control_name))
         got = (ctl.words[_MAGIC_W], ctl.words[_SLOTS_W], ctl.words[_SLOT_BYTES_W])
-        if got != (_MAGIC, buffer.num_slots, buffer.slot_bytes) or \
-                buffer.engine_index >= ctl.num_engines:
+        if (
+            got != (_MAGIC, buffer.num_slots, buffer.slot_bytes)
+            or buffer.engine_index >= ctl.num_engines
+        ):
             ctl.close()
             raise TransportError(
                 f"shm {buffer.control_name}: control segment (magic, slots, slot bytes) = {got} "
                 f"with {ctl.num_engines} engines does not match engine {buffer.engine_index}'s "
-                f"descriptor")
+                f"descriptor"
+            )
         return ctl
 
     @property
@@ -264,6 +273,7 @@ class Control:
 
 # ---------------------------------------------------------------- data buffer geometry
 
+
 def region_bytes(nbytes: int) -> int:
     """Bytes one bucket occupies in the data buffer: payload + trailer, 256-aligned."""
     return align_up(nbytes + TRAILER_BYTES, REGION_ALIGN)
@@ -273,8 +283,9 @@ def packed_bytes(plan: BucketPlan) -> int:
     return sum(region_bytes(b.nbytes) for b in plan.buckets)
 
 
-def geometry(plan: BucketPlan | None, num_slots: int | None,
-             capacity_bytes: int | None) -> tuple[int, int, int]:
+def geometry(
+    plan: BucketPlan | None, num_slots: int | None, capacity_bytes: int | None
+) -> tuple[int, int, int]:
     """(num_slots, slot_bytes, nbytes) of a data buffer; slot_bytes 0 = packed layout."""
     if plan is None and capacity_bytes is None:
         raise ValueError("give a plan or capacity_bytes")

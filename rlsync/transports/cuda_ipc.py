@@ -25,9 +25,16 @@ from rlsync.transports import TransportError
 from rlsync.transports.control import Control, geometry
 from rlsync.transports.ipc import IpcReceiver, IpcSender
 
-_SHARE_FIELDS = ("device", "cuda_handle", "size", "cuda_storage_offset",
-                 "cuda_ref_counter_handle", "cuda_ref_counter_offset", "cuda_event_handle",
-                 "cuda_event_sync_required")
+_SHARE_FIELDS = (
+    "device",
+    "cuda_handle",
+    "size",
+    "cuda_storage_offset",
+    "cuda_ref_counter_handle",
+    "cuda_ref_counter_offset",
+    "cuda_event_handle",
+    "cuda_event_sync_required",
+)
 """The tuple `_share_cuda_` returns, named; `device` and `size` are carried elsewhere."""
 
 
@@ -43,8 +50,10 @@ def device_index_for(uuid: str) -> int:
     for index in range(torch.cuda.device_count()):
         if gpu_uuid(index) == uuid:
             return index
-    raise TransportError(f"cuda ipc: GPU {uuid} is not visible to this process "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    raise TransportError(
+        f"cuda ipc: GPU {uuid} is not visible to this process "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    )
 
 
 class CudaIpcSender(IpcSender):
@@ -52,13 +61,22 @@ class CudaIpcSender(IpcSender):
 
     kind = "cuda"
 
-    def __init__(self, plan: BucketPlan | None = None, *, num_engines: int,
-                 device: torch.device | str | int | None = None, num_slots: int | None = None,
-                 capacity_bytes: int | None = None):
+    def __init__(
+        self,
+        plan: BucketPlan | None = None,
+        *,
+        num_engines: int,
+        device: torch.device | str | int | None = None,
+        num_slots: int | None = None,
+        capacity_bytes: int | None = None,
+    ):
         if not 1 <= num_engines <= 4096:
             raise ValueError(f"num_engines must be in [1, 4096], got {num_engines}")
-        dev = torch.device("cuda", torch.cuda.current_device()) if device is None \
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if device is None
             else torch.device(device)
+        )
         if dev.type != "cuda" or dev.index is None:
             raise ValueError(f"CudaIpcSender needs a CUDA device with an index, got {dev}")
         slots, slot_bytes, nbytes = geometry(plan, num_slots, capacity_bytes)
@@ -78,13 +96,17 @@ class CudaIpcSender(IpcSender):
         # storage returns when it is freed. Cached, so re-sending a descriptor adds none.
         if engine_index not in self._shared:
             torch.cuda.current_stream(self.data.device).synchronize()
-            shared = dict(zip(_SHARE_FIELDS, self.data.untyped_storage()._share_cuda_(),
-                              strict=True))
+            shared = dict(
+                zip(_SHARE_FIELDS, self.data.untyped_storage()._share_cuda_(), strict=True)
+            )
             if shared["cuda_handle"] is None or shared["size"] != self.data.numel():
-                raise TransportError(f"cuda ipc: cannot share the buffer ({shared['size']} "
-                                     f"of {self.data.numel()} bytes)")
-            self._shared[engine_index] = {k: v for k, v in shared.items()
-                                          if k not in ("device", "size")}
+                raise TransportError(
+                    f"cuda ipc: cannot share the buffer ({shared['size']} "
+                    f"of {self.data.numel()} bytes)"
+                )
+            self._shared[engine_index] = {
+                k: v for k, v in shared.items() if k not in ("device", "size")
+            }
         return {"gpu_uuid": self.uuid, **self._shared[engine_index]}
 
     def _close_data(self) -> None:
@@ -105,9 +127,15 @@ class CudaIpcReceiver(IpcReceiver):
         index = device_index_for(buffer.gpu_uuid)
         torch.cuda.init()
         storage = torch.UntypedStorage._new_shared_cuda(
-            index, buffer.cuda_handle, buffer.nbytes, buffer.cuda_storage_offset,
-            buffer.cuda_ref_counter_handle, buffer.cuda_ref_counter_offset,
-            buffer.cuda_event_handle, buffer.cuda_event_sync_required)
+            index,
+            buffer.cuda_handle,
+            buffer.nbytes,
+            buffer.cuda_storage_offset,
+            buffer.cuda_ref_counter_handle,
+            buffer.cuda_ref_counter_offset,
+            buffer.cuda_event_handle,
+            buffer.cuda_event_sync_required,
+        )
         data = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
         return data.set_(storage, 0, (buffer.nbytes,), (1,))
 

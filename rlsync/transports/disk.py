@@ -42,10 +42,16 @@ class _WeightsOnly:
         return {"rlsync": "weights only; the model config travels separately"}
 
 
-def write_weights(path: str | Path, tensors: Mapping[str, torch.Tensor], version: int, *,
-                  cfg: ModelConfig | None = None, fingerprints: bool = True,
-                  max_shard_bytes: int = 2 << 30,
-                  metadata: Mapping[str, str] | None = None) -> TransferStats:
+def write_weights(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    version: int,
+    *,
+    cfg: ModelConfig | None = None,
+    fingerprints: bool = True,
+    max_shard_bytes: int = 2 << 30,
+    metadata: Mapping[str, str] | None = None,
+) -> TransferStats:
     """Write `tensors` as a checkpoint at `path` (replacing any), tagged with `version`.
 
     With `cfg`, config.json is the model's (a loadable Hugging Face checkpoint); without,
@@ -53,18 +59,25 @@ def write_weights(path: str | Path, tensors: Mapping[str, torch.Tensor], version
     `read_weights(verify=True)`. `metadata` adds str -> str entries of the caller's.
     """
     t0 = time.perf_counter()
-    stats = TransferStats(nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-                          buckets=len(tensors))
+    stats = TransferStats(
+        nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), buckets=len(tensors)
+    )
     meta = {**(metadata or {}), VERSION_KEY: str(int(version))}
     if fingerprints:
         t = time.perf_counter()
         meta[FINGERPRINTS_KEY] = json.dumps(
-            {name: f"{tensor_fingerprint(x) & (2**64 - 1):016x}" for name, x in tensors.items()})
+            {name: f"{tensor_fingerprint(x) & (2**64 - 1):016x}" for name, x in tensors.items()}
+        )
         stats.add("fingerprint", time.perf_counter() - t)
     t = time.perf_counter()
     try:
-        write_checkpoint(path, cfg or _WeightsOnly(), tensors,  # type: ignore[arg-type]
-                         max_shard_bytes=max_shard_bytes, metadata=meta)
+        write_checkpoint(
+            path,
+            cfg or _WeightsOnly(),
+            tensors,  # type: ignore[arg-type]
+            max_shard_bytes=max_shard_bytes,
+            metadata=meta,
+        )
     except CheckpointError as e:
         raise TransportError(f"disk: cannot write weights to {path}: {e}") from e
     stats.add("write", time.perf_counter() - t)
@@ -85,8 +98,9 @@ def read_weights_metadata(path: str | Path) -> tuple[int | None, dict[str, str]]
     return version, prints
 
 
-def read_weights(path: str | Path, *, verify: bool = False,
-                 expect_version: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def read_weights(
+    path: str | Path, *, verify: bool = False, expect_version: int | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for every tensor at `path`, file by file, read lazily; the
     metadata is read and checked at once.
 
@@ -96,15 +110,17 @@ def read_weights(path: str | Path, *, verify: bool = False,
     """
     version, prints = read_weights_metadata(path)
     if expect_version is not None and version != expect_version:
-        raise TransportError(f"disk: {path} holds weight version {version}, "
-                             f"expected {expect_version}")
+        raise TransportError(
+            f"disk: {path} holds weight version {version}, expected {expect_version}"
+        )
     if verify and not prints:
         raise IntegrityError(f"disk: {path} carries no fingerprints to verify")
     return _iter_verified(path, prints if verify else None)
 
 
-def _iter_verified(path: str | Path, prints: dict[str, str] | None
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_verified(
+    path: str | Path, prints: dict[str, str] | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     seen = set()
     try:
         for name, tensor in iter_checkpoint_tensors(path):
@@ -116,16 +132,19 @@ def _iter_verified(path: str | Path, prints: dict[str, str] | None
         raise TransportError(f"disk: cannot read weights from {path}: {e}") from e
     missing = sorted(set(prints) - seen) if prints is not None else []
     if missing:
-        raise IntegrityError(f"disk: {path}: {len(missing)} fingerprinted tensors missing, "
-                             f"e.g. {missing[:3]}", name=missing[0])
+        raise IntegrityError(
+            f"disk: {path}: {len(missing)} fingerprinted tensors missing, e.g. {missing[:3]}",
+            name=missing[0],
+        )
 
 
 def _check(path: str | Path, name: str, tensor: torch.Tensor, prints: dict[str, str]) -> None:
     expected = prints.get(name)
     got = f"{tensor_fingerprint(tensor) & (2**64 - 1):016x}"
     if expected != got:
-        raise IntegrityError(f"disk: {path}: tensor {name!r} fingerprint {got} != written "
-                             f"{expected}", name=name)
+        raise IntegrityError(
+            f"disk: {path}: tensor {name!r} fingerprint {got} != written {expected}", name=name
+        )
 
 
 # ---------------------------------------------------------------- the two halves
@@ -146,8 +165,13 @@ class Sender(base.Sender):
     def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
         dtypes = {s.name: dtype_from_name(s.dtype) for b in plan.buckets for s in b.tensors}
         path = self.root / f"v{version}"
-        write_weights(path, {n: t.to(dtypes[n]) for n, t in tensors.items()}, version,
-                      cfg=self.model_cfg, fingerprints=self.cfg.verify)
+        write_weights(
+            path,
+            {n: t.to(dtypes[n]) for n, t in tensors.items()},
+            version,
+            cfg=self.model_cfg,
+            fingerprints=self.cfg.verify,
+        )
         if self.current is not None and self.current != path:
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = path
@@ -166,14 +190,16 @@ class Receiver(base.Receiver):
 
     kind = "disk"
 
-    def check(self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None,
-              weights: base.WeightStore) -> int:
+    def check(
+        self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None, weights: base.WeightStore
+    ) -> int:
         specs = checkpoint_specs(msg.path)
         weights.validate(specs, complete=True)
         return sum(tensor_nbytes(d, s) for _, d, s in specs)
 
-    def receive(self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None,
-                writer: base.WeightWriter) -> None:
+    def receive(
+        self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None, writer: base.WeightWriter
+    ) -> None:
         deadline = time.monotonic() + msg.timeout_s
         for name, tensor in read_weights(Path(msg.path), verify=msg.verify):
             if time.monotonic() > deadline:

@@ -16,6 +16,7 @@ from rlsync.transports import IntegrityError
 
 TRAILER_BYTES = 8
 
+
 def wire_bytes(nbytes: int, verify: bool) -> int:
     """Bytes a bucket of `nbytes` occupies in a transport buffer."""
     return nbytes + (TRAILER_BYTES if verify else 0)
@@ -33,11 +34,13 @@ def check(index: int, buf: torch.Tensor, nbytes: int) -> None:
     if not bool(torch.eq(expected, got)):
         raise IntegrityError(
             f"bucket {index}: fingerprint mismatch ({nbytes} bytes: sent {int(expected):#x}, "
-            f"received {int(got):#x})", bucket=index)
+            f"received {int(got):#x})",
+            bucket=index,
+        )
 
 
 def _trailer(buf: torch.Tensor, nbytes: int) -> torch.Tensor:
     if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < nbytes + TRAILER_BYTES:
         raise ValueError(f"verify needs a 1-D uint8 buffer of >= {nbytes + TRAILER_BYTES} bytes")
     # Kept as bytes: an int64 view would need an 8-byte aligned storage offset.
-    return buf[nbytes:nbytes + TRAILER_BYTES]
+    return buf[nbytes : nbytes + TRAILER_BYTES]

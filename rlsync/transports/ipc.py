@@ -78,10 +78,16 @@ class IpcSender:
         """What engine `engine_index` needs to attach (sent in UpdateWeightsFromIPC)."""
         if not 0 <= engine_index < self.control.num_engines:
             raise ValueError(f"engine_index {engine_index} not in [0, {self.control.num_engines})")
-        return IpcBuffer(kind=self.kind, name=self.data_name, control_name=self.control.name,
-                         nbytes=self.data.numel(), num_slots=self.num_slots,
-                         slot_bytes=self.slot_bytes, engine_index=engine_index,
-                         **self._descriptor_fields(engine_index))
+        return IpcBuffer(
+            kind=self.kind,
+            name=self.data_name,
+            control_name=self.control.name,
+            nbytes=self.data.numel(),
+            num_slots=self.num_slots,
+            slot_bytes=self.slot_bytes,
+            engine_index=engine_index,
+            **self._descriptor_fields(engine_index),
+        )
 
     def _descriptor_fields(self, engine_index: int) -> dict:
         return {}
@@ -94,9 +100,17 @@ class IpcSender:
             return False
         return True
 
-    def push(self, plan: BucketPlan, tensors: Mapping[str, torch.Tensor], push_id: int, *,
-             verify: bool = False, timeout_s: float = 60.0, readers: Sequence[int] | None = None,
-             wait: bool = True) -> TransferStats:
+    def push(
+        self,
+        plan: BucketPlan,
+        tensors: Mapping[str, torch.Tensor],
+        push_id: int,
+        *,
+        verify: bool = False,
+        timeout_s: float = 60.0,
+        readers: Sequence[int] | None = None,
+        wait: bool = True,
+    ) -> TransferStats:
         """Pack bucket after bucket into its region, publishing each as ready.
 
         `readers` (engine indices, default: all) take part; one that makes no progress for `timeout_s` is
@@ -114,8 +128,9 @@ class IpcSender:
         try:
             for g, bucket in enumerate(plan.buckets):
                 if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?
-                    self._await(live, seq(push_id, g - self.num_slots + 1), push_id, stats,
-                                timeout_s)
+                    self._await(
+                        live, seq(push_id, g - self.num_slots + 1), push_id, stats, timeout_s
+                    )
                 self._fill(g, bucket, tensors, offsets[g], verify, stats)
                 fence()
                 self.control.set_ready(seq(push_id, g + 1))
@@ -128,8 +143,9 @@ class IpcSender:
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _begin(self, push_id: int, readers: Sequence[int] | None, stats: TransferStats,
-               timeout_s: float) -> set[int]:
+    def _begin(
+        self, push_id: int, readers: Sequence[int] | None, stats: TransferStats, timeout_s: float
+    ) -> set[int]:
         if not 0 <= push_id <= MAX_PUSH_ID:
             raise ValueError(f"push_id {push_id} out of range")
         if self._last is not None:
@@ -143,10 +159,17 @@ class IpcSender:
         self.control.set_ready(seq(push_id, 0))
         return live
 
-    def _fill(self, g: int, bucket: Bucket, tensors: Mapping[str, torch.Tensor], offset: int,
-              verify: bool, stats: TransferStats) -> None:
+    def _fill(
+        self,
+        g: int,
+        bucket: Bucket,
+        tensors: Mapping[str, torch.Tensor],
+        offset: int,
+        verify: bool,
+        stats: TransferStats,
+    ) -> None:
         t0 = time.perf_counter()
-        region = self.data[offset:offset + region_bytes(bucket.nbytes)]
+        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
         pack_bucket(bucket, tensors, region)
         if verify:
             integrity.seal(g, region, bucket.nbytes)
@@ -154,8 +177,9 @@ class IpcSender:
             torch.cuda.current_stream(region.device).synchronize()
         stats.add("pack", time.perf_counter() - t0)
 
-    def _await(self, live: set[int], target: int, push_id: int, stats: TransferStats,
-               timeout_s: float) -> None:
+    def _await(
+        self, live: set[int], target: int, push_id: int, stats: TransferStats, timeout_s: float
+    ) -> None:
         """Wait until every live engine's counter reaches `target`; evict each engine whose
         counter has not moved for `timeout_s`."""
         t0 = time.perf_counter()
@@ -223,10 +247,17 @@ class IpcReceiver:
             raise
         self.buffer, self.control = buffer, control
 
-    def receive(self, plan: BucketPlan, push_id: int, on_bucket: OnBucket, *,
-                verify: bool = False, timeout_s: float = 60.0,
-                cancel: threading.Event | None = None,
-                first_timeout_s: float | None = None) -> TransferStats:
+    def receive(
+        self,
+        plan: BucketPlan,
+        push_id: int,
+        on_bucket: OnBucket,
+        *,
+        verify: bool = False,
+        timeout_s: float = 60.0,
+        cancel: threading.Event | None = None,
+        first_timeout_s: float | None = None,
+    ) -> TransferStats:
         """Hand every bucket of push `push_id` to `on_bucket`, in order, as each becomes
         ready; every wait for the next bucket is bounded by `timeout_s` (the first by
         `first_timeout_s`, default the same) and stops early when `cancel` is set."""
@@ -245,8 +276,14 @@ class IpcReceiver:
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _await_ready(self, push_id: int, g: int, stats: TransferStats, timeout_s: float,
-                     cancel: threading.Event | None) -> None:
+    def _await_ready(
+        self,
+        push_id: int,
+        g: int,
+        stats: TransferStats,
+        timeout_s: float,
+        cancel: threading.Event | None,
+    ) -> None:
         t0 = time.perf_counter()
         target, backoff = seq(push_id, g + 1), Backoff()
         while (ready := self.control.ready()) < target:
@@ -256,32 +293,45 @@ class IpcReceiver:
             if time.perf_counter() - t0 > timeout_s:
                 raise TransportTimeout(
                     f"ipc engine {self.buffer.engine_index}: push {push_id} bucket {g} not "
-                    f"ready after {timeout_s:.1f}s (sender pid {self.control.sender_pid})")
+                    f"ready after {timeout_s:.1f}s (sender pid {self.control.sender_pid})"
+                )
             backoff.pause()
         if seq_push(ready) != push_id:
-            raise TransportError(f"ipc engine {self.buffer.engine_index}: push {push_id} bucket "
-                                 f"{g}: the sender is on push {seq_push(ready)}")
+            raise TransportError(
+                f"ipc engine {self.buffer.engine_index}: push {push_id} bucket "
+                f"{g}: the sender is on push {seq_push(ready)}"
+            )
         fence()
         stats.add("wait", time.perf_counter() - t0)
 
     def _check(self, push_id: int, g: int) -> None:
         engine = self.buffer.engine_index
         if self.control.aborted() == push_id + 1:
-            raise TransportError(f"ipc engine {engine}: push {push_id} aborted by the sender "
-                                 f"(waiting on bucket {g})")
+            raise TransportError(
+                f"ipc engine {engine}: push {push_id} aborted by the sender (waiting on bucket {g})"
+            )
         if self.control.evicted(engine) == push_id + 1:
-            raise TransportTimeout(f"ipc engine {engine}: evicted from push {push_id} at bucket "
-                                   f"{g}: the sender timed out waiting for it")
+            raise TransportTimeout(
+                f"ipc engine {engine}: evicted from push {push_id} at bucket "
+                f"{g}: the sender timed out waiting for it"
+            )
 
-    def _load(self, g: int, bucket: Bucket, offset: int, on_bucket: OnBucket, verify: bool,
-              stats: TransferStats) -> None:
+    def _load(
+        self,
+        g: int,
+        bucket: Bucket,
+        offset: int,
+        on_bucket: OnBucket,
+        verify: bool,
+        stats: TransferStats,
+    ) -> None:
         t0 = time.perf_counter()
-        region = self.data[offset:offset + region_bytes(bucket.nbytes)]
+        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
         if verify:
             integrity.check(g, region, bucket.nbytes)
             stats.add("verify", time.perf_counter() - t0)
         t1 = time.perf_counter()
-        on_bucket(g, bucket, region[:bucket.nbytes])
+        on_bucket(g, bucket, region[: bucket.nbytes])
         if region.is_cuda:  # the engine's copies must finish before the slot is reused
             torch.cuda.current_stream(region.device).synchronize()
         fence()
@@ -303,28 +353,43 @@ class IpcReceiver:
 
 
 def _key(buffer: IpcBuffer) -> tuple:
-    return (buffer.kind, buffer.name, buffer.control_name, buffer.nbytes, buffer.num_slots,
-            buffer.slot_bytes)
-
-
+    return (
+        buffer.kind,
+        buffer.name,
+        buffer.control_name,
+        buffer.nbytes,
+        buffer.num_slots,
+        buffer.slot_bytes,
+    )
 
 
 # ---------------------------------------------------------------- buffer kinds
 
 
-def make_sender(plan: BucketPlan | None = None, *, num_engines: int,
-                device: torch.device | str | None = None, num_slots: int | None = None,
-                capacity_bytes: int | None = None) -> IpcSender:
+def make_sender(
+    plan: BucketPlan | None = None,
+    *,
+    num_engines: int,
+    device: torch.device | str | None = None,
+    num_slots: int | None = None,
+    capacity_bytes: int | None = None,
+) -> IpcSender:
     """A CUDA buffer when `device` is a GPU, else a shared-memory one."""
     if device is not None and torch.device(device).type == "cuda":
         from rlsync.transports.cuda_ipc import CudaIpcSender
 
-        return CudaIpcSender(plan, num_engines=num_engines, device=device, num_slots=num_slots,
-                             capacity_bytes=capacity_bytes)
+        return CudaIpcSender(
+            plan,
+            num_engines=num_engines,
+            device=device,
+            num_slots=num_slots,
+            capacity_bytes=capacity_bytes,
+        )
     from rlsync.transports.shm import ShmSender
 
-    return ShmSender(plan, num_engines=num_engines, num_slots=num_slots,
-                     capacity_bytes=capacity_bytes)
+    return ShmSender(
+        plan, num_engines=num_engines, num_slots=num_slots, capacity_bytes=capacity_bytes
+    )
 
 
 def open_receiver(buffer: IpcBuffer) -> IpcReceiver:
@@ -360,21 +425,30 @@ class Sender(base.Sender):
             if self.buffer is not None:
                 self.buffer.close()
                 self.buffer = None
-            self.buffer = make_sender(plan, num_engines=len(self.engines.names),
-                                      device=self.device)
+            self.buffer = make_sender(plan, num_engines=len(self.engines.names), device=self.device)
         self.push_id += 1
 
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromIPC:
         assert self.buffer is not None
-        return UpdateWeightsFromIPC(buffer=self.buffer.descriptor(self.engines.index(engine)),
-                                    plan=update.plan, plan_id=update.plan_id,
-                                    push_id=self.push_id, **update.fields)
+        return UpdateWeightsFromIPC(
+            buffer=self.buffer.descriptor(self.engines.index(engine)),
+            plan=update.plan,
+            plan_id=update.plan_id,
+            push_id=self.push_id,
+            **update.fields,
+        )
 
     def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
         assert self.buffer is not None
         readers = [self.engines.index(n) for n in accepted]
-        self.buffer.push(plan, tensors, self.push_id, readers=readers, verify=self.cfg.verify,
-                         timeout_s=self.cfg.timeout_s)
+        self.buffer.push(
+            plan,
+            tensors,
+            self.push_id,
+            readers=readers,
+            verify=self.cfg.verify,
+            timeout_s=self.cfg.timeout_s,
+        )
 
     def close(self) -> None:
         if self.buffer is not None:
@@ -394,22 +468,29 @@ class Receiver(base.Receiver):
         self.next_check = 0.0
         self.active = False
 
-    def check(self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None,
-              weights: base.WeightStore) -> int:
+    def check(
+        self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None, weights: base.WeightStore
+    ) -> int:
         if msg.buffer.kind == "cuda" and not torch.cuda.is_available():
             raise ValueError("buffer.kind 'cuda' but this engine has no CUDA device")
         return plan_total_bytes(plan) if plan is not None else 0
 
-    def receive(self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None,
-                writer: base.WeightWriter) -> None:
+    def receive(
+        self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None, writer: base.WeightWriter
+    ) -> None:
         assert plan is not None
         self.active = True
         try:
             # the pusher may wait timeout_s for other engines' accepts before it sends
-            self._reader(msg.buffer).receive(plan, msg.push_id, writer.on_bucket,
-                                             verify=msg.verify, timeout_s=msg.timeout_s,
-                                             cancel=writer.cancel,
-                                             first_timeout_s=2 * msg.timeout_s)
+            self._reader(msg.buffer).receive(
+                plan,
+                msg.push_id,
+                writer.on_bucket,
+                verify=msg.verify,
+                timeout_s=msg.timeout_s,
+                cancel=writer.cancel,
+                first_timeout_s=2 * msg.timeout_s,
+            )
         finally:
             self.active = False
 

@@ -18,8 +18,14 @@ class ShmSender(IpcSender):
     bucket) and/or `capacity_bytes`; `num_engines` fixes the number of consumed counters.
     """
 
-    def __init__(self, plan: BucketPlan | None = None, *, num_engines: int,
-                 num_slots: int | None = None, capacity_bytes: int | None = None):
+    def __init__(
+        self,
+        plan: BucketPlan | None = None,
+        *,
+        num_engines: int,
+        num_slots: int | None = None,
+        capacity_bytes: int | None = None,
+    ):
         if not 1 <= num_engines <= 4096:
             raise ValueError(f"num_engines must be in [1, 4096], got {num_engines}")
         slots, slot_bytes, nbytes = geometry(plan, num_slots, capacity_bytes)

@@ -28,8 +28,13 @@ def trainer_weights(ckpt: Path, version: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_tokens(cfg: ModelConfig, tensors: dict[str, torch.Tensor], prompts: list[list[int]],
-                     max_new_tokens: int = 8, dtype: torch.dtype | None = None) -> list[list[int]]:
+def reference_tokens(
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    prompts: list[list[int]],
+    max_new_tokens: int = 8,
+    dtype: torch.dtype | None = None,
+) -> list[list[int]]:
     """Greedy tokens of a fresh in-process engine holding exactly `tensors`."""
     dtype = dtype or next(iter(tensors.values())).dtype
     weights = ModelWeights.empty(cfg, dtype, torch.device("cpu"))
@@ -38,7 +43,9 @@ def reference_tokens(cfg: ModelConfig, tensors: dict[str, torch.Tensor], prompts
     return [o.output_ids for o in run_core(core, prompts, max_new_tokens)]
 
 
-def run_core(core: EngineCore, prompts: list[list[int]], max_new_tokens: int = 8) -> list[GenerateOutput]:
+def run_core(
+    core: EngineCore, prompts: list[list[int]], max_new_tokens: int = 8
+) -> list[GenerateOutput]:
     """Drive an in-process core until every prompt finished; outputs in prompt order."""
     rids = [f"r{i}-{os.urandom(4).hex()}" for i in range(len(prompts))]
     sampling = SamplingParams(max_new_tokens=max_new_tokens)

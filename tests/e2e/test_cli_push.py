@@ -18,13 +18,23 @@ from trainer_side.pusher import WeightPusher
 
 
 def rlsync(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlsync.cli", *args], capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "rlsync.cli", *args], capture_output=True, text=True, timeout=180
+    )
 
 
 def generate(*target: str) -> list[dict]:
-    out = rlsync("generate", *target, "--input-ids", "1,2,3,4", "--input-ids", "9,8,7",
-                 "--max-new-tokens", "6", "--json")
+    out = rlsync(
+        "generate",
+        *target,
+        "--input-ids",
+        "1,2,3,4",
+        "--input-ids",
+        "9,8,7",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -48,12 +58,25 @@ def engine(checkpoints):
 
 
 @pytest.mark.parametrize("version, transport", [(1, "broadcast"), (3, "ipc"), (5, "disk")])
-def test_cli_push_then_generate_matches_fresh_engine(checkpoints, fresh, engine, version, transport, tmp_path):
+def test_cli_push_then_generate_matches_fresh_engine(
+    checkpoints, fresh, engine, version, transport, tmp_path
+):
     start, target = checkpoints
     _reset_to(engine, start, version - 1, tmp_path)  # back to the start weights first
     assert [o["output_ids"] for o in generate("--endpoint", engine.endpoint)] != fresh
-    pushed = rlsync("push", "--checkpoint", str(target), "--endpoint", engine.endpoint,
-                    "--transport", transport, "--version", str(version), "--verify", "--json")
+    pushed = rlsync(
+        "push",
+        "--checkpoint",
+        str(target),
+        "--endpoint",
+        engine.endpoint,
+        "--transport",
+        transport,
+        "--version",
+        str(version),
+        "--verify",
+        "--json",
+    )
     assert pushed.returncode == 0, pushed.stderr
     report = json.loads(pushed.stdout)
     assert report["failed"] == [] and report["version"] == version
@@ -68,8 +91,15 @@ def test_cli_push_then_generate_matches_fresh_engine(checkpoints, fresh, engine,
 
 def test_cli_push_refuses_an_old_version(checkpoints, engine):
     current = engine.info().weight_version
-    pushed = rlsync("push", "--checkpoint", str(checkpoints[1]), "--endpoint", engine.endpoint,
-                    "--version", str(current))
+    pushed = rlsync(
+        "push",
+        "--checkpoint",
+        str(checkpoints[1]),
+        "--endpoint",
+        engine.endpoint,
+        "--version",
+        str(current),
+    )
     assert pushed.returncode == 1
     assert "not newer" in pushed.stderr
     assert engine.info().weight_version == current

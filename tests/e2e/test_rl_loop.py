@@ -38,15 +38,29 @@ from rlsync.checkpoint_io import iter_checkpoint_tensors
 from rlsync.protocol import GenerateOutput, WeightFingerprints
 from trainer_side.actor import StaleRolloutError, check_versions
 
-TINY = ["model.vocab_size=32", "model.hidden_size=32", "model.intermediate_size=64",
-        "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.num_key_value_heads=2",
-        "engine.kv_tokens=1024", "task.prompts_per_step=4", "task.group_size=4",
-        "task.max_new_tokens=4", "sync.timeout_s=60", "engine.start_timeout_s=120",
-        "engine.call_timeout_s=60"]
+TINY = [
+    "model.vocab_size=32",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "engine.kv_tokens=1024",
+    "task.prompts_per_step=4",
+    "task.group_size=4",
+    "task.max_new_tokens=4",
+    "sync.timeout_s=60",
+    "engine.start_timeout_s=120",
+    "engine.call_timeout_s=60",
+]
 PLACEMENTS = {
     "colocated": ["placement=colocated", "num_engines=1", "trainer.world_size=1"],
-    "disaggregated": ["placement=disaggregated", "num_engines=2", "trainer.world_size=2",
-                      "sync.transport=broadcast"],
+    "disaggregated": [
+        "placement=disaggregated",
+        "num_engines=2",
+        "trainer.world_size=2",
+        "sync.transport=broadcast",
+    ],
 }
 
 
@@ -121,10 +135,15 @@ def test_deal_and_versions() -> None:
 
 def test_compare_fingerprints_names_what_differs() -> None:
     ranks = {"trainer rank 0": {"a": 1, "b": 2}, "trainer rank 1": {"a": 1, "b": 2}}
-    engines = {"engine0": WeightFingerprints(weight_version=3, fingerprints={"a": 1, "b": 2}),
-               "engine1": WeightFingerprints(weight_version=2, fingerprints={"a": 1, "b": 7})}
+    engines = {
+        "engine0": WeightFingerprints(weight_version=3, fingerprints={"a": 1, "b": 2}),
+        "engine1": WeightFingerprints(weight_version=2, fingerprints={"a": 1, "b": 7}),
+    }
     assert compare_fingerprints(ranks, engines, expected_version=3) == {
-        "trainer rank 1": [], "engine0": [], "engine1": ["weight_version=2 (expected 3)", "b"]}
+        "trainer rank 1": [],
+        "engine0": [],
+        "engine1": ["weight_version=2 (expected 3)", "b"],
+    }
 
 
 def test_stale_rollouts_then_dead_engine_then_dead_trainer(finished_runs: dict) -> None:
@@ -133,8 +152,11 @@ def test_stale_rollouts_then_dead_engine_then_dead_trainer(finished_runs: dict) 
     import ray
 
     rl, _ = finished_runs["colocated"]
-    with pytest.raises(RunError, match=r"trainer rank 0 failed during the PPO step at step 3: "
-                                       r"StaleRolloutError: .*version 2"):
+    with pytest.raises(
+        RunError,
+        match=r"trainer rank 0 failed during the PPO step at step 3: "
+        r"StaleRolloutError: .*version 2",
+    ):
         rl._train(*rl._batch(*_fake_rollouts(rl, version=2), step=3), step=3)
     pid = ray.get(rl.engines["engine0"].pids.remote(), timeout=30)["engine"]
     os.kill(pid, signal.SIGKILL)
@@ -148,18 +170,34 @@ def test_stale_rollouts_then_dead_engine_then_dead_trainer(finished_runs: dict) 
 def _fake_rollouts(rl: RLRun, version: int) -> tuple[list[list[int]], list[GenerateOutput]]:
     """Rollouts made up on the driver, stamped with `version`, to reach the trainer."""
     g = rl.cfg.task.group_size
-    prompts = [p for p in rl.task.sample_prompts(rl.cfg.task.prompts_per_step, rl.rng)
-               for _ in range(g)]
-    outs = [GenerateOutput(output_ids=[1, 2], logprobs=[-1.0, -1.0], weight_version=version,
-                           min_weight_version=version) for _ in prompts]
+    prompts = [
+        p for p in rl.task.sample_prompts(rl.cfg.task.prompts_per_step, rl.rng) for _ in range(g)
+    ]
+    outs = [
+        GenerateOutput(
+            output_ids=[1, 2],
+            logprobs=[-1.0, -1.0],
+            weight_version=version,
+            min_weight_version=version,
+        )
+        for _ in prompts
+    ]
     return prompts, outs
 
 
 @pytest.mark.slow
 def test_reward_goes_up(ray_cluster: object, tmp_path: Path) -> None:
     """The loop learns: the copy task's reward rises well above chance."""
-    cfg = load_config(None, [f"run_dir={tmp_path}", "name=learn", "steps=40",
-                             "task.prompts_per_step=16", "task.group_size=8"])
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path}",
+            "name=learn",
+            "steps=40",
+            "task.prompts_per_step=16",
+            "task.group_size=8",
+        ],
+    )
     rows = run(cfg, progress=False).rows
     first = sum(r["reward_mean"] for r in rows[:5]) / 5
     last = sum(r["reward_mean"] for r in rows[-5:]) / 5

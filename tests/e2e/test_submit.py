@@ -13,23 +13,46 @@ from rlsync.app.metrics import STEP_KEYS, read_metrics
 from rlsync.cli.submit import LocalHead
 
 CLI = [sys.executable, "-m", "rlsync.cli"]
-TINY = ["model.vocab_size=32", "model.hidden_size=32", "model.intermediate_size=64",
-        "engine.kv_tokens=1024", "task.prompts_per_step=4", "task.group_size=4",
-        "task.max_new_tokens=4"]
+TINY = [
+    "model.vocab_size=32",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "engine.kv_tokens=1024",
+    "task.prompts_per_step=4",
+    "task.group_size=4",
+    "task.max_new_tokens=4",
+]
 
 
 def test_submit_to_local_head(tmp_path: Path) -> None:
     head = LocalHead(tmp_path / "cluster", num_cpus=4).start()
     marker = str(head.link_dir)  # every process of this head carries its temp dir
     try:
-        env = {**os.environ, **head.client_env(),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = {
+            **os.environ,
+            **head.client_env(),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         sets = [a for kv in ["name=job", "steps=2", *TINY] for a in ("--set", kv)]
         proc = subprocess.run(
-            [*CLI, "submit", "configs/colocated_cpu.yaml", "--address", head.dashboard_url,
-             "--run-dir", str(tmp_path / "runs"), "--timeout", "240", *sets],
-            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-            timeout=300)
+            [
+                *CLI,
+                "submit",
+                "configs/colocated_cpu.yaml",
+                "--address",
+                head.dashboard_url,
+                "--run-dir",
+                str(tmp_path / "runs"),
+                "--timeout",
+                "240",
+                *sets,
+            ],
+            cwd=Path(__file__).resolve().parents[2],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         head.stop()
     out = proc.stdout + proc.stderr

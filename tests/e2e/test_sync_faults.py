@@ -59,9 +59,21 @@ def engine(ckpt):
 
 def _kill_pusher_mid_push(engine, ckpt, transport, load_mode, version):
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_PUSHER, engine.endpoint, transport, load_mode, str(version), str(ckpt),
-         str(TIMEOUT_S)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.getcwd())
+        [
+            sys.executable,
+            "-c",
+            SLOW_PUSHER,
+            engine.endpoint,
+            transport,
+            load_mode,
+            str(version),
+            str(ckpt),
+            str(TIMEOUT_S),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=os.getcwd(),
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == b"PACKED", proc.stderr.read().decode()[-2000:]
@@ -102,8 +114,13 @@ def test_pusher_killed_mid_push(engine, ckpt, transport, load_mode, tmp_path):
         assert "weights incomplete" in out.error and out.output_ids == []
     # the next complete push repairs everything
     tensors = trainer_weights(ckpt, version + 1)
-    pusher = WeightPusher(SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02,
-                                     timeout_s=TIMEOUT_S * 3), {"engine": engine.endpoint}, tmp_path)
+    pusher = WeightPusher(
+        SyncConfig(
+            transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=TIMEOUT_S * 3
+        ),
+        {"engine": engine.endpoint},
+        tmp_path,
+    )
     try:
         assert pusher.push(tensors, version + 1).failed == []
         assert pusher.mismatches(tensors) == {"engine": []}

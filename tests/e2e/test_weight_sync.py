@@ -58,7 +58,12 @@ def endpoints(engines) -> dict[str, str]:
 
 
 def sync_cfg(transport: str, **kw) -> SyncConfig:
-    return SyncConfig(transport=transport, bucket_mb=kw.pop("bucket_mb", 0.05), timeout_s=kw.pop("timeout_s", 20.0), **kw)
+    return SyncConfig(
+        transport=transport,
+        bucket_mb=kw.pop("bucket_mb", 0.05),
+        timeout_s=kw.pop("timeout_s", 20.0),
+        **kw,
+    )
 
 
 def push(engines, tmp_path, transport, tensors, version, **kw):
@@ -72,10 +77,14 @@ def push(engines, tmp_path, transport, tensors, version, **kw):
 
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_push_is_bit_exact_and_serves_new_weights(engines, ckpt, cfg, versions, tmp_path, transport, load_mode):
+def test_push_is_bit_exact_and_serves_new_weights(
+    engines, ckpt, cfg, versions, tmp_path, transport, load_mode
+):
     version = next(versions)
     tensors = trainer_weights(ckpt, version)
-    report, mismatches = push(engines, tmp_path, transport, tensors, version, load_mode=load_mode, verify=True)
+    report, mismatches = push(
+        engines, tmp_path, transport, tensors, version, load_mode=load_mode, verify=True
+    )
     assert report.failed == [], report.summary()
     assert report.bytes > 0 and report.gbps > 0
     assert mismatches == {name: [] for name in engines}
@@ -106,7 +115,9 @@ def test_push_without_flush_keeps_prefix_cache(engines, ckpt, versions, tmp_path
     prompt = [[21, 22, 23, 24, 25, 26, 27, 28]]
     client.generate(prompt, greedy(2))
     version = next(versions)
-    report, _ = push(engines, tmp_path, "ipc", trainer_weights(ckpt, version), version, flush_cache=False)
+    report, _ = push(
+        engines, tmp_path, "ipc", trainer_weights(ckpt, version), version, flush_cache=False
+    )
     assert report.failed == []
     assert client.generate(prompt, greedy(2))[0].cached_tokens > 0
 
@@ -120,12 +131,28 @@ def _bad_plan_message(engine, mutate) -> tuple[UpdateWeightsFromIPC, WeightFinge
     return msg, engine.fingerprints()
 
 
-@pytest.mark.parametrize("mutate, named", [
-    (lambda items: items[:-1], "missing"),
-    (lambda items: items + [("model.layers.9.mlp.up_proj.weight", "float32", (2, 2))], "unknown"),
-    (lambda items: [(n, d, (s[0] + 1, *s[1:]) if i == 1 else s) for i, (n, d, s) in enumerate(items)], "shape"),
-    (lambda items: [(n, "bfloat16" if i == 2 else d, s) for i, (n, d, s) in enumerate(items)], "dtype"),
-])
+@pytest.mark.parametrize(
+    "mutate, named",
+    [
+        (lambda items: items[:-1], "missing"),
+        (
+            lambda items: items + [("model.layers.9.mlp.up_proj.weight", "float32", (2, 2))],
+            "unknown",
+        ),
+        (
+            lambda items: [
+                (n, d, (s[0] + 1, *s[1:]) if i == 1 else s) for i, (n, d, s) in enumerate(items)
+            ],
+            "shape",
+        ),
+        (
+            lambda items: [
+                (n, "bfloat16" if i == 2 else d, s) for i, (n, d, s) in enumerate(items)
+            ],
+            "dtype",
+        ),
+    ],
+)
 def test_bad_plan_is_refused_and_changes_nothing(engines, mutate, named):
     engine = engines["engine0"]
     msg, before = _bad_plan_message(engine, mutate)
@@ -166,7 +193,9 @@ def test_bf16_engine_gets_trainer_weights_cast_on_pack(ckpt, tmp_path):
     try:
         tensors = trainer_weights(ckpt, 3)
         for transport in TRANSPORTS:
-            pusher = WeightPusher(sync_cfg(transport), {"bf16": engine.endpoint}, tmp_path / transport)
+            pusher = WeightPusher(
+                sync_cfg(transport), {"bf16": engine.endpoint}, tmp_path / transport
+            )
             try:
                 version = TRANSPORTS.index(transport) + 1
                 assert pusher.push(tensors, version).failed == []

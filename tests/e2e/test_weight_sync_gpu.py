@@ -13,8 +13,10 @@ from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from trainer_side.pusher import WeightPusher
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,14 @@ def ckpt(tmp_path_factory):
 def _push_many(ckpt, tmp_path, transport, device, engine_devices, pushes):
     """Push `pushes` versions; device memory (all processes: trainer, engines, IPC mappings)
     after the last push must not exceed what it was after the second (buffers warm)."""
-    engines = {f"e{i}": launch_engine(ckpt, kv_tokens=512, device=d) for i, d in enumerate(engine_devices)}
+    engines = {
+        f"e{i}": launch_engine(ckpt, kv_tokens=512, device=d) for i, d in enumerate(engine_devices)
+    }
     try:
         cfg = SyncConfig(transport=transport, bucket_mb=1.0, timeout_s=60.0, verify=True)
-        pusher = WeightPusher(cfg, {n: c.endpoint for n, c in engines.items()}, tmp_path, device=device)
+        pusher = WeightPusher(
+            cfg, {n: c.endpoint for n, c in engines.items()}, tmp_path, device=device
+        )
         try:
             for version in range(1, pushes + 1):
                 tensors = {n: t.to(device) for n, t in trainer_weights(ckpt, version).items()}
@@ -41,7 +47,9 @@ def _push_many(ckpt, tmp_path, transport, device, engine_devices, pushes):
             assert pusher.mismatches(tensors) == {n: [] for n in engines}
             for client in engines.values():
                 outs = client.generate(PROMPTS, greedy())
-                assert {o.weight_version for o in outs} == {pushes} and all(o.output_ids for o in outs)
+                assert {o.weight_version for o in outs} == {pushes} and all(
+                    o.output_ids for o in outs
+                )
         finally:
             pusher.close()
     finally:

@@ -22,8 +22,11 @@ from tests.checkpoints import make_hf_checkpoint
 pytestmark = pytest.mark.timeout(180)
 
 _SCRIPT = Path(sys.executable).with_name("rlsync")
-RLSYNC = [str(_SCRIPT)] if _SCRIPT.exists() else [
-    sys.executable, "-c", "import sys; from rlsync.cli import main; sys.exit(main())"]
+RLSYNC = (
+    [str(_SCRIPT)]
+    if _SCRIPT.exists()
+    else [sys.executable, "-c", "import sys; from rlsync.cli import main; sys.exit(main())"]
+)
 PROMPTS = ["1,2,3", "4,5,6,7,8"]
 
 
@@ -46,13 +49,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(checkpoint: Path) -> Iterator[Served]:
     """`rlsync serve` in the foreground of a child process; stopped with Shutdown."""
-    proc = subprocess.Popen([*RLSYNC, "serve", "--model", str(checkpoint), "--kv-tokens", "2048",
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(
+        [*RLSYNC, "serve", "--model", str(checkpoint), "--kv-tokens", "2048", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = _first_line(proc, timeout_s=120)
         assert line.startswith("ready at "), line
-        endpoint = line[len("ready at "):]
+        endpoint = line[len("ready at ") :]
         with connect(endpoint, timeout_s=60) as client:
             yield Served(proc, endpoint, client)
     finally:
@@ -69,11 +75,20 @@ def _first_line(proc: subprocess.Popen, timeout_s: float) -> str:
 
 
 def expected_records(outs: list[GenerateOutput], prompts: list[list[int]]) -> list[dict]:
-    return [{"input_ids": p, "output_ids": o.output_ids, "logprobs": o.logprobs,
-             "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
-             "cached_tokens": o.cached_tokens, "weight_version": o.weight_version,
-             "min_weight_version": o.min_weight_version, "error": o.error}
-            for p, o in zip(prompts, outs, strict=True)]
+    return [
+        {
+            "input_ids": p,
+            "output_ids": o.output_ids,
+            "logprobs": o.logprobs,
+            "finish_reason": o.finish_reason,
+            "prompt_tokens": o.prompt_tokens,
+            "cached_tokens": o.cached_tokens,
+            "weight_version": o.weight_version,
+            "min_weight_version": o.min_weight_version,
+            "error": o.error,
+        }
+        for p, o in zip(prompts, outs, strict=True)
+    ]
 
 
 def assert_same_records(got: list[dict], want: list[dict]) -> None:
@@ -81,14 +96,27 @@ def assert_same_records(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
-        assert {k: v for k, v in g.items() if k != "logprobs"} == \
-            {k: v for k, v in w.items() if k != "logprobs"}
+        assert {k: v for k, v in g.items() if k != "logprobs"} == {
+            k: v for k, v in w.items() if k != "logprobs"
+        }
 
 
 def generate_args(*where: str) -> list[str]:
     ids = [arg for p in PROMPTS for arg in ("--input-ids", p)]
-    return ["generate", *where, *ids, "--max-new-tokens", "5", "--temperature", "1.0",
-            "--top-k", "20", "--seed", "3", "--json"]
+    return [
+        "generate",
+        *where,
+        *ids,
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "20",
+        "--seed",
+        "3",
+        "--json",
+    ]
 
 
 def client_records(client: EngineClient) -> list[dict]:
@@ -131,8 +159,9 @@ def _server_processes(checkpoint: Path) -> list[int]:
 
 
 def test_text_output_of_generate_and_info(served):
-    run = cli("generate", "--endpoint", served.endpoint, "--input-ids", "1,2,3",
-              "--max-new-tokens", "3")
+    run = cli(
+        "generate", "--endpoint", served.endpoint, "--input-ids", "1,2,3", "--max-new-tokens", "3"
+    )
     assert run.returncode == 0 and "finish=length" in run.stdout and "version=0" in run.stdout
     run = cli("info", "--endpoint", served.endpoint)
     assert run.returncode == 0 and "weight_version: 0" in run.stdout
@@ -153,7 +182,9 @@ def test_flush_exit_codes(served):
     run = cli("flush", "--endpoint", served.endpoint, "--no-empty-cache")
     assert run.returncode == 0 and "flushed" in run.stdout
     served.client.pause("in_place")  # a queued request keeps the engine busy
-    sent = served.client.rpc.send(Generate(input_ids=[1, 2], sampling=SamplingParams(max_new_tokens=2)))
+    sent = served.client.rpc.send(
+        Generate(input_ids=[1, 2], sampling=SamplingParams(max_new_tokens=2))
+    )
     run = cli("flush", "--endpoint", served.endpoint)
     assert run.returncode == 1 and "waiting" in run.stderr, run.stderr
     served.client.continue_generation()
@@ -161,16 +192,29 @@ def test_flush_exit_codes(served):
     assert out.request_id == sent.request_id and len(out.output_ids) == 2
 
 
-@pytest.mark.parametrize("args, words", [
-    (["info", "--endpoint", "ipc:///nonexistent-dir/x.sock"], "does not exist"),
-    (["flush", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.5"], "no reply"),
-    (["info", "--endpoint", "nonsense"], "expected ipc"),
-    (["info", "--endpoint", "tcp://127.0.0.1:9", "--auth-keys", "/nonexistent"], "not found"),
-    (["generate", "--endpoint", "ipc:///tmp/x.sock"], "--input-ids"),
-    (["generate", "--endpoint", "ipc:///tmp/x.sock", "--input-ids", "1,x"], "comma-separated"),
-    (["generate", "--endpoint", "ipc:///tmp/x.sock", "--input-ids", "1", "--max-new-tokens", "0"],
-     "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["info", "--endpoint", "ipc:///nonexistent-dir/x.sock"], "does not exist"),
+        (["flush", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.5"], "no reply"),
+        (["info", "--endpoint", "nonsense"], "expected ipc"),
+        (["info", "--endpoint", "tcp://127.0.0.1:9", "--auth-keys", "/nonexistent"], "not found"),
+        (["generate", "--endpoint", "ipc:///tmp/x.sock"], "--input-ids"),
+        (["generate", "--endpoint", "ipc:///tmp/x.sock", "--input-ids", "1,x"], "comma-separated"),
+        (
+            [
+                "generate",
+                "--endpoint",
+                "ipc:///tmp/x.sock",
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "0",
+            ],
+            "max_new_tokens",
+        ),
+    ],
+)
 def test_unreachable_and_bad_usage_exit_2(args, words):
     run = cli(*args)
     assert run.returncode == 2 and words in run.stderr, (run.returncode, run.stderr)

@@ -47,10 +47,15 @@ def make_core(ckpt, **cfg) -> EngineCore:
     return EngineCore.from_checkpoint(ckpt, EngineConfig(**{"kv_tokens": 512, **cfg}))
 
 
-def gen(rid: str, prompt: list[int], max_new: int = 6, stream: bool = False,
-        **sampling) -> Generate:
-    return Generate(request_id=rid, input_ids=prompt, stream=stream,
-                    sampling=SamplingParams(max_new_tokens=max_new, **sampling))
+def gen(
+    rid: str, prompt: list[int], max_new: int = 6, stream: bool = False, **sampling
+) -> Generate:
+    return Generate(
+        request_id=rid,
+        input_ids=prompt,
+        stream=stream,
+        sampling=SamplingParams(max_new_tokens=max_new, **sampling),
+    )
 
 
 def submit(core: EngineCore, *msgs: Generate) -> None:
@@ -75,7 +80,7 @@ def greedy_ref(core: EngineCore, prompt: list[int], n: int) -> tuple[list[int], 
         logp = torch.log_softmax(core.model.forward_full(torch.tensor(ids))[-1], -1)
         ids.append(int(logp.argmax()))
         lps.append(float(logp[ids[-1]]))
-    return ids[len(prompt):], lps
+    return ids[len(prompt) :], lps
 
 
 PROMPTS = [[5, 17, 33, 2, 71, 8, 8, 40, 1], [60, 3], [11, 12, 13, 14, 15, 16], [90], [7, 7, 7, 7]]
@@ -136,8 +141,10 @@ def test_seeded_sampling_same_across_batch_compositions(ckpt):
     submit(alone, gen("x", prompt, max_new=12, temperature=1.0, seed=1234))
     expected = drain(alone)["x"][0]
     crowd = make_core(ckpt)
-    submit(crowd, *(gen(f"o{i}", p, max_new=3 + i, temperature=0.7, seed=i)
-                    for i, p in enumerate(PROMPTS)))
+    submit(
+        crowd,
+        *(gen(f"o{i}", p, max_new=3 + i, temperature=0.7, seed=i) for i, p in enumerate(PROMPTS)),
+    )
     crowd.step()
     submit(crowd, gen("x", prompt, max_new=12, temperature=1.0, seed=1234))
     got = drain(crowd)["x"][0]
@@ -148,8 +155,11 @@ def test_seeded_sampling_same_across_batch_compositions(ckpt):
 
 def test_top_k_one_equals_greedy(ckpt):
     core = make_core(ckpt)
-    submit(core, gen("k", PROMPTS[0], max_new=8, temperature=1.3, top_k=1, seed=9),
-           gen("g", PROMPTS[0], max_new=8))
+    submit(
+        core,
+        gen("k", PROMPTS[0], max_new=8, temperature=1.3, top_k=1, seed=9),
+        gen("g", PROMPTS[0], max_new=8),
+    )
     outs = drain(core)
     assert outs["k"][0].output_ids == outs["g"][0].output_ids == greedy_ref(core, PROMPTS[0], 8)[0]
 
@@ -161,7 +171,7 @@ def test_stop_token_ends_generation(ckpt):
     submit(core, gen("s", PROMPTS[1], max_new=10, stop_token_ids=[stop, VOCAB - 1]))
     out = drain(core)["s"][0]
     assert out.finish_reason == "stop"
-    assert out.output_ids == full[:full.index(stop) + 1]
+    assert out.output_ids == full[: full.index(stop) + 1]
 
 
 def test_streaming_chunks_concatenate_to_final_output(ckpt):
@@ -178,17 +188,20 @@ def test_streaming_chunks_concatenate_to_final_output(ckpt):
 # ---------------------------------------------------------------- validation and messages
 
 
-@pytest.mark.parametrize(("msg", "field"), [
-    (gen("e", []), "input_ids: empty prompt"),
-    (gen("e", [1, VOCAB, 2]), "input_ids[1]: token id 96 outside [0, 96)"),
-    (gen("e", [1, -3]), "input_ids[1]"),
-    (gen("e", [1] * 200, max_new=100), "max_position_embeddings (256)"),
-    (gen("e", [1] * 50, max_new=30), "the KV pool (64 tokens)"),
-    (gen("", [1, 2]), "request_id"),
-    (gen("e", [1], temperature=-1.0), "sampling.temperature"),
-    (gen("e", [1], top_p=1.5), "sampling.top_p"),
-    (gen("e", [1], max_new=0), "sampling.max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (gen("e", []), "input_ids: empty prompt"),
+        (gen("e", [1, VOCAB, 2]), "input_ids[1]: token id 96 outside [0, 96)"),
+        (gen("e", [1, -3]), "input_ids[1]"),
+        (gen("e", [1] * 200, max_new=100), "max_position_embeddings (256)"),
+        (gen("e", [1] * 50, max_new=30), "the KV pool (64 tokens)"),
+        (gen("", [1, 2]), "request_id"),
+        (gen("e", [1], temperature=-1.0), "sampling.temperature"),
+        (gen("e", [1], top_p=1.5), "sampling.top_p"),
+        (gen("e", [1], max_new=0), "sampling.max_new_tokens"),
+    ],
+)
 def test_bad_generate_rejected_naming_field(ckpt, msg, field):
     core = make_core(ckpt, kv_tokens=64)
     (out,) = core.process(msg)
@@ -230,8 +243,9 @@ def test_shutdown_and_unknown_messages(ckpt):
 def test_weight_messages_go_to_the_update_machine(ckpt, monkeypatch):
     core = make_core(ckpt)
     seen = []
-    monkeypatch.setattr(core.updates, "process",
-                        lambda msg: seen.append(msg) or [Result(request_id=msg.request_id)])
+    monkeypatch.setattr(
+        core.updates, "process", lambda msg: seen.append(msg) or [Result(request_id=msg.request_id)]
+    )
     msg = GetWeightsFingerprint(request_id="f", names=[])
     assert core.process(msg) == [Result(request_id="f")] and seen == [msg]
 

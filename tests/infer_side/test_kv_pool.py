@@ -73,16 +73,22 @@ def test_table_rows_and_slot_rows():
 
 
 def test_slots_for_bytes_matches_tensor_sizes():
-    cfg = ModelConfig(num_hidden_layers=3, num_key_value_heads=2, hidden_size=64,
-                      num_attention_heads=4)
+    cfg = ModelConfig(
+        num_hidden_layers=3, num_key_value_heads=2, hidden_size=64, num_attention_heads=4
+    )
     per_slot = 2 * 3 * 2 * 16 * 2  # K and V, layers, kv heads, head_dim, bf16 bytes
     assert slots_for_bytes(cfg, torch.bfloat16, 100 * per_slot + 7) == 100
     assert slots_for_bytes(cfg, torch.float32, 100 * per_slot) == 50
 
 
 def test_create_allocates_pool_once_with_model_layout():
-    cfg = ModelConfig(num_hidden_layers=2, num_key_value_heads=2, hidden_size=32,
-                      num_attention_heads=4, max_position_embeddings=64)
+    cfg = ModelConfig(
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     pool = KVPool.create(cfg, 40, torch.float32, CPU, max_requests=3)
     assert pool.k.shape == pool.v.shape == (2, 40, 2, 8)
     assert pool.size == pool.available == 40

@@ -30,7 +30,9 @@ def ckpt(request, tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), **VARIANTS[request.param])
 
 
-def greedy(next_logits, prompt: list[int], steps: int = NEW_TOKENS) -> tuple[list[int], list[float]]:
+def greedy(
+    next_logits, prompt: list[int], steps: int = NEW_TOKENS
+) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs; next_logits(ids) -> float logits of the next token."""
     ids, logprobs = list(prompt), []
     for _ in range(steps):
@@ -38,7 +40,7 @@ def greedy(next_logits, prompt: list[int], steps: int = NEW_TOKENS) -> tuple[lis
         token = int(logp.argmax())
         ids.append(token)
         logprobs.append(float(logp[token]))
-    return ids[len(prompt):], logprobs
+    return ids[len(prompt) :], logprobs
 
 
 def hf_reference(hf, prompt: list[int]) -> tuple[list[int], list[float]]:
@@ -52,7 +54,9 @@ class PagedRunner:
     def __init__(self, model: LlamaForInference, num_slots: int = 96, seed: int = 0):
         self.model = model
         self.k, self.v = allocate_kv_cache(model.cfg, num_slots, model.weights.dtype, "cpu")
-        self.free = torch.randperm(num_slots, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.free = torch.randperm(
+            num_slots, generator=torch.Generator().manual_seed(seed)
+        ).tolist()
         self.slots: list[list[int]] = []
 
     def step(self, new_tokens: list[list[int]]) -> torch.Tensor:
@@ -67,8 +71,12 @@ class PagedRunner:
             pos += range(start, start + len(toks))
             out += self.slots[b][start:]
         batch = ForwardBatch(
-            input_ids=torch.tensor(ids), positions=torch.tensor(pos), out_slots=torch.tensor(out),
-            seq_slots=[torch.tensor(s) for s in self.slots], new_lens=[len(t) for t in new_tokens])
+            input_ids=torch.tensor(ids),
+            positions=torch.tensor(pos),
+            out_slots=torch.tensor(out),
+            seq_slots=[torch.tensor(s) for s in self.slots],
+            new_lens=[len(t) for t in new_tokens],
+        )
         return self.model.forward(batch, self.k, self.v)
 
 
@@ -157,8 +165,9 @@ def test_bf16_checkpoint_loads_into_bf16_and_fp32(tmp_path):
     cfg32, w32 = load_model(path, dtype="float32")
     assert all(torch.equal(w32.hf_views()[n], t.float()) for n, t in saved.items())
     # fp32 store of bf16 values == transformers upcasting the same checkpoint
-    ours = greedy(lambda ids: LlamaForInference(cfg32, w32).forward_full(torch.tensor(ids))[-1],
-                  PROMPTS[0])
+    ours = greedy(
+        lambda ids: LlamaForInference(cfg32, w32).forward_full(torch.tensor(ids))[-1], PROMPTS[0]
+    )
     assert_same_generation(ours, hf_reference(load_hf_model(path, torch.float32), PROMPTS[0]))
     # bf16 compute: same first token as transformers in bf16, logits close
     hf16 = load_hf_model(path, torch.bfloat16)
@@ -170,10 +179,13 @@ def test_bf16_checkpoint_loads_into_bf16_and_fp32(tmp_path):
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_scaling": {"type": "linear", "factor": 2.0}},
-    {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_scaling": {"type": "linear", "factor": 2.0}},
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+    ],
+)
 def test_rope_scaling_is_refused(tmp_path, rope):
     path = make_hf_checkpoint(tmp_path)
     raw = json.loads((path / "config.json").read_text())
@@ -189,7 +201,10 @@ def test_loader_names_unknown_missing_and_untied_head(tmp_path):
     cfg, weights = load_model(path)
     good = weights.hf_views()
     cases = {
-        "model.layers.0.self_attn.rotary_emb.inv_freq": {**good, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)},
+        "model.layers.0.self_attn.rotary_emb.inv_freq": {
+            **good,
+            "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+        },
         "model.norm.weight": {n: t for n, t in good.items() if n != "model.norm.weight"},
         "lm_head.weight": {**good, "lm_head.weight": good["model.embed_tokens.weight"] + 1},
     }
@@ -198,7 +213,9 @@ def test_loader_names_unknown_missing_and_untied_head(tmp_path):
         write_checkpoint(out, cfg, tensors)
         with pytest.raises(WeightError, match=culprit.replace(".", r"\.")):
             load_model(out)
-    write_checkpoint(tmp_path / "tied-ok", cfg, {**good, "lm_head.weight": good["model.embed_tokens.weight"]})
+    write_checkpoint(
+        tmp_path / "tied-ok", cfg, {**good, "lm_head.weight": good["model.embed_tokens.weight"]}
+    )
     assert load_model(tmp_path / "tied-ok")[1].fingerprints() == weights.fingerprints()
 
 
@@ -207,8 +224,13 @@ def test_kv_cache_and_batch_validation(tmp_path):
     model = LlamaForInference(cfg, weights)
     assert kv_cache_shape(cfg, 10) == (2, 10, 2, 8)
     k, v = allocate_kv_cache(cfg, 10, torch.bfloat16, "cpu")
-    batch = ForwardBatch(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 1]),
-                         [torch.tensor([0, 1])], [2])
+    batch = ForwardBatch(
+        torch.tensor([1, 2]),
+        torch.tensor([0, 1]),
+        torch.tensor([0, 1]),
+        [torch.tensor([0, 1])],
+        [2],
+    )
     with pytest.raises(ValueError, match="k_cache"):
         model.forward(batch, k, v)
     k, v = allocate_kv_cache(cfg, 10, torch.float32, "cpu")

@@ -37,8 +37,13 @@ def test_same_seed_same_token_whatever_the_batch():
     x = logits(5, seed=2)
     p = SamplingParams(temperature=1.0, seed=7)
     alone, alone_lp = sample(x[2:3], [p], [7], [4])
-    other = [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(), p,
-             SamplingParams(temperature=2.0, top_k=3), SamplingParams(temperature=1.0)]
+    other = [
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(),
+        p,
+        SamplingParams(temperature=2.0, top_k=3),
+        SamplingParams(temperature=1.0),
+    ]
     batched, batched_lp = sample(x, other, [1, 2, 7, 3, 4], [0, 9, 4, 1, 2])
     assert batched[2] == alone[0] and batched_lp[2] == alone_lp[0]
 

@@ -33,7 +33,7 @@ def reference(prompt: list[int], max_new: int, stop: tuple[int, ...] = ()) -> li
         ids.append(int(seq_logits(ids).argmax()))
         if ids[-1] in stop:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 class TraceModel:
@@ -53,8 +53,9 @@ class TraceModel:
         return torch.stack(rows)
 
 
-def make(kv: int = 256, max_running: int = 8,
-         max_prefill: int = 512) -> tuple[Scheduler, TraceModel]:
+def make(
+    kv: int = 256, max_running: int = 8, max_prefill: int = 512
+) -> tuple[Scheduler, TraceModel]:
     k = torch.zeros(1, kv, 1, 2)
     pool = KVPool(k, torch.zeros_like(k), max_running, max_len=128)
     model = TraceModel(pool)
@@ -62,8 +63,13 @@ def make(kv: int = 256, max_running: int = 8,
 
 
 def req(rid: str, prompt: list[int], max_new: int = 6, stream: bool = False, **kw) -> Request:
-    return Request(rid=rid, prompt=prompt, params=SamplingParams(max_new_tokens=max_new, **kw),
-                   stream=stream, seed=kw.get("seed") or 0)
+    return Request(
+        rid=rid,
+        prompt=prompt,
+        params=SamplingParams(max_new_tokens=max_new, **kw),
+        stream=stream,
+        seed=kw.get("seed") or 0,
+    )
 
 
 def run(sched: Scheduler, max_steps: int = 500) -> dict[str, list]:
@@ -224,7 +230,7 @@ def test_stop_token_finishes_and_is_kept():
     sched.add(req("a", prompt, max_new=8, stop_token_ids=[full[2]]))
     (out,) = run(sched)["a"]
     assert out.finish_reason == "stop"
-    assert out.output_ids == full[:full.index(full[2]) + 1]
+    assert out.output_ids == full[: full.index(full[2]) + 1]
 
 
 def test_stream_chunks_concatenate_to_output():

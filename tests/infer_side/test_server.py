@@ -49,14 +49,24 @@ BAD_FRAMES = [
     (encode(Generate(request_id="t", input_ids=[1, 2]))[:-3], "", "not valid msgpack"),
     (_frame("Teleport", {"request_id": "r1"}), "r1", "unknown message type"),
     (_frame("Generate", {"request_id": "r2", "input_ids": "abc"}), "r2", "Generate.input_ids"),
-    (_frame("Generate", {"request_id": "r3", "sampling": {"max_new_tokens": -1}}), "r3",
-     "Generate.sampling.max_new_tokens"),
+    (
+        _frame("Generate", {"request_id": "r3", "sampling": {"max_new_tokens": -1}}),
+        "r3",
+        "Generate.sampling.max_new_tokens",
+    ),
     (_frame("GetInfo", {"request_id": "r4", "extra": 1}), "r4", "unknown field"),
     (_frame("GetInfo", {}), "", "request_id: must not be empty"),
 ]
 """(frame, request_id the error reply names, words in its message)"""
-BAD_FRAME_IDS = ["random-bytes", "truncated", "unknown-type", "wrong-field-type",
-                 "negative-max-new-tokens", "unknown-field", "no-request-id"]
+BAD_FRAME_IDS = [
+    "random-bytes",
+    "truncated",
+    "unknown-type",
+    "wrong-field-type",
+    "negative-max-new-tokens",
+    "unknown-field",
+    "no-request-id",
+]
 
 
 def raw_call(endpoint: str, frames: list[bytes]) -> Result:
@@ -101,8 +111,11 @@ def reference(checkpoint: Path) -> dict[str, GenerateOutput]:
 def requests() -> list[Generate]:
     greedy = SamplingParams(max_new_tokens=6)
     sampled = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7)
-    return [Generate(request_id=f"{kind}{i}", input_ids=p, sampling=sp)
-            for kind, sp in (("greedy", greedy), ("sampled", sampled)) for i, p in enumerate(PROMPTS)]
+    return [
+        Generate(request_id=f"{kind}{i}", input_ids=p, sampling=sp)
+        for kind, sp in (("greedy", greedy), ("sampled", sampled))
+        for i, p in enumerate(PROMPTS)
+    ]
 
 
 def check_same_as_reference(engine: EngineClient, reference: dict[str, GenerateOutput]) -> None:
@@ -130,14 +143,15 @@ def test_server_process_generates_what_the_core_generates(engine, reference):
 
 def test_many_prompts_at_once_come_back_as_they_finish(engine):
     lengths = [1 + 3 * i for i in range(12)][::-1]
-    reqs = [Generate(input_ids=[i + 1, 2], sampling=SamplingParams(max_new_tokens=n))
-            for i, n in enumerate(lengths)]
+    reqs = [
+        Generate(input_ids=[i + 1, 2], sampling=SamplingParams(max_new_tokens=n))
+        for i, n in enumerate(lengths)
+    ]
     engine.pause("in_place")  # queue all 12, so that one step admits them together
     threading.Timer(0.5, engine.continue_generation).start()  # from another thread
     outs = list(engine.rpc.generate(reqs, timeout_s=60))
     assert [len(o.output_ids) for o in outs] == sorted(lengths)
-    in_order = engine.generate([r.input_ids for r in reqs],
-                               [r.sampling for r in reqs])
+    in_order = engine.generate([r.input_ids for r in reqs], [r.sampling for r in reqs])
     assert [len(o.output_ids) for o in in_order] == lengths
 
 
@@ -152,8 +166,12 @@ def test_stream_chunks_add_up_to_the_full_output(engine, reference):
 
 def test_abort_from_another_thread_ends_a_stream(engine):
     engine.pause("in_place")  # keeps the request in flight until it is aborted
-    req = Generate(request_id="to-abort", input_ids=[1, 2], stream=True,
-                   sampling=SamplingParams(max_new_tokens=50))
+    req = Generate(
+        request_id="to-abort",
+        input_ids=[1, 2],
+        stream=True,
+        sampling=SamplingParams(max_new_tokens=50),
+    )
 
     def abort_then_continue() -> None:
         engine.abort("to-abort")
@@ -247,8 +265,14 @@ class ScriptedCore:
                 del self.running[rid]
             if req.stream or finished:
                 ids = done[-1:] if req.stream else done
-                outs.append(GenerateOutput(request_id=rid, output_ids=ids, finished=finished,
-                                           finish_reason="length" if finished else None))
+                outs.append(
+                    GenerateOutput(
+                        request_id=rid,
+                        output_ids=ids,
+                        finished=finished,
+                        finish_reason="length" if finished else None,
+                    )
+                )
         return outs
 
     def idle_wait_ms(self) -> int:
@@ -296,7 +320,10 @@ def gen(first: int, n: int = 3, stream: bool = False) -> Generate:
 
 
 def test_outputs_go_to_the_client_that_asked(server):
-    with RpcClient(server.endpoint, timeout_s=10) as a, RpcClient(server.endpoint, timeout_s=10) as b:
+    with (
+        RpcClient(server.endpoint, timeout_s=10) as a,
+        RpcClient(server.endpoint, timeout_s=10) as b,
+    ):
         outs_a = a.generate([gen(10, 4), gen(20, 2)])
         outs_b = b.generate([gen(30, 3, stream=True)])
         got_b = [o.output_ids for o in outs_b]
@@ -313,7 +340,10 @@ def test_shutdown_stops_the_loop(server):
 
 
 def test_shutdown_fails_requests_still_in_flight(server):
-    with RpcClient(server.endpoint, timeout_s=10) as a, RpcClient(server.endpoint, timeout_s=10) as b:
+    with (
+        RpcClient(server.endpoint, timeout_s=10) as a,
+        RpcClient(server.endpoint, timeout_s=10) as b,
+    ):
         a.send(gen(1, 10_000))
         assert b.call(Shutdown()).success
         with pytest.raises(EngineDead, match="engine shut down before this request finished"):
@@ -350,8 +380,9 @@ def test_multipart_and_duplicate_ids_are_rejected(server):
     reply = raw_call(server.endpoint, [b"a", b"b"])
     assert not reply.success and "one frame" in reply.message
     with RpcClient(server.endpoint, timeout_s=10) as rpc:
-        first = rpc.send(Generate(request_id="dup", input_ids=[1],
-                                  sampling=SamplingParams(max_new_tokens=300)))
+        first = rpc.send(
+            Generate(request_id="dup", input_ids=[1], sampling=SamplingParams(max_new_tokens=300))
+        )
         reply = raw_call(server.endpoint, [encode(first)])
         assert not reply.success and "already in flight" in reply.message
         assert rpc.recv().output_ids == list(range(1, 301))

@@ -50,8 +50,11 @@ class FakeStore:
         return self.tensors
 
     def fingerprints(self, names=None):
-        return {n: int(t.sum().item() * 1000) for n, t in self.tensors.items()
-                if names is None or n in names}
+        return {
+            n: int(t.sum().item() * 1000)
+            for n, t in self.tensors.items()
+            if names is None or n in names
+        }
 
 
 class FakeEngine:
@@ -143,8 +146,13 @@ PLAN = plan_buckets([(n, "float32", s) for n, s in SHAPES.items()], 1 << 10)
 
 def update(version: int, **kw) -> UpdateWeightsFromIPC:
     kw.setdefault("plan", PLAN)
-    return UpdateWeightsFromIPC(request_id=f"u{version}", weight_version=version,
-                                plan_id=plan_id_of(PLAN), push_id=version, **kw)
+    return UpdateWeightsFromIPC(
+        request_id=f"u{version}",
+        weight_version=version,
+        plan_id=plan_id_of(PLAN),
+        push_id=version,
+        **kw,
+    )
 
 
 def run_until_done(m: UpdateMachine, timeout_s: float = 10.0) -> UpdateDone:
@@ -201,10 +209,13 @@ def test_shadow_receives_while_generating_then_swaps_between_steps(machine):
 # ---------------------------------------------------------------- refusals change nothing
 
 
-@pytest.mark.parametrize("msg, why", [
-    (update(0), "not newer"),
-    (update(1, plan=plan_buckets([("a", "float32", (4, 3))], 1 << 10)), "b: missing"),
-])
+@pytest.mark.parametrize(
+    "msg, why",
+    [
+        (update(0), "not newer"),
+        (update(1, plan=plan_buckets([("a", "float32", (4, 3))], 1 << 10)), "b: missing"),
+    ],
+)
 def test_refused_update_changes_nothing(machine, msg, why):
     m, engine, _ = machine
     msg.plan_id = plan_id_of(msg.plan)
@@ -374,7 +385,9 @@ def test_fingerprints_and_specs_answer_with_their_own_messages(machine):
     (specs,) = m.process(GetWeightSpecs(request_id="s"))
     assert isinstance(specs, WeightSpecs)
     assert [(s.name, s.dtype, s.shape) for s in specs.specs] == [
-        ("a", "float32", [4, 3]), ("b", "float32", [5])]
+        ("a", "float32", [4, 3]),
+        ("b", "float32", [5]),
+    ]
 
 
 def test_a_failure_that_wrote_nothing_keeps_an_earlier_incomplete_state(machine):

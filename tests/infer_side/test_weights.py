@@ -10,11 +10,22 @@ from rlsync.buckets import dtype_name, tensor_fingerprint
 from rlsync.model_config import ModelConfig
 
 CONFIGS = {
-    "llama": ModelConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64),
-    "qwen2-tied": ModelConfig(model_type="qwen2", hidden_size=32, intermediate_size=48,
-                              num_attention_heads=4, num_key_value_heads=1, vocab_size=64,
-                              tie_word_embeddings=True),
+    "llama": ModelConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    ),
+    "qwen2-tied": ModelConfig(
+        model_type="qwen2",
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=64,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -23,10 +34,13 @@ def cfg(request) -> ModelConfig:
     return CONFIGS[request.param]
 
 
-def random_tensors(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
+def random_tensors(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen).to(dtype) for n, s in cfg.hf_parameter_shapes().items()}
+    return {
+        n: torch.randn(s, generator=gen).to(dtype) for n, s in cfg.hf_parameter_shapes().items()
+    }
 
 
 def loaded(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> ModelWeights:
@@ -59,7 +73,7 @@ def test_load_round_trips_bit_exactly(cfg, dtype):
     assert weights.fingerprints() == {n: tensor_fingerprint(t) for n, t in src.items()}
     q, kv = cfg.q_size, cfg.kv_size
     qkv = weights.layers[0].qkv_proj
-    assert torch.equal(qkv[q + kv:], src["model.layers.0.self_attn.v_proj.weight"])
+    assert torch.equal(qkv[q + kv :], src["model.layers.0.self_attn.v_proj.weight"])
     assert weights.expected()["model.norm.weight"] == (dtype_name(dtype), (cfg.hidden_size,))
     assert weights.nbytes == sum(t.numel() * t.element_size() for t in src.values())
 
@@ -69,8 +83,10 @@ def _bad_updates(cfg: ModelConfig) -> dict[str, tuple[str, list[tuple[str, torch
     fresh = list(random_tensors(cfg, seed=1).items())
     name, t = fresh[-1]
     return {
-        "unknown": ("model.layers.9.mlp.gate_proj.weight",
-                    fresh + [("model.layers.9.mlp.gate_proj.weight", t)]),
+        "unknown": (
+            "model.layers.9.mlp.gate_proj.weight",
+            fresh + [("model.layers.9.mlp.gate_proj.weight", t)],
+        ),
         "missing": (name, fresh[:-1]),
         "shape": (name, fresh[:-1] + [(name, t[:-1])]),
         "dtype": (name, fresh[:-1] + [(name, t.to(torch.bfloat16))]),

@@ -41,16 +41,22 @@ class FuzzCounts:
     """request_id -> category, for frames that decode (their replies can be attributed)."""
 
     def summary(self) -> dict:
-        return {"frames_sent": self.sent, "skipped": self.skipped,
-                "final_replies": self.final_replies, "error_replies": self.error_replies,
-                "ok_replies": self.ok_replies, "accepted_updates": self.accepted_updates,
-                "by_category": dict(self.by_category),
-                "ok_by_category": dict(self.ok_by_category),
-                "top_errors": dict(self.errors_by_kind.most_common(12))}
+        return {
+            "frames_sent": self.sent,
+            "skipped": self.skipped,
+            "final_replies": self.final_replies,
+            "error_replies": self.error_replies,
+            "ok_replies": self.ok_replies,
+            "accepted_updates": self.accepted_updates,
+            "by_category": dict(self.by_category),
+            "ok_by_category": dict(self.ok_by_category),
+            "top_errors": dict(self.errors_by_kind.most_common(12)),
+        }
 
 
-def fuzz_engine(endpoint: str, cases: Iterable[Case], dead_port: int,
-                window_timeout_s: float = 30.0) -> FuzzCounts:
+def fuzz_engine(
+    endpoint: str, cases: Iterable[Case], dead_port: int, window_timeout_s: float = 30.0
+) -> FuzzCounts:
     """Send every harmless case; raise AssertionError if any window's replies fall short."""
     counts = FuzzCounts()
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -70,8 +76,9 @@ def fuzz_engine(endpoint: str, cases: Iterable[Case], dead_port: int,
     return counts
 
 
-def _window(sock: zmq.Socket, batch: list[Case], counts: FuzzCounts, dead_port: int,
-            timeout_s: float) -> None:
+def _window(
+    sock: zmq.Socket, batch: list[Case], counts: FuzzCounts, dead_port: int, timeout_s: float
+) -> None:
     expected = 0
     for category, parts in batch:
         if not harmless(parts, dead_port):
@@ -85,8 +92,10 @@ def _window(sock: zmq.Socket, batch: list[Case], counts: FuzzCounts, dead_port: 
     sock.send(encode(ContinueGeneration(request_id=f"fuzz-continue-{counts.sent}")))
     expected += 1
     got = _collect(sock, expected, counts, timeout_s)
-    assert got == expected, (f"window of {len(batch)} cases: {got} final replies, expected "
-                             f"{expected} (categories {Counter(c for c, _ in batch)})")
+    assert got == expected, (
+        f"window of {len(batch)} cases: {got} final replies, expected "
+        f"{expected} (categories {Counter(c for c, _ in batch)})"
+    )
 
 
 def _remember(parts: list[bytes], category: str, counts: FuzzCounts) -> None:
@@ -129,7 +138,10 @@ def _classify(reply: Message, counts: FuzzCounts) -> None:
 
 def _kind(error: str) -> str:
     """A short label for an error message: its leading words, numbers and quotes dropped."""
-    head = error.split(":")[0] if not error.startswith("ProtocolError") else \
-        ":".join(error.split(":")[:2])
+    head = (
+        error.split(":")[0]
+        if not error.startswith("ProtocolError")
+        else ":".join(error.split(":")[:2])
+    )
     words = [w for w in head.replace("'", " ").split() if not any(c.isdigit() for c in w)]
     return " ".join(words[:6])[:80]

@@ -56,31 +56,75 @@ from rlsync.protocol import (
 from tests.reliability.fuzz_targets import Targets
 
 Case = tuple[str, list[bytes]]
-BENIGN = (Generate, Abort, InitWeightsGroup, DestroyWeightsGroup, FlushCache, PauseGeneration,
-          ContinueGeneration, GetWeightsFingerprint, GetWeightSpecs, GetInfo, Shutdown)
+BENIGN = (
+    Generate,
+    Abort,
+    InitWeightsGroup,
+    DestroyWeightsGroup,
+    FlushCache,
+    PauseGeneration,
+    ContinueGeneration,
+    GetWeightsFingerprint,
+    GetWeightSpecs,
+    GetInfo,
+    Shutdown,
+)
 """Requests that may succeed: a mutation that turns into one of them is not hostile (weight
 updates aimed at nothing and replies sent as requests are always refused)."""
 FAR_VERSION = 1 << 40
 """Every fuzzed update claims a version far ahead, so only validation can stop it."""
-ODD_VALUES = [None, True, -1, 0, 1 << 63, (1 << 64) - 1, -(1 << 63), 1.5, float("nan"),
-              float("inf"), "", "x" * 300, b"\x00\xff", [], [1, "a"], {}, {"k": [None]}]
+ODD_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    1 << 63,
+    (1 << 64) - 1,
+    -(1 << 63),
+    1.5,
+    float("nan"),
+    float("inf"),
+    "",
+    "x" * 300,
+    b"\x00\xff",
+    [],
+    [1, "a"],
+    {},
+    {"k": [None]},
+]
 
 
 class FrameFactory:
     """Deterministic hostile cases for one model (`specs`: name -> (dtype, shape))."""
 
-    def __init__(self, seed: int, specs: dict[str, tuple[str, tuple[int, ...]]],
-                 targets: Targets, dead_port: int):
+    def __init__(
+        self,
+        seed: int,
+        specs: dict[str, tuple[str, tuple[int, ...]]],
+        targets: Targets,
+        dead_port: int,
+    ):
         self.rng = random.Random(seed)
         self.specs, self.targets, self.dead_port = specs, targets, dead_port
         items = [(n, d, s) for n, (d, s) in specs.items()]
         self.plan = plan_buckets(items, 1 << 14)
         self.plan_id = plan_id_of(self.plan)
         self.count = 0
-        self.categories = [self.random_bytes, self.truncated, self.bit_flipped, self.smashed,
-                           self.wrong_types, self.huge_lengths, self.unknown_shapes,
-                           self.absurd_values, self.bad_plans, self.bad_disk, self.bad_ipc,
-                           self.multipart, self.interleaved_valid]
+        self.categories = [
+            self.random_bytes,
+            self.truncated,
+            self.bit_flipped,
+            self.smashed,
+            self.wrong_types,
+            self.huge_lengths,
+            self.unknown_shapes,
+            self.absurd_values,
+            self.bad_plans,
+            self.bad_disk,
+            self.bad_ipc,
+            self.multipart,
+            self.interleaved_valid,
+        ]
 
     def cases(self, n: int) -> Iterator[Case]:
         """`n` cases, cycling through every category."""
@@ -99,16 +143,34 @@ class FrameFactory:
         rid, t = self._rid(), self.targets
         quick = {"weight_version": FAR_VERSION, "timeout_s": 0.5, "idle_timeout_s": 1.0}
         cases = [
-            Generate(request_id=rid, input_ids=[1, 2, 3], sampling=SamplingParams(max_new_tokens=2)),
+            Generate(
+                request_id=rid, input_ids=[1, 2, 3], sampling=SamplingParams(max_new_tokens=2)
+            ),
             Abort(request_id=rid, target_id="nobody"),
             InitWeightsGroup(request_id=rid, master_port=self.dead_port, timeout_s=0.2),
             DestroyWeightsGroup(request_id=rid, group_name="fuzz-none"),
-            UpdateWeightsFromDistributed(request_id=rid, group_name="fuzz-none",
-                                         plan_id=self.plan_id, plan=self.plan, **quick),
-            UpdateWeightsFromIPC(request_id=rid, buffer=self.rng.choice(t.buffers),
-                                 plan_id=self.plan_id, plan=self.plan, push_id=1, **quick),
-            UpdateWeightsFromIPC(request_id=rid, buffer=self.rng.choice(t.buffers),  # id only
-                                 plan_id=self.plan_id, push_id=1, **quick),
+            UpdateWeightsFromDistributed(
+                request_id=rid,
+                group_name="fuzz-none",
+                plan_id=self.plan_id,
+                plan=self.plan,
+                **quick,
+            ),
+            UpdateWeightsFromIPC(
+                request_id=rid,
+                buffer=self.rng.choice(t.buffers),
+                plan_id=self.plan_id,
+                plan=self.plan,
+                push_id=1,
+                **quick,
+            ),
+            UpdateWeightsFromIPC(
+                request_id=rid,
+                buffer=self.rng.choice(t.buffers),  # id only
+                plan_id=self.plan_id,
+                push_id=1,
+                **quick,
+            ),
             UpdateWeightsFromDisk(request_id=rid, path=self.rng.choice(t.disk_paths), **quick),
             FlushCache(request_id=rid, empty_cache=False),
             ContinueGeneration(request_id=rid),
@@ -123,8 +185,9 @@ class FrameFactory:
             EngineDied(request_id=rid, message="engine crashed: fuzz"),
             UpdateAccepted(request_id=rid, weight_version=FAR_VERSION, bytes=1 << 40),
             UpdateDone(request_id=rid, weight_version=FAR_VERSION, transport="ipc"),
-            WeightFingerprints(request_id=rid, weight_version=FAR_VERSION,
-                               fingerprints={"model.norm.weight": 1}),
+            WeightFingerprints(
+                request_id=rid, weight_version=FAR_VERSION, fingerprints={"model.norm.weight": 1}
+            ),
             WeightSpecs(request_id=rid, specs=[WeightSpec(name="x", dtype="float32", shape=[1])]),
             EngineInfo(request_id=rid, weight_version=FAR_VERSION, model={"vocab_size": 1}),
         ]
@@ -163,6 +226,7 @@ class FrameFactory:
             for _ in range(self.rng.randint(1, 8)):
                 frame[self.rng.randrange(len(frame))] ^= 1 << self.rng.randrange(8)
             return bytes(frame)
+
         return self._hostile(mutate)
 
     def smashed(self) -> list[bytes]:
@@ -171,6 +235,7 @@ class FrameFactory:
             for _ in range(self.rng.randint(1, 4)):
                 frame[self.rng.randrange(len(frame))] = self.rng.randrange(256)
             return bytes(frame)
+
         return self._hostile(mutate)
 
     def wrong_types(self) -> list[bytes]:
@@ -179,11 +244,14 @@ class FrameFactory:
             key = self.rng.choice(sorted(fields))
             fields[key] = self.rng.choice(ODD_VALUES)
             return msgpack.packb([name, fields], use_bin_type=True)
+
         return self._hostile(mutate)
 
     def huge_lengths(self) -> list[bytes]:
         """msgpack headers that declare ~4 G elements or bytes and carry almost none."""
-        head = self.rng.choice([b"\xdd", b"\xdf", b"\xdb", b"\xc6", b"\xc9"])  # arr/map/str/bin/ext 32
+        head = self.rng.choice(
+            [b"\xdd", b"\xdf", b"\xdb", b"\xc6", b"\xc9"]
+        )  # arr/map/str/bin/ext 32
         declared = struct.pack(">I", self.rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 1 << 28]))
         tail = self.rng.randbytes(self.rng.randrange(0, 16))
         prefix = self.rng.choice([b"", b"\x92\xa8Generate", b"\x92\xa8Generate\x81\xa9input_ids"])
@@ -191,27 +259,48 @@ class FrameFactory:
 
     def unknown_shapes(self) -> list[bytes]:
         rid = self._rid()
-        value = self.rng.choice([
-            ["Teleport", {"request_id": rid}], ["", {}], [7, {}], ["GetInfo"],
-            ["GetInfo", {"request_id": rid}, 3], {"GetInfo": {}}, "GetInfo", 42, None,
-            ["getinfo", {"request_id": rid}], ["Message", {"request_id": rid}],
-            ["UpdateWeights", {"request_id": rid}], ["BucketUpdate", {"request_id": rid}],
-            ["WeightSpec", {"name": "x", "dtype": "float32"}], ["GetInfo", {b"request_id": rid}],
-            ["GetInfo", {"request_id": rid, "request_id ": "x"}], ["GetInfo", []],
-        ])
+        value = self.rng.choice(
+            [
+                ["Teleport", {"request_id": rid}],
+                ["", {}],
+                [7, {}],
+                ["GetInfo"],
+                ["GetInfo", {"request_id": rid}, 3],
+                {"GetInfo": {}},
+                "GetInfo",
+                42,
+                None,
+                ["getinfo", {"request_id": rid}],
+                ["Message", {"request_id": rid}],
+                ["UpdateWeights", {"request_id": rid}],
+                ["BucketUpdate", {"request_id": rid}],
+                ["WeightSpec", {"name": "x", "dtype": "float32"}],
+                ["GetInfo", {b"request_id": rid}],
+                ["GetInfo", {"request_id": rid, "request_id ": "x"}],
+                ["GetInfo", []],
+            ]
+        )
         return [msgpack.packb(value, use_bin_type=True)]
 
     def absurd_values(self) -> list[bytes]:
         rid, r = self._rid(), self.rng
-        sampling = {"max_new_tokens": r.choice([-1, 0, 1 << 40, 255, 300]),
-                    "temperature": r.choice([-1.0, 1e9, 0.0]), "top_p": r.choice([-0.1, 2.0, 1.0]),
-                    "top_k": r.choice([-5, 0, 1 << 62]), "seed": r.choice([-1, None, 1 << 63]),
-                    "stop_token_ids": r.choice([[], [-1], list(range(2000))])}
-        fields = r.choice([
-            {"input_ids": r.choice([[], [-1], [96], [(1 << 64) - 1], [1] * 300, [0] * 250]),
-             "sampling": {k: v for k, v in sampling.items() if r.random() < 0.5}},
-            {"input_ids": [1, 2], "sampling": sampling},
-        ])
+        sampling = {
+            "max_new_tokens": r.choice([-1, 0, 1 << 40, 255, 300]),
+            "temperature": r.choice([-1.0, 1e9, 0.0]),
+            "top_p": r.choice([-0.1, 2.0, 1.0]),
+            "top_k": r.choice([-5, 0, 1 << 62]),
+            "seed": r.choice([-1, None, 1 << 63]),
+            "stop_token_ids": r.choice([[], [-1], list(range(2000))]),
+        }
+        fields = r.choice(
+            [
+                {
+                    "input_ids": r.choice([[], [-1], [96], [(1 << 64) - 1], [1] * 300, [0] * 250]),
+                    "sampling": {k: v for k, v in sampling.items() if r.random() < 0.5},
+                },
+                {"input_ids": [1, 2], "sampling": sampling},
+            ]
+        )
         return [msgpack.packb(["Generate", {"request_id": rid, **fields}], use_bin_type=True)]
 
     def bad_plans(self) -> list[bytes]:
@@ -224,8 +313,15 @@ class FrameFactory:
             plan, plan_id = None, r.choice(["", r.randbytes(16).hex(), "x" * 64])
         cls = r.choice([UpdateWeightsFromIPC, UpdateWeightsFromDistributed])
         extra = {"buffer": self.targets.buffers[0]} if cls is UpdateWeightsFromIPC else {}
-        msg = cls(request_id=self._rid(), plan_id=plan_id, plan=plan, weight_version=FAR_VERSION,
-                  timeout_s=0.5, idle_timeout_s=1.0, **extra)
+        msg = cls(
+            request_id=self._rid(),
+            plan_id=plan_id,
+            plan=plan,
+            weight_version=FAR_VERSION,
+            timeout_s=0.5,
+            idle_timeout_s=1.0,
+            **extra,
+        )
         return [encode(msg)]
 
     def _mutated_plan(self) -> BucketPlan:
@@ -254,35 +350,55 @@ class FrameFactory:
         return plan
 
     def bad_disk(self) -> list[bytes]:
-        msg = UpdateWeightsFromDisk(request_id=self._rid(), weight_version=FAR_VERSION,
-                                    path=self.rng.choice(self.targets.disk_paths), timeout_s=0.5,
-                                    idle_timeout_s=1.0,
-                                    load_mode=self.rng.choice(["in_place", "shadow"]))
+        msg = UpdateWeightsFromDisk(
+            request_id=self._rid(),
+            weight_version=FAR_VERSION,
+            path=self.rng.choice(self.targets.disk_paths),
+            timeout_s=0.5,
+            idle_timeout_s=1.0,
+            load_mode=self.rng.choice(["in_place", "shadow"]),
+        )
         return [encode(msg)]
 
     def bad_ipc(self) -> list[bytes]:
-        msg = UpdateWeightsFromIPC(request_id=self._rid(), weight_version=FAR_VERSION,
-                                   buffer=self.rng.choice(self.targets.buffers),
-                                   plan_id=self.plan_id, plan=self.rng.choice([self.plan, None]),
-                                   push_id=self.rng.choice([0, 1, 1 << 41]), timeout_s=0.5,
-                                   idle_timeout_s=1.0,
-                                   load_mode=self.rng.choice(["in_place", "shadow"]))
+        msg = UpdateWeightsFromIPC(
+            request_id=self._rid(),
+            weight_version=FAR_VERSION,
+            buffer=self.rng.choice(self.targets.buffers),
+            plan_id=self.plan_id,
+            plan=self.rng.choice([self.plan, None]),
+            push_id=self.rng.choice([0, 1, 1 << 41]),
+            timeout_s=0.5,
+            idle_timeout_s=1.0,
+            load_mode=self.rng.choice(["in_place", "shadow"]),
+        )
         return [encode(msg)]
 
     def interleaved_valid(self) -> list[bytes]:
         """Plain requests mixed into the garbage: they must keep being served normally."""
         rid = self._rid()
-        return [encode(self.rng.choice([
-            Generate(request_id=rid, input_ids=[self.rng.randrange(96) for _ in range(5)],
-                     sampling=SamplingParams(max_new_tokens=3)),
-            GetInfo(request_id=rid),
-            GetWeightsFingerprint(request_id=rid, names=[]),
-            GetWeightSpecs(request_id=rid),
-        ]))]
+        return [
+            encode(
+                self.rng.choice(
+                    [
+                        Generate(
+                            request_id=rid,
+                            input_ids=[self.rng.randrange(96) for _ in range(5)],
+                            sampling=SamplingParams(max_new_tokens=3),
+                        ),
+                        GetInfo(request_id=rid),
+                        GetWeightsFingerprint(request_id=rid, names=[]),
+                        GetWeightSpecs(request_id=rid),
+                    ]
+                )
+            )
+        ]
 
     def multipart(self) -> list[bytes]:
         frame = encode(self.valid())
-        extra = [self.rng.randbytes(self.rng.randrange(0, 20)) for _ in range(self.rng.randint(1, 4))]
+        extra = [
+            self.rng.randbytes(self.rng.randrange(0, 20)) for _ in range(self.rng.randint(1, 4))
+        ]
         return self.rng.choice([[frame, *extra], [*extra, frame], [b"", frame], [frame, frame]])
 
 
@@ -302,6 +418,8 @@ def harmless(parts: list[bytes], dead_port: int) -> bool:
     if isinstance(msg, Shutdown):
         return False
     if isinstance(msg, InitWeightsGroup):
-        return (msg.master_address, msg.master_port) == ("127.0.0.1", dead_port) and \
-            msg.timeout_s <= 1.0
+        return (msg.master_address, msg.master_port) == (
+            "127.0.0.1",
+            dead_port,
+        ) and msg.timeout_s <= 1.0
     return True

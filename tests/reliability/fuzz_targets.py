@@ -37,8 +37,15 @@ class Targets:
 def make_targets(root: Path, specs: dict[str, tuple[str, tuple[int, ...]]]) -> Targets:
     """Build every target under `root` for a model whose tensors are `specs`."""
     root.mkdir(parents=True, exist_ok=True)
-    disk = [str(root / "missing"), str(root / "not-a-dir.txt"), "/", "", "\x00bad",
-            "x" * 4000, *_bad_checkpoints(root, specs)]
+    disk = [
+        str(root / "missing"),
+        str(root / "not-a-dir.txt"),
+        "/",
+        "",
+        "\x00bad",
+        "x" * 4000,
+        *_bad_checkpoints(root, specs),
+    ]
     (root / "not-a-dir.txt").write_text("hello")
     segments = [_garbage_segment(64), _garbage_segment(4096)]
     buffers = _bad_buffers(segments)
@@ -50,8 +57,12 @@ def _bad_checkpoints(root: Path, specs: dict[str, tuple[str, tuple[int, ...]]]) 
     names = list(specs)
     out = []
 
-    def ckpt(name: str, tensors: dict[str, torch.Tensor] | None = None, raw: bytes | None = None,
-             file: str = "model.safetensors") -> None:
+    def ckpt(
+        name: str,
+        tensors: dict[str, torch.Tensor] | None = None,
+        raw: bytes | None = None,
+        file: str = "model.safetensors",
+    ) -> None:
         d = root / name
         d.mkdir(exist_ok=True)
         if tensors is not None:
@@ -69,7 +80,9 @@ def _bad_checkpoints(root: Path, specs: dict[str, tuple[str, tuple[int, ...]]]) 
     ckpt("unknown-name", {**full, "model.layers.99.mlp.up_proj.weight": torch.zeros(2)})
     ckpt("missing-one", {n: t for n, t in full.items() if n != names[-1]})
     ckpt("wrong-dtype", {n: t.double() if i == 0 else t for i, (n, t) in enumerate(full.items())})
-    ckpt("wrong-shape", {n: torch.zeros(3) if i == 1 else t for i, (n, t) in enumerate(full.items())})
+    ckpt(
+        "wrong-shape", {n: torch.zeros(3) if i == 1 else t for i, (n, t) in enumerate(full.items())}
+    )
     truncated = root / "truncated"
     ckpt("truncated", full)
     data = (truncated / "model.safetensors").read_bytes()
@@ -77,14 +90,16 @@ def _bad_checkpoints(root: Path, specs: dict[str, tuple[str, tuple[int, ...]]]) 
     bad_index = root / "bad-index"
     ckpt("bad-index", full)
     (bad_index / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {names[0]: "../../etc/passwd.safetensors"}}))
+        json.dumps({"weight_map": {names[0]: "../../etc/passwd.safetensors"}})
+    )
     return out
 
 
 def _lying_header(name: str, spec: tuple[str, tuple[int, ...]]) -> bytes:
     """A safetensors header whose offsets run far past the end of the file."""
-    header = json.dumps({name: {"dtype": "F32", "shape": list(spec[1]),
-                                "data_offsets": [0, 1 << 40]}}).encode()
+    header = json.dumps(
+        {name: {"dtype": "F32", "shape": list(spec[1]), "data_offsets": [0, 1 << 40]}}
+    ).encode()
     return struct.pack("<Q", len(header)) + header + b"\x00" * 16
 
 

@@ -15,9 +15,16 @@ from rlsync.model_config import ModelConfig
 from rlsync.protocol import SamplingParams
 from tests.e2e.sync_helpers import run_core
 
-TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                   rope_theta=5000.0)
+TINY = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=5000.0,
+)
 
 
 def make_checkpoint(directory: Path, seed: int = 0, cfg: ModelConfig = TINY) -> Path:
@@ -34,8 +41,12 @@ def make_checkpoint(directory: Path, seed: int = 0, cfg: ModelConfig = TINY) -> 
     return directory
 
 
-def reference_outputs(cfg: ModelConfig, tensors: dict[str, torch.Tensor],
-                      prompts: list[list[int]], sampling: list[SamplingParams]) -> list[list[int]]:
+def reference_outputs(
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    prompts: list[list[int]],
+    sampling: list[SamplingParams],
+) -> list[list[int]]:
     """Output ids of a fresh engine holding exactly `tensors`, one list per prompt (any
     sampling params: seeded sampling is reproducible too)."""
     from infer_side.engine_core import EngineCore

@@ -10,12 +10,34 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-BANNED_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve",
-                  "joblib", "pickletools", "copyreg"}
-BANNED_CALLS = {"torch.load", "torch.jit.load", "torch.serialization.load", "pandas.read_pickle",
-                "yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all",
-                "yaml.unsafe_load_all", "eval", "exec", "builtins.eval", "builtins.exec",
-                "numpy.lib.format.read_array"}
+BANNED_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "cloudpickle",
+    "dill",
+    "marshal",
+    "shelve",
+    "joblib",
+    "pickletools",
+    "copyreg",
+}
+BANNED_CALLS = {
+    "torch.load",
+    "torch.jit.load",
+    "torch.serialization.load",
+    "pandas.read_pickle",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+    "yaml.load_all",
+    "yaml.unsafe_load_all",
+    "eval",
+    "exec",
+    "builtins.eval",
+    "builtins.exec",
+    "numpy.lib.format.read_array",
+}
 BANNED_METHODS = {"recv_pyobj", "send_pyobj", "recv_serialized", "loads_pickle"}
 """Attribute calls on any object (pyzmq sockets unpickle in recv_pyobj)."""
 PICKLE_FLAG_CALLS = {"numpy.load", "numpy.lib.npyio.load"}

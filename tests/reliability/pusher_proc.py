@@ -37,8 +37,9 @@ def stop_after_second_bucket() -> None:
 
 def main() -> int:
     endpoint, transport, load_mode, version, ckpt, timeout_s = sys.argv[1:7]
-    cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02,
-                     timeout_s=float(timeout_s))
+    cfg = SyncConfig(
+        transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=float(timeout_s)
+    )
     pusher = WeightPusher(cfg, {"engine": endpoint}, f"/tmp/rlsync-stall-{os.getpid()}")
     stop_after_second_bucket()
     start = time.monotonic()

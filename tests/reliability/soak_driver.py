@@ -58,28 +58,47 @@ def request_mix(rng: random.Random, n: int) -> list[tuple[list[int], SamplingPar
     for i in range(n):
         prompt = [rng.randrange(96) for _ in range(rng.randint(3, 20))]
         new = rng.randint(4, 32)
-        params = SamplingParams(max_new_tokens=new) if i % 2 == 0 else SamplingParams(
-            max_new_tokens=new, temperature=0.9, top_p=0.95, seed=rng.randrange(1 << 30))
+        params = (
+            SamplingParams(max_new_tokens=new)
+            if i % 2 == 0
+            else SamplingParams(
+                max_new_tokens=new, temperature=0.9, top_p=0.95, seed=rng.randrange(1 << 30)
+            )
+        )
         out.append((prompt, params))
     return out
 
 
-def run_soak(engines: dict[str, EngineClient], ckpt: Path, work_dir: Path, *, requests: int,
-             pushes: int, sync: SyncConfig, threads: int, batch: int, bound_s: float,
-             seed: int = 0) -> SoakRun:
+def run_soak(
+    engines: dict[str, EngineClient],
+    ckpt: Path,
+    work_dir: Path,
+    *,
+    requests: int,
+    pushes: int,
+    sync: SyncConfig,
+    threads: int,
+    batch: int,
+    bound_s: float,
+    seed: int = 0,
+) -> SoakRun:
     """`threads` clients each keep one batch of `batch` requests in flight (so up to
     threads * batch concurrent requests); push k lands once k/(pushes+1) of them are done."""
     run = SoakRun(requests=requests, pushes=pushes)
     mix = request_mix(random.Random(seed), requests)
-    chunks = [mix[i:i + batch] for i in range(0, len(mix), batch)]
+    chunks = [mix[i : i + batch] for i in range(0, len(mix), batch)]
     names = sorted(engines)
     pusher = WeightPusher(sync, {n: engines[n].endpoint for n in names}, work_dir)
     try:
         base = max(c.info().weight_version for c in engines.values())
         _push(pusher, ckpt, base + 1, run)  # both engines start the load on one version
         _sample_rss(engines, run)
-        workers = [threading.Thread(target=_client, args=(engines, names, chunks, i, threads,
-                                                          bound_s, run)) for i in range(threads)]
+        workers = [
+            threading.Thread(
+                target=_client, args=(engines, names, chunks, i, threads, bound_s, run)
+            )
+            for i in range(threads)
+        ]
         for w in workers:
             w.start()
         for k in range(pushes):
@@ -107,8 +126,15 @@ def _wait_progress(run: SoakRun, target: int, workers: list[threading.Thread]) -
         time.sleep(0.01)
 
 
-def _client(engines: dict[str, EngineClient], names: list[str], chunks: list, index: int,
-            threads: int, bound_s: float, run: SoakRun) -> None:
+def _client(
+    engines: dict[str, EngineClient],
+    names: list[str],
+    chunks: list,
+    index: int,
+    threads: int,
+    bound_s: float,
+    run: SoakRun,
+) -> None:
     for c in range(index, len(chunks), threads):
         name = names[c % len(names)]
         try:
@@ -159,8 +185,16 @@ def verify(run: SoakRun, cfg: ModelConfig, ckpt: Path) -> dict:
         by_version[d.out.weight_version].append(d)
     mismatched = 0
     for version, items in by_version.items():
-        want = reference_outputs(cfg, trainer_weights(ckpt, version), [d.prompt for d in items],
-                                 [d.sampling for d in items])
+        want = reference_outputs(
+            cfg,
+            trainer_weights(ckpt, version),
+            [d.prompt for d in items],
+            [d.sampling for d in items],
+        )
         mismatched += sum(d.out.output_ids != w for d, w in zip(items, want, strict=True))
-    return {"spanning": spanning, "compared": len(run.done) - spanning,
-            "mismatched": mismatched, "versions_seen": len(by_version)}
+    return {
+        "spanning": spanning,
+        "compared": len(run.done) - spanning,
+        "mismatched": mismatched,
+        "versions_seen": len(by_version),
+    }

@@ -1,6 +1,6 @@
 """Summarise the figures an opt-in reliability run wrote (one JSON object per line):
 
-    python -m tests.reliability.summarize runs/reliability/figures.jsonl
+python -m tests.reliability.summarize runs/reliability/figures.jsonl
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def summarize(lines: list[str]) -> str:
     faults = sum(len(v) for k, v in by_section.items() if k.startswith("fault_"))
     fuzzed = sum(r["frames_sent"] for r in by_section.get("live_fuzz", []))
     lost = sum(r.get("lost", 0) for v in by_section.values() for r in v)
-    out.append(f"TOTAL: frames fuzzed live={fuzzed}, faults injected and survived={faults}, "
-               f"requests lost={lost}")
+    out.append(
+        f"TOTAL: frames fuzzed live={fuzzed}, faults injected and survived={faults}, "
+        f"requests lost={lost}"
+    )
     return "\n".join(out)
 
 

@@ -39,8 +39,11 @@ from trainer_side.push_report import PushError
 from trainer_side.pusher import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[2]
-LOGGED = {"no key": "CURVE handshake failed", "unknown client key": "is not allowed",
-          "wrong engine key": "CURVE handshake failed"}
+LOGGED = {
+    "no key": "CURVE handshake failed",
+    "unknown client key": "is not allowed",
+    "wrong engine key": "CURVE handshake failed",
+}
 """What the engine's log says about each kind of intruder (at least every 2 s it retries)."""
 
 
@@ -51,8 +54,9 @@ def keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tcp_engine(ckpt, keys):
-    engine = launch_engine(ckpt, endpoint="tcp://127.0.0.1:*", auth_keys=keys, kv_tokens=256,
-                           threads=1)
+    engine = launch_engine(
+        ckpt, endpoint="tcp://127.0.0.1:*", auth_keys=keys, kv_tokens=256, threads=1
+    )
     yield engine
     engine.close()
 
@@ -83,22 +87,27 @@ def test_authorized_client_generates_and_pushes(tcp_engine, keys, ckpt, cfg, tmp
         assert all(o.error == "" for o in client.generate(PROMPTS, greedy()))
         version = client.info().weight_version + 1
         write_weights(tmp_path / "w", trainer_weights(ckpt, version), version, cfg=cfg)
-        replies = _update(client.rpc, UpdateWeightsFromDisk(path=str(tmp_path / "w"),
-                                                            weight_version=version))
+        replies = _update(
+            client.rpc, UpdateWeightsFromDisk(path=str(tmp_path / "w"), weight_version=version)
+        )
         assert [type(r) for r in replies] == [UpdateAccepted, UpdateDone]
         accepted, done = replies
         assert accepted.weight_version == version and accepted.bytes > 0
         assert done.success, done.message
         assert (done.weight_version, done.transport, done.weights_incomplete) == (
-            version, "disk", False)
+            version,
+            "disk",
+            False,
+        )
         assert client.info().weight_version == version
     finally:
         client.close()
 
 
 @pytest.mark.parametrize("who", ["no key", "unknown client key", "wrong engine key"])
-def test_unauthenticated_client_cannot_generate_flush_or_push(tcp_engine, keys, ckpt, cfg,
-                                                              tmp_path, who):
+def test_unauthenticated_client_cannot_generate_flush_or_push(
+    tcp_engine, keys, ckpt, cfg, tmp_path, who
+):
     tcp_engine.generate(PROMPTS, greedy())  # something in the prefix cache a flush would drop
     before, info = tcp_engine.fingerprints(), tcp_engine.info()
     assert info.prefix_cache_tokens > 0
@@ -106,8 +115,11 @@ def test_unauthenticated_client_cannot_generate_flush_or_push(tcp_engine, keys, 
     write_weights(tmp_path / "w", trainer_weights(ckpt, version), version, cfg=cfg)
     log_start = len(tcp_engine.stderr_tail(1 << 30))
     with RpcClient(tcp_engine.endpoint, timeout_s=1.0, auth=_intruders(keys)[who]) as rpc:
-        for msg in (GetInfo(), FlushCache(),
-                    UpdateWeightsFromDisk(path=str(tmp_path / "w"), weight_version=version)):
+        for msg in (
+            GetInfo(),
+            FlushCache(),
+            UpdateWeightsFromDisk(path=str(tmp_path / "w"), weight_version=version),
+        ):
             with pytest.raises(RpcTimeout):
                 rpc.call(msg)
         with pytest.raises(RpcTimeout):
@@ -128,9 +140,22 @@ def test_pusher_without_keys_cannot_push(tcp_engine, tmp_path):
 
 def test_serve_refuses_tcp_without_keys(ckpt):
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "rlsync.cli", "serve", "--model", str(ckpt),
-                           "--endpoint", f"tcp://127.0.0.1:{port}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlsync.cli",
+            "serve",
+            "--model",
+            str(ckpt),
+            "--endpoint",
+            f"tcp://127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "require authentication" in proc.stderr and "--auth-keys" in proc.stderr
     with socket.socket() as s:  # nothing was bound
@@ -143,9 +168,17 @@ def test_launch_engine_on_tcp_without_keys_refuses_to_start(ckpt):
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(model="/nonexistent-model", endpoint="tcp://127.0.0.1:9", kv_tokens=64,
-                max_running=4, device="cpu", dtype=None, threads=None, auth_keys=None,
-                insecure_tcp=False)
+    base = dict(
+        model="/nonexistent-model",
+        endpoint="tcp://127.0.0.1:9",
+        kv_tokens=64,
+        max_running=4,
+        device="cpu",
+        dtype=None,
+        threads=None,
+        auth_keys=None,
+        insecure_tcp=False,
+    )
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -157,8 +190,11 @@ def test_insecure_tcp_flag_lifts_the_refusal(capsys):
 @pytest.mark.parametrize("problem", ["missing dir", "secret readable by others", "no clients"])
 def test_bad_key_material_is_refused_clearly(tmp_path, capsys, problem):
     keys = generate_keys(tmp_path / "keys")
-    target = {"missing dir": tmp_path / "nope", "secret readable by others": keys,
-              "no clients": keys}[problem]
+    target = {
+        "missing dir": tmp_path / "nope",
+        "secret readable by others": keys,
+        "no clients": keys,
+    }[problem]
     if problem == "secret readable by others":
         os.chmod(keys / "server.key_secret", 0o644)
     if problem == "no clients":

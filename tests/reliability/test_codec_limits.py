@@ -35,13 +35,22 @@ def _limited_fields() -> list[tuple[str, str, str, object]]:
             scalar = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
             meta = f.metadata
             if "ge" in meta:
-                out.append((name, f.name, "ge", scalar(meta["ge"]) - (1 if scalar is int else 1e-3)))
+                out.append(
+                    (name, f.name, "ge", scalar(meta["ge"]) - (1 if scalar is int else 1e-3))
+                )
             if "le" in meta:
-                out.append((name, f.name, "le", scalar(meta["le"]) + (1 if scalar is int else 1e-3)))
+                out.append(
+                    (name, f.name, "le", scalar(meta["le"]) + (1 if scalar is int else 1e-3))
+                )
             if "max_len" in meta:
                 n = meta["max_len"] + 1
-                too_long = ("x" * n if scalar is str else {str(i): 0 for i in range(n)}
-                            if typing.get_origin(scalar) is dict else [0] * n)
+                too_long = (
+                    "x" * n
+                    if scalar is str
+                    else {str(i): 0 for i in range(n)}
+                    if typing.get_origin(scalar) is dict
+                    else [0] * n
+                )
                 out.append((name, f.name, "max_len", too_long))
     return out
 
@@ -53,8 +62,9 @@ def test_every_limited_field_is_covered():
     assert len(LIMITS) >= 40  # a refactor that drops field metadata shows up here
 
 
-@pytest.mark.parametrize("name, field, limit, value", LIMITS,
-                         ids=[f"{n}.{f}.{lim}" for n, f, lim, _ in LIMITS])
+@pytest.mark.parametrize(
+    "name, field, limit, value", LIMITS, ids=[f"{n}.{f}.{lim}" for n, f, lim, _ in LIMITS]
+)
 def test_one_past_each_limit_is_refused_naming_the_field(name, field, limit, value):
     fields = {"request_id": "r", **REQUIRED.get(name, {})}
     decode(msgpack.packb([name, fields], use_bin_type=True))  # valid without the bad value
@@ -80,9 +90,12 @@ HUGE_HEADERS = [b"\xdd", b"\xdf", b"\xdb", b"\xc6", b"\xc9\xff\xff\xff\xff"]  # 
 @pytest.mark.parametrize("where", ["top", "fields", "input_ids", "model"])
 def test_declared_gigabytes_are_refused_at_once(head, where):
     declared = head if head.startswith(b"\xc9") else head + b"\xff\xff\xff\xff"
-    prefix = {"top": b"", "fields": b"\x92\xa8Generate",
-              "input_ids": b"\x92\xa8Generate\x81\xa9input_ids",
-              "model": b"\x92\xaaEngineInfo\x81\xa5model\x81\xa1k"}[where]
+    prefix = {
+        "top": b"",
+        "fields": b"\x92\xa8Generate",
+        "input_ids": b"\x92\xa8Generate\x81\xa9input_ids",
+        "model": b"\x92\xaaEngineInfo\x81\xa5model\x81\xa1k",
+    }[where]
     start = time.perf_counter()
     with pytest.raises(ProtocolError):
         decode(prefix + declared + b"\x00" * 8)

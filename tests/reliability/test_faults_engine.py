@@ -35,8 +35,9 @@ def spares(ckpt):
     """An engine to kill per transport, started together."""
     kinds = ("ipc", "broadcast")
     with ThreadPoolExecutor(len(kinds)) as pool:
-        futures = {k: pool.submit(launch_engine, ckpt, kv_tokens=KV_TOKENS, threads=1)
-                   for k in kinds}
+        futures = {
+            k: pool.submit(launch_engine, ckpt, kv_tokens=KV_TOKENS, threads=1) for k in kinds
+        }
         clients = {k: f.result() for k, f in futures.items()}
     yield clients
     for c in clients.values():
@@ -57,8 +58,9 @@ def _kill_on_third_bucket(monkeypatch, doomed) -> dict:
                 assert time.monotonic() < deadline, state
                 time.sleep(0.02)
             time.sleep(0.2)  # let it load what is out
-            seen["doomed_state"] = {k: getattr(state, k)
-                                    for k in ("update_in_progress", "weights_incomplete")}
+            seen["doomed_state"] = {
+                k: getattr(state, k) for k in ("update_in_progress", "weights_incomplete")
+            }
             os.kill(doomed.process.pid, signal.SIGKILL)
             doomed.process.wait(timeout=10)
             seen["killed_at"] = time.monotonic()
@@ -69,16 +71,20 @@ def _kill_on_third_bucket(monkeypatch, doomed) -> dict:
 
 
 @pytest.mark.parametrize("transport", ["ipc", "broadcast"])
-def test_engine_killed_mid_push_survivor_gets_the_version(engines, spares, ckpt, cfg, tmp_path,
-                                                          monkeypatch, transport):
+def test_engine_killed_mid_push_survivor_gets_the_version(
+    engines, spares, ckpt, cfg, tmp_path, monkeypatch, transport
+):
     survivor, doomed = engines["e0"], spares[transport]
     push_next(survivor, ckpt, tmp_path / "warm")  # survivor's IPC buffers mapped: steady fds
     snap, threads = Snapshot.steady(survivor.process.pid), {t.name for t in threading.enumerate()}
     version = next_version([survivor, doomed])
     tensors = trainer_weights(ckpt, version)
     seen = _kill_on_third_bucket(monkeypatch, doomed)
-    pusher = WeightPusher(SyncConfig(transport=transport, bucket_mb=0.02, timeout_s=TIMEOUT_S),
-                          {"survivor": survivor.endpoint, "doomed": doomed.endpoint}, tmp_path)
+    pusher = WeightPusher(
+        SyncConfig(transport=transport, bucket_mb=0.02, timeout_s=TIMEOUT_S),
+        {"survivor": survivor.endpoint, "doomed": doomed.endpoint},
+        tmp_path,
+    )
     try:
         start = time.monotonic()
         report = pusher.push(tensors, version)
@@ -98,8 +104,13 @@ def test_engine_killed_mid_push_survivor_gets_the_version(engines, spares, ckpt,
     assert own_segments(os.getpid()) == set()
     assert local_threads_settled(threads) == set()
     assert settled(survivor.process.pid, snap) == snap
-    record("fault_engine_killed_mid_push", transport=transport, push_s=round(push_s, 2),
-           buckets_packed=seen["packed"], summary=report.summary()[:200])
+    record(
+        "fault_engine_killed_mid_push",
+        transport=transport,
+        push_s=round(push_s, 2),
+        buckets_packed=seen["packed"],
+        summary=report.summary()[:200],
+    )
 
 
 def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_path):
@@ -108,8 +119,12 @@ def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_pat
     engine = engines["e1"]
     weights = trainer_weights(ckpt, push_next(engine, ckpt, tmp_path / "known"))
     prompts = [[(7 * i + 3 * j) % 96 for j in range(12)] for i in range(16)]
-    sampling = [SamplingParams(max_new_tokens=80) if i % 2 == 0 else
-                SamplingParams(max_new_tokens=80, temperature=0.8, seed=i) for i in range(16)]
+    sampling = [
+        SamplingParams(max_new_tokens=80)
+        if i % 2 == 0
+        else SamplingParams(max_new_tokens=80, temperature=0.8, seed=i)
+        for i in range(16)
+    ]
     retracted_before = engine.info().retracted
     start = time.monotonic()
     outs = engine.generate(prompts, sampling, timeout_s=300)
@@ -120,8 +135,15 @@ def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_pat
     assert [o.output_ids for o in outs] == reference_outputs(cfg, weights, prompts, sampling)
     info = engine.info()
     assert (info.waiting, info.running) == (0, 0)
-    record("fault_kv_pool_full", requests=16, tokens_each=92, kv_tokens=KV_TOKENS,
-           retracted=info.retracted - retracted_before, lost=0, seconds=round(seconds, 1))
+    record(
+        "fault_kv_pool_full",
+        requests=16,
+        tokens_each=92,
+        kv_tokens=KV_TOKENS,
+        retracted=info.retracted - retracted_before,
+        lost=0,
+        seconds=round(seconds, 1),
+    )
     push_next(engine, ckpt, tmp_path / "after")  # the engine still takes updates afterwards
 
 

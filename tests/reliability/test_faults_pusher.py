@@ -33,16 +33,29 @@ from trainer_side.pusher import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 2.0
-STALL = [("ipc", "in_place"),  # CI; the opt-in run does all four
-         pytest.param("broadcast", "shadow", marks=pytest.mark.slow),
-         pytest.param("ipc", "shadow", marks=pytest.mark.slow),
-         pytest.param("broadcast", "in_place", marks=pytest.mark.slow)]
+STALL = [
+    ("ipc", "in_place"),  # CI; the opt-in run does all four
+    pytest.param("broadcast", "shadow", marks=pytest.mark.slow),
+    pytest.param("ipc", "shadow", marks=pytest.mark.slow),
+    pytest.param("broadcast", "in_place", marks=pytest.mark.slow),
+]
 
 
 def _start_stalling_pusher(engine, transport, load_mode, version, ckpt) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tests.reliability.pusher_proc", engine.endpoint, transport,
-           load_mode, str(version), str(ckpt), str(TIMEOUT_S)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.reliability.pusher_proc",
+        engine.endpoint,
+        transport,
+        load_mode,
+        str(version),
+        str(ckpt),
+        str(TIMEOUT_S),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 120)
     line = proc.stdout.readline() if ready else ""
     assert line.strip() == "STOPPING", proc.stderr.read() if proc.poll() is not None else line
@@ -77,8 +90,9 @@ def _check_never_mixed(engine, before, tokens) -> str:
 
 
 @pytest.mark.parametrize("transport, load_mode", STALL)
-def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_path, transport,
-                                                      load_mode):
+def test_pusher_stopped_past_its_timeout_then_resumed(
+    engines, ckpt, cfg, tmp_path, transport, load_mode
+):
     engine = engines["e0"]
     version = push_next(engine, ckpt, tmp_path / "warm", "ipc", "in_place") + 1  # buffers mapped
     tokens = [o.output_ids for o in engine.generate(PROMPTS, greedy())]
@@ -112,10 +126,16 @@ def test_pusher_stopped_past_its_timeout_then_resumed(engines, ckpt, cfg, tmp_pa
     got = [o.output_ids for o in engine.generate(PROMPTS, greedy())]
     assert got == reference_outputs(cfg, tensors, PROMPTS, [greedy()] * len(PROMPTS))
     assert settled(engine.process.pid, snap) == snap
-    record("fault_pusher_sigstop", transport=transport, load_mode=load_mode,
-           engine_failed_update_after_s=round(failed_after, 2), timeout_s=TIMEOUT_S,
-           engine_state_while_stopped=state,
-           resumed_pusher_exit_s=round(resumed_s, 2), pusher_outcome=str(result)[:200])
+    record(
+        "fault_pusher_sigstop",
+        transport=transport,
+        load_mode=load_mode,
+        engine_failed_update_after_s=round(failed_after, 2),
+        timeout_s=TIMEOUT_S,
+        engine_state_while_stopped=state,
+        resumed_pusher_exit_s=round(resumed_s, 2),
+        pusher_outcome=str(result)[:200],
+    )
 
 
 def _mapped_segments(pid: int, creator: int) -> int:
@@ -142,8 +162,11 @@ def test_engine_lets_go_of_a_closed_pushers_buffer(engines, ckpt, tmp_path):
 def test_same_or_older_version_is_refused_by_every_engine(engines, ckpt, tmp_path):
     threads = {t.name for t in threading.enumerate()}
     version = next_version(engines)
-    pusher = WeightPusher(SyncConfig(transport="ipc", bucket_mb=0.02, timeout_s=10),
-                          {n: c.endpoint for n, c in engines.items()}, tmp_path)
+    pusher = WeightPusher(
+        SyncConfig(transport="ipc", bucket_mb=0.02, timeout_s=10),
+        {n: c.endpoint for n, c in engines.items()},
+        tmp_path,
+    )
     try:
         assert pusher.push(trainer_weights(ckpt, version), version).failed == []
         before = {n: c.fingerprints() for n, c in engines.items()}
@@ -160,8 +183,12 @@ def test_same_or_older_version_is_refused_by_every_engine(engines, ckpt, tmp_pat
         pusher.close()
     assert own_segments(os.getpid()) == set()
     assert local_threads_settled(threads) == set()
-    record("fault_stale_versions", pushed=version, refused=[version, version - 1],
-           engines=sorted(engines))
+    record(
+        "fault_stale_versions",
+        pushed=version,
+        refused=[version, version - 1],
+        engines=sorted(engines),
+    )
 
 
 def test_absurd_shm_buffer_fails_clearly_and_leaks_nothing():
@@ -184,10 +211,17 @@ def _can_unshare() -> bool:
 def test_full_dev_shm_fails_clearly_instead_of_sigbus():
     """A 4 MiB /dev/shm seen only by the child (private mount namespace): nothing else on
     the machine is affected."""
-    script = (f"mount -t tmpfs -o size=4m tmpfs /dev/shm && exec {sys.executable} "
-              f"-m tests.reliability.shm_full_proc")
-    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    script = (
+        f"mount -t tmpfs -o size=4m tmpfs /dev/shm && exec {sys.executable} "
+        f"-m tests.reliability.shm_full_proc"
+    )
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["fits"] == "ok"

@@ -43,8 +43,9 @@ def run_fuzz(engine, tmp_path, dead_port: int, n: int, seed: int) -> dict:
     targets = make_targets(tmp_path / "targets", specs)
     start = time.monotonic()
     try:
-        counts = fuzz_engine(engine.endpoint, FrameFactory(seed, specs, targets, dead_port).cases(n),
-                             dead_port)
+        counts = fuzz_engine(
+            engine.endpoint, FrameFactory(seed, specs, targets, dead_port).cases(n), dead_port
+        )
     finally:
         targets.close()
     elapsed = time.monotonic() - start

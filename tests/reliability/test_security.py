@@ -68,24 +68,48 @@ def test_the_allowed_exception_is_exactly_the_pickle_baseline():
     assert scan_file(baseline), "the baseline no longer pickles: drop it from ALLOWED"
 
 
-@pytest.mark.parametrize("source", [
-    "import pickle\npickle.loads(b'')", "import pickle as p\np.loads(x)", "from pickle import loads",
-    "import cPickle", "import dill", "import cloudpickle", "import marshal\nmarshal.loads(b'')",
-    "import torch\ntorch.load(f)", "from torch import load\nload(f)", "import torch as t\nt.load(f)",
-    "import numpy as np\nnp.load(f, allow_pickle=True)", "import numpy\nnumpy.load(f, **kw)",
-    "eval('1')", "exec('x=1')", "import yaml\nyaml.load(s)", "import yaml\nyaml.unsafe_load(s)",
-    "sock.recv_pyobj()", "__import__('pickle')", "import importlib\nimportlib.import_module('dill')",
-    "import shelve", "import torch\ntorch.jit.load(f)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import pickle\npickle.loads(b'')",
+        "import pickle as p\np.loads(x)",
+        "from pickle import loads",
+        "import cPickle",
+        "import dill",
+        "import cloudpickle",
+        "import marshal\nmarshal.loads(b'')",
+        "import torch\ntorch.load(f)",
+        "from torch import load\nload(f)",
+        "import torch as t\nt.load(f)",
+        "import numpy as np\nnp.load(f, allow_pickle=True)",
+        "import numpy\nnumpy.load(f, **kw)",
+        "eval('1')",
+        "exec('x=1')",
+        "import yaml\nyaml.load(s)",
+        "import yaml\nyaml.unsafe_load(s)",
+        "sock.recv_pyobj()",
+        "__import__('pickle')",
+        "import importlib\nimportlib.import_module('dill')",
+        "import shelve",
+        "import torch\ntorch.jit.load(f)",
+    ],
+)
 def test_scan_catches(source):
     assert scan_source(source), source
 
 
-@pytest.mark.parametrize("source", [
-    "import numpy as np\nnp.load(f)", "import numpy as np\nnp.load(f, allow_pickle=False)",
-    "import yaml\nyaml.safe_load(s)", "import msgpack\nmsgpack.unpackb(b)", "x.evaluate()",
-    "from safetensors.torch import load_file", "import json\njson.loads(s)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import numpy as np\nnp.load(f)",
+        "import numpy as np\nnp.load(f, allow_pickle=False)",
+        "import yaml\nyaml.safe_load(s)",
+        "import msgpack\nmsgpack.unpackb(b)",
+        "x.evaluate()",
+        "from safetensors.torch import load_file",
+        "import json\njson.loads(s)",
+    ],
+)
 def test_scan_allows(source):
     assert scan_source(source) == [], source
 

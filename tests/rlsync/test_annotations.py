@@ -5,7 +5,6 @@ nested dataclass `| str | None`) is accepted on decode and in a config; a value 
 member is refused with an error that names the field.
 """
 
-
 import dataclasses
 from typing import Literal
 

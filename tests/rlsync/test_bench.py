@@ -25,9 +25,29 @@ METHODS = ["memcpy", "ipc", "per-tensor", "pickle"]
 @pytest.fixture(scope="module")
 def sync_result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    rc = main(["bench", "sync", "--size-gib", "0.005", "--engines", "1", "--repeat", "2",
-               "--methods", *METHODS, "--no-gpu", "--timeout", "60", "--work-dir", str(out),
-               "--json", str(out / "sync.json"), "--plot", str(out / "sync.png")])
+    rc = main(
+        [
+            "bench",
+            "sync",
+            "--size-gib",
+            "0.005",
+            "--engines",
+            "1",
+            "--repeat",
+            "2",
+            "--methods",
+            *METHODS,
+            "--no-gpu",
+            "--timeout",
+            "60",
+            "--work-dir",
+            str(out),
+            "--json",
+            str(out / "sync.json"),
+            "--plot",
+            str(out / "sync.png"),
+        ]
+    )
     assert rc == 0
     assert (out / "sync.png").stat().st_size > 1000
     assert sorted(p.name for p in out.iterdir()) == ["sync.json", "sync.png"]  # scratch removed
@@ -66,8 +86,22 @@ def test_sync_ours_rows_carry_the_pause_probe_and_are_bit_exact(sync_result):
 
 
 def test_generate_bench_runs_both_engines_and_hf(capsys, tmp_path):
-    rc = main(["bench", "generate", "--batch", "1", "3", "--max-new-tokens", "3", "--repeat", "1",
-               "--no-server", "--json", str(tmp_path / "gen.json")])
+    rc = main(
+        [
+            "bench",
+            "generate",
+            "--batch",
+            "1",
+            "3",
+            "--max-new-tokens",
+            "3",
+            "--repeat",
+            "1",
+            "--no-server",
+            "--json",
+            str(tmp_path / "gen.json"),
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "gen.json").read_text())
     assert [r["batch"] for r in result["rows"]] == [1, 3]
@@ -105,10 +139,17 @@ def test_classify_gaps_and_percentile():
 
 def test_ratios_use_the_same_size_and_engine_count():
     def row(method, kind, engines, seconds):
-        return Row(size_gib=1.0, engines=engines, method=method, kind=kind, bytes=10**9,
-                   seconds=[seconds])
-    rows = [row("memcpy", "limit", 1, 0.1), row("ipc", "ours", 1, 0.4), row("ray", "baseline", 1, 2.0),
-            row("memcpy", "limit", 2, 0.2), row("broadcast", "ours", 2, 0.8)]
+        return Row(
+            size_gib=1.0, engines=engines, method=method, kind=kind, bytes=10**9, seconds=[seconds]
+        )
+
+    rows = [
+        row("memcpy", "limit", 1, 0.1),
+        row("ipc", "ours", 1, 0.4),
+        row("ray", "baseline", 1, 2.0),
+        row("memcpy", "limit", 2, 0.2),
+        row("broadcast", "ours", 2, 0.8),
+    ]
     add_ratios(rows)
     assert rows[1].x_memcpy == pytest.approx(0.25) and rows[2].x_ours == pytest.approx(5.0)
     assert rows[4].x_memcpy == pytest.approx(0.25) and rows[4].x_ours == pytest.approx(1.0)
@@ -147,15 +188,28 @@ def test_targets_are_checked_within_a_group():
     from rlsync.bench.targets import check_targets
 
     def row(method, kind, seconds, mode="-", pause=None, transfer=None):
-        r = Row(size_gib=1.0, engines=1, method=method, kind=kind, mode=mode, bytes=10**9,
-                seconds=[seconds], engine_pause_ms=pause,
-                phases={"transfer_s": transfer} if transfer else {})
+        r = Row(
+            size_gib=1.0,
+            engines=1,
+            method=method,
+            kind=kind,
+            mode=mode,
+            bytes=10**9,
+            seconds=[seconds],
+            engine_pause_ms=pause,
+            phases={"transfer_s": transfer} if transfer else {},
+        )
         return r.to_dict()
-    rows = [row("memcpy", "limit", 0.1), row("raw-broadcast", "limit", 0.3),
-            row("ipc", "ours", 0.25, "shadow", pause=0.5, transfer=0.24),
-            row("ipc", "ours", 0.3, "in_place", pause=280.0, transfer=0.29),
-            row("broadcast", "ours", 0.5, "in_place", pause=480.0, transfer=0.49),
-            row("ray", "baseline", 2.0), row("safetensors", "baseline", 0.5)]
+
+    rows = [
+        row("memcpy", "limit", 0.1),
+        row("raw-broadcast", "limit", 0.3),
+        row("ipc", "ours", 0.25, "shadow", pause=0.5, transfer=0.24),
+        row("ipc", "ours", 0.3, "in_place", pause=280.0, transfer=0.29),
+        row("broadcast", "ours", 0.5, "in_place", pause=480.0, transfer=0.49),
+        row("ray", "baseline", 2.0),
+        row("safetensors", "baseline", 0.5),
+    ]
     got = {c["target"]: (round(c["value"], 2), c["met"]) for c in check_targets({"rows": rows})}
     assert got["ipc >= 50% of memcpy"] == (0.4, False)
     assert got["broadcast >= 85% of raw broadcast"] == (0.6, False)

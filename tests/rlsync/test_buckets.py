@@ -14,8 +14,19 @@ from rlsync.codec import decode, encode
 from rlsync.protocol import Bucket, BucketPlan, TensorSpec, UpdateWeightsFromDistributed
 
 FLOAT8 = [getattr(torch, n) for n in dir(torch) if n.startswith("float8_")]
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
-          torch.int32, torch.int64, torch.uint8, torch.bool, *FLOAT8]
+DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    *FLOAT8,
+]
 SHAPES = [(3, 5), (7,), (), (0,), (2, 0, 3), (1, 1, 1, 1)]
 
 
@@ -33,7 +44,9 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _pack_all(plan: BucketPlan, tensors: dict[str, torch.Tensor], slack: int = 0) -> list[torch.Tensor]:
+def _pack_all(
+    plan: BucketPlan, tensors: dict[str, torch.Tensor], slack: int = 0
+) -> list[torch.Tensor]:
     """Pack every bucket into a buffer prefilled with 0xFF (so unzeroed padding shows)."""
     bufs = []
     for bucket in plan.buckets:
@@ -64,10 +77,19 @@ def test_pack_and_views_are_byte_exact_for_every_dtype(dtype):
         assert _bytes(views[name]) == _bytes(src), name
 
 
-@pytest.mark.parametrize("make", [
-    lambda x: x.t(), lambda x: x[:, ::2], lambda x: x[1:3, 2:5], lambda x: x[0, 0],
-    lambda x: x[:, :0], lambda x: x[2:3].expand(4, 8), lambda x: x.t()[::3],
-], ids=["transposed", "strided", "sliced", "0-dim", "empty", "expanded", "transposed-strided"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.t(),
+        lambda x: x[:, ::2],
+        lambda x: x[1:3, 2:5],
+        lambda x: x[0, 0],
+        lambda x: x[:, :0],
+        lambda x: x[2:3].expand(4, 8),
+        lambda x: x.t()[::3],
+    ],
+    ids=["transposed", "strided", "sliced", "0-dim", "empty", "expanded", "transposed-strided"],
+)
 def test_non_contiguous_inputs_pack_their_logical_values(make):
     src = make(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)))
     assert not src.is_contiguous() or src.dim() == 0 or src.numel() == 0
@@ -89,7 +111,10 @@ def test_views_share_storage_with_the_buffer():
 
 
 def test_padding_is_zeroed_and_bytes_past_the_bucket_untouched():
-    tensors = {"a": torch.full((3,), 0xAB, dtype=torch.uint8), "b": torch.full((5,), 0xCD, dtype=torch.uint8)}
+    tensors = {
+        "a": torch.full((3,), 0xAB, dtype=torch.uint8),
+        "b": torch.full((5,), 0xCD, dtype=torch.uint8),
+    }
     plan = plan_buckets(B.specs_of(tensors.items()), alignment=16)
     (buf,) = _pack_all(plan, tensors, slack=8)
     expected = [0xAB] * 3 + [0] * 13 + [0xCD] * 5 + [0] * 11 + [0xFF] * 8
@@ -103,7 +128,7 @@ def test_pack_casts_to_the_plan_dtype_like_to(target):
     plan = plan_buckets(B.specs_of([("w", src)], dtype=target))
     assert plan.buckets[0].tensors[0].dtype == B.dtype_name(target)
     (buf,) = _pack_all(plan, {"w": src})
-    (_, view), = bucket_views(plan.buckets[0], buf)
+    ((_, view),) = bucket_views(plan.buckets[0], buf)
     assert view.dtype == target
     assert _bytes(view) == _bytes(src.to(target))
 
@@ -117,10 +142,15 @@ def test_pack_refuses_a_source_of_the_wrong_shape(shape):
         pack_bucket(plan.buckets[0], {"model.w": torch.ones(shape)}, buf)
 
 
-@pytest.mark.parametrize("buf", [
-    torch.empty(255, dtype=torch.uint8), torch.empty(256, dtype=torch.int8),
-    torch.empty(16, 16, dtype=torch.uint8),
-], ids=["short", "int8", "2-d"])
+@pytest.mark.parametrize(
+    "buf",
+    [
+        torch.empty(255, dtype=torch.uint8),
+        torch.empty(256, dtype=torch.int8),
+        torch.empty(16, 16, dtype=torch.uint8),
+    ],
+    ids=["short", "int8", "2-d"],
+)
 def test_pack_and_views_refuse_a_bad_buffer(buf):
     plan = plan_buckets([("w", "float32", (4,))])
     with pytest.raises(PlanError):
@@ -137,11 +167,18 @@ def _layout(plan: BucketPlan) -> list[tuple[int, list[tuple[str, int]]]]:
 
 
 def test_greedy_layout_is_exact():
-    specs = [("a", "uint8", (100,)), ("b", "uint8", (300,)), ("c", "uint8", (200,)),
-             ("d", "uint8", (600,)), ("e", "uint8", (10, 10))]
+    specs = [
+        ("a", "uint8", (100,)),
+        ("b", "uint8", (300,)),
+        ("c", "uint8", (200,)),
+        ("d", "uint8", (600,)),
+        ("e", "uint8", (10, 10)),
+    ]
     plan = plan_buckets(specs, bucket_bytes=1024, alignment=256)
-    assert _layout(plan) == [(1024, [("a", 0), ("b", 256), ("c", 768)]),
-                             (1024, [("d", 0), ("e", 768)])]
+    assert _layout(plan) == [
+        (1024, [("a", 0), ("b", 256), ("c", 768)]),
+        (1024, [("d", 0), ("e", 768)]),
+    ]
 
 
 def test_a_tensor_larger_than_a_bucket_gets_its_own():
@@ -159,8 +196,9 @@ def test_empty_tensor_before_an_oversized_one_gives_no_empty_bucket():
 
 @pytest.mark.parametrize("alignment", [8, 64, 256, 4096])
 def test_offsets_and_bucket_sizes_are_aligned_and_order_is_kept(alignment):
-    specs = [(f"t{i}", str(d).removeprefix("torch."), (i % 5 + 1, 3)) for i, d in
-             enumerate(DTYPES * 3)]
+    specs = [
+        (f"t{i}", str(d).removeprefix("torch."), (i % 5 + 1, 3)) for i, d in enumerate(DTYPES * 3)
+    ]
     plan = plan_buckets(specs, bucket_bytes=2048, alignment=alignment)
     assert [t.name for b in plan.buckets for t in b.tensors] == [s[0] for s in specs]
     for bucket in plan.buckets:
@@ -187,26 +225,44 @@ def _plan(*tensors: TensorSpec, nbytes: int = 512, alignment: int = 256) -> Buck
     return BucketPlan(alignment=alignment, buckets=[Bucket(nbytes=nbytes, tensors=list(tensors))])
 
 
-def _spec(name: str = "w", dtype: str = "float32", shape=(4,), offset: int = 0, nbytes: int | None = None):
+def _spec(
+    name: str = "w", dtype: str = "float32", shape=(4,), offset: int = 0, nbytes: int | None = None
+):
     nbytes = B.tensor_nbytes(dtype, shape) if nbytes is None and dtype in B._DTYPES else nbytes
     return TensorSpec(name=name, dtype=dtype, shape=list(shape), offset=offset, nbytes=nbytes or 0)
 
 
 BAD_PLANS = {
-    "negative dim": (_plan(_spec("model.w", shape=(4,)), _spec("neg", shape=(-2, 4), offset=256, nbytes=0)), "'neg'.*negative"),
+    "negative dim": (
+        _plan(_spec("model.w", shape=(4,)), _spec("neg", shape=(-2, 4), offset=256, nbytes=0)),
+        "'neg'.*negative",
+    ),
     "misaligned offset": (_plan(_spec(offset=8)), "'w'.*not aligned"),
-    "overlap": (_plan(_spec("a", shape=(100,)), _spec("b", offset=256), nbytes=512), "'b'.*overlaps"),
+    "overlap": (
+        _plan(_spec("a", shape=(100,)), _spec("b", offset=256), nbytes=512),
+        "'b'.*overlaps",
+    ),
     "overlap same offset": (_plan(_spec("a"), _spec("b")), "'b'.*overlaps"),
     "nbytes mismatch": (_plan(_spec(nbytes=15)), "'w'.*nbytes 15 != 16"),
     "past bucket end": (_plan(_spec(shape=(65,), offset=256)), "'w'.*past bucket size 512"),
-    "duplicate names": (BucketPlan(alignment=256, buckets=[Bucket(nbytes=256, tensors=[_spec("w")]),
-                                                           Bucket(nbytes=256, tensors=[_spec("w")])]),
-                        "w: appears twice"),
+    "duplicate names": (
+        BucketPlan(
+            alignment=256,
+            buckets=[
+                Bucket(nbytes=256, tensors=[_spec("w")]),
+                Bucket(nbytes=256, tensors=[_spec("w")]),
+            ],
+        ),
+        "w: appears twice",
+    ),
     "unknown dtype": (_plan(_spec(dtype="float7", nbytes=4)), "'w'.*unknown dtype 'float7'"),
     "bucket not aligned": (_plan(_spec(), nbytes=300), "bucket 0.*300"),
     "empty bucket": (_plan(nbytes=0), "bucket 0"),
     "alignment not a multiple of 8": (_plan(_spec(), alignment=12, nbytes=12 * 40), "alignment 12"),
-    "huge tensor": (_plan(_spec("huge", "int8", (1 << 40, 1 << 10)), nbytes=1 << 50), "'huge'.*exceeds"),
+    "huge tensor": (
+        _plan(_spec("huge", "int8", (1 << 40, 1 << 10)), nbytes=1 << 50),
+        "'huge'.*exceeds",
+    ),
     "huge plan": (BucketPlan(alignment=256, buckets=[Bucket(nbytes=1 << 43)] * 3), "exceeds"),
 }
 
@@ -232,19 +288,27 @@ def _reference(data: bytes) -> int:
     padded = data + bytes(-len(data) % 8)
     total = len(data)
     for i in range(len(padded) // 8):
-        w = int.from_bytes(padded[8 * i:8 * i + 8], "little")
+        w = int.from_bytes(padded[8 * i : 8 * i + 8], "little")
         total += ((w ^ (i * _A % _M)) * _B) % _M
     total %= _M
     return total - _M if total >= 1 << 63 else total
 
 
 def _u8(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 8, 9, 13, 16, 255, 256, 1001])
 def test_fingerprint_matches_the_documented_definition(n):
-    data = bytes(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8).tolist())
+    data = bytes(
+        torch.randint(
+            0, 256, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8
+        ).tolist()
+    )
     fp = fingerprint(_u8(data))
     assert fp.dtype == torch.int64 and fp.dim() == 0
     assert int(fp) == _reference(data)
@@ -257,7 +321,11 @@ def test_trailing_zero_bytes_change_the_fingerprint():
 
 def test_equal_bytes_give_equal_fingerprints():
     a = _random(torch.bfloat16, (17, 3))
-    assert B.tensor_fingerprint(a) == B.tensor_fingerprint(a.clone()) == B.fingerprint_int(a.view(torch.uint8))
+    assert (
+        B.tensor_fingerprint(a)
+        == B.tensor_fingerprint(a.clone())
+        == B.fingerprint_int(a.view(torch.uint8))
+    )
 
 
 def test_every_single_bit_flip_changes_the_fingerprint():
@@ -303,8 +371,10 @@ def test_position_cache_stays_bounded(monkeypatch):
 def test_fingerprint_of_a_view_at_any_byte_offset(offset):
     # e.g. one head's slice of a fused bf16 qkv weight starts at an odd 2-byte offset
     base = _random(torch.uint8, (64,), seed=offset)
-    view = base[offset:offset + 24]
-    assert B.tensor_fingerprint(view) == B.tensor_fingerprint(view.clone()) == _reference(_bytes(view))
+    view = base[offset : offset + 24]
+    assert (
+        B.tensor_fingerprint(view) == B.tensor_fingerprint(view.clone()) == _reference(_bytes(view))
+    )
 
 
 def test_tensor_fingerprint_reads_logical_bytes_of_strided_tensors():

@@ -18,13 +18,20 @@ from rlsync.checkpoint_io import (
 from rlsync.model_config import ModelConfig
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 
-CFG = ModelConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64)
+CFG = ModelConfig(
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+)
 
 
 def tensors(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen).to(dtype) for n, s in CFG.hf_parameter_shapes().items()}
+    return {
+        n: torch.randn(s, generator=gen).to(dtype) for n, s in CFG.hf_parameter_shapes().items()
+    }
 
 
 def read_all(path) -> dict[str, torch.Tensor]:
@@ -43,7 +50,10 @@ def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 def test_single_file_round_trip(tmp_path, dtype):
     src = tensors(dtype)
     write_checkpoint(tmp_path / "ck", CFG, src, metadata={"weight_version": "7"})
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     assert_bit_equal(read_all(tmp_path / "ck"), src)
     assert read_checkpoint_metadata(tmp_path / "ck") == {"weight_version": "7"}
     assert ModelConfig.from_dir(tmp_path / "ck") == CFG
@@ -55,7 +65,9 @@ def test_sharded_round_trip_with_index(tmp_path):
     files = sorted(p.name for p in (tmp_path / "ck").glob("*.safetensors"))
     assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     index = json.loads((tmp_path / "ck" / INDEX_FILE).read_text())
-    assert index["weight_map"].keys() == src.keys() and set(index["weight_map"].values()) == set(files)
+    assert index["weight_map"].keys() == src.keys() and set(index["weight_map"].values()) == set(
+        files
+    )
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in src.values())
     assert_bit_equal(read_all(tmp_path / "ck"), src)
     assert read_checkpoint_metadata(tmp_path / "ck") == {"a": "b"}
@@ -65,14 +77,20 @@ def test_specs_from_headers_match_tensors(tmp_path):
     src = {**tensors(torch.bfloat16), "model.norm.weight": torch.ones(32), "ids": torch.arange(3)}
     write_checkpoint(tmp_path / "ck", CFG, src, max_shard_bytes=20_000)
     specs = checkpoint_specs(tmp_path / "ck")
-    assert sorted(specs) == sorted((n, str(t.dtype).removeprefix("torch."), tuple(t.shape))
-                                   for n, t in src.items())
+    assert sorted(specs) == sorted(
+        (n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in src.items()
+    )
 
 
 def test_views_strided_and_shared_storage_are_written_as_copies(tmp_path):
     base = torch.randn(8, 6)
-    src = {"t": base.t(), "slice": base[2:5, 1:3], "same": base, "same_again": base,
-           "ints": torch.arange(10, dtype=torch.int64)[::2]}
+    src = {
+        "t": base.t(),
+        "slice": base[2:5, 1:3],
+        "same": base,
+        "same_again": base,
+        "ints": torch.arange(10, dtype=torch.int64)[::2],
+    }
     write_checkpoint(tmp_path / "ck", CFG, src)
     assert_bit_equal(read_all(tmp_path / "ck"), {n: t.contiguous() for n, t in src.items()})
 
@@ -117,13 +135,25 @@ def test_index_mismatch_and_metadata_errors(tmp_path):
 def test_transformers_loads_our_checkpoint(tmp_path, model_type, tie):
     theta = 5000.0 if model_type == "llama" else 1e6
     hf = load_hf_model(make_hf_checkpoint(tmp_path, model_type=model_type, tie=tie))
-    cfg = ModelConfig(model_type=model_type, vocab_size=96, hidden_size=32, intermediate_size=64,
-                      num_attention_heads=4, num_key_value_heads=2, rope_theta=theta,
-                      max_position_embeddings=256, tie_word_embeddings=tie)
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=theta,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
     state = hf.state_dict()
     assert set(cfg.hf_parameter_shapes()) | ({"lm_head.weight"} if tie else set()) == set(state)
-    write_checkpoint(tmp_path / "ours", cfg, {n: state[n] for n in cfg.hf_parameter_shapes()},
-                     max_shard_bytes=30_000)
+    write_checkpoint(
+        tmp_path / "ours",
+        cfg,
+        {n: state[n] for n in cfg.hf_parameter_shapes()},
+        max_shard_bytes=30_000,
+    )
     reloaded = load_hf_model(tmp_path / "ours")
     ids = torch.tensor([[3, 17, 42, 5, 9, 60, 1]])
     with torch.no_grad():

@@ -38,10 +38,16 @@ def _decode_or_protocol_error(frame: bytes) -> None:
 # ---------------------------------------------------------------- hostile input
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(INT64_MIN, UINT64_MAX) | st.floats()
-    | st.text(max_size=12) | st.binary(max_size=12),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(INT64_MIN, UINT64_MAX)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -59,9 +65,14 @@ def test_arbitrary_msgpack_only_raises_protocol_error(value):
 
 
 @FEW
-@given(st.sampled_from(NAMES),
-       st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6) | st.binary(max_size=4),
-                       msgpack_values, max_size=6))
+@given(
+    st.sampled_from(NAMES),
+    st.dictionaries(
+        st.sampled_from(FIELD_NAMES) | st.text(max_size=6) | st.binary(max_size=4),
+        msgpack_values,
+        max_size=6,
+    ),
+)
 def test_message_shaped_msgpack_only_raises_protocol_error(name, fields):
     _decode_or_protocol_error(msgpack.packb([name, fields], use_bin_type=True))
 
@@ -85,9 +96,15 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 payload_values = st.recursive(
-    st.none() | st.booleans() | st.integers(INT64_MIN, UINT64_MAX)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(INT64_MIN, UINT64_MAX)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -122,7 +139,9 @@ def _value(tp: Any, meta: Any) -> st.SearchStrategy:
 
 def _message(cls: type) -> st.SearchStrategy:
     hints = _hints(cls)
-    return st.builds(cls, **{f.name: _value(hints[f.name], f.metadata) for f in dataclasses.fields(cls)})
+    return st.builds(
+        cls, **{f.name: _value(hints[f.name], f.metadata) for f in dataclasses.fields(cls)}
+    )
 
 
 @FUZZ

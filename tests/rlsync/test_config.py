@@ -34,18 +34,25 @@ def test_defaults_without_a_file():
 
 
 def test_yaml_values_land_in_nested_sections(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 name: t1
 steps: 3
 placement: disaggregated
 trainer: {lr: 0.25, world_size: 2}
 sync: {transport: broadcast, pause_mode: retract, bucket_mb: 8}
 model: {hidden_size: 32, num_attention_heads: 2, num_key_value_heads: 1}
-""")
+""",
+    )
     cfg = load_config(path)
     assert (cfg.name, cfg.steps, cfg.placement) == ("t1", 3, "disaggregated")
     assert (cfg.trainer.lr, cfg.trainer.world_size, cfg.trainer.ppo_epochs) == (0.25, 2, 1)
-    assert (cfg.sync.transport, cfg.sync.pause_mode, cfg.sync.bucket_bytes) == ("broadcast", "retract", 8 << 20)
+    assert (cfg.sync.transport, cfg.sync.pause_mode, cfg.sync.bucket_bytes) == (
+        "broadcast",
+        "retract",
+        8 << 20,
+    )
     assert (cfg.model.hidden_size, cfg.model.head_dim) == (32, 16)
 
 
@@ -53,7 +60,9 @@ def test_empty_yaml_gives_defaults(tmp_path):
     assert load_config(_write(tmp_path, "# nothing\n")) == RunConfig()
 
 
-@pytest.mark.parametrize("text", ["- a\n- b\n", "just text\n", "a: [1,\n"], ids=["list", "scalar", "broken"])
+@pytest.mark.parametrize(
+    "text", ["- a\n- b\n", "just text\n", "a: [1,\n"], ids=["list", "scalar", "broken"]
+)
 def test_yaml_that_is_not_a_mapping_is_refused(tmp_path, text):
     path = _write(tmp_path, text)
     assert str(path) in _error([], path)
@@ -98,14 +107,17 @@ def test_overrides_win_over_yaml_and_keep_the_rest(tmp_path):
     assert (cfg.trainer.lr, cfg.trainer.seed, cfg.steps) == (1e-4, 5, 9)
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("a.b.c=[1, 2.5, x]", {"a": {"b": {"c": [1, 2.5, "x"]}}}),
-    ("a=[]", {"a": []}),
-    ("a.b={k: 1}", {"a": {"b": {"k": 1}}}),
-    ("a.b=null", {"a": {"b": None}}),
-    ("a.b=~", {"a": {"b": None}}),
-    ("a.b='007'", {"a": {"b": "007"}}),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("a.b.c=[1, 2.5, x]", {"a": {"b": {"c": [1, 2.5, "x"]}}}),
+        ("a=[]", {"a": []}),
+        ("a.b={k: 1}", {"a": {"b": {"k": 1}}}),
+        ("a.b=null", {"a": {"b": None}}),
+        ("a.b=~", {"a": {"b": None}}),
+        ("a.b='007'", {"a": {"b": "007"}}),
+    ],
+)
 def test_override_values_parse_as_yaml(item, expected):
     raw: dict = {}
     apply_override(raw, item)
@@ -138,12 +150,15 @@ def test_override_through_a_non_section_is_refused(tmp_path):
 # ---------------------------------------------------------------- errors name the key
 
 
-@pytest.mark.parametrize("item, key", [
-    ("trainer.lrr=1e-4", "trainer.lrr"),
-    ("stepz=3", "stepz"),
-    ("model.hiden_size=8", "model.hiden_size"),
-    ("sync.transport.kind=ipc", "sync.transport"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("trainer.lrr=1e-4", "trainer.lrr"),
+        ("stepz=3", "stepz"),
+        ("model.hiden_size=8", "model.hiden_size"),
+        ("sync.transport.kind=ipc", "sync.transport"),
+    ],
+)
 def test_unknown_key_is_named(item, key):
     message = _error([item])
     assert message.startswith(f"{key}: ")
@@ -154,52 +169,61 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     assert _error([], path).startswith("engine.kv_token: unknown key")
 
 
-@pytest.mark.parametrize("item, key", [
-    ("steps=abc", "steps"),
-    ("steps=2.0", "steps"),
-    ("steps=true", "steps"),
-    ("trainer.lr=fast", "trainer.lr"),
-    ("trainer.lr=true", "trainer.lr"),
-    ("sync.verify=1", "sync.verify"),
-    ("sync.verify=yes please", "sync.verify"),
-    ("engine.device=3", "engine.device"),
-    ("engine.kv_tokens=[1]", "engine.kv_tokens"),
-    ("trainer=5", "trainer"),
-    ("model=[]", "model"),
-    ("model.vocab_size=1.5", "model.vocab_size"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("steps=abc", "steps"),
+        ("steps=2.0", "steps"),
+        ("steps=true", "steps"),
+        ("trainer.lr=fast", "trainer.lr"),
+        ("trainer.lr=true", "trainer.lr"),
+        ("sync.verify=1", "sync.verify"),
+        ("sync.verify=yes please", "sync.verify"),
+        ("engine.device=3", "engine.device"),
+        ("engine.kv_tokens=[1]", "engine.kv_tokens"),
+        ("trainer=5", "trainer"),
+        ("model=[]", "model"),
+        ("model.vocab_size=1.5", "model.vocab_size"),
+    ],
+)
 def test_bad_type_is_named(item, key):
     assert _error([item]).startswith(f"{key}: ")
 
 
-@pytest.mark.parametrize("item, key", [
-    ("steps=-1", "steps"),
-    ("steps=0", "steps"),
-    ("num_engines=0", "num_engines"),
-    ("staleness=-1", "staleness"),
-    ("trainer.world_size=0", "trainer.world_size"),
-    ("trainer.lr=0", "trainer.lr"),
-    ("trainer.lr=.nan", "trainer.lr"),
-    ("sync.timeout_s=.inf", "sync.timeout_s"),
-    ("sync.bucket_mb=-1", "sync.bucket_mb"),
-    ("sync.transport=carrier-pigeon", "sync.transport"),
-    ("sync.pause_mode=drain", "sync.pause_mode"),
-    ("sync.backend=mpi", "sync.backend"),
-    ("placement=everywhere", "placement"),
-    ("engine.kv_tokens=0", "engine.kv_tokens"),
-    ("task.group_size=0", "task.group_size"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("steps=-1", "steps"),
+        ("steps=0", "steps"),
+        ("num_engines=0", "num_engines"),
+        ("staleness=-1", "staleness"),
+        ("trainer.world_size=0", "trainer.world_size"),
+        ("trainer.lr=0", "trainer.lr"),
+        ("trainer.lr=.nan", "trainer.lr"),
+        ("sync.timeout_s=.inf", "sync.timeout_s"),
+        ("sync.bucket_mb=-1", "sync.bucket_mb"),
+        ("sync.transport=carrier-pigeon", "sync.transport"),
+        ("sync.pause_mode=drain", "sync.pause_mode"),
+        ("sync.backend=mpi", "sync.backend"),
+        ("placement=everywhere", "placement"),
+        ("engine.kv_tokens=0", "engine.kv_tokens"),
+        ("task.group_size=0", "task.group_size"),
+    ],
+)
 def test_bad_value_is_named(item, key):
     assert _error([item]).startswith(f"{key}: ")
 
 
-@pytest.mark.parametrize("item, key", [
-    ("model.num_key_value_heads=3", "model.num_key_value_heads"),
-    ("model.model_type=gpt2", "model.model_type"),
-    ("model.head_dim=7", "model.head_dim"),
-    ("model.hidden_size=0", "model.hidden_size"),
-    ("model.torch_dtype=int8", "model.torch_dtype"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("model.num_key_value_heads=3", "model.num_key_value_heads"),
+        ("model.model_type=gpt2", "model.model_type"),
+        ("model.head_dim=7", "model.head_dim"),
+        ("model.hidden_size=0", "model.hidden_size"),
+        ("model.torch_dtype=int8", "model.torch_dtype"),
+    ],
+)
 def test_model_section_errors_are_named(item, key):
     message = _error([item])
     assert message.startswith(key) and message[len(key)] in ":= "
@@ -215,16 +239,25 @@ def test_every_shipped_config_loads(path):
     assert cfg.model.hidden_size <= 512  # tiny models only: these run on CPU in CI
 
 
-@pytest.mark.parametrize("name, placement, transport, engines, ray_address", [
-    ("colocated_cpu", "colocated", "ipc", 1, None),
-    ("disaggregated_cpu", "disaggregated", "broadcast", 2, None),
-    ("ray_cluster", "disaggregated", "broadcast", 2, "auto"),
-    ("bench", "colocated", "ipc", 1, None),
-])
-def test_shipped_configs_say_what_their_names_promise(name, placement, transport, engines, ray_address):
+@pytest.mark.parametrize(
+    "name, placement, transport, engines, ray_address",
+    [
+        ("colocated_cpu", "colocated", "ipc", 1, None),
+        ("disaggregated_cpu", "disaggregated", "broadcast", 2, None),
+        ("ray_cluster", "disaggregated", "broadcast", 2, "auto"),
+        ("bench", "colocated", "ipc", 1, None),
+    ],
+)
+def test_shipped_configs_say_what_their_names_promise(
+    name, placement, transport, engines, ray_address
+):
     cfg = load_config(CONFIGS[0].parent / f"{name}.yaml")
     assert (cfg.placement, cfg.sync.transport, cfg.num_engines, cfg.ray_address) == (
-        placement, transport, engines, ray_address)
+        placement,
+        transport,
+        engines,
+        ray_address,
+    )
     assert cfg.sync.flush_cache and not cfg.sync.torch_empty_cache
 
 

@@ -42,8 +42,10 @@ def test_node_address_is_an_address_of_this_machine(monkeypatch: pytest.MonkeyPa
 
 
 def test_node_address_is_rays_when_running_under_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.SimpleNamespace(is_initialized=lambda: True,
-                                 util=types.SimpleNamespace(get_node_ip_address=lambda: "10.1.2.3"))
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: True,
+        util=types.SimpleNamespace(get_node_ip_address=lambda: "10.1.2.3"),
+    )
     monkeypatch.setitem(sys.modules, "ray", fake)
     assert netutil.node_address() == "10.1.2.3"
     monkeypatch.setattr(fake, "is_initialized", lambda: False)

@@ -34,8 +34,9 @@ def gone(pid: int) -> bool:
 
 
 def start_stubborn(**popen: object) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True,
-                            **popen)  # type: ignore[call-overload]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True, **popen
+    )  # type: ignore[call-overload]
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
 
@@ -78,16 +79,26 @@ def test_a_child_with_child_env_imports_this_checkout(tmp_path: Path) -> None:
     env = child_env({"RLSYNC_TEST_MARK": "1"}, python_on_path=True)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == ROOT
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
-    out = subprocess.run(["python", "-c", "import os, rlsync; "
-                          "print(rlsync.__file__, os.environ['RLSYNC_TEST_MARK'])"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            "python",
+            "-c",
+            "import os, rlsync; print(rlsync.__file__, os.environ['RLSYNC_TEST_MARK'])",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     where, mark = out.stdout.split()
     assert Path(where).is_relative_to(ROOT) and mark == "1"
 
 
 @pytest.mark.parametrize("before", [None, "/elsewhere"])
 def test_child_env_keeps_an_existing_pythonpath_after_ours(
-        monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
+    monkeypatch: pytest.MonkeyPatch, before: str | None
+) -> None:
     if before is None:
         monkeypatch.delenv("PYTHONPATH", raising=False)
     else:

@@ -20,78 +20,182 @@ from rlsync import codec
 from rlsync import protocol as p
 from rlsync.codec import ProtocolError, decode, encode
 
-PLAN = p.BucketPlan(alignment=512, buckets=[
-    p.Bucket(nbytes=1536, tensors=[
-        p.TensorSpec(name="model.embed_tokens.weight", dtype="bfloat16", shape=[4, 8],
-                     offset=512, nbytes=64),
-        p.TensorSpec(name="lm_head.scale", dtype="float32", shape=[], offset=1024, nbytes=4),
-    ]),
-    p.Bucket(nbytes=1024, tensors=[
-        p.TensorSpec(name="model.norm.weight", dtype="float8_e4m3fn", shape=[2, 3],
-                     offset=512, nbytes=6),
-    ]),
-])
+PLAN = p.BucketPlan(
+    alignment=512,
+    buckets=[
+        p.Bucket(
+            nbytes=1536,
+            tensors=[
+                p.TensorSpec(
+                    name="model.embed_tokens.weight",
+                    dtype="bfloat16",
+                    shape=[4, 8],
+                    offset=512,
+                    nbytes=64,
+                ),
+                p.TensorSpec(
+                    name="lm_head.scale", dtype="float32", shape=[], offset=1024, nbytes=4
+                ),
+            ],
+        ),
+        p.Bucket(
+            nbytes=1024,
+            tensors=[
+                p.TensorSpec(
+                    name="model.norm.weight",
+                    dtype="float8_e4m3fn",
+                    shape=[2, 3],
+                    offset=512,
+                    nbytes=6,
+                ),
+            ],
+        ),
+    ],
+)
 PLAN_ID = p.plan_id_of(PLAN)
 # The one field left at its default on purpose: a 0-dim tensor's shape is [].
-INTENDED_DEFAULTS = {"UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].shape",
-                     "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape",
-                     "WeightSpecs.specs[1].shape"}
-UPDATE = dict(weight_version=7, flush_cache=False, torch_empty_cache=True, load_mode="shadow",
-              pause_mode="retract", idle_timeout_s=1.5, timeout_s=9.25, verify=True)
+INTENDED_DEFAULTS = {
+    "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].shape",
+    "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape",
+    "WeightSpecs.specs[1].shape",
+}
+UPDATE = dict(
+    weight_version=7,
+    flush_cache=False,
+    torch_empty_cache=True,
+    load_mode="shadow",
+    pause_mode="retract",
+    idle_timeout_s=1.5,
+    timeout_s=9.25,
+    verify=True,
+)
 BUFFER = p.IpcBuffer(
-    kind="cuda", name="rlsync-slots-1", control_name="rlsync-ctl-1", nbytes=4096, num_slots=2,
-    slot_bytes=2048, engine_index=3, gpu_uuid="GPU-8f1c", cuda_handle=bytes(range(64)),
-    cuda_storage_offset=512, cuda_ref_counter_handle=b"\x01" * 64, cuda_ref_counter_offset=8,
-    cuda_event_handle=b"\x02" * 64, cuda_event_sync_required=True)
-SAMPLING = p.SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=40,
-                            seed=(1 << 63) - 1, stop_token_ids=[2, 0])
+    kind="cuda",
+    name="rlsync-slots-1",
+    control_name="rlsync-ctl-1",
+    nbytes=4096,
+    num_slots=2,
+    slot_bytes=2048,
+    engine_index=3,
+    gpu_uuid="GPU-8f1c",
+    cuda_handle=bytes(range(64)),
+    cuda_storage_offset=512,
+    cuda_ref_counter_handle=b"\x01" * 64,
+    cuda_ref_counter_offset=8,
+    cuda_event_handle=b"\x02" * 64,
+    cuda_event_sync_required=True,
+)
+SAMPLING = p.SamplingParams(
+    max_new_tokens=7,
+    temperature=0.7,
+    top_p=0.9,
+    top_k=40,
+    seed=(1 << 63) - 1,
+    stop_token_ids=[2, 0],
+)
 # EngineInfo.model is the one free-form map (msgpack natives of any shape).
-MODEL = {"timings": {"load_s": 0.5, "steps": [1, 2]}, "names": ["a", "b"], "blob": b"\x00\xff",
-           "none": None, "nested": [[1, [2, b"x", None]], {"k": True}], "neg": -3,
-           "big": (1 << 64) - 1, "": ""}
+MODEL = {
+    "timings": {"load_s": 0.5, "steps": [1, 2]},
+    "names": ["a", "b"],
+    "blob": b"\x00\xff",
+    "none": None,
+    "nested": [[1, [2, b"x", None]], {"k": True}],
+    "neg": -3,
+    "big": (1 << 64) - 1,
+    "": "",
+}
 
-SAMPLES: dict[str, p.Message] = {m.__class__.__name__: m for m in (
-    p.Generate(request_id="g-1", input_ids=[1, 2, 3, 1 << 20], sampling=SAMPLING, stream=True),
-    p.GenerateOutput(request_id="g-1", output_ids=[5, 6], logprobs=[-0.25, -1e-30],
-                     finished=False, finish_reason="length", prompt_tokens=4, cached_tokens=2,
-                     weight_version=9, min_weight_version=8, error="boom \u00fc\u4e2d"),
-    p.Result(request_id="r-1", success=False, message="no"),
-    p.EngineDied(request_id="r-2", message="engine crashed: RuntimeError: boom"),
-    p.UpdateAccepted(request_id="u-1", weight_version=7, bytes=1 << 40),
-    p.UpdateDone(request_id="u-1", success=False, message="timed out", weight_version=6,
-                 bytes=2560, transport="ipc",
-                 timings=p.UpdateTimings(total_s=2.5, recv_s=1.25, load_s=0.5, flush_s=0.125,
-                                         pause_ms=37.5),
-                 live_touched=True, weights_incomplete=True, unknown_plan=True),
-    p.WeightSpecs(request_id="ws-1", weight_version=3, specs=[
-        p.WeightSpec(name="model.embed_tokens.weight", dtype="bfloat16", shape=[4, 8]),
-        p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[]),
-    ]),
-    p.WeightFingerprints(request_id="w-1", weight_version=4,
-                         fingerprints={"lm_head.weight": -(1 << 63), "model.norm.weight": 17},
-                         weights_incomplete=True, update_in_progress=True),
-    p.EngineInfo(request_id="n-1", weight_version=5, model=MODEL, backend="sglang",
-                 kv_pool_size=2048, kv_pool_used=96, prefix_cache_tokens=64, waiting=2,
-                 running=3, paused="retract", weights_incomplete=True, admission_held=True,
-                 retracted=1),
-    p.Abort(request_id="a-1", target_id="g-1"),
-    p.InitWeightsGroup(request_id="i-1", master_address="10.0.0.2", master_port=29500,
-                       rank_offset=3, world_size=5, group_name="w2", backend="nccl",
-                       timeout_s=12.5),
-    p.DestroyWeightsGroup(request_id="d-1", group_name="w2"),
-    p.UpdateWeightsFromDistributed(request_id="u-1", group_name="w2", plan_id=PLAN_ID, plan=PLAN,
-                                   **UPDATE),
-    p.UpdateWeightsFromIPC(request_id="u-2", buffer=BUFFER, plan_id=PLAN_ID, plan=PLAN, push_id=11,
-                           **UPDATE),
-    p.UpdateWeightsFromDisk(request_id="u-3", path="/tmp/ckpt/step-7", **UPDATE),
-    p.FlushCache(request_id="f-1", empty_cache=False),
-    p.PauseGeneration(request_id="p-1", mode="in_place"),
-    p.ContinueGeneration(request_id="c-1"),
-    p.GetWeightsFingerprint(request_id="w-1", names=["lm_head.weight", "model.norm.weight"]),
-    p.GetWeightSpecs(request_id="ws-1"),
-    p.GetInfo(request_id="n-1"),
-    p.Shutdown(request_id="s-1"),
-)}
+SAMPLES: dict[str, p.Message] = {
+    m.__class__.__name__: m
+    for m in (
+        p.Generate(request_id="g-1", input_ids=[1, 2, 3, 1 << 20], sampling=SAMPLING, stream=True),
+        p.GenerateOutput(
+            request_id="g-1",
+            output_ids=[5, 6],
+            logprobs=[-0.25, -1e-30],
+            finished=False,
+            finish_reason="length",
+            prompt_tokens=4,
+            cached_tokens=2,
+            weight_version=9,
+            min_weight_version=8,
+            error="boom \u00fc\u4e2d",
+        ),
+        p.Result(request_id="r-1", success=False, message="no"),
+        p.EngineDied(request_id="r-2", message="engine crashed: RuntimeError: boom"),
+        p.UpdateAccepted(request_id="u-1", weight_version=7, bytes=1 << 40),
+        p.UpdateDone(
+            request_id="u-1",
+            success=False,
+            message="timed out",
+            weight_version=6,
+            bytes=2560,
+            transport="ipc",
+            timings=p.UpdateTimings(
+                total_s=2.5, recv_s=1.25, load_s=0.5, flush_s=0.125, pause_ms=37.5
+            ),
+            live_touched=True,
+            weights_incomplete=True,
+            unknown_plan=True,
+        ),
+        p.WeightSpecs(
+            request_id="ws-1",
+            weight_version=3,
+            specs=[
+                p.WeightSpec(name="model.embed_tokens.weight", dtype="bfloat16", shape=[4, 8]),
+                p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[]),
+            ],
+        ),
+        p.WeightFingerprints(
+            request_id="w-1",
+            weight_version=4,
+            fingerprints={"lm_head.weight": -(1 << 63), "model.norm.weight": 17},
+            weights_incomplete=True,
+            update_in_progress=True,
+        ),
+        p.EngineInfo(
+            request_id="n-1",
+            weight_version=5,
+            model=MODEL,
+            backend="sglang",
+            kv_pool_size=2048,
+            kv_pool_used=96,
+            prefix_cache_tokens=64,
+            waiting=2,
+            running=3,
+            paused="retract",
+            weights_incomplete=True,
+            admission_held=True,
+            retracted=1,
+        ),
+        p.Abort(request_id="a-1", target_id="g-1"),
+        p.InitWeightsGroup(
+            request_id="i-1",
+            master_address="10.0.0.2",
+            master_port=29500,
+            rank_offset=3,
+            world_size=5,
+            group_name="w2",
+            backend="nccl",
+            timeout_s=12.5,
+        ),
+        p.DestroyWeightsGroup(request_id="d-1", group_name="w2"),
+        p.UpdateWeightsFromDistributed(
+            request_id="u-1", group_name="w2", plan_id=PLAN_ID, plan=PLAN, **UPDATE
+        ),
+        p.UpdateWeightsFromIPC(
+            request_id="u-2", buffer=BUFFER, plan_id=PLAN_ID, plan=PLAN, push_id=11, **UPDATE
+        ),
+        p.UpdateWeightsFromDisk(request_id="u-3", path="/tmp/ckpt/step-7", **UPDATE),
+        p.FlushCache(request_id="f-1", empty_cache=False),
+        p.PauseGeneration(request_id="p-1", mode="in_place"),
+        p.ContinueGeneration(request_id="c-1"),
+        p.GetWeightsFingerprint(request_id="w-1", names=["lm_head.weight", "model.norm.weight"]),
+        p.GetWeightSpecs(request_id="ws-1"),
+        p.GetInfo(request_id="n-1"),
+        p.Shutdown(request_id="s-1"),
+    )
+}
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -175,7 +279,12 @@ def test_frame_is_type_name_then_field_map_with_bin_bytes():
     assert raw[0] == "UpdateWeightsFromIPC"
     assert raw[1]["buffer"]["cuda_handle"] == bytes(range(64))  # bin type, not str
     assert raw[1]["plan"]["buckets"][0]["tensors"][1] == {
-        "name": "lm_head.scale", "dtype": "float32", "shape": [], "offset": 1024, "nbytes": 4}
+        "name": "lm_head.scale",
+        "dtype": "float32",
+        "shape": [],
+        "offset": 1024,
+        "nbytes": 4,
+    }
     assert set(raw[1]) == {f.name for f in dataclasses.fields(p.UpdateWeightsFromIPC)}
 
 
@@ -191,41 +300,50 @@ def test_plan_id_is_a_content_hash():
     copy = decode(encode(SAMPLES["UpdateWeightsFromIPC"])).plan
     assert copy is not PLAN and p.plan_id_of(copy) == PLAN_ID
     assert len(PLAN_ID) == 32 and int(PLAN_ID, 16) >= 0
-    moved = decode(_mutated("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 1, "offset"),
-                            768)).plan
+    moved = decode(
+        _mutated("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 1, "offset"), 768)
+    ).plan
     assert p.plan_id_of(moved) != PLAN_ID
     assert p.plan_id_of(dataclasses.replace(PLAN, alignment=256)) != PLAN_ID
     assert p.plan_id_of(p.BucketPlan()) != PLAN_ID
 
 
-@pytest.mark.parametrize("msg, final", [
-    (p.UpdateAccepted(weight_version=3), False),
-    (p.GenerateOutput(finished=False), False),
-    (p.GenerateOutput(finished=True), True),
-    (p.UpdateDone(success=False), True),
-    (p.Result(), True),
-    (p.EngineDied(), True),
-    (p.EngineInfo(), True),
-    (p.WeightFingerprints(), True),
-    (p.WeightSpecs(), True),
-], ids=lambda v: type(v).__name__ if isinstance(v, p.Message) else str(v))
+@pytest.mark.parametrize(
+    "msg, final",
+    [
+        (p.UpdateAccepted(weight_version=3), False),
+        (p.GenerateOutput(finished=False), False),
+        (p.GenerateOutput(finished=True), True),
+        (p.UpdateDone(success=False), True),
+        (p.Result(), True),
+        (p.EngineDied(), True),
+        (p.EngineInfo(), True),
+        (p.WeightFingerprints(), True),
+        (p.WeightSpecs(), True),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, p.Message) else str(v),
+)
 def test_is_final(msg, final):
     assert p.is_final(msg) is final
 
 
-@pytest.mark.parametrize("msg, failure", [
-    (p.Result(success=False, message="no"), "no"),
-    (p.Result(success=True, message="fine"), None),
-    (p.UpdateDone(success=False, message="timed out"), "timed out"),
-    (p.UpdateDone(success=True, message="ok"), None),
-    (p.EngineDied(message="engine crashed: boom"), "engine crashed: boom"),
-    (p.GenerateOutput(error="refused"), "refused"),
-    (p.GenerateOutput(), None),
-    (p.UpdateAccepted(), None),
-    (p.EngineInfo(weights_incomplete=True), None),
-    (p.WeightFingerprints(weights_incomplete=True), None),
-    (p.WeightSpecs(), None),
-], ids=lambda v: type(v).__name__ if isinstance(v, p.Message) else repr(v))
+@pytest.mark.parametrize(
+    "msg, failure",
+    [
+        (p.Result(success=False, message="no"), "no"),
+        (p.Result(success=True, message="fine"), None),
+        (p.UpdateDone(success=False, message="timed out"), "timed out"),
+        (p.UpdateDone(success=True, message="ok"), None),
+        (p.EngineDied(message="engine crashed: boom"), "engine crashed: boom"),
+        (p.GenerateOutput(error="refused"), "refused"),
+        (p.GenerateOutput(), None),
+        (p.UpdateAccepted(), None),
+        (p.EngineInfo(weights_incomplete=True), None),
+        (p.WeightFingerprints(weights_incomplete=True), None),
+        (p.WeightSpecs(), None),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, p.Message) else repr(v),
+)
 def test_failed_is_the_failure_text_or_none(msg, failure):
     assert p.failed(msg) == failure
 
@@ -254,8 +372,9 @@ def test_encode_refuses_a_non_message():
 # ---------------------------------------------------------------- malformed frames
 
 
-@pytest.mark.parametrize("name", ["Generate", "UpdateWeightsFromIPC", "Result", "UpdateDone",
-                                  "EngineInfo"])
+@pytest.mark.parametrize(
+    "name", ["Generate", "UpdateWeightsFromIPC", "Result", "UpdateDone", "EngineInfo"]
+)
 def test_every_truncated_prefix_is_refused(name):
     frame = encode(SAMPLES[name])
     for n in range(len(frame)):
@@ -264,9 +383,19 @@ def test_every_truncated_prefix_is_refused(name):
         assert info.value.where == "frame"
 
 
-@pytest.mark.parametrize("raw", [
-    {"type": "Abort"}, ["Abort"], ["Abort", {}, {}], [7, {}], "Abort", None, [b"Abort", {}],
-], ids=repr)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "Abort"},
+        ["Abort"],
+        ["Abort", {}, {}],
+        [7, {}],
+        "Abort",
+        None,
+        [b"Abort", {}],
+    ],
+    ids=repr,
+)
 def test_frame_must_be_a_name_and_a_map(raw):
     assert _where(_frame(raw)) == "frame"
 
@@ -281,8 +410,9 @@ def test_non_bytes_input_is_refused(junk):
         decode(junk)
 
 
-@pytest.mark.parametrize("frame", [b"", b"\xc1", b"\x92\xa5Abort", b"\xdc\xff\xff", b"\xff" * 9],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "frame", [b"", b"\xc1", b"\x92\xa5Abort", b"\xdc\xff\xff", b"\xff" * 9], ids=repr
+)
 def test_not_msgpack_is_refused(frame):
     with pytest.raises(ProtocolError, match="not valid msgpack"):
         decode(frame)
@@ -299,27 +429,49 @@ def test_frame_over_the_size_limit_is_refused(monkeypatch):
         decode(frame)
 
 
-@pytest.mark.parametrize("name", ["Frobnicate", "Message", "UpdateWeights", "BucketUpdate",
-                                  "SamplingParams", "BucketPlan", "TensorSpec", "UpdateTimings",
-                                  "WeightSpec", "generate", ""])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Frobnicate",
+        "Message",
+        "UpdateWeights",
+        "BucketUpdate",
+        "SamplingParams",
+        "BucketPlan",
+        "TensorSpec",
+        "UpdateTimings",
+        "WeightSpec",
+        "generate",
+        "",
+    ],
+)
 def test_unknown_message_type_is_refused(name):
     with pytest.raises(ProtocolError, match="unknown message type") as info:
         decode(_frame([name, {}]))
     assert info.value.where == "frame"
 
 
-@pytest.mark.parametrize("name, fields, where", [
-    ("Abort", {"request_id": "a", "bogus": 1}, "Abort.bogus"),
-    ("Generate", {"sampling": {"max_new_tokens": 2, "top_q": 0.5}}, "Generate.sampling.top_q"),
-    ("UpdateWeightsFromDistributed", {"plan": {"buckets": [{"nbytes": 256, "crc": 0}]}},
-     "UpdateWeightsFromDistributed.plan.buckets[0].crc"),
-    ("Abort", {b"request_id": "a"}, "Abort.b'request_id'"),
-    ("Result", {"payload": {"stage": "accepted"}}, "Result.payload"),
-    ("UpdateDone", {"timings": {"wait_s": 1.0}}, "UpdateDone.timings.wait_s"),
-    ("WeightSpecs", {"specs": [{"name": "w", "dtype": "float32", "offset": 0}]},
-     "WeightSpecs.specs[0].offset"),
-    ("EngineInfo", {"kv_pool": {"size": 1}}, "EngineInfo.kv_pool"),
-])
+@pytest.mark.parametrize(
+    "name, fields, where",
+    [
+        ("Abort", {"request_id": "a", "bogus": 1}, "Abort.bogus"),
+        ("Generate", {"sampling": {"max_new_tokens": 2, "top_q": 0.5}}, "Generate.sampling.top_q"),
+        (
+            "UpdateWeightsFromDistributed",
+            {"plan": {"buckets": [{"nbytes": 256, "crc": 0}]}},
+            "UpdateWeightsFromDistributed.plan.buckets[0].crc",
+        ),
+        ("Abort", {b"request_id": "a"}, "Abort.b'request_id'"),
+        ("Result", {"payload": {"stage": "accepted"}}, "Result.payload"),
+        ("UpdateDone", {"timings": {"wait_s": 1.0}}, "UpdateDone.timings.wait_s"),
+        (
+            "WeightSpecs",
+            {"specs": [{"name": "w", "dtype": "float32", "offset": 0}]},
+            "WeightSpecs.specs[0].offset",
+        ),
+        ("EngineInfo", {"kv_pool": {"size": 1}}, "EngineInfo.kv_pool"),
+    ],
+)
 def test_unknown_field_is_refused_by_name(name, fields, where):
     with pytest.raises(ProtocolError, match="unknown field") as info:
         decode(_frame([name, fields]))
@@ -338,13 +490,17 @@ def _tensor_without(key: str) -> bytes:
     return _frame(raw)
 
 
-@pytest.mark.parametrize("frame, where", [
-    (_tensor_without("name"), "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].name"),
-    (_tensor_without("dtype"), "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].dtype"),
-    (_frame(["InitWeightsGroup", {"world_size": 3}]), "InitWeightsGroup.master_port"),
-    (_frame(["WeightSpecs", {"specs": [{"dtype": "float32"}]}]), "WeightSpecs.specs[0].name"),
-    (_frame(["WeightSpecs", {"specs": [{"name": "w"}]}]), "WeightSpecs.specs[0].dtype"),
-], ids=["tensor-name", "tensor-dtype", "master-port", "spec-name", "spec-dtype"])
+@pytest.mark.parametrize(
+    "frame, where",
+    [
+        (_tensor_without("name"), "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].name"),
+        (_tensor_without("dtype"), "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].dtype"),
+        (_frame(["InitWeightsGroup", {"world_size": 3}]), "InitWeightsGroup.master_port"),
+        (_frame(["WeightSpecs", {"specs": [{"dtype": "float32"}]}]), "WeightSpecs.specs[0].name"),
+        (_frame(["WeightSpecs", {"specs": [{"name": "w"}]}]), "WeightSpecs.specs[0].dtype"),
+    ],
+    ids=["tensor-name", "tensor-dtype", "master-port", "spec-name", "spec-dtype"],
+)
 def test_missing_required_field_is_refused_by_name(frame, where):
     # A field is optional on the wire only when its default is itself a valid value.
     with pytest.raises(ProtocolError, match="required field missing") as info:
@@ -378,28 +534,61 @@ WRONG_TYPES = [
     ("WeightSpecs", ("specs",), {"w": ["float32", [2]]}, "WeightSpecs.specs"),
     ("WeightSpecs", ("specs", 0, "shape", 1), 8.0, "WeightSpecs.specs[0].shape[1]"),
     ("WeightSpecs", ("specs", 1, "dtype"), None, "WeightSpecs.specs[1].dtype"),
-    ("WeightFingerprints", ("fingerprints",), [["lm_head.weight", 1]], "WeightFingerprints.fingerprints"),
-    ("WeightFingerprints", ("fingerprints", "model.norm.weight"), "17",
-     "WeightFingerprints.fingerprints.model.norm.weight"),
+    (
+        "WeightFingerprints",
+        ("fingerprints",),
+        [["lm_head.weight", 1]],
+        "WeightFingerprints.fingerprints",
+    ),
+    (
+        "WeightFingerprints",
+        ("fingerprints", "model.norm.weight"),
+        "17",
+        "WeightFingerprints.fingerprints.model.norm.weight",
+    ),
     ("WeightFingerprints", ("update_in_progress",), "yes", "WeightFingerprints.update_in_progress"),
     ("EngineInfo", ("model",), [["k", 1]], "EngineInfo.model"),
     ("EngineInfo", ("model",), None, "EngineInfo.model"),
     ("EngineInfo", ("model", "blob"), msgpack.ExtType(3, b"xy"), "EngineInfo.model.blob"),
-    ("EngineInfo", ("model", "nested", 1), {"k": msgpack.Timestamp(1, 0)}, "EngineInfo.model.nested[1].k"),
+    (
+        "EngineInfo",
+        ("model", "nested", 1),
+        {"k": msgpack.Timestamp(1, 0)},
+        "EngineInfo.model.nested[1].k",
+    ),
     ("EngineInfo", ("model", "timings"), {b"load_s": 1.0}, "EngineInfo.model.timings"),
     ("EngineInfo", ("paused",), "drain", "EngineInfo.paused"),
     ("EngineInfo", ("admission_held",), None, "EngineInfo.admission_held"),
     ("EngineInfo", ("kv_pool_size",), {"size": 2048}, "EngineInfo.kv_pool_size"),
     ("Abort", ("target_id",), b"g-1", "Abort.target_id"),
     ("Abort", ("request_id",), 17, "Abort.request_id"),
-    ("UpdateWeightsFromIPC", ("buffer", "cuda_handle"), "handle", "UpdateWeightsFromIPC.buffer.cuda_handle"),
+    (
+        "UpdateWeightsFromIPC",
+        ("buffer", "cuda_handle"),
+        "handle",
+        "UpdateWeightsFromIPC.buffer.cuda_handle",
+    ),
     ("UpdateWeightsFromIPC", ("buffer", "kind"), "rdma", "UpdateWeightsFromIPC.buffer.kind"),
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 0, "shape", 1), 1.5,
-     "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].shape[1]"),
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 1), [512, []], "UpdateWeightsFromIPC.plan.buckets[1]"),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 0, "tensors", 0, "shape", 1),
+        1.5,
+        "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].shape[1]",
+    ),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 1),
+        [512, []],
+        "UpdateWeightsFromIPC.plan.buckets[1]",
+    ),
     ("UpdateWeightsFromIPC", ("plan",), [], "UpdateWeightsFromIPC.plan"),
     ("UpdateWeightsFromIPC", ("plan_id",), None, "UpdateWeightsFromIPC.plan_id"),
-    ("UpdateWeightsFromDistributed", ("plan_id",), b"\x00" * 16, "UpdateWeightsFromDistributed.plan_id"),
+    (
+        "UpdateWeightsFromDistributed",
+        ("plan_id",),
+        b"\x00" * 16,
+        "UpdateWeightsFromDistributed.plan_id",
+    ),
     ("GetWeightSpecs", ("request_id",), 1, "GetWeightSpecs.request_id"),
     ("UpdateWeightsFromDisk", ("flush_cache",), "yes", "UpdateWeightsFromDisk.flush_cache"),
     ("UpdateWeightsFromDisk", ("pause_mode",), "drain", "UpdateWeightsFromDisk.pause_mode"),
@@ -413,29 +602,52 @@ WRONG_TYPES = [
 ]
 
 
-@pytest.mark.parametrize("name, path, value, where", WRONG_TYPES,
-                         ids=[w[3] + "=" + repr(w[2]) for w in WRONG_TYPES])
+@pytest.mark.parametrize(
+    "name, path, value, where", WRONG_TYPES, ids=[w[3] + "=" + repr(w[2]) for w in WRONG_TYPES]
+)
 def test_wrong_type_is_refused_by_name(name, path, value, where):
     assert _where(_mutated(name, path, value)) == where
 
 
 OUT_OF_RANGE = [
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 0, "nbytes"), -1,
-     "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].nbytes"),
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 0, "offset"), -256,
-     "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].offset"),
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 1, "nbytes"), -512,
-     "UpdateWeightsFromIPC.plan.buckets[1].nbytes"),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 0, "tensors", 0, "nbytes"),
+        -1,
+        "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].nbytes",
+    ),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 0, "tensors", 0, "offset"),
+        -256,
+        "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].offset",
+    ),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 1, "nbytes"),
+        -512,
+        "UpdateWeightsFromIPC.plan.buckets[1].nbytes",
+    ),
     ("UpdateWeightsFromIPC", ("plan", "alignment"), 0, "UpdateWeightsFromIPC.plan.alignment"),
     ("UpdateWeightsFromIPC", ("buffer", "nbytes"), -4096, "UpdateWeightsFromIPC.buffer.nbytes"),
     ("UpdateWeightsFromIPC", ("buffer", "num_slots"), 0, "UpdateWeightsFromIPC.buffer.num_slots"),
-    ("UpdateWeightsFromIPC", ("buffer", "engine_index"), 4096, "UpdateWeightsFromIPC.buffer.engine_index"),
+    (
+        "UpdateWeightsFromIPC",
+        ("buffer", "engine_index"),
+        4096,
+        "UpdateWeightsFromIPC.buffer.engine_index",
+    ),
     ("UpdateWeightsFromIPC", ("push_id",), -1, "UpdateWeightsFromIPC.push_id"),
     ("UpdateWeightsFromDisk", ("weight_version",), -1, "UpdateWeightsFromDisk.weight_version"),
     ("UpdateWeightsFromDisk", ("timeout_s",), 0.0, "UpdateWeightsFromDisk.timeout_s"),
     ("GenerateOutput", ("prompt_tokens",), -4, "GenerateOutput.prompt_tokens"),
     ("Generate", ("sampling", "max_new_tokens"), 0, "Generate.sampling.max_new_tokens"),
-    ("Generate", ("sampling", "max_new_tokens"), p.MAX_TOKENS + 1, "Generate.sampling.max_new_tokens"),
+    (
+        "Generate",
+        ("sampling", "max_new_tokens"),
+        p.MAX_TOKENS + 1,
+        "Generate.sampling.max_new_tokens",
+    ),
     ("Generate", ("sampling", "top_p"), 1.5, "Generate.sampling.top_p"),
     ("Generate", ("sampling", "temperature"), -0.1, "Generate.sampling.temperature"),
     ("Generate", ("sampling", "seed"), 1 << 63, "Generate.sampling.seed"),
@@ -455,8 +667,9 @@ OUT_OF_RANGE = [
 ]
 
 
-@pytest.mark.parametrize("name, path, value, where", OUT_OF_RANGE,
-                         ids=[w[3] + "=" + repr(w[2]) for w in OUT_OF_RANGE])
+@pytest.mark.parametrize(
+    "name, path, value, where", OUT_OF_RANGE, ids=[w[3] + "=" + repr(w[2]) for w in OUT_OF_RANGE]
+)
 def test_out_of_range_value_is_refused_by_name(name, path, value, where):
     assert _where(_mutated(name, path, value)) == where
 
@@ -485,12 +698,24 @@ TOO_LONG = [
     ("GenerateOutput", ("error",), "e" * 4097, "GenerateOutput.error"),
     ("Generate", ("sampling", "stop_token_ids"), [0] * 1025, "Generate.sampling.stop_token_ids"),
     ("Generate", ("input_ids",), [1] * (p.MAX_TOKENS + 1), "Generate.input_ids"),
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 0, "shape"), [1] * 9,
-     "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].shape"),
-    ("UpdateWeightsFromIPC", ("plan", "buckets", 0, "tensors", 0, "name"), "n" * 513,
-     "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].name"),
-    ("UpdateWeightsFromIPC", ("buffer", "cuda_handle"), b"h" * 257,
-     "UpdateWeightsFromIPC.buffer.cuda_handle"),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 0, "tensors", 0, "shape"),
+        [1] * 9,
+        "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].shape",
+    ),
+    (
+        "UpdateWeightsFromIPC",
+        ("plan", "buckets", 0, "tensors", 0, "name"),
+        "n" * 513,
+        "UpdateWeightsFromIPC.plan.buckets[0].tensors[0].name",
+    ),
+    (
+        "UpdateWeightsFromIPC",
+        ("buffer", "cuda_handle"),
+        b"h" * 257,
+        "UpdateWeightsFromIPC.buffer.cuda_handle",
+    ),
     ("UpdateWeightsFromIPC", ("buffer", "name"), "s" * 256, "UpdateWeightsFromIPC.buffer.name"),
     ("Result", ("message",), "m" * ((1 << 16) + 1), "Result.message"),
     ("EngineDied", ("message",), "m" * ((1 << 16) + 1), "EngineDied.message"),
@@ -498,8 +723,12 @@ TOO_LONG = [
     ("UpdateWeightsFromIPC", ("plan_id",), "f" * 65, "UpdateWeightsFromIPC.plan_id"),
     ("WeightSpecs", ("specs", 0, "shape"), [1] * 9, "WeightSpecs.specs[0].shape"),
     ("WeightSpecs", ("specs", 0, "name"), "n" * 513, "WeightSpecs.specs[0].name"),
-    ("WeightFingerprints", ("fingerprints",), {str(i): i for i in range((1 << 16) + 1)},
-     "WeightFingerprints.fingerprints"),
+    (
+        "WeightFingerprints",
+        ("fingerprints",),
+        {str(i): i for i in range((1 << 16) + 1)},
+        "WeightFingerprints.fingerprints",
+    ),
     ("EngineInfo", ("model",), {str(i): i for i in range(257)}, "EngineInfo.model"),
     ("EngineInfo", ("backend",), "b" * 65, "EngineInfo.backend"),
 ]
@@ -512,11 +741,18 @@ def test_absurd_length_is_refused_by_name(name, path, value, where):
     assert info.value.where == where
 
 
-@pytest.mark.parametrize("name, path, where", [
-    ("EngineInfo", ("model", "blob"), "EngineInfo.model.blob"),
-    ("EngineInfo", ("model", "nested", 0, 1, 1), "EngineInfo.model.nested[0][1][1]"),
-    ("UpdateWeightsFromIPC", ("buffer", "cuda_handle"), "UpdateWeightsFromIPC.buffer.cuda_handle"),
-])
+@pytest.mark.parametrize(
+    "name, path, where",
+    [
+        ("EngineInfo", ("model", "blob"), "EngineInfo.model.blob"),
+        ("EngineInfo", ("model", "nested", 0, 1, 1), "EngineInfo.model.nested[0][1][1]"),
+        (
+            "UpdateWeightsFromIPC",
+            ("buffer", "cuda_handle"),
+            "UpdateWeightsFromIPC.buffer.cuda_handle",
+        ),
+    ],
+)
 def test_bytes_field_over_the_configured_cap_is_refused_by_name(name, path, where):
     frame = _mutated(name, path, b"\x07" * 100)
     assert decode(frame, max_bytes_field=100) is not None
@@ -603,11 +839,11 @@ def _doc_number(text: str) -> float:
 
 
 def _doc_limits(cell: str) -> dict[str, float]:
-    """"1 … 65535, len ≤ 8" style cell -> {"ge": 1, "le": 65535, "max_len": 8}."""
+    """ "1 … 65535, len ≤ 8" style cell -> {"ge": 1, "le": 65535, "max_len": 8}."""
     limits: dict[str, float] = {}
     for part in filter(None, (piece.strip() for piece in cell.split(","))):
         if part.startswith("len ≤ "):
-            limits["max_len"] = _doc_number(part[len("len ≤ "):])
+            limits["max_len"] = _doc_number(part[len("len ≤ ") :])
         elif part.startswith("≥ "):
             limits["ge"] = _doc_number(part[2:])
         else:
@@ -620,12 +856,25 @@ def _doc_default(cell: str) -> Any:
     if cell == "nil":
         return None
     literal = cell.strip("`")
-    return {"true": True, "false": False, "[]": [], "{}": {}}.get(literal) if literal in (
-        "true", "false", "[]", "{}") else literal[1:-1] if literal.startswith('"') else _doc_number(literal)
+    return (
+        {"true": True, "false": False, "[]": [], "{}": {}}.get(literal)
+        if literal in ("true", "false", "[]", "{}")
+        else literal[1:-1]
+        if literal.startswith('"')
+        else _doc_number(literal)
+    )
 
 
-WIRE_TYPES = [*p.MESSAGE_TYPES.values(), p.SamplingParams, p.IpcBuffer, p.BucketPlan, p.Bucket,
-              p.TensorSpec, p.UpdateTimings, p.WeightSpec]
+WIRE_TYPES = [
+    *p.MESSAGE_TYPES.values(),
+    p.SamplingParams,
+    p.IpcBuffer,
+    p.BucketPlan,
+    p.Bucket,
+    p.TensorSpec,
+    p.UpdateTimings,
+    p.WeightSpec,
+]
 
 
 @pytest.mark.parametrize("cls", WIRE_TYPES, ids=lambda c: c.__name__)
@@ -657,8 +906,12 @@ def test_protocol_doc_defaults_match_the_code(cls):
 
 def test_protocol_doc_example_frame_decodes():
     block = DOC.read_text().split("35 bytes:")[1].split("```")[1]
-    hexes = [tok for line in block.splitlines() for tok in line.split()[:12]
-             if re.fullmatch(r"[0-9a-f]{2}", tok)]
+    hexes = [
+        tok
+        for line in block.splitlines()
+        for tok in line.split()[:12]
+        if re.fullmatch(r"[0-9a-f]{2}", tok)
+    ]
     frame = bytes.fromhex("".join(hexes))
     assert len(frame) == 35
     assert decode(frame) == p.Abort(request_id="x1", target_id="r1")

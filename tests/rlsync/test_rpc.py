@@ -66,7 +66,9 @@ class Peer:
             self.identity = identity
             self.seen.append(decode(frame))
             for reply in self.handler(self.seen) if self.handler else []:
-                self.sock.send_multipart([identity, reply if isinstance(reply, bytes) else encode(reply)])
+                self.sock.send_multipart(
+                    [identity, reply if isinstance(reply, bytes) else encode(reply)]
+                )
 
     def close(self) -> None:
         self.stop.set()
@@ -97,8 +99,11 @@ def peer_factory(endpoint: str) -> Iterator[Callable[[Handler | None], Peer]]:
 def echo_names(seen: list[Message]) -> list[Message]:
     """Answer each GetWeightsFingerprint with its own names as the fingerprinted tensors."""
     msg = seen[-1]
-    return [WeightFingerprints(request_id=msg.request_id,
-                               fingerprints={n: i for i, n in enumerate(msg.names)})]
+    return [
+        WeightFingerprints(
+            request_id=msg.request_id, fingerprints={n: i for i, n in enumerate(msg.names)}
+        )
+    ]
 
 
 def names(reply: Message) -> list[str]:
@@ -134,23 +139,27 @@ def test_remove_leaves_foreign_dirs_alone(tmp_path: Path):
     assert (tmp_path / "x.sock").exists()
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("", "empty"),
-    ("http://x:1", "expected ipc"),
-    ("ipc://relative.sock", "absolute"),
-    ("ipc:///" + "a" * 120, "unix socket limit"),
-    ("ipc:///no/such/dir/x.sock", "does not exist"),
-    ("tcp://127.0.0.1", "tcp://host:port"),
-    ("tcp://127.0.0.1:0", "not in 1..65535"),
-    ("tcp://127.0.0.1:70000", "not in 1..65535"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("", "empty"),
+        ("http://x:1", "expected ipc"),
+        ("ipc://relative.sock", "absolute"),
+        ("ipc:///" + "a" * 120, "unix socket limit"),
+        ("ipc:///no/such/dir/x.sock", "does not exist"),
+        ("tcp://127.0.0.1", "tcp://host:port"),
+        ("tcp://127.0.0.1:0", "not in 1..65535"),
+        ("tcp://127.0.0.1:70000", "not in 1..65535"),
+    ],
+)
 def test_check_endpoint_rejects_with_reason(bad: str, words: str):
     with pytest.raises(EndpointError, match=words):
         check_endpoint(bad)
 
 
-@pytest.mark.parametrize("good", ["tcp://127.0.0.1:5555", "tcp://*:*", "tcp://[::1]:80",
-                                  "tcp://engine-0.local:9000"])
+@pytest.mark.parametrize(
+    "good", ["tcp://127.0.0.1:5555", "tcp://*:*", "tcp://[::1]:80", "tcp://engine-0.local:9000"]
+)
 def test_check_endpoint_accepts_tcp(good: str):
     assert check_endpoint(good) == good
 
@@ -196,8 +205,11 @@ def test_reply_already_sent_by_a_dead_peer_is_still_delivered(endpoint, peer_fac
 
 
 def test_engine_died_reply_raises(endpoint, peer_factory):
-    peer_factory(lambda seen: [EngineDied(request_id=seen[-1].request_id,
-                                          message="engine crashed: RuntimeError: boom")])
+    peer_factory(
+        lambda seen: [
+            EngineDied(request_id=seen[-1].request_id, message="engine crashed: RuntimeError: boom")
+        ]
+    )
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         with pytest.raises(EngineDead, match="engine crashed: RuntimeError: boom"):
             rpc.call(GetInfo())
@@ -213,8 +225,11 @@ def test_engine_died_reply_raises(endpoint, peer_factory):
 def test_a_failed_result_is_not_read_as_engine_death(endpoint, peer_factory):
     # The old protocol signalled death by a message prefix; a failure text that happens to
     # start like it is only a failure now.
-    peer_factory(lambda seen: [Result(request_id=seen[-1].request_id, success=False,
-                                      message="engine dead: not really")])
+    peer_factory(
+        lambda seen: [
+            Result(request_id=seen[-1].request_id, success=False, message="engine dead: not really")
+        ]
+    )
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         with pytest.raises(RpcError, match="engine dead: not really"):
             rpc.call_ok(GetInfo())
@@ -224,8 +239,11 @@ def test_a_failed_result_is_not_read_as_engine_death(endpoint, peer_factory):
 
 
 def test_failed_result_is_returned_and_call_ok_raises(endpoint, peer_factory):
-    peer_factory(lambda seen: [Result(request_id=seen[-1].request_id, success=False,
-                                      message="not idle: 2 running")])
+    peer_factory(
+        lambda seen: [
+            Result(request_id=seen[-1].request_id, success=False, message="not idle: 2 running")
+        ]
+    )
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         assert rpc.call(GetInfo()).message == "not idle: 2 running"
         with pytest.raises(RpcError, match="GetInfo failed: not idle: 2 running") as err:
@@ -238,17 +256,37 @@ def test_call_returns_the_typed_reply(endpoint, peer_factory):
     def typed(seen):
         msg = seen[-1]
         if isinstance(msg, GetInfo):
-            return [EngineInfo(request_id=msg.request_id, weight_version=4, kv_pool_size=64,
-                               kv_pool_used=8, admission_held=True)]
-        return [UpdateAccepted(request_id=msg.request_id, weight_version=5, bytes=96),
-                UpdateDone(request_id=msg.request_id, success=False, message="bad bytes",
-                           weight_version=4, bytes=96, transport="disk")]
+            return [
+                EngineInfo(
+                    request_id=msg.request_id,
+                    weight_version=4,
+                    kv_pool_size=64,
+                    kv_pool_used=8,
+                    admission_held=True,
+                )
+            ]
+        return [
+            UpdateAccepted(request_id=msg.request_id, weight_version=5, bytes=96),
+            UpdateDone(
+                request_id=msg.request_id,
+                success=False,
+                message="bad bytes",
+                weight_version=4,
+                bytes=96,
+                transport="disk",
+            ),
+        ]
+
     peer_factory(typed)
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         info = rpc.call_ok(GetInfo())
         assert isinstance(info, EngineInfo)
         assert (info.weight_version, info.kv_pool_size, info.kv_pool_used, info.admission_held) == (
-            4, 64, 8, True)
+            4,
+            64,
+            8,
+            True,
+        )
         sent = rpc.send(UpdateWeightsFromDisk(path="/x", weight_version=5))
         accepted, done = rpc.recv(), rpc.recv()
         with pytest.raises(RuntimeError, match="nothing was sent"):
@@ -257,16 +295,28 @@ def test_call_returns_the_typed_reply(endpoint, peer_factory):
     assert (accepted.weight_version, accepted.bytes) == (5, 96)
     assert isinstance(done, UpdateDone) and done.request_id == sent.request_id
     assert (done.success, done.message, done.weight_version, done.transport) == (
-        False, "bad bytes", 4, "disk")
+        False,
+        "bad bytes",
+        4,
+        "disk",
+    )
 
 
 def test_call_ok_raises_on_a_failed_update_done(endpoint, peer_factory):
-    peer_factory(lambda seen: [UpdateDone(request_id=seen[-1].request_id, success=False,
-                                          message="version 3 is not newer than 4",
-                                          weight_version=4)])
+    peer_factory(
+        lambda seen: [
+            UpdateDone(
+                request_id=seen[-1].request_id,
+                success=False,
+                message="version 3 is not newer than 4",
+                weight_version=4,
+            )
+        ]
+    )
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
-        with pytest.raises(RpcError, match="UpdateWeightsFromDisk failed: version 3 is not newer"
-                           ) as err:
+        with pytest.raises(
+            RpcError, match="UpdateWeightsFromDisk failed: version 3 is not newer"
+        ) as err:
             rpc.call_ok(UpdateWeightsFromDisk(path="/x", weight_version=3))
     assert isinstance(err.value.reply, UpdateDone) and err.value.reply.weight_version == 4
 
@@ -280,8 +330,8 @@ def test_a_generate_output_for_a_control_call_is_a_protocol_error(endpoint, peer
 
 def test_unknown_request_ids_are_dropped(endpoint, peer_factory):
     def stray_first(seen):
-        return [Result(request_id="nobody", message="stray"), b"\x93garbage",
-                *echo_names(seen)]
+        return [Result(request_id="nobody", message="stray"), b"\x93garbage", *echo_names(seen)]
+
     peer_factory(stray_first)
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         assert names(rpc.call(GetWeightsFingerprint(names=["a"]))) == ["a"]
@@ -292,11 +342,14 @@ def test_concurrent_calls_from_threads_get_their_own_replies(endpoint, peer_fact
         if len(seen) % 4:
             return []
         return [echo_names([m])[0] for m in reversed(seen[-4:])]
+
     peer_factory(reverse_in_fours)
     results: dict[int, list[str]] = {}
     with RpcClient(endpoint, timeout_s=10.0) as rpc:
+
         def worker(i: int) -> None:
             results[i] = names(rpc.call(GetWeightsFingerprint(names=[f"w{i}"])))
+
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
@@ -306,7 +359,9 @@ def test_concurrent_calls_from_threads_get_their_own_replies(endpoint, peer_fact
 
 
 def test_pipelined_send_then_recv(endpoint, peer_factory):
-    peer_factory(lambda seen: [echo_names([m])[0] for m in reversed(seen)] if len(seen) == 3 else [])
+    peer_factory(
+        lambda seen: [echo_names([m])[0] for m in reversed(seen)] if len(seen) == 3 else []
+    )
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         sent = [rpc.send(GetWeightsFingerprint(names=[str(i)])) for i in range(3)]
         got = [rpc.recv() for _ in range(3)]
@@ -331,22 +386,37 @@ def test_generate_yields_outputs_as_they_finish(endpoint, peer_factory):
         if len(seen) < 3:
             return []
         gens = [m for m in seen if isinstance(m, Generate)][:3]
-        chunks = [GenerateOutput(request_id=g.request_id, output_ids=[9], finished=False)
-                  for g in gens]
-        done = [GenerateOutput(request_id=g.request_id, output_ids=g.input_ids,
-                               finish_reason="length") for g in reversed(gens)]
+        chunks = [
+            GenerateOutput(request_id=g.request_id, output_ids=[9], finished=False) for g in gens
+        ]
+        done = [
+            GenerateOutput(request_id=g.request_id, output_ids=g.input_ids, finish_reason="length")
+            for g in reversed(gens)
+        ]
         return chunks + done if len(seen) == 3 else []
+
     peer_factory(finish_in_reverse)
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         reqs = [Generate(request_id=f"g{i}", input_ids=[i], stream=True) for i in range(3)]
         outs = list(rpc.generate(reqs))
-    assert [(o.request_id, o.finished) for o in outs[:3]] == [("g0", False), ("g1", False), ("g2", False)]
-    assert [(o.request_id, o.output_ids) for o in outs[3:]] == [("g2", [2]), ("g1", [1]), ("g0", [0])]
+    assert [(o.request_id, o.finished) for o in outs[:3]] == [
+        ("g0", False),
+        ("g1", False),
+        ("g2", False),
+    ]
+    assert [(o.request_id, o.output_ids) for o in outs[3:]] == [
+        ("g2", [2]),
+        ("g1", [1]),
+        ("g0", [0]),
+    ]
 
 
 def test_generate_rejection_becomes_an_error_output(endpoint, peer_factory):
-    peer_factory(lambda seen: [Result(request_id=seen[-1].request_id, success=False,
-                                      message="prompt too long")])
+    peer_factory(
+        lambda seen: [
+            Result(request_id=seen[-1].request_id, success=False, message="prompt too long")
+        ]
+    )
     with RpcClient(endpoint, timeout_s=5.0) as rpc:
         (out,) = rpc.generate([Generate(input_ids=[1])])
     assert out.finished and out.error == "prompt too long" and out.finish_reason == "abort"
@@ -372,8 +442,9 @@ def test_generate_timeout_holds_while_chunks_keep_coming(endpoint):
     def stream_forever() -> None:
         assert sock.poll(5000)
         identity, frame = sock.recv_multipart()
-        chunk = encode(GenerateOutput(request_id=decode(frame).request_id, output_ids=[1],
-                                      finished=False))
+        chunk = encode(
+            GenerateOutput(request_id=decode(frame).request_id, output_ids=[1], finished=False)
+        )
         while not stop.wait(0.002):
             sock.send_multipart([identity, chunk])
 

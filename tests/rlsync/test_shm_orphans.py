@@ -28,12 +28,18 @@ seg.close()
 """
 
 
-def start_creator(name: str = "",
-                  prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], str]:
+def start_creator(
+    name: str = "", prefix: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], str]:
     """A live process that created segment `name` (default: a name of its own, with its pid)
     and holds it until its stdin closes; returns the process and the segment's name."""
-    proc = subprocess.Popen([*prefix, sys.executable, "-c", CREATOR, name], cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-c", CREATOR, name],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     made = proc.stdout.readline().strip()
     assert made == name if name else made.startswith(f"rlsync-{proc.pid}-")
@@ -91,8 +97,13 @@ def test_our_own_open_segment_survives_and_an_empty_unlocked_file_is_left_alone(
 
 def _can_unshare() -> bool:
     unshare = shutil.which("unshare")
-    return unshare is not None and subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
+    return (
+        unshare is not None
+        and subprocess.run(
+            [unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare of a pid namespace (root)")

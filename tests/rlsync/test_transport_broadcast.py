@@ -44,16 +44,21 @@ def _plan_frame(plan: BucketPlan) -> bytes:
     return codec.encode(UpdateWeightsFromDistributed(plan=plan))
 
 
-def _engine(rounds: list[list[int]], rank: int, world: int, plan_frame: bytes,
-            pushes: list[int], out: str) -> None:
+def _engine(
+    rounds: list[list[int]], rank: int, world: int, plan_frame: bytes, pushes: list[int], out: str
+) -> None:
     """Rank `rank`: per round, join one group per port (all open at once), receive `pushes`
     on each in turn, then destroy them all."""
     plan = codec.decode(plan_frame).plan
     report: dict[str, Any] = {"bad": [], "received": 0}
     try:
         for ports in rounds:
-            groups = [BroadcastGroup.create("127.0.0.1", port, rank, world, timeout_s=JOIN_S,
-                                            group_name=f"w{port}") for port in ports]
+            groups = [
+                BroadcastGroup.create(
+                    "127.0.0.1", port, rank, world, timeout_s=JOIN_S, group_name=f"w{port}"
+                )
+                for port in ports
+            ]
             report["default_pg"] = torch.distributed.is_initialized()
             for group in groups:
                 for push_id in pushes:
@@ -68,11 +73,14 @@ def _engine(rounds: list[list[int]], rank: int, world: int, plan_frame: bytes,
     write_json(out, report)
 
 
-def _spawn_engines(tmp_path: Path, rounds: list[list[int]], world: int, plan: BucketPlan,
-                   pushes: list[int]) -> tuple[list[Any], list[str]]:
+def _spawn_engines(
+    tmp_path: Path, rounds: list[list[int]], world: int, plan: BucketPlan, pushes: list[int]
+) -> tuple[list[Any], list[str]]:
     outs = [str(tmp_path / f"rank{r}.json") for r in range(1, world)]
-    procs = [start(_engine, rounds, r, world, _plan_frame(plan), pushes, outs[r - 1])
-             for r in range(1, world)]
+    procs = [
+        start(_engine, rounds, r, world, _plan_frame(plan), pushes, outs[r - 1])
+        for r in range(1, world)
+    ]
     return procs, outs
 
 
@@ -82,8 +90,9 @@ def _results(outs: list[str]) -> list[dict[str, Any]]:
 
 def _send(group: BroadcastGroup, plan: BucketPlan, pushes: list[int]) -> None:
     for push_id in pushes:
-        stats = send_buckets(group, plan, make_tensors(push_id), verify=_verify(push_id),
-                             timeout_s=30)
+        stats = send_buckets(
+            group, plan, make_tensors(push_id), verify=_verify(push_id), timeout_s=30
+        )
         assert stats.buckets == len(plan.buckets) and stats.nbytes > 0
         assert {"pack", "wait"} <= set(stats.phases)
 
@@ -92,8 +101,9 @@ def _send(group: BroadcastGroup, plan: BucketPlan, pushes: list[int]) -> None:
 def test_buckets_arrive_bit_exact(tmp_path: Path, engines: int) -> None:
     plan, port, world = make_plan(), free_port(), engines + 1
     procs, outs = _spawn_engines(tmp_path, [[port]], world, plan, [1, 2])
-    group = BroadcastGroup.create("127.0.0.1", port, 0, world, timeout_s=JOIN_S,
-                                  group_name=f"w{port}")
+    group = BroadcastGroup.create(
+        "127.0.0.1", port, 0, world, timeout_s=JOIN_S, group_name=f"w{port}"
+    )
     try:
         assert not torch.distributed.is_initialized()  # never the default group
         _send(group, plan, [1, 2])
@@ -110,8 +120,12 @@ def test_groups_coexist_and_are_recreated_in_the_same_processes(tmp_path: Path) 
     procs, outs = _spawn_engines(tmp_path, rounds, 2, plan, [2])
     try:
         for round_ports in rounds:
-            groups = [BroadcastGroup.create("127.0.0.1", port, 0, 2, timeout_s=JOIN_S,
-                                            group_name=f"w{port}") for port in round_ports]
+            groups = [
+                BroadcastGroup.create(
+                    "127.0.0.1", port, 0, 2, timeout_s=JOIN_S, group_name=f"w{port}"
+                )
+                for port in round_ports
+            ]
             for group in groups:
                 _send(group, plan, [2])
             for group in groups:

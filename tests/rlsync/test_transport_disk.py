@@ -68,9 +68,9 @@ def _flip_byte_of(path: Path, name: str) -> None:
                 continue
         raw = file.read_bytes()
         header_len = int.from_bytes(raw[:8], "little")
-        begin, _ = json.loads(raw[8:8 + header_len])[name]["data_offsets"]
+        begin, _ = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"]
         at = 8 + header_len + begin
-        file.write_bytes(raw[:at] + bytes([raw[at] ^ 0x04]) + raw[at + 1:])
+        file.write_bytes(raw[:at] + bytes([raw[at] ^ 0x04]) + raw[at + 1 :])
         return
     raise AssertionError(f"{name} not found")
 
@@ -95,11 +95,13 @@ def test_writer_killed_midway_leaves_the_previous_weights(tmp_path: Path) -> Non
     writer = start(_dying_writer, str(path), "layers.1.mlp")  # in a later shard
     join_all([writer])
     assert writer.exitcode == -signal.SIGKILL
-    assert mismatches(dict(read_weights(path, verify=True, expect_version=1)),
-                      make_tensors(1)) == []
+    assert (
+        mismatches(dict(read_weights(path, verify=True, expect_version=1)), make_tensors(1)) == []
+    )
     write_weights(path, make_tensors(2), 2)  # a later push replaces it whole
-    assert mismatches(dict(read_weights(path, verify=True, expect_version=2)),
-                      make_tensors(2)) == []
+    assert (
+        mismatches(dict(read_weights(path, verify=True, expect_version=2)), make_tensors(2)) == []
+    )
 
 
 def test_missing_directory_is_a_transport_error(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ SPAWN = mp.get_context("spawn")
 
 # ---------------------------------------------------------------- shared helpers
 
+
 def make_tensors(seed: int) -> dict[str, torch.Tensor]:
     """~200 KB of mixed dtypes (fp32, bf16, int64, bool, fp8, 0-dim), different per seed."""
     g = torch.Generator().manual_seed(seed)
@@ -66,9 +67,11 @@ def mismatches(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]
 
 def collector(store: dict[str, torch.Tensor]) -> Any:
     """on_bucket that clones every tensor of the bucket into `store`."""
+
     def on_bucket(index: int, bucket: Any, buf: torch.Tensor) -> None:
         for name, view in bucket_views(bucket, buf):
             store[name] = view.clone()
+
     return on_bucket
 
 
@@ -140,6 +143,7 @@ def fd_count() -> int:
 
 # ---------------------------------------------------------------- engine processes
 
+
 def _engine(frame: bytes, pushes: list[int], out: str, verify: bool, stall_at: int) -> None:
     """Attach once, receive each push, compare with make_tensors(push id); report to `out`."""
     msg = codec.decode(frame)
@@ -153,10 +157,12 @@ def _engine(frame: bytes, pushes: list[int], out: str, verify: bool, stall_at: i
             got: dict[str, torch.Tensor] = {}
             on_bucket = collector(got)
             if stall_at >= 0:  # a reader that gets stuck after loading bucket `stall_at`
+
                 def on_bucket(i: int, b: Any, buf: torch.Tensor, inner: Any = on_bucket) -> None:
                     inner(i, b, buf)
                     if i == stall_at:
                         time.sleep(5.0)
+
             receiver.attach(msg.buffer)  # cached: no re-map
             receiver.receive(msg.plan, push_id, on_bucket, verify=verify, timeout_s=10.0)
             report["bad"] += mismatches(got, make_tensors(push_id))
@@ -169,14 +175,32 @@ def _engine(frame: bytes, pushes: list[int], out: str, verify: bool, stall_at: i
 
 
 def _engine_frame(sender: ShmSender, engine: int, plan: BucketPlan) -> bytes:
-    return codec.encode(UpdateWeightsFromIPC(buffer=sender.descriptor(engine), plan=plan, push_id=0))
+    return codec.encode(
+        UpdateWeightsFromIPC(buffer=sender.descriptor(engine), plan=plan, push_id=0)
+    )
 
 
-def _run_engines(tmp_path: Path, sender: ShmSender, plan: BucketPlan, n: int, pushes: list[int],
-                 verify: bool = False, stall: dict[int, int] | None = None) -> tuple[list, list[str]]:
+def _run_engines(
+    tmp_path: Path,
+    sender: ShmSender,
+    plan: BucketPlan,
+    n: int,
+    pushes: list[int],
+    verify: bool = False,
+    stall: dict[int, int] | None = None,
+) -> tuple[list, list[str]]:
     outs = [str(tmp_path / f"engine{e}.json") for e in range(n)]
-    procs = [start(_engine, _engine_frame(sender, e, plan), pushes, outs[e], verify,
-                   (stall or {}).get(e, -1)) for e in range(n)]
+    procs = [
+        start(
+            _engine,
+            _engine_frame(sender, e, plan),
+            pushes,
+            outs[e],
+            verify,
+            (stall or {}).get(e, -1),
+        )
+        for e in range(n)
+    ]
     for out, proc in zip(outs, procs, strict=True):  # attached and waiting: no start-up race
         wait_for_file(Path(out + ".ready"), 60, proc)
     return procs, outs
@@ -187,6 +211,7 @@ def _results(outs: list[str]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("num_engines", [1, 2])
 @pytest.mark.parametrize("num_slots", [None, 2], ids=["packed", "ring"])
@@ -264,8 +289,14 @@ def test_dead_reader_is_reported(tmp_path: Path) -> None:
 def _killed_sender(plan_frame: bytes, out: str) -> None:
     plan = codec.decode(plan_frame).plan
     sender = ShmSender(plan, num_engines=1)
-    write_json(out, {"frame": codec.encode(UpdateWeightsFromIPC(
-        buffer=sender.descriptor(0), plan=plan, push_id=1)).hex()})
+    write_json(
+        out,
+        {
+            "frame": codec.encode(
+                UpdateWeightsFromIPC(buffer=sender.descriptor(0), plan=plan, push_id=1)
+            ).hex()
+        },
+    )
     time.sleep(0.5)  # let the engine attach and start waiting
     sender.push(plan, KillAt(make_tensors(1), victim_in_bucket(plan, 3)), 1, timeout_s=30)
 

@@ -30,8 +30,15 @@ SMALL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hid
 
 def _batch(policy: LlamaPolicy, seed: int = 0, prompts: int = 2, group: int = 4) -> RolloutBatch:
     task = get_task("copy_sequence", policy.cfg)
-    return sample_rollouts(policy, task, prompts, group, task.answer_len, random.Random(seed),
-                           torch.Generator().manual_seed(seed))
+    return sample_rollouts(
+        policy,
+        task,
+        prompts,
+        group,
+        task.answer_len,
+        random.Random(seed),
+        torch.Generator().manual_seed(seed),
+    )
 
 
 def _params(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,15 +49,20 @@ def _params(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_pad_batch_layout() -> None:
-    batch = RolloutBatch(prompts=[[5, 6, 0], [7, 0]], completions=[[1, 2], [3, 4, 8]],
-                         logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]], rewards=[1.0, 0.0])
+    batch = RolloutBatch(
+        prompts=[[5, 6, 0], [7, 0]],
+        completions=[[1, 2], [3, 4, 8]],
+        logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]],
+        rewards=[1.0, 0.0],
+    )
     data = pad_batch(batch, pad_id=0, device=torch.device("cpu"))
     assert data.input_ids.tolist() == [[5, 6, 0, 1, 2], [7, 0, 3, 4, 8]]
     assert data.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert data.targets.tolist() == [[6, 0, 1, 2], [0, 3, 4, 8]]
     assert data.mask.tolist() == [[False, False, True, True], [False, True, True, True]]
-    torch.testing.assert_close(data.old_logprobs, torch.tensor(
-        [[0.0, 0.0, -0.1, -0.2], [0.0, -0.3, -0.4, -0.5]]))
+    torch.testing.assert_close(
+        data.old_logprobs, torch.tensor([[0.0, 0.0, -0.1, -0.2], [0.0, -0.3, -0.4, -0.5]])
+    )
 
 
 def test_pad_batch_pads_right() -> None:
@@ -85,8 +97,9 @@ def test_sampler_logprobs_equal_learner_logprobs() -> None:
         ours = Learner(policy, TrainerConfig(), group_size=4)._logprobs(policy, data)
     torch.testing.assert_close(ours[data.mask], data.old_logprobs[data.mask], rtol=0, atol=1e-5)
     for p, c, lp in zip(prompts, completions, logprobs, strict=True):  # each row alone
-        torch.testing.assert_close(torch.tensor(_token_logprobs(policy, p, c)), torch.tensor(lp),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(_token_logprobs(policy, p, c)), torch.tensor(lp), rtol=0, atol=1e-5
+        )
 
 
 def test_equal_rewards_leave_weights_untouched() -> None:
@@ -103,8 +116,12 @@ def test_step_moves_probability_towards_the_rewarded_completion() -> None:
     policy = LlamaPolicy.from_config(SMALL, seed=0)
     prompt, good, bad = [1, 2, 3, 4, 0], [1, 2, 3, 4], [9, 9, 9, 9]
     lp = {tuple(c): _seq_logprob(policy, prompt, c) for c in (good, bad)}
-    batch = RolloutBatch([prompt, prompt], [good, bad],
-                         [_token_logprobs(policy, prompt, c) for c in (good, bad)], [1.0, 0.0])
+    batch = RolloutBatch(
+        [prompt, prompt],
+        [good, bad],
+        [_token_logprobs(policy, prompt, c) for c in (good, bad)],
+        [1.0, 0.0],
+    )
     stats = Learner(policy, TrainerConfig(lr=1e-2), group_size=2).train_step(batch)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert _seq_logprob(policy, prompt, good) > lp[tuple(good)] + 0.1
@@ -113,7 +130,7 @@ def test_step_moves_probability_towards_the_rewarded_completion() -> None:
 
 def _token_logprobs(policy: LlamaPolicy, prompt: list[int], completion: list[int]) -> list[float]:
     with torch.no_grad():
-        logits = policy(torch.tensor([prompt + completion]))[0, len(prompt) - 1: -1]
+        logits = policy(torch.tensor([prompt + completion]))[0, len(prompt) - 1 : -1]
     logp = torch.log_softmax(logits, -1)
     return logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).tolist()
 
@@ -144,8 +161,9 @@ def test_minibatches_and_epochs_take_several_optimizer_steps() -> None:
 # ---------------------------------------------------------------- data parallel
 
 
-def _dp_worker(rank: int, world: int, init: str, batches: list[RolloutBatch], out: str,
-               cfg: TrainerConfig) -> None:
+def _dp_worker(
+    rank: int, world: int, init: str, batches: list[RolloutBatch], out: str, cfg: TrainerConfig
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     group = dist.new_group(ranks=list(range(world)), backend="gloo")
@@ -154,8 +172,10 @@ def _dp_worker(rank: int, world: int, init: str, batches: list[RolloutBatch], ou
     try:
         for batch in batches:
             learner.train_step(batch)
-        save_file({n: p.detach().contiguous() for n, p in policy.named_parameters()},
-                  f"{out}/rank{rank}.safetensors")
+        save_file(
+            {n: p.detach().contiguous() for n, p in policy.named_parameters()},
+            f"{out}/rank{rank}.safetensors",
+        )
     except ValueError as exc:
         Path(f"{out}/rank{rank}.error").write_text(str(exc))
     dist.destroy_process_group()
@@ -163,9 +183,12 @@ def _dp_worker(rank: int, world: int, init: str, batches: list[RolloutBatch], ou
 
 def _run_dp(tmp_path: Path, shards: list[list[RolloutBatch]], cfg: TrainerConfig) -> None:
     init = f"file://{tmp_path}/rendezvous"
-    procs = [mp.get_context("spawn").Process(
-        target=_dp_worker, args=(r, len(shards), init, shards[r], str(tmp_path), cfg))
-        for r in range(len(shards))]
+    procs = [
+        mp.get_context("spawn").Process(
+            target=_dp_worker, args=(r, len(shards), init, shards[r], str(tmp_path), cfg)
+        )
+        for r in range(len(shards))
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -174,8 +197,12 @@ def _run_dp(tmp_path: Path, shards: list[list[RolloutBatch]], cfg: TrainerConfig
 
 
 def _split(batch: RolloutBatch, rows: range) -> RolloutBatch:
-    return RolloutBatch(*(list(getattr(batch, f)[i] for i in rows)
-                          for f in ("prompts", "completions", "logprobs", "rewards")))
+    return RolloutBatch(
+        *(
+            list(getattr(batch, f)[i] for i in rows)
+            for f in ("prompts", "completions", "logprobs", "rewards")
+        )
+    )
 
 
 def test_data_parallel_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
@@ -214,9 +241,16 @@ class Recipe:
     group_size: int
     steps: int
     max_new_tokens: int = 4  # the copy task's answer length
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 RECOMMENDED = Recipe(lr=5e-4, prompts_per_step=32, group_size=8, steps=300)
@@ -234,14 +268,22 @@ def run_grpo(recipe: Recipe, seed: int = 0) -> list[float]:
     """Sample, score, train for `recipe.steps` steps; the mean reward of every step."""
     policy = LlamaPolicy.from_config(recipe.model, seed=seed)
     task = get_task("copy_sequence", recipe.model)
-    cfg = TrainerConfig(lr=recipe.lr, minibatch_size=recipe.prompts_per_step * recipe.group_size,
-                        seed=seed)
+    cfg = TrainerConfig(
+        lr=recipe.lr, minibatch_size=recipe.prompts_per_step * recipe.group_size, seed=seed
+    )
     learner = Learner(policy, cfg, group_size=recipe.group_size)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     rewards = []
     for _ in range(recipe.steps):
-        batch = sample_rollouts(policy, task, recipe.prompts_per_step, recipe.group_size,
-                                recipe.max_new_tokens, rng, gen)
+        batch = sample_rollouts(
+            policy,
+            task,
+            recipe.prompts_per_step,
+            recipe.group_size,
+            recipe.max_new_tokens,
+            rng,
+            gen,
+        )
         rewards.append(learner.train_step(batch)["reward_mean"])
     return rewards
 
@@ -265,8 +307,10 @@ def test_quick_learning_beats_chance_clearly() -> None:
     start = time.perf_counter()
     rewards = run_grpo(QUICK)
     first, last = _mean(rewards[:10]), _mean(rewards[-10:])
-    print(f"quick: chance {chance:.4f} first10 {first:.3f} last10 {last:.3f} "
-          f"in {time.perf_counter() - start:.1f}s")
+    print(
+        f"quick: chance {chance:.4f} first10 {first:.3f} last10 {last:.3f} "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     assert first < 3 * chance
     assert last > 8 * chance and last > first + 0.1
 
@@ -279,7 +323,7 @@ def test_recommended_recipe_reaches_near_max_reward() -> None:
     start = time.perf_counter()
     rewards = run_grpo(RECOMMENDED)
     for step in range(0, RECOMMENDED.steps, 25):
-        print(f"steps {step + 1}-{step + 25}: mean reward {_mean(rewards[step: step + 25]):.3f}")
+        print(f"steps {step + 1}-{step + 25}: mean reward {_mean(rewards[step : step + 25]):.3f}")
     print(f"chance {task.chance_reward:.4f}, {time.perf_counter() - start:.1f}s")
     assert _mean(rewards[:10]) < 3 * task.chance_reward
     assert _mean(rewards[-20:]) > 0.9 * task.max_reward

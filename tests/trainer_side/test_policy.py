@@ -38,8 +38,9 @@ def _assert_same_logits(policy: LlamaPolicy, hf: torch.nn.Module, vocab: int) ->
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_logits_match_transformers(tmp_path: Path, model_type: str, tie: bool,
-                                   kv_heads: int) -> None:
+def test_logits_match_transformers(
+    tmp_path: Path, model_type: str, tie: bool, kv_heads: int
+) -> None:
     path = make_hf_checkpoint(tmp_path, model_type=model_type, tie=tie, kv_heads=kv_heads)
     policy = LlamaPolicy.from_pretrained(path).eval()
     _assert_same_logits(policy, load_hf_model(path), policy.cfg.vocab_size)
@@ -64,10 +65,15 @@ def test_tied_head_is_the_embedding_parameter() -> None:
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("tie", [False, True])
-def test_save_pretrained_loads_in_transformers(tmp_path: Path, model_type: str,
-                                               tie: bool) -> None:
-    cfg = ModelConfig(model_type=model_type, tie_word_embeddings=tie, vocab_size=48,
-                      hidden_size=32, intermediate_size=64, rope_theta=5000.0)
+def test_save_pretrained_loads_in_transformers(tmp_path: Path, model_type: str, tie: bool) -> None:
+    cfg = ModelConfig(
+        model_type=model_type,
+        tie_word_embeddings=tie,
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        rope_theta=5000.0,
+    )
     policy = LlamaPolicy.from_config(cfg, seed=3, init_std=0.2).eval()
     if model_type == "qwen2":
         with torch.no_grad():  # non-zero biases, so a dropped bias shows
@@ -77,8 +83,9 @@ def test_save_pretrained_loads_in_transformers(tmp_path: Path, model_type: str,
     path = policy.save_pretrained(tmp_path / "ckpt")
     _assert_same_logits(policy, load_hf_model(path), cfg.vocab_size)
     again = LlamaPolicy.from_pretrained(path)
-    for (name, a), (name_b, b) in zip(policy.named_parameters(), again.named_parameters(),
-                                      strict=True):
+    for (name, a), (name_b, b) in zip(
+        policy.named_parameters(), again.named_parameters(), strict=True
+    ):
         assert name == name_b and torch.equal(a, b), name
 
 
@@ -137,5 +144,6 @@ def test_bf16_checkpoint_loads_into_float32_and_saves_as_bf16(tmp_path: Path) ->
         assert torch.equal(p, hf.get_parameter(name).float()), name
     saved = LlamaPolicy.from_pretrained(policy.save_pretrained(tmp_path / "again"))
     assert {t.dtype for _, t in iter_checkpoint_tensors(tmp_path / "again")} == {torch.bfloat16}
-    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), saved.parameters(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(policy.parameters(), saved.parameters(), strict=True)
+    )

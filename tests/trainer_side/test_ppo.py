@@ -42,8 +42,14 @@ def test_token_logprobs_of_bf16_logits_are_float32() -> None:
 def test_grpo_advantages_exact() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0])
     s1, s2 = math.sqrt(0.125), math.sqrt(0.1875)  # population std of each group
-    expected = [0.5 / (s1 + ADV_EPS), -0.5 / (s1 + ADV_EPS), 0.0, 0.0,
-                *[-0.25 / (s2 + ADV_EPS)] * 3, 0.75 / (s2 + ADV_EPS)]
+    expected = [
+        0.5 / (s1 + ADV_EPS),
+        -0.5 / (s1 + ADV_EPS),
+        0.0,
+        0.0,
+        *[-0.25 / (s2 + ADV_EPS)] * 3,
+        0.75 / (s2 + ADV_EPS),
+    ]
     torch.testing.assert_close(grpo_advantages(rewards, 4), torch.tensor(expected))
 
 
@@ -79,8 +85,13 @@ def test_ppo_loss_positive_advantage_clips_high_ratios() -> None:
 
 def test_ppo_loss_negative_advantage_clips_low_ratios() -> None:
     new = _new([[1.0, 1.5, 0.5]])
-    loss, stats = ppo_loss(new, torch.full((1, 3), HALF), torch.tensor([-1.0]),
-                           torch.ones(1, 3, dtype=torch.bool), clip_eps=0.2)
+    loss, stats = ppo_loss(
+        new,
+        torch.full((1, 3), HALF),
+        torch.tensor([-1.0]),
+        torch.ones(1, 3, dtype=torch.bool),
+        clip_eps=0.2,
+    )
     # -min(-1, -1) = 1, -min(-1.5, -1.2) = 1.5 (unclipped), -min(-0.5, -0.8) = 0.8 (clipped)
     assert loss.item() == pytest.approx((1.0 + 1.5 + 0.8) / 3, abs=1e-6)
     assert stats["clip_frac"] == pytest.approx(1 / 3)
@@ -99,8 +110,9 @@ def test_ppo_loss_is_a_token_mean_over_the_batch() -> None:
 def test_ppo_loss_inactive_clip_is_plain_policy_gradient() -> None:
     new = _new([[1.0, 1.1, 0.9]])
     adv = torch.tensor([[2.0, -1.0, 0.5]])  # per-token advantages
-    loss, stats = ppo_loss(new, torch.full((1, 3), HALF), adv, torch.ones(1, 3, dtype=torch.bool),
-                           clip_eps=0.2)
+    loss, stats = ppo_loss(
+        new, torch.full((1, 3), HALF), adv, torch.ones(1, 3, dtype=torch.bool), clip_eps=0.2
+    )
     assert loss.item() == pytest.approx(-(2.0 - 1.1 + 0.45) / 3, abs=1e-6)
     assert stats["clip_frac"] == 0.0 and stats["kl"] == 0.0
 
@@ -109,8 +121,15 @@ def test_ppo_loss_kl_penalty_uses_k3() -> None:
     new = _new([[1.0, 1.0]])
     ref = new.detach() + math.log(2.0)  # ref/p = 2 on every token
     k3 = 2.0 - math.log(2.0) - 1.0
-    loss, stats = ppo_loss(new, torch.full((1, 2), HALF), torch.tensor([0.0]),
-                           torch.ones(1, 2, dtype=torch.bool), 0.2, ref_logprobs=ref, kl_coef=0.1)
+    loss, stats = ppo_loss(
+        new,
+        torch.full((1, 2), HALF),
+        torch.tensor([0.0]),
+        torch.ones(1, 2, dtype=torch.bool),
+        0.2,
+        ref_logprobs=ref,
+        kl_coef=0.1,
+    )
     assert loss.item() == pytest.approx(0.1 * k3, abs=1e-6)
     assert stats["kl"] == pytest.approx(k3, abs=1e-6)
     assert stats["kl_old"] == pytest.approx(0.0, abs=1e-7)

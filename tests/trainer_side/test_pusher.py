@@ -42,8 +42,9 @@ def engine(ckpt):
     core.process = recording
     endpoint = private_ipc_endpoint("engine")
     ready = threading.Event()
-    thread = threading.Thread(target=serve, args=(core, endpoint, lambda _: ready.set()),
-                              daemon=True)
+    thread = threading.Thread(
+        target=serve, args=(core, endpoint, lambda _: ready.set()), daemon=True
+    )
     thread.start()
     assert ready.wait(10)
     yield endpoint, core, received
@@ -56,8 +57,9 @@ def engine(ckpt):
 @pytest.mark.parametrize("transport", ["ipc", "broadcast"])
 def test_the_plan_crosses_the_wire_once(engine, ckpt, tmp_path, transport):
     endpoint, core, received = engine
-    pusher = WeightPusher(SyncConfig(transport=transport, bucket_mb=0.01, timeout_s=20),
-                          {"e": endpoint}, tmp_path)
+    pusher = WeightPusher(
+        SyncConfig(transport=transport, bucket_mb=0.01, timeout_s=20), {"e": endpoint}, tmp_path
+    )
     try:
         first = pusher.push(trainer_weights(ckpt, 1), 1)
         second = pusher.push(trainer_weights(ckpt, 2), 2)
@@ -116,8 +118,9 @@ def test_pusher_closes_its_sockets_when_the_transport_cannot_open(engine, tmp_pa
     assert [c._sock for c in engines.clients.values()] == [None]
 
 
-def test_a_failed_broadcast_update_is_followed_by_a_working_group(engine, ckpt, tmp_path,
-                                                                   monkeypatch):
+def test_a_failed_broadcast_update_is_followed_by_a_working_group(
+    engine, ckpt, tmp_path, monkeypatch
+):
     """The engine drops a group whose update failed; the next push forms a new one."""
     from rlsync.transports import integrity
 
@@ -130,8 +133,9 @@ def test_a_failed_broadcast_update_is_followed_by_a_working_group(engine, ckpt, 
             flipped.append(index)
             buf[0] ^= 0xFF
 
-    pusher = WeightPusher(SyncConfig(transport="broadcast", verify=True, timeout_s=20),
-                          {"e": endpoint}, tmp_path)
+    pusher = WeightPusher(
+        SyncConfig(transport="broadcast", verify=True, timeout_s=20), {"e": endpoint}, tmp_path
+    )
     try:
         monkeypatch.setattr(integrity, "seal", corrupt_once)
         with pytest.raises(pusher_module.PushError, match="fingerprint|Integrity"):

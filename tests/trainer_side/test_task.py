@@ -18,22 +18,26 @@ def copy_task() -> Task:
     return get_task("copy_sequence", CFG)
 
 
-@pytest.mark.parametrize(("completion", "reward"), [
-    ([3, 1, 4, 1], 1.0),
-    ([3, 1, 4, 2], 0.75),
-    ([1, 3, 1, 4], 0.0),
-    ([3, 9, 9, 1], 0.5),
-    ([3], 0.25),
-    ([], 0.0),
-    ([3, 1, 4, 1, 5, 9, 2], 1.0),  # tokens past the answer are ignored
-    ([0, 1, 0, 1], 0.5),
-])
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ([3, 1, 4, 1], 1.0),
+        ([3, 1, 4, 2], 0.75),
+        ([1, 3, 1, 4], 0.0),
+        ([3, 9, 9, 1], 0.5),
+        ([3], 0.25),
+        ([], 0.0),
+        ([3, 1, 4, 1, 5, 9, 2], 1.0),  # tokens past the answer are ignored
+        ([0, 1, 0, 1], 0.5),
+    ],
+)
 def test_copy_rewards_are_exact(copy_task: Task, completion: list[int], reward: float) -> None:
     assert copy_task.reward([3, 1, 4, 1, SEP], completion) == reward
 
 
-@pytest.mark.parametrize(("completion", "reward"), [
-    ([1, 4, 1, 3], 1.0), ([3, 1, 4, 1], 0.0), ([1, 4, 9, 9], 0.5)])
+@pytest.mark.parametrize(
+    ("completion", "reward"), [([1, 4, 1, 3], 1.0), ([3, 1, 4, 1], 0.0), ([1, 4, 9, 9], 0.5)]
+)
 def test_reverse_rewards_are_exact(completion: list[int], reward: float) -> None:
     task = get_task("reverse_sequence", CFG)
     assert task.reward([3, 1, 4, 1, SEP], completion) == reward
@@ -51,8 +55,9 @@ def test_prompts_are_symbols_then_separator(copy_task: Task) -> None:
 def test_chance_reward_matches_a_uniform_random_policy(copy_task: Task) -> None:
     rng = random.Random(1)
     prompts = copy_task.sample_prompts(20000, rng)
-    rewards = [copy_task.reward(p, [rng.randrange(CFG.vocab_size) for _ in range(4)])
-               for p in prompts]
+    rewards = [
+        copy_task.reward(p, [rng.randrange(CFG.vocab_size) for _ in range(4)]) for p in prompts
+    ]
     assert copy_task.chance_reward == 1 / 64
     assert sum(rewards) / len(rewards) == pytest.approx(copy_task.chance_reward, abs=0.003)
 
@@ -60,8 +65,10 @@ def test_chance_reward_matches_a_uniform_random_policy(copy_task: Task) -> None:
 def test_no_constant_answer_scores_well(copy_task: Task) -> None:
     """The prompt must be read: the best fixed completion earns about 1/alphabet."""
     prompts = copy_task.sample_prompts(4000, random.Random(2))
-    best = max(sum(copy_task.reward(p, [s] * 4) for p in prompts) / len(prompts)
-               for s in range(1, copy_task.alphabet + 1))
+    best = max(
+        sum(copy_task.reward(p, [s] * 4) for p in prompts) / len(prompts)
+        for s in range(1, copy_task.alphabet + 1)
+    )
     assert best == pytest.approx(1 / copy_task.alphabet, abs=0.02)
 
 
