@@ -48,8 +48,10 @@ class UpdatableEngine(Protocol):
         """A second store with the live one's layout, for shadow updates."""
         ...
 
-    def swap_weights(self, store: EngineWeights) -> EngineWeights:
-        """Serve from `store` from the next step on; return the store it replaces."""
+    def apply_weights(self, store: EngineWeights) -> None:
+        """Compute with the bytes now in `store` from the next step on: the shadow store after
+        a shadow update (it becomes the live one), or the live store after an in_place update
+        (a backend whose live store is a staging copy loads it into its model here)."""
         ...
 
     def pause(self, mode: PauseMode) -> None: ...

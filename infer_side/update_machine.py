@@ -90,6 +90,8 @@ class UpdateJob:
     writer: WeightWriter | None = None
     thread: threading.Thread | None = None
     worker_error: str = ""
+    apply_failed: bool = False
+    """Loading the received store into the model raised (the model may hold part of it)."""
     recv_s: float = 0.0
     flush_s: float = 0.0
 
@@ -370,9 +372,13 @@ class UpdateMachine:
 
     def _commit(self, job: UpdateJob) -> list[Message]:
         msg, start = job.msg, time.perf_counter()
-        if msg.load_mode == "shadow":
-            assert self.shadow is not None
-            self.shadow = self.engine.swap_weights(self.shadow)
+        try:
+            self._apply(job)
+        except Exception as exc:  # the model may hold part of the update: refuse until repaired
+            self.weights_incomplete = job.apply_failed = True
+            job.stage = Stage.FAILED
+            job.error = f"loading into the model: {type(exc).__name__}: {exc}"
+            return self._fail(job)
         if msg.flush_cache:
             self.engine.flush_kv(msg.torch_empty_cache)
         self.engine.weight_version = msg.weight_version
@@ -381,8 +387,19 @@ class UpdateMachine:
         job.stage = Stage.COMMITTED
         return self._finish(job, True, f"loaded version {msg.weight_version}")
 
+    def _apply(self, job: UpdateJob) -> None:
+        """Make the model compute with the received bytes; a shadow's old live store becomes
+        the next shadow."""
+        if job.msg.load_mode == "shadow":
+            assert self.shadow is not None
+            old = self.engine.live_weights()
+            self.engine.apply_weights(self.shadow)
+            self.shadow = old
+        else:
+            self.engine.apply_weights(self.engine.live_weights())
+
     def _fail(self, job: UpdateJob) -> list[Message]:
-        if job.into_live and not job.live_touched:
+        if job.into_live and not job.live_touched and not job.apply_failed:
             self.weights_incomplete = job.was_incomplete  # this job wrote nothing
         job.receiver.failed(job.msg)
         return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
@@ -396,7 +413,7 @@ class UpdateMachine:
             bytes=job.nbytes,
             transport=job.msg.transport,
             timings=job.timings(),
-            live_touched=job.live_touched and not ok,
+            live_touched=(job.live_touched or job.apply_failed) and not ok,
             weights_incomplete=self.weights_incomplete,
         )
         if job.paused:

@@ -74,10 +74,9 @@ class FakeEngine:
         self.calls.append("new_shadow")
         return FakeStore(-1.0)
 
-    def swap_weights(self, store):
-        self.calls.append("swap")
-        old, self.live = self.live, store
-        return old
+    def apply_weights(self, store):
+        self.calls.append("apply")
+        self.live = store
 
     def pause(self, mode):
         self.calls.append(f"pause:{mode}")
@@ -188,7 +187,7 @@ def test_in_place_waits_for_idle_then_receives_into_live_then_commits(machine):
     assert done.success and done.weight_version == 1 and done.transport == "ipc"
     assert values(engine.live) == {"a": 1.0, "b": 1.0}
     assert not m.weights_incomplete and not m.admission_held and m.job is None
-    assert engine.calls == ["flush:False"]
+    assert engine.calls == ["apply", "flush:False"]
     assert done.timings.total_s > 0 and done.timings.load_s > 0
 
 
@@ -201,7 +200,7 @@ def test_shadow_receives_while_generating_then_swaps_between_steps(machine):
     receiver.release()
     done = run_until_done(m)
     assert done.success
-    assert engine.calls == ["new_shadow", "pause:in_place", "swap", "flush:True", "continue"]
+    assert engine.calls == ["new_shadow", "pause:in_place", "apply", "flush:True", "continue"]
     assert values(engine.live) == {"a": 1.0, "b": 1.0} and engine.weight_version == 1
     assert values(m.shadow) == {"a": 0.0, "b": 0.0}  # the old live store is the next shadow
 
@@ -304,7 +303,7 @@ def test_shadow_failure_leaves_old_weights_serving(machine):
     receiver.release()
     done = run_until_done(m)
     assert not done.success and not done.live_touched and not m.weights_incomplete
-    assert values(engine.live) == {"a": 0.0, "b": 0.0} and "swap" not in engine.calls
+    assert values(engine.live) == {"a": 0.0, "b": 0.0} and "apply" not in engine.calls
 
 
 def test_not_idle_within_idle_timeout_fails_naming_counts(machine):
@@ -406,3 +405,20 @@ def test_a_failure_that_wrote_nothing_keeps_an_earlier_incomplete_state(machine)
     done = run_until_done(m)
     assert not done.success and not done.live_touched
     assert done.weights_incomplete and m.weights_incomplete
+
+
+def test_a_load_into_the_model_that_fails_keeps_generation_refused(machine, monkeypatch):
+    """A backend that copies the received store into its model (vLLM) may fail mid-load:
+    the model may hold part of the update, so generation stays refused until repaired."""
+    m, engine, receiver = machine
+
+    def broken(store):
+        raise RuntimeError("reload failed")
+
+    monkeypatch.setattr(engine, "apply_weights", broken)
+    m.process(update(1, load_mode="shadow"))
+    receiver.release()
+    done = run_until_done(m)
+    assert not done.success and "reload failed" in done.message
+    assert done.live_touched and done.weights_incomplete and m.weights_incomplete
+    assert engine.weight_version == 0
