@@ -57,6 +57,7 @@ class InferenceActor:
             model_dir,
             endpoint=endpoint or self.cfg.endpoint,
             kv_tokens=self.cfg.kv_tokens,
+            backend=self.cfg.backend,
             device=engine_device(self.cfg.device),
             dtype=self.cfg.dtype,
             threads=threads,

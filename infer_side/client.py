@@ -199,6 +199,7 @@ def launch_engine(
     *,
     endpoint: str | None = None,
     kv_tokens: int = 4096,
+    backend: str = "rlsync",
     device: str = "cpu",
     dtype: str | None = None,
     threads: int | None = None,
@@ -216,7 +217,8 @@ def launch_engine(
 
     `auth_keys` (a `rlsync.auth` key directory): the engine accepts only CURVE clients it
     lists, and this client uses the directory's client key. A tcp:// endpoint without keys
-    is refused (EngineStartError) unless `insecure_tcp=True`.
+    is refused (EngineStartError) unless `insecure_tcp=True`. `backend="vllm"` serves a real
+    vLLM engine behind the same protocol (`infer_side.vllm_core`).
     """
     auth = load_client_keys(auth_keys) if auth_keys is not None else None
     owns_endpoint = endpoint is None
@@ -234,6 +236,8 @@ def launch_engine(
         str(kv_tokens),
         "--device",
         device,
+        "--backend",
+        backend,
         *(["--dtype", dtype] if dtype else []),
         *(["--threads", str(threads)] if threads else []),
         *(["--auth-keys", os.path.abspath(auth_keys)] if auth_keys is not None else []),

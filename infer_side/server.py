@@ -4,8 +4,8 @@ The core holds all engine logic; this file only moves frames. It knows nothing a
 KV or weights: it decodes requests, hands them to `core.process`, steps the core while it has
 work, and routes every output back to the client that sent its request_id.
 
-    python -m infer_side.server --model DIR [--endpoint E] [--kv-tokens N] [--device cpu]
-                                [--auth-keys DIR | --insecure-tcp]
+    python -m infer_side.server --model DIR [--backend rlsync|vllm] [--endpoint E]
+                                [--kv-tokens N] [--device cpu] [--auth-keys DIR | --insecure-tcp]
 
 prints `ready at ENDPOINT` on stdout once the model is loaded and the socket is bound.
 A tcp:// endpoint needs `--auth-keys` (CURVE, see `rlsync.auth`) unless `--insecure-tcp`.
@@ -218,6 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="ipc:///path or tcp://host:port (default: private ipc:// socket)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("rlsync", "vllm"),
+        default="rlsync",
+        help="our engine, or a real vLLM engine behind the same protocol",
+    )
     parser.add_argument("--kv-tokens", type=int, default=4096, help="KV pool size in tokens")
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -252,13 +258,13 @@ def run_engine(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from infer_side.engine_core import EngineCore
     from rlsync.config import ConfigError, EngineConfig
 
     endpoint = args.endpoint or private_ipc_endpoint("engine")
     try:
         check_endpoint(endpoint)
         cfg = EngineConfig(
+            backend=args.backend,
             kv_tokens=args.kv_tokens,
             max_running=args.max_running,
             device=args.device,
@@ -273,7 +279,7 @@ def run_engine(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        core = EngineCore.from_checkpoint(args.model, cfg)
+        core = _core_class(cfg.backend).from_checkpoint(args.model, cfg)
         if keys is None and endpoint.startswith("tcp://"):
             log.warning("serving %s WITHOUT authentication (--insecure-tcp)", endpoint)
         serve(core, endpoint, _print_ready, auth=keys)
@@ -287,6 +293,17 @@ def run_engine(args: argparse.Namespace) -> int:
         if args.endpoint is None:
             remove_private_endpoint(endpoint)
     return 0
+
+
+def _core_class(backend: str) -> Any:
+    """The engine backend's core (imported only when used: vLLM is heavy and optional)."""
+    if backend == "vllm":
+        from infer_side.vllm_core import VllmCore
+
+        return VllmCore
+    from infer_side.engine_core import EngineCore
+
+    return EngineCore
 
 
 def _server_keys(args: argparse.Namespace) -> ServerKeys | None:

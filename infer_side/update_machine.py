@@ -374,13 +374,13 @@ class UpdateMachine:
         msg, start = job.msg, time.perf_counter()
         try:
             self._apply(job)
+            if msg.flush_cache:
+                self.engine.flush_kv(msg.torch_empty_cache)
         except Exception as exc:  # the model may hold part of the update: refuse until repaired
             self.weights_incomplete = job.apply_failed = True
             job.stage = Stage.FAILED
             job.error = f"loading into the model: {type(exc).__name__}: {exc}"
             return self._fail(job)
-        if msg.flush_cache:
-            self.engine.flush_kv(msg.torch_empty_cache)
         self.engine.weight_version = msg.weight_version
         self.weights_incomplete = False
         job.flush_s = time.perf_counter() - start

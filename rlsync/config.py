@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 class EngineConfig:
     """One inference engine."""
 
+    backend: Literal["rlsync", "vllm"] = "rlsync"
+    """rlsync: our own engine; vllm: a real vLLM engine behind the same protocol."""
     kv_tokens: int = 4096
     """KV pool size in tokens, allocated once at start."""
     max_running: int = 64

@@ -1,6 +1,7 @@
 """`rlsync serve`: run one inference engine in the foreground until Shutdown or Ctrl-C.
 
-    rlsync serve --model DIR [--endpoint E] [--kv-tokens N] [--device cpu] [--threads N]
+    rlsync serve --model DIR [--backend rlsync|vllm] [--endpoint E] [--kv-tokens N]
+                 [--device cpu] [--threads N]
                  [--auth-keys DIR | --insecure-tcp]
 
 Prints `ready at ENDPOINT` once the model is loaded and the engine accepts requests. A

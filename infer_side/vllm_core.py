@@ -1,0 +1,258 @@
+"""The vLLM backend: a real vLLM engine, in this process, behind our protocol and update rules.
+
+Our loop (`infer_side.server`) steps vLLM's `LLMEngine` as it steps our own scheduler; the
+messages, outbox and update machine are `infer_side.core_base`'s. What differs:
+
+- Generation: each Generate becomes a vLLM request (token ids in, no tokenizer), asking for
+  the sampled token's logprob. Its outputs are re-emitted as ours: per-token weight versions,
+  cached-token counts, finish reasons. Requests held while an update waits for idle stay here
+  until admission opens; `retract` aborts them in vLLM and re-adds them later (the KV is
+  recomputed, as ours does).
+- Weights: vLLM packs its linear weights for the CPU GEMM and cannot hand out writable views
+  of them. So the live store the update machine sees is a staging copy in Hugging Face layout
+  (`ModelWeights`): updates land there (in_place: while generation is refused; shadow: into a
+  second copy while vLLM keeps generating), and `apply_weights` loads the whole store through
+  vLLM's own reload path (which handles the fused q/k/v and gate/up layers) between two
+  steps. A fused group is never loaded in parts: vLLM silently corrupts a half-loaded one.
+- Cache: vLLM does not drop its prefix cache when weights change; `flush_kv` resets it after
+  every update (running requests are retracted first, so no KV of the old weights survives).
+  `torch.cuda.empty_cache()` runs only when asked, and only on CUDA.
+- Fingerprints are of the staging copy: they prove which bytes vLLM was last loaded with
+  (per Hugging Face name); that vLLM computes with them is checked by tokens in the tests.
+
+`llm` is anything with LLMEngine's add_request/step/abort_request/reset_prefix_cache/
+collective_rpc (tests use a fake of it); `from_checkpoint` builds the real one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infer_side.core_base import CoreBase, release_cuda_cache
+from infer_side.request import Request
+from infer_side.weights import ModelWeights
+from rlsync.buckets import dtype_name
+from rlsync.config import EngineConfig
+from rlsync.model_config import ModelConfig
+from rlsync.protocol import PAUSE_MODES, EngineInfo, GenerateOutput, PauseMode
+
+BLOCK_SIZE = 32
+"""vLLM's CPU attention needs a multiple of 32 (prefix caching works in these blocks)."""
+
+
+class VllmCore(CoreBase):
+    """A vLLM engine stepped by our loop. See the module docstring."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        weights: ModelWeights,
+        llm: Any,
+        engine_cfg: EngineConfig,
+        max_model_len: int,
+        sampling_params: Any = None,
+    ):
+        """`sampling_params`: vLLM's SamplingParams class (default: imported from vllm)."""
+        self.model_cfg, self.engine_cfg, self.llm = model_cfg, engine_cfg, llm
+        self.sampling_params = sampling_params
+        self.mirror = weights
+        self.device = weights.device
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        """Every request in flight, by id (held here or inside vLLM)."""
+        self.held: deque[Request] = deque()
+        """Not yet given to vLLM: admission held, or retracted."""
+        self.base: dict[str, int] = {}
+        """Output tokens a request had when (re)submitted to vLLM."""
+        self.num_retracted = 0
+        super().__init__()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, engine_cfg: EngineConfig) -> VllmCore:
+        from infer_side.checkpoint import load_model
+
+        model_cfg, weights = load_model(path, dtype=engine_cfg.dtype, device=engine_cfg.device)
+        max_len = min(model_cfg.max_position_embeddings, engine_cfg.kv_tokens)
+        return cls(
+            model_cfg,
+            weights,
+            _build_llm(path, engine_cfg, weights.dtype, max_len),
+            engine_cfg,
+            max_len,
+        )
+
+    # ------------------------------------------------------------------ generation hooks
+
+    def _add(self, req: Request) -> None:
+        self.requests[req.rid] = req
+        self.held.append(req)
+
+    def _step(self, admit: bool) -> list[GenerateOutput]:
+        if admit:
+            while self.held:
+                self._submit(self.held.popleft())
+        if len(self.held) == len(self.requests):
+            return []  # nothing inside vLLM
+        out = []
+        for result in self.llm.step():
+            req = self.requests.get(result.request_id)
+            if req is not None:
+                out.extend(self._absorb(req, result))
+        return out
+
+    def _submit(self, req: Request) -> None:
+        if self.sampling_params is None:
+            from vllm import SamplingParams
+
+            self.sampling_params = SamplingParams
+        p = req.params
+        params = self.sampling_params(
+            max_tokens=req.remaining,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=req.seed,
+            stop_token_ids=list(p.stop_token_ids),
+            logprobs=0,
+            detokenize=False,
+            ignore_eos=True,
+        )
+        self.base[req.rid] = len(req.output_ids)
+        self.llm.add_request(req.rid, {"prompt_token_ids": req.all_ids}, params)
+
+    def _absorb(self, req: Request, result: Any) -> list[GenerateOutput]:
+        """Append the tokens vLLM produced since the last step; emit a chunk or the final."""
+        completion = result.outputs[0]
+        seen = len(req.output_ids) - self.base[req.rid]
+        for i in range(seen, len(completion.token_ids)):
+            token = completion.token_ids[i]
+            req.append_token(token, completion.logprobs[i][token].logprob, self.weight_version)
+        if self.base[req.rid] == 0 and result.num_cached_tokens is not None:
+            req.cached_tokens = result.num_cached_tokens
+        if result.finished:
+            req.finish_reason = req.finish_reason or completion.finish_reason or "length"
+            return [self._finish(req)]
+        if req.stream and len(req.output_ids) > req.sent:
+            return [req.output(False, self.weight_version)]
+        return []
+
+    def _finish(self, req: Request) -> GenerateOutput:
+        del self.requests[req.rid]
+        self.base.pop(req.rid, None)
+        return req.output(True, self.weight_version)
+
+    def _in_flight(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def _token_capacity(self) -> int:
+        return self.max_model_len
+
+    def abort(self, request_id: str) -> bool:
+        """Finish one request with reason "abort"; False if unknown."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        if req in self.held:
+            self.held.remove(req)
+        else:
+            self.llm.abort_request([request_id])
+        req.finish_reason = "abort"
+        self._outbox.append(self._finish(req))
+        return True
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting: held here, running: inside vLLM)."""
+        return len(self.held), len(self.requests) - len(self.held)
+
+    def pause(self, mode: PauseMode) -> None:
+        """abort: finish everything with "abort"; retract: take every request out of vLLM
+        (its KV is dropped) to be re-added on continue; in_place: just stop stepping."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {list(PAUSE_MODES)}")
+        if mode == "abort":
+            for rid in list(self.requests):
+                self.abort(rid)
+        elif mode == "retract":
+            self._retract_running()
+        self.paused = mode
+
+    def _retract_running(self) -> None:
+        running = [r for r in self.requests.values() if r not in self.held]
+        if running:
+            self.llm.abort_request([r.rid for r in running])
+        for req in reversed(running):
+            req.restart()
+            self.held.appendleft(req)
+        self.num_retracted += len(running)
+
+    # ------------------------------------------------------------------ cache
+
+    def flush_cache(self, empty_cache: bool = True) -> tuple[bool, str]:
+        """Reset vLLM's prefix cache, only when no request is in flight."""
+        waiting, running = self.counts()
+        if waiting or running:
+            return False, (
+                f"cache not flushed: {waiting} waiting and {running} running requests in flight"
+            )
+        self._reset_prefix_cache()
+        release_cuda_cache(self.device, empty_cache)
+        return True, "cache flushed"
+
+    def flush_kv(self, empty_cache: bool) -> None:
+        """After a weight update: no KV of the old weights may be reused, so requests still
+        inside vLLM (in_place pause) are retracted and recomputed, and the cache is reset."""
+        self._retract_running()
+        self._reset_prefix_cache()
+        release_cuda_cache(self.device, empty_cache)
+
+    def _reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache")
+
+    # ------------------------------------------------------------------ weights (engine_api)
+
+    def live_weights(self) -> ModelWeights:
+        return self.mirror
+
+    def new_shadow(self) -> ModelWeights:
+        return self.mirror.clone_empty()
+
+    def apply_weights(self, store: ModelWeights) -> None:  # type: ignore[override]
+        """Load the whole store into vLLM through its reload path (fused groups whole)."""
+        items = list(store.hf_views().items())
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True}
+        )
+        self.mirror = store
+
+    def info(self) -> EngineInfo:
+        return self._info(
+            backend="vllm", kv_pool_size=self.max_model_len, retracted=self.num_retracted
+        )
+
+
+def _build_llm(path: str | Path, cfg: EngineConfig, dtype: torch.dtype, max_len: int) -> Any:
+    """vLLM's LLMEngine in this process (no engine-core process: our loop steps it)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(
+        model=str(path),
+        dtype=dtype_name(dtype),
+        enforce_eager=True,
+        enable_prefix_caching=True,
+        max_model_len=max_len,
+        skip_tokenizer_init=True,
+        distributed_executor_backend="uni",
+        max_num_seqs=cfg.max_running,
+        block_size=BLOCK_SIZE,
+        seed=0,
+    )
+    return LLMEngine.from_engine_args(args)
