@@ -4,7 +4,6 @@ transformers. One engine for the module (vLLM takes seconds to start)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
@@ -41,9 +40,8 @@ def engine(ckpt):
     client.close()
 
 
-@pytest.fixture(scope="module")
-def versions():
-    return itertools.count(1)
+def next_version(engine) -> int:
+    return engine.info().weight_version + 1
 
 
 def hf_greedy(ckpt, tensors, prompt, n):
@@ -77,10 +75,10 @@ def test_greedy_tokens_and_logprobs_equal_transformers(engine, ckpt):
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
 @pytest.mark.parametrize("transport", ["broadcast", "ipc", "disk"])
 def test_push_serves_the_new_weights_and_drops_stale_prefix_kv(
-    engine, ckpt, versions, tmp_path, transport, load_mode
+    engine, ckpt, tmp_path, transport, load_mode
 ):
     engine.generate([LONG], greedy(2))  # fills the prefix cache with the old weights' KV
-    version = next(versions)
+    version = next_version(engine)
     tensors = trainer_weights(ckpt, version)
     cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=60)
     pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path)
@@ -98,11 +96,24 @@ def test_push_serves_the_new_weights_and_drops_stale_prefix_kv(
     assert engine.info().weight_version == version
 
 
-@pytest.mark.parametrize("mutate, named", [
-    (lambda items: items[:-1], "missing"),
-    (lambda items: [(n, d, (s[0] + 1, *s[1:]) if i == 1 else s) for i, (n, d, s) in enumerate(items)], "shape"),
-    (lambda items: [(n, "bfloat16" if i == 2 else d, s) for i, (n, d, s) in enumerate(items)], "dtype"),
-])
+@pytest.mark.parametrize(
+    "mutate, named",
+    [
+        (lambda items: items[:-1], "missing"),
+        (
+            lambda items: [
+                (n, d, (s[0] + 1, *s[1:]) if i == 1 else s) for i, (n, d, s) in enumerate(items)
+            ],
+            "shape",
+        ),
+        (
+            lambda items: [
+                (n, "bfloat16" if i == 2 else d, s) for i, (n, d, s) in enumerate(items)
+            ],
+            "dtype",
+        ),
+    ],
+)
 def test_bad_plan_is_refused_and_changes_nothing(engine, mutate, named):
     before, tokens = engine.fingerprints(), engine.generate([PROMPT], greedy(4))[0].output_ids
     with RpcClient(engine.endpoint, timeout_s=30) as rpc:
@@ -114,3 +125,34 @@ def test_bad_plan_is_refused_and_changes_nothing(engine, mutate, named):
     assert named in result.message or "expected" in result.message
     assert engine.fingerprints() == before
     assert engine.generate([PROMPT], greedy(4))[0].output_ids == tokens
+
+
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+def test_pusher_killed_mid_push_leaves_the_engine_answering(
+    engine, ckpt, tmp_path, load_mode
+):
+    """shadow: the old weights keep serving, byte for byte; in_place: generation is refused
+    until the next push, which repairs it."""
+    from tests.e2e.test_sync_faults import TIMEOUT_S, _kill_pusher_mid_push, _wait_update_settled
+
+    before = engine.fingerprints()
+    tokens = engine.generate([PROMPT], greedy(4))[0].output_ids
+    _kill_pusher_mid_push(engine, ckpt, "ipc", load_mode, before.weight_version + 1)
+    state = _wait_update_settled(engine, TIMEOUT_S * 3 + 10)
+    assert state.weight_version == before.weight_version
+    if load_mode == "shadow":
+        assert engine.fingerprints() == before
+        assert engine.generate([PROMPT], greedy(4))[0].output_ids == tokens
+    else:
+        assert state.weights_incomplete
+        assert "weights incomplete" in engine.generate([PROMPT], greedy(4))[0].error
+    version = next_version(engine)
+    tensors = trainer_weights(ckpt, version)
+    pusher = WeightPusher(SyncConfig(timeout_s=60), {"vllm": engine.endpoint}, tmp_path)
+    try:
+        assert pusher.push(tensors, version).failed == []
+    finally:
+        pusher.close()
+    assert (
+        engine.generate([PROMPT], greedy(4))[0].output_ids == hf_greedy(ckpt, tensors, PROMPT, 4)[0]
+    )
