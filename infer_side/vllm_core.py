@@ -4,7 +4,8 @@ Our loop (`infer_side.server`) steps vLLM's `LLMEngine` as it steps our own sche
 messages, outbox and update machine are `infer_side.core_base`'s. What differs:
 
 - Generation: each Generate becomes a vLLM request (token ids in, no tokenizer), asking for
-  the sampled token's logprob. Its outputs are re-emitted as ours: per-token weight versions,
+  the sampled token's logprob under the distribution it was drawn from (after temperature,
+  top-k, top-p: what PPO's ratio needs). Its outputs are re-emitted as ours: per-token weight versions,
   cached-token counts, finish reasons. Requests held while an update waits for idle stay here
   until admission opens; `retract` aborts them in vLLM and re-adds them later (the KV is
   recomputed, as ours does).
@@ -254,5 +255,6 @@ def _build_llm(path: str | Path, cfg: EngineConfig, dtype: torch.dtype, max_len:
         max_num_seqs=cfg.max_running,
         block_size=BLOCK_SIZE,
         seed=0,
+        logprobs_mode="processed_logprobs",  # of the distribution sampled from, as PPO needs
     )
     return LLMEngine.from_engine_args(args)

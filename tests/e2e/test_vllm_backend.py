@@ -72,6 +72,21 @@ def test_greedy_tokens_and_logprobs_equal_transformers(engine, ckpt):
     assert engine.info().backend == "vllm"
 
 
+def test_sampled_logprobs_are_of_the_distribution_sampled_from(engine, ckpt):
+    """PPO's ratio needs log pi(token) under the sampling distribution (temperature applied),
+    as our engine reports it; vLLM's default would report the raw logits' logprob."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=11)
+    (out,) = engine.generate([PROMPT], params)
+    model, ids = load_hf_model(ckpt), list(PROMPT)
+    with torch.no_grad():
+        for token, logprob in zip(out.output_ids, out.logprobs, strict=True):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            assert abs(float(torch.log_softmax(logits / 0.7, -1)[token]) - logprob) < 1e-4
+            ids.append(token)
+    again = engine.generate([PROMPT], params)[0]
+    assert again.output_ids == out.output_ids  # same seed, same tokens
+
+
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
 @pytest.mark.parametrize("transport", ["broadcast", "ipc", "disk"])
 def test_push_serves_the_new_weights_and_drops_stale_prefix_kv(
@@ -128,9 +143,7 @@ def test_bad_plan_is_refused_and_changes_nothing(engine, mutate, named):
 
 
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
-def test_pusher_killed_mid_push_leaves_the_engine_answering(
-    engine, ckpt, tmp_path, load_mode
-):
+def test_pusher_killed_mid_push_leaves_the_engine_answering(engine, ckpt, tmp_path, load_mode):
     """shadow: the old weights keep serving, byte for byte; in_place: generation is refused
     until the next push, which repairs it."""
     from tests.e2e.test_sync_faults import TIMEOUT_S, _kill_pusher_mid_push, _wait_update_settled
