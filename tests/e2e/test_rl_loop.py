@@ -61,6 +61,17 @@ PLACEMENTS = {
         "trainer.world_size=2",
         "sync.transport=broadcast",
     ],
+    "colocated_vllm": [  # a real vLLM engine: head_dim 32 (its CPU attention needs >= 32)
+        "placement=colocated",
+        "num_engines=1",
+        "trainer.world_size=1",
+        "engine.backend=vllm",
+        "engine.kv_tokens=256",
+        "engine.start_timeout_s=300",
+        "model.hidden_size=64",
+        "model.num_attention_heads=2",
+        "model.num_key_value_heads=1",
+    ],
 }
 
 
