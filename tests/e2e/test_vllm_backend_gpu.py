@@ -23,8 +23,11 @@ pytestmark = [
 @pytest.mark.parametrize("transport", ["ipc", "broadcast"])
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
 def test_push_from_gpu_into_vllm_on_cuda(tmp_path, transport, load_mode):
+    if transport == "broadcast" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs the engine on a second GPU")
+    device = "cuda:1" if transport == "broadcast" else "cuda"
     ckpt = make_hf_checkpoint(tmp_path, kv_heads=1, seed=4, **ARCH)
-    engine = launch_engine(ckpt, backend="vllm", device="cuda", kv_tokens=256, start_timeout_s=600)
+    engine = launch_engine(ckpt, backend="vllm", device=device, kv_tokens=256, start_timeout_s=600)
     try:
         cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.05, timeout_s=120)
         pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path, device="cuda")
