@@ -151,8 +151,12 @@ def run_generate(
     server: bool = True,
     work_dir: Path | None = None,
     threads: int | None = None,
+    vllm: bool = False,
 ) -> dict[str, Any]:
-    """Every path at every batch size, in one process and one run; JSON-ready result."""
+    """Every path at every batch size, in one process and one run; JSON-ready result.
+
+    `vllm`: also our engine server with the vLLM backend (`launch_engine(backend="vllm")`),
+    through the same client, so the two engines differ only behind the protocol."""
     import tempfile
 
     from transformers import AutoModelForCausalLM
@@ -170,30 +174,50 @@ def run_generate(
             ckpt, EngineConfig(kv_tokens=kv, max_running=max(batches), max_prefill_tokens=kv)
         )
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-        client = _launch(ckpt, kv, threads) if server else None
+        client = _launch(ckpt, kv, threads) if server or vllm else None
+        vclient = _launch(ckpt, kv, threads, backend="vllm") if vllm else None
         try:
-            rows = [_one_batch(b, prompts[:b], max_new, repeat, core, hf, client) for b in batches]
+            rows = [
+                _one_batch(b, prompts[:b], max_new, repeat, core, hf, client, vclient)
+                for b in batches
+            ]
         finally:
-            if client is not None:
-                client.close()
+            for c in (client, vclient):
+                if c is not None:
+                    c.close()
     return {
         "threads": threads,
         "max_new_tokens": max_new,
         "repeat": repeat,
         "model": SMALL,
         "torch": torch.__version__,
+        "vllm": vllm,
         "rows": rows,
     }
 
 
-def _launch(ckpt: Path, kv: int, threads: int) -> Any:
+def _launch(ckpt: Path, kv: int, threads: int, backend: str = "rlsync") -> Any:
     from infer_side.client import launch_engine
 
-    return launch_engine(ckpt, kv_tokens=kv, threads=threads, extra_args=["--max-running", "64"])
+    return launch_engine(
+        ckpt,
+        kv_tokens=kv,
+        threads=threads,
+        backend=backend,
+        start_timeout_s=300.0,
+        extra_args=["--max-running", "64"],
+    )
 
 
 def _one_batch(
-    batch: int, prompts: list[list[int]], max_new: int, repeat: int, core: Any, hf: Any, client: Any
+    batch: int,
+    prompts: list[list[int]],
+    max_new: int,
+    repeat: int,
+    core: Any,
+    hf: Any,
+    client: Any,
+    vclient: Any = None,
 ) -> dict[str, Any]:
     runs = {
         "ours": lambda: run_core(core, prompts, max_new),
@@ -201,6 +225,8 @@ def _one_batch(
     }
     if client is not None:
         runs["server"] = lambda: run_server(client, prompts, max_new)
+    if vclient is not None:
+        runs["vllm"] = lambda: run_server(vclient, prompts, max_new)
     rates, outs = interleaved(runs, repeat)
     row: dict[str, Any] = {
         "batch": batch,
@@ -213,7 +239,17 @@ def _one_batch(
     )
     if client is not None:
         row["server_ratio"] = row["server"]["best"] / row["hf"]["best"]
+    if vclient is not None:
+        row["vllm_vs_server"] = row["server"]["best"] / row["vllm"]["best"]
+        row["vllm_vs_server_median_paired"] = paired_ratio(rates["server"], rates["vllm"])
+        row["vllm_match_server"] = match_fraction(outs["vllm"], outs["server"])
+        row["vllm_match_hf"] = match_fraction(outs["vllm"], outs["hf"])
     return row
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] / b[i]: rounds ran back to back, so load hits a pair alike."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def format_generate(result: dict[str, Any]) -> str:
@@ -232,6 +268,27 @@ def format_generate(result: dict[str, Any]) -> str:
             f"| {r['batch']} | {_rate(r['ours'])} | {_rate(server) if server else 'n/a'} | "
             f"{_rate(r['hf'])} | {r['ratio']:.2f}x | {r['ratio_median_paired']:.2f}x | "
             f"{server_ratio} | {r['match'] * 100:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_generate_vllm(result: dict[str, Any]) -> str:
+    """Markdown table: our engine server vs the vLLM backend server (same client, protocol and
+    checkpoint), tokens/s best (median), ratio ours/vLLM, and whether greedy tokens agree."""
+    lines = [
+        f"\ngeneration, our engine vs the vLLM backend: {result['max_new_tokens']} new tokens per "
+        f"prompt, greedy, both as server processes behind the same client, "
+        f"best of {result['repeat']} (median)\n",
+        "| batch | ours server tok/s | vLLM backend tok/s | HF generate tok/s | "
+        "ours / vLLM (best) | ours / vLLM (median of rounds) | vLLM tokens = ours | "
+        "vLLM tokens = HF |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['batch']} | {_rate(r['server'])} | {_rate(r['vllm'])} | {_rate(r['hf'])} | "
+            f"{r['vllm_vs_server']:.2f}x | {r['vllm_vs_server_median_paired']:.2f}x | "
+            f"{r['vllm_match_server'] * 100:.0f}% | {r['vllm_match_hf'] * 100:.0f}% |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """`rlsync bench`: the weight-sync and generation benchmarks (see docs/BENCHMARKS.md).
 
 rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [--plot P] [--gpu]
-rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--json P]
+rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--engine vllm] [--json P]
+rlsync bench sync --engine vllm [--size-gib 0.03] [--repeat 3] [--json P]
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 
 from rlsync.protocol import LOAD_MODES
+
+ENGINE_BACKENDS = ("rlsync", "vllm")
+"""Engine backends the benchmarks can put side by side (`launch_engine(backend=...)`)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +84,15 @@ def _add_generate(kinds: argparse._SubParsersAction) -> None:
     g.add_argument("--repeat", type=int, default=3)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--no-server", action="store_true", help="skip the engine server process")
+    g.add_argument(
+        "--engine",
+        "--engines",
+        dest="engine",
+        nargs="+",
+        choices=ENGINE_BACKENDS,
+        default=["rlsync"],
+        help="engine backends; 'vllm' adds our server with the vLLM backend next to ours",
+    )
     g.add_argument("--json", type=Path, default=None)
     g.set_defaults(func=run_generate_cmd)
 
@@ -145,7 +158,7 @@ def _gpu_section(args: argparse.Namespace) -> dict:
 
 
 def run_generate_cmd(args: argparse.Namespace) -> int:
-    from rlsync.bench.generate import format_generate, run_generate
+    from rlsync.bench.generate import format_generate, format_generate_vllm, run_generate
     from rlsync.bench.report import write_json
 
     if min(args.batch) < 1 or args.max_new_tokens < 1 or args.repeat < 1:
@@ -157,8 +170,11 @@ def run_generate_cmd(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         server=not args.no_server,
         threads=args.threads,
+        vllm="vllm" in args.engine,
     )
     print(format_generate(result))
+    if result["vllm"]:
+        print(format_generate_vllm(result))
     if args.json:
         write_json(result, args.json)
     return 0
