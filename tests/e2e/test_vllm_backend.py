@@ -72,6 +72,28 @@ def test_greedy_tokens_and_logprobs_equal_transformers(engine, ckpt):
     assert engine.info().backend == "vllm"
 
 
+@pytest.mark.parametrize("model_type, tie", [("qwen2", False), ("llama", True)])
+def test_qwen2_and_tied_models_equal_transformers(tmp_path, model_type, tie):
+    ckpt = make_hf_checkpoint(tmp_path, model_type=model_type, tie=tie, kv_heads=1, seed=6, **ARCH)
+    engine = launch_engine(ckpt, backend="vllm", kv_tokens=256, start_timeout_s=300)
+    try:
+        (out,) = engine.generate([PROMPT], greedy(8))
+        tokens, logprobs = hf_greedy(ckpt, None, PROMPT, 8)
+        assert out.output_ids == tokens
+        assert max(abs(a - b) for a, b in zip(out.logprobs, logprobs, strict=True)) < 1e-4
+        version, tensors = 1, trainer_weights(ckpt, 1)
+        pusher = WeightPusher(SyncConfig(timeout_s=60), {"vllm": engine.endpoint}, tmp_path)
+        try:
+            assert pusher.push(tensors, version).failed == []
+            assert pusher.mismatches(tensors) == {"vllm": []}
+        finally:
+            pusher.close()
+        (out,) = engine.generate([PROMPT], greedy(8))
+        assert out.output_ids == hf_greedy(ckpt, tensors, PROMPT, 8)[0]
+    finally:
+        engine.close()
+
+
 def test_sampled_logprobs_are_of_the_distribution_sampled_from(engine, ckpt):
     """PPO's ratio needs log pi(token) under the sampling distribution (temperature applied),
     as our engine reports it; vLLM's default would report the raw logits' logprob."""
