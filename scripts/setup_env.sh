@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or reuse the project venv (.venv) and install rlsync into it, with test extras.
 # Where no NVIDIA GPU is present torch is pinned to the CPU build through a constraints file,
-# so pip never pulls a multi-GB CUDA wheel. Re-installs only when pyproject or constraints change.
+# so pip never pulls a multi-GB CUDA wheel. Then installs vLLM (scripts/install_vllm.sh; set
+# RLSYNC_NO_VLLM=1 to skip it). Re-installs only when pyproject, constraints or install_vllm.sh change.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${RLSYNC_VENV:-$root/.venv}"
@@ -18,11 +19,16 @@ else
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 stamp="$venv/.rlsync-installed"
-want="$(cat "$root/pyproject.toml" "$constraints" | sha256sum | cut -d' ' -f1)"
+hashed=("$root/pyproject.toml" "$constraints")
+[ "${RLSYNC_NO_VLLM:-}" = 1 ] || hashed+=("$root/scripts/install_vllm.sh")
+want="$(cat "${hashed[@]}" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -c "$constraints" "torch==2.13.0"
   "$venv/bin/python" -m pip install --quiet -c "$constraints" -e "$root[test]"
+  if [ "${RLSYNC_NO_VLLM:-}" != 1 ]; then
+    "$root/scripts/install_vllm.sh" "$venv/bin/python" "$constraints"
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
