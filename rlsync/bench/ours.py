@@ -82,6 +82,8 @@ def timed_push(
 def push_phases(report: PushReport) -> dict[str, float]:
     """Trainer transfer time plus the slowest engine's own timings (seconds)."""
     out: dict[str, float] = {"transfer_s": report.transfer_s}
+    if report.engines:
+        out["engine_pause_s"] = report.engine_pause_ms / 1e3
     timings = [o.done.timings for o in report.engines.values() if o.done is not None]
     for key in ("recv_s", "load_s", "flush_s", "total_s"):
         if timings:

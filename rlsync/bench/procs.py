@@ -30,8 +30,17 @@ class ReceiverError(RuntimeError):
 class Receivers:
     """N receiver processes started from N spec dicts (written to `work_dir` as JSON)."""
 
-    def __init__(self, specs: list[dict[str, Any]], work_dir: Path, timeout_s: float):
+    def __init__(
+        self,
+        specs: list[dict[str, Any]],
+        work_dir: Path,
+        timeout_s: float,
+        module: str = "rlsync.bench.receiver",
+    ):
+        """`module`: what each process runs (`python -m MODULE SPEC.json`), e.g. the vLLM
+        peers of `rlsync.bench.vllm_peers`, which speak the same protocol."""
         self.timeout_s = timeout_s
+        self.module = module
         self.procs: list[subprocess.Popen] = []
         self.logs: list[IO[bytes]] = []
         self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
@@ -47,7 +56,7 @@ class Receivers:
         path.write_text(json.dumps(spec))
         log = tempfile.TemporaryFile()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rlsync.bench.receiver", str(path)],
+            [sys.executable, "-m", self.module, str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

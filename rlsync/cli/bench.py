@@ -26,14 +26,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_sync(kinds: argparse._SubParsersAction) -> None:
     from rlsync.bench.sync import ALL_METHODS
+    from rlsync.bench.vllm_sync import PEERS as VLLM_PEERS
 
     s = kinds.add_parser("sync", help="weight sync: our transports vs baselines vs limits")
     s.add_argument(
         "--size-gib",
         type=float,
         nargs="+",
-        default=[0.25, 1.0],
-        help="model sizes (GiB of fp32 weights)",
+        default=None,
+        help="model sizes (GiB of fp32 weights; default 0.25 1, with --engine vllm 0.03)",
+    )
+    s.add_argument(
+        "--engine",
+        choices=ENGINE_BACKENDS,
+        default="rlsync",
+        help="vllm: push into our vLLM backend next to vLLM's own update paths (one size)",
+    )
+    s.add_argument(
+        "--peers",
+        nargs="+",
+        choices=VLLM_PEERS,
+        default=list(VLLM_PEERS),
+        help="with --engine vllm: vLLM's own update paths to run",
     )
     s.add_argument("--engines", type=int, nargs="+", default=[1, 2], help="engine counts")
     s.add_argument(
@@ -100,6 +114,9 @@ def _add_generate(kinds: argparse._SubParsersAction) -> None:
 def run_sync_cmd(args: argparse.Namespace) -> int:
     import torch
 
+    if args.engine == "vllm":
+        return run_vllm_sync_cmd(args)
+    args.size_gib = args.size_gib or [0.25, 1.0]
     from rlsync.bench import report
     from rlsync.bench.gpu import format_gpu
     from rlsync.bench.sync import SyncBench, machine_info, run_sync
@@ -140,6 +157,34 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
     if args.plot and result["rows"]:
         report.plot(result, args.plot)
     return 1 if any(r["error"] for r in result["rows"]) or "error" in result.get("gpu", {}) else 0
+
+
+def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
+    """`bench sync --engine vllm`: one size (the first of --size-gib), one engine."""
+    from rlsync.bench.report import write_json
+    from rlsync.bench.vllm_sync import VllmSyncBench, format_vllm_sync, run_vllm_sync
+    from rlsync.protocol import TRANSPORT_KINDS
+
+    try:
+        bench = VllmSyncBench(
+            size_gib=(args.size_gib or [0.03])[0],
+            layers=args.layers,
+            transports=[m for m in args.methods if m in TRANSPORT_KINDS],
+            modes=args.modes,
+            peers=args.peers,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            timeout_s=args.timeout,
+            work_dir=args.work_dir,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_vllm_sync(bench)
+    print(format_vllm_sync(result))
+    if args.json:
+        write_json(result, args.json)
+    return 1 if any(r["error"] for r in result["rows"]) else 0
 
 
 def _gpu_section(args: argparse.Namespace) -> dict:
