@@ -218,3 +218,88 @@ def test_targets_are_checked_within_a_group():
     assert got["shadow engine pause < 10 ms"] == (0.5, True)
     assert got["ipc in_place pause ~ transfer time"][1] is True
     assert "ours >= 5x faster than pickle" not in got  # not run: not judged
+
+
+# ---------------------------------------------------------------- vLLM rows (pure helpers)
+
+
+def test_fused_groups_keep_qkv_and_gate_up_of_a_layer_in_one_load_call():
+    from rlsync.bench.vllm_peers import fused_groups
+
+    pre = "model.layers.0."
+    names = [
+        "model.embed_tokens.weight",
+        *(f"{pre}self_attn.{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")),
+        f"{pre}self_attn.o_proj.weight",
+        f"{pre}mlp.gate_proj.weight",
+        f"{pre}mlp.up_proj.weight",
+        f"{pre}mlp.down_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+    ]
+    groups = fused_groups(names)
+    assert sorted(n for g in groups for n in g) == sorted(names)  # every name exactly once
+    assert [len(g) for g in groups] == [1, 6, 1, 2, 1, 2]  # q/k/v weights and biases together
+    assert groups[1] == names[1:7]
+    assert groups[3] == [f"{pre}mlp.gate_proj.weight", f"{pre}mlp.up_proj.weight"]
+    assert groups[5][0].startswith("model.layers.1.")  # layers never share a group
+
+
+def test_paired_ratio_and_the_vllm_generate_table():
+    from rlsync.bench.generate import format_generate_vllm, paired_ratio
+
+    assert paired_ratio([100.0, 300.0, 80.0], [50.0, 100.0, 80.0]) == pytest.approx(2.0)
+    row = {
+        "batch": 8,
+        "server": {"best": 1000.0, "median": 900.0},
+        "vllm": {"best": 500.0, "median": 450.0},
+        "hf": {"best": 800.0, "median": 700.0},
+        "vllm_vs_server": 2.0,
+        "vllm_vs_server_median_paired": 1.9,
+        "vllm_match_server": 1.0,
+        "vllm_match_hf": 0.5,
+    }
+    table = format_generate_vllm({"max_new_tokens": 64, "repeat": 3, "rows": [row]})
+    assert "| 8 | 1000 (900) | 500 (450) | 800 (700) | 2.00x | 1.90x | 100% | 50% |" in table
+
+
+def test_vllm_sync_table_ratios_pause_and_token_check():
+    from rlsync.bench.vllm_sync import fmt, format_vllm_sync, tokens_cell
+
+    def row(method, kind, seconds, mode="-", **kw):
+        return Row(
+            size_gib=0.03,
+            engines=1,
+            method=method,
+            kind=kind,
+            mode=mode,
+            bytes=10**8,
+            seconds=[seconds],
+            **kw,
+        )
+
+    rows = [
+        row("memcpy", "limit", 0.01),
+        row("ipc", "ours", 0.05, "shadow", engine_pause_ms=20.0, verified=True),
+        row("per-tensor", "peer", 0.2, phases={"recv_s": 0.05, "load_s": 0.1, "flush_s": 0.01}),
+        row("native", "peer", 0.1, error="ReceiverError: boom\nmore"),
+    ]
+    add_ratios(rows)
+    assert rows[2].x_ours == pytest.approx(4.0) and rows[2].x_memcpy == pytest.approx(0.05)
+    tokens = {"ours": [1, 2], "per-tensor": [1, 3]}
+    assert tokens_cell(tokens, "per-tensor") == "NO" and tokens_cell(tokens, "native") == "n/a"
+    assert fmt(None) == fmt(math.nan) == "n/a" and fmt(123.4) == "123" and fmt(1.23456) == "1.235"
+    model = dict(bytes=10**8, tensors=291, hidden=192, layers=24, heads=3, kv_heads=1)
+    result = {
+        "model": model,
+        "config": {"repeat": 3},
+        "rows": [r.to_dict() for r in rows],
+        "tokens": tokens,
+    }
+    lines = format_vllm_sync(result).splitlines()
+    (peer,) = [ln for ln in lines if ln.startswith("| peer: per-tensor")]
+    assert "| 0.200 | 0.200 | 0.50 | 0.05 | 4.0 | 160 |" in peer and "| NO |" in peer
+    (ours,) = [ln for ln in lines if "ours: ipc shadow" in ln]
+    assert "| 20.0 |" in ours and "bit-exact" in ours
+    (failed,) = [ln for ln in lines if "peer: native" in ln]
+    assert "FAILED" in failed and "ReceiverError: boom" in failed and "more" not in failed
