@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,7 +62,10 @@ PLACEMENTS = {
         "trainer.world_size=2",
         "sync.transport=broadcast",
     ],
-    "colocated_vllm": [  # a real vLLM engine: head_dim 32 (its CPU attention needs >= 32)
+}
+if not os.environ.get("RLSYNC_NO_VLLM") and sys.version_info >= (3, 11):
+    # a real vLLM engine: head_dim 32 (its CPU attention needs >= 32)
+    PLACEMENTS["colocated_vllm"] = [
         "placement=colocated",
         "num_engines=1",
         "trainer.world_size=1",
@@ -71,8 +75,7 @@ PLACEMENTS = {
         "model.hidden_size=64",
         "model.num_attention_heads=2",
         "model.num_key_value_heads=1",
-    ],
-}
+    ]
 
 
 def tiny_config(tmp_path: Path, name: str, *extra: str) -> RunConfig:

@@ -5,6 +5,7 @@ transformers. One engine for the module (vLLM takes seconds to start)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -18,8 +19,10 @@ from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from tests.e2e.sync_helpers import trainer_weights
 from trainer_side.pusher import WeightPusher
 
-if os.environ.get("RLSYNC_NO_VLLM"):
-    pytest.skip("RLSYNC_NO_VLLM is set: vLLM was not installed", allow_module_level=True)
+if os.environ.get("RLSYNC_NO_VLLM") or sys.version_info < (3, 11):
+    pytest.skip(
+        "vLLM is not installed here (RLSYNC_NO_VLLM, or Python < 3.11)", allow_module_level=True
+    )
 
 ARCH = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=128)
 """head_dim 32: vLLM's CPU attention needs 32, 64, 80 or more."""
