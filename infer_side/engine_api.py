@@ -1,8 +1,8 @@
 """The narrow interface between the weight-update machine and an engine backend.
 
 `infer_side.update_machine.UpdateMachine` drives a weight update through these methods only;
-every engine backend implements them (`EngineCore` for our own engine; the vLLM backend
-next). The machine owns the gating state (weights incomplete, admission held, the pending
+every engine backend implements them (`EngineCore` for our own engine, `VllmCore` for
+vLLM). The machine owns the gating state (weights incomplete, admission held, the pending
 version) and the backend asks it; the backend owns its weights, scheduler and KV.
 """
 
