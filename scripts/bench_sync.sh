@@ -6,6 +6,7 @@
 #   scripts/bench_sync.sh                             # 0.25 and 1 GiB, 1 and 2 engines
 #   scripts/bench_sync.sh --size-gib 0.25 --engines 1 --repeat 5
 #   scripts/bench_sync.sh --gpu                       # add the GPU section (CUDA IPC, empty_cache)
+#   scripts/bench_sync.sh --engine vllm --size-gib 0.03  # push into the vLLM backend vs vLLM's own paths
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -x "$root/.venv/bin/rlsync" ] && export PATH="$root/.venv/bin:$PATH"
