@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from rlsync.protocol import PauseMode
+from rlsync.transports.base import WriteSink
 
 
 class EngineWeights(Protocol):
@@ -52,6 +53,12 @@ class UpdatableEngine(Protocol):
         """Compute with the bytes now in `store` from the next step on: the shadow store after
         a shadow update (it becomes the live one), or the live store after an in_place update
         (a backend whose live store is a staging copy loads it into its model here)."""
+        ...
+
+    def stream_sink(self, store: EngineWeights) -> WriteSink | None:
+        """For an in_place update into `store`: what to tell as tensors and buckets land (a
+        backend that copies the store into its model loads it as bytes arrive), or None
+        when the store is the model's own memory."""
         ...
 
     def pause(self, mode: PauseMode) -> None: ...

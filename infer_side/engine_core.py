@@ -133,6 +133,10 @@ class EngineCore(CoreBase):
     def new_shadow(self) -> ModelWeights:
         return self.model.weights.clone_empty()
 
+    def stream_sink(self, store: ModelWeights) -> None:
+        """None: the views write the model's own storage, nothing more to do per bucket."""
+        return None
+
     def apply_weights(self, store: ModelWeights) -> None:  # type: ignore[override]
         """Compute with `store` from the next step on (the live store itself after an
         in_place update: its views already wrote the model's storage)."""

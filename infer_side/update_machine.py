@@ -47,7 +47,7 @@ from rlsync.protocol import (
     plan_id_of,
 )
 from rlsync.transports import registry
-from rlsync.transports.base import Receiver, WeightWriter
+from rlsync.transports.base import Receiver, WeightWriter, WriteSink
 
 WORKER_GRACE_S = 5.0
 """Past 2 * timeout_s (accepts, then the first bucket) + idle_timeout_s + this, the
@@ -110,9 +110,11 @@ class UpdateJob:
             return False
         return self.writer.touched or (self.thread is not None and self.thread.is_alive())
 
-    def start_worker(self, target: EngineWeights, into_live: bool) -> None:
+    def start_worker(
+        self, target: EngineWeights, into_live: bool, sink: WriteSink | None = None
+    ) -> None:
         self.stage, self.into_live = Stage.RECEIVING, into_live
-        self.writer = WeightWriter(target.hf_views(), self.cancel)
+        self.writer = WeightWriter(target.hf_views(), self.cancel, sink)
         self.thread = threading.Thread(
             target=self._run, name=f"weights-v{self.version}", daemon=True
         )
@@ -317,7 +319,8 @@ class UpdateMachine:
         if job.stage is Stage.WAITING and self._block_generation(job):
             job.was_incomplete, self.weights_incomplete = self.weights_incomplete, True
             self.pending_version = job.version
-            job.start_worker(self.engine.live_weights(), into_live=True)
+            live = self.engine.live_weights()
+            job.start_worker(live, into_live=True, sink=self.engine.stream_sink(live))
         elif job.stage is Stage.RECEIVING:
             if job.done.is_set():
                 job.stage, job.error = (

@@ -11,10 +11,11 @@ messages, outbox and update machine are `infer_side.core_base`'s. What differs:
   recomputed, as ours does).
 - Weights: vLLM packs its linear weights for the CPU GEMM and cannot hand out writable views
   of them. So the live store the update machine sees is a staging copy in Hugging Face layout
-  (`ModelWeights`): updates land there (in_place: while generation is refused; shadow: into a
-  second copy while vLLM keeps generating), and `apply_weights` loads the whole store through
-  vLLM's own reload path (which handles the fused q/k/v and gate/up layers) between two
-  steps. A fused group is never loaded in parts: vLLM silently corrupts a half-loaded one.
+  (`ModelWeights`). in_place: generation is refused, and as each bucket lands its complete
+  fused groups are loaded through vLLM's own reload path (which handles the fused q/k/v and
+  gate/up layers), so the load overlaps the transfer (`GroupLoader`). shadow: the update lands
+  in a second copy while vLLM keeps generating, and `apply_weights` loads all of it between
+  two steps. A fused group is never loaded in parts: vLLM silently corrupts a half-loaded one.
 - Cache: vLLM does not drop its prefix cache when weights change; `flush_kv` resets it after
   every update (running requests are retracted first, so no KV of the old weights survives).
   `torch.cuda.empty_cache()` runs only when asked, and only on CUDA.
@@ -71,6 +72,7 @@ class VllmCore(CoreBase):
         self.base: dict[str, int] = {}
         """Output tokens a request had when (re)submitted to vLLM."""
         self.num_retracted = 0
+        self.streamed: GroupLoader | None = None
         super().__init__()
 
     @classmethod
@@ -223,18 +225,77 @@ class VllmCore(CoreBase):
     def new_shadow(self) -> ModelWeights:
         return self.mirror.clone_empty()
 
+    def stream_sink(self, store: ModelWeights) -> GroupLoader:
+        """in_place: load each bucket's whole fused groups into vLLM as the bucket lands."""
+        self.streamed = GroupLoader(self.llm, store)
+        return self.streamed
+
     def apply_weights(self, store: ModelWeights) -> None:  # type: ignore[override]
-        """Load the whole store into vLLM through its reload path (fused groups whole)."""
-        items = list(store.hf_views().items())
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True}
-        )
+        """Load into vLLM whatever of `store` it does not hold yet: everything after a shadow
+        update, the groups not streamed in during an in_place one."""
+        streamed, self.streamed = self.streamed, None
+        done = streamed.loaded if streamed is not None and streamed.store is store else set()
+        views = store.hf_views()
+        _reload(self.llm, [(n, t) for n, t in views.items() if n not in done])
         self.mirror = store
 
     def info(self) -> EngineInfo:
         return self._info(
             backend="vllm", kv_pool_size=self.max_model_len, retracted=self.num_retracted
         )
+
+
+def _reload(llm: Any, items: list[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's own reload path: handles its fused layers and its CPU weight packing."""
+    if items:
+        llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True}
+        )
+
+
+def group_of(name: str) -> str:
+    """The vLLM parameter a Hugging Face tensor is fused into (q/k/v -> qkv, gate/up ->
+    gate_up); other tensors are their own group."""
+    for part, fused in (
+        ("q_proj", "qkv"),
+        ("k_proj", "qkv"),
+        ("v_proj", "qkv"),
+        ("gate_proj", "gate_up"),
+        ("up_proj", "gate_up"),
+    ):
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}.")
+    return name
+
+
+class GroupLoader:
+    """In-place updates into vLLM: after each bucket, loads the fused groups that are now
+    complete (never part of one: vLLM silently corrupts a half-loaded fused parameter), so
+    most of the load overlaps the transfer. Runs on the update's worker thread while the
+    engine loop is not stepping vLLM (generation is refused until the update lands)."""
+
+    def __init__(self, llm: Any, store: ModelWeights):
+        self.llm, self.store, self.views = llm, store, store.hf_views()
+        self.group = {name: group_of(name) for name in self.views}
+        self.members: dict[str, list[str]] = {}
+        for name, group in self.group.items():
+            self.members.setdefault(group, []).append(name)
+        self.missing = {group: set(names) for group, names in self.members.items()}
+        self.ready: list[str] = []
+        self.loaded: set[str] = set()
+
+    def written(self, name: str) -> None:
+        group = self.group[name]
+        missing = self.missing[group]
+        missing.discard(name)
+        if not missing:
+            missing.update(self.members[group])  # a tensor written again needs its group again
+            self.ready.extend(self.members[group])
+
+    def bucket_done(self) -> None:
+        ready, self.ready = list(dict.fromkeys(self.ready)), []
+        _reload(self.llm, [(n, self.views[n]) for n in ready])
+        self.loaded.update(ready)
 
 
 def _build_llm(path: str | Path, cfg: EngineConfig, dtype: torch.dtype, max_len: int) -> Any:

@@ -136,6 +136,13 @@ class Receiver:
         """Release groups and mappings."""
 
 
+class WriteSink(Protocol):
+    """Told what a receive wrote, as it writes (called on the receive's worker thread)."""
+
+    def written(self, name: str) -> None: ...
+    def bucket_done(self) -> None: ...
+
+
 class WeightWriter:
     """The only way a receive touches weights: named views of one store, a cancel flag
     checked before every write, and the timings and "touched" flag the engine reports.
@@ -145,8 +152,15 @@ class WeightWriter:
     finish at most the copy in flight and then stops with `Cancelled`.
     """
 
-    def __init__(self, views: Mapping[str, torch.Tensor], cancel: threading.Event):
-        self.views, self.cancel = views, cancel
+    def __init__(
+        self,
+        views: Mapping[str, torch.Tensor],
+        cancel: threading.Event,
+        sink: WriteSink | None = None,
+    ):
+        """`sink`: told of every tensor written and every bucket finished (a backend that
+        copies the store into its model loads as bytes arrive)."""
+        self.views, self.cancel, self.sink = views, cancel, sink
         self.touched = False
         self.load_s = 0.0
 
@@ -159,9 +173,16 @@ class WeightWriter:
         start = time.perf_counter()
         self.touched = True
         self.views[name].copy_(src)
+        if self.sink is not None:
+            self.sink.written(name)
         self.load_s += time.perf_counter() - start
 
     def on_bucket(self, index: int, bucket: Bucket, buf: torch.Tensor) -> None:
         """The OnBucket callback of the bucket transports."""
         for name, view in bucket_views(bucket, buf):
             self.write(name, view)
+        if self.sink is not None:
+            self.check_cancel()
+            start = time.perf_counter()
+            self.sink.bucket_done()
+            self.load_s += time.perf_counter() - start

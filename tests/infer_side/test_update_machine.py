@@ -74,6 +74,9 @@ class FakeEngine:
         self.calls.append("new_shadow")
         return FakeStore(-1.0)
 
+    def stream_sink(self, store):
+        return None
+
     def apply_weights(self, store):
         self.calls.append("apply")
         self.live = store

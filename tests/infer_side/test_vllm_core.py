@@ -27,6 +27,7 @@ class FakeLLM:
         self.active: dict[str, tuple[list[int], FakeParams, list[int]]] = {}
         self.calls: list[str] = []
         self.loaded: dict[str, torch.Tensor] = {}
+        self.loads: list[list[str]] = []
 
     def add_request(self, rid, prompt, params):
         self.calls.append(f"add:{rid}")
@@ -67,6 +68,7 @@ class FakeLLM:
     def collective_rpc(self, method, kwargs):
         self.calls.append(method)
         self.loaded = {n: t.clone() for n, t in kwargs["weights_iterator"]}
+        self.loads.append(list(self.loaded))
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,24 @@ def test_apply_weights_loads_every_hf_tensor_through_the_reload_path(core):
     expected = shadow.hf_views()
     assert list(core.llm.loaded) == list(expected)  # q, k, v (and gate, up) together
     assert all(torch.equal(core.llm.loaded[n], t) for n, t in expected.items())
+
+
+def test_in_place_loads_whole_fused_groups_as_buckets_land(core):
+    """q/k/v (and gate/up) reach vLLM in one reload call, never in parts; what was streamed
+    is not loaded again at the commit."""
+    live = core.live_weights()
+    sink = core.stream_sink(live)
+    p = "model.layers.0.self_attn."
+    sink.written(p + "q_proj.weight")
+    sink.written(p + "k_proj.weight")
+    sink.bucket_done()
+    assert core.llm.loads == []  # v is still missing: the group waits
+    sink.written(p + "v_proj.weight")
+    sink.written("model.norm.weight")
+    sink.bucket_done()
+    assert core.llm.loads == [
+        [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight", "model.norm.weight"]
+    ]
+    core.apply_weights(live)
+    rest = [n for n in live.hf_views() if n not in core.llm.loads[0]]
+    assert core.llm.loads[1] == rest and len(core.llm.loads) == 2
