@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,18 @@ METHODS = {"per-tensor": PerTensor, "raw-broadcast": RawBroadcast, "safetensors"
 
 
 def main(argv: list[str]) -> int:
+    return serve_commands(argv, lambda spec: METHODS[spec["method"]](spec))
+
+
+def serve_commands(
+    argv: list[str], make: Callable[[dict[str, Any]], Any], emit: Callable[..., None] = emit
+) -> int:
+    """A receiver child's life: build its runner from the spec file (argv[0]), say "ready",
+    run each JSON command from stdin until "exit", say "done" (or "error") for each."""
     spec = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(spec.get("threads", 1))
     try:
-        runner = METHODS[spec["method"]](spec)
+        runner = make(spec)
     except Exception as exc:
         emit("error", message=f"setup: {type(exc).__name__}: {exc}")
         return 1

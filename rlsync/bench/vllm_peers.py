@@ -33,12 +33,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlsync.bench.receiver import join_group
+from rlsync.bench.receiver import join_group, serve_commands
 from rlsync.buckets import dtype_from_name
 
 BACKEND = "rlsync_gloo"
@@ -269,28 +268,7 @@ def main(argv: list[str]) -> int:
         events.write(json.dumps({"event": event, **fields}) + "\n")
         events.flush()
 
-    spec = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(spec.get("threads", 1))
-    try:
-        peer = Peer(spec)
-    except Exception as exc:
-        emit("error", message=f"setup: {type(exc).__name__}: {exc}")
-        return 1
-    emit("ready")
-    try:
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            if cmd.get("cmd") == "exit":
-                break
-            with torch.no_grad():
-                fields = peer.run(cmd)
-            emit("done", t_done=time.monotonic(), rep=cmd.get("rep"), **fields)
-    except Exception as exc:
-        emit("error", message=f"{type(exc).__name__}: {exc}")
-        return 1
-    finally:
-        peer.close()
-    return 0
+    return serve_commands(argv, Peer, emit)
 
 
 if __name__ == "__main__":
