@@ -168,18 +168,24 @@ def test_launch_engine_on_tcp_without_keys_refuses_to_start(ckpt):
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(
-        model="/nonexistent-model",
-        endpoint="tcp://127.0.0.1:9",
-        kv_tokens=64,
-        max_running=4,
-        device="cpu",
-        dtype=None,
-        threads=None,
-        auth_keys=None,
-        insecure_tcp=False,
+    """The engine's own options (every default from its parser), with `kw` set."""
+    from infer_side.server import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--model",
+            "/nonexistent-model",
+            "--endpoint",
+            "tcp://127.0.0.1:9",
+            "--kv-tokens",
+            "64",
+            "--max-running",
+            "4",
+        ]
     )
-    return argparse.Namespace(**{**base, **kw})
+    return argparse.Namespace(**{**vars(args), **kw})
 
 
 def test_insecure_tcp_flag_lifts_the_refusal(capsys):
