@@ -53,6 +53,7 @@ class InferenceActor:
         if endpoint is not None and "{host}" in endpoint:
             endpoint = endpoint.format(host=node_address())
         extra = ["--max-running", str(self.cfg.max_running)]
+        extra += ["--load-chunk-mb", str(self.cfg.load_chunk_mb)]
         self.client: EngineClient | None = launch_engine(
             model_dir,
             endpoint=endpoint or self.cfg.endpoint,

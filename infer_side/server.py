@@ -225,6 +225,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="our engine, or a real vLLM engine behind the same protocol",
     )
     parser.add_argument("--kv-tokens", type=int, default=4096, help="KV pool size in tokens")
+    parser.add_argument(
+        "--load-chunk-mb",
+        type=float,
+        default=256.0,
+        help="vllm backend, in_place: MB of complete fused groups loaded at a time as they land",
+    )
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: checkpoint's)")
@@ -265,6 +271,7 @@ def run_engine(args: argparse.Namespace) -> int:
         check_endpoint(endpoint)
         cfg = EngineConfig(
             backend=args.backend,
+            load_chunk_mb=args.load_chunk_mb,
             kv_tokens=args.kv_tokens,
             max_running=args.max_running,
             device=args.device,

@@ -226,8 +226,11 @@ class VllmCore(CoreBase):
         return self.mirror.clone_empty()
 
     def stream_sink(self, store: ModelWeights) -> GroupLoader:
-        """in_place: load each bucket's whole fused groups into vLLM as the bucket lands."""
-        self.streamed = GroupLoader(self.llm, store)
+        """in_place: load whole fused groups into vLLM as buckets land (engine_cfg.load_chunk_mb
+        at a time: each reload call costs ~30 ms on top of its bytes here, 0.03 GiB in 8
+        buckets: 0.31 s loaded per bucket vs 0.13 s in one load at the commit)."""
+        chunk = int(self.engine_cfg.load_chunk_mb * (1 << 20))
+        self.streamed = GroupLoader(self.llm, store, chunk)
         return self.streamed
 
     def apply_weights(self, store: ModelWeights) -> None:  # type: ignore[override]
@@ -274,8 +277,9 @@ class GroupLoader:
     most of the load overlaps the transfer. Runs on the update's worker thread while the
     engine loop is not stepping vLLM (generation is refused until the update lands)."""
 
-    def __init__(self, llm: Any, store: ModelWeights):
+    def __init__(self, llm: Any, store: ModelWeights, min_bytes: int = 0):
         self.llm, self.store, self.views = llm, store, store.hf_views()
+        self.min_bytes = min_bytes
         self.group = {name: group_of(name) for name in self.views}
         self.members: dict[str, list[str]] = {}
         for name, group in self.group.items():
@@ -293,7 +297,12 @@ class GroupLoader:
             self.ready.extend(self.members[group])
 
     def bucket_done(self) -> None:
-        ready, self.ready = list(dict.fromkeys(self.ready)), []
+        """Load the complete groups once they add up to `min_bytes` (the rest loads at the
+        commit): each reload call has a fixed cost that small loads would not amortize."""
+        ready = list(dict.fromkeys(self.ready))
+        if sum(self.views[n].nbytes for n in ready) < max(self.min_bytes, 1):
+            return
+        self.ready = []
         _reload(self.llm, [(n, self.views[n]) for n in ready])
         self.loaded.update(ready)
 

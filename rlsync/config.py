@@ -27,6 +27,9 @@ class EngineConfig:
 
     backend: Literal["rlsync", "vllm"] = "rlsync"
     """rlsync: our own engine; vllm: a real vLLM engine behind the same protocol."""
+    load_chunk_mb: float = 256.0
+    """vllm backend, in_place updates: load complete fused groups into vLLM as buckets land,
+    once this many MB are ready (each vLLM reload call has a fixed cost); 0: every bucket."""
     kv_tokens: int = 4096
     """KV pool size in tokens, allocated once at start."""
     max_running: int = 64
@@ -42,6 +45,8 @@ class EngineConfig:
     call_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.load_chunk_mb < 0:
+            raise ConfigError(f"engine.load_chunk_mb: must be >= 0, got {self.load_chunk_mb}")
         positive(
             self,
             "kv_tokens",

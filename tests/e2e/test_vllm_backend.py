@@ -38,7 +38,15 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    client = launch_engine(ckpt, backend="vllm", kv_tokens=256, start_timeout_s=300)
+    # --load-chunk-mb 0: in_place updates load every bucket's whole fused groups into vLLM as
+    # the bucket lands (the pushes below use ~20 KB buckets), the path a large model takes
+    client = launch_engine(
+        ckpt,
+        backend="vllm",
+        kv_tokens=256,
+        start_timeout_s=300,
+        extra_args=["--load-chunk-mb", "0"],
+    )
     yield client
     client.close()
 

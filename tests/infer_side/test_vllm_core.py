@@ -198,6 +198,7 @@ def test_apply_weights_loads_every_hf_tensor_through_the_reload_path(core):
 def test_in_place_loads_whole_fused_groups_as_buckets_land(core):
     """q/k/v (and gate/up) reach vLLM in one reload call, never in parts; what was streamed
     is not loaded again at the commit."""
+    core.engine_cfg.load_chunk_mb = 0  # load at every bucket
     live = core.live_weights()
     sink = core.stream_sink(live)
     p = "model.layers.0.self_attn."
@@ -214,3 +215,15 @@ def test_in_place_loads_whole_fused_groups_as_buckets_land(core):
     core.apply_weights(live)
     rest = [n for n in live.hf_views() if n not in core.llm.loads[0]]
     assert core.llm.loads[1] == rest and len(core.llm.loads) == 2
+
+
+def test_small_loads_wait_for_the_commit(core):
+    """Below engine.load_chunk_mb nothing is loaded per bucket: one reload at the commit."""
+    live = core.live_weights()
+    sink = core.stream_sink(live)
+    for name in live.hf_views():
+        sink.written(name)
+        sink.bucket_done()
+    assert core.llm.loads == []
+    core.apply_weights(live)
+    assert core.llm.loads == [list(live.hf_views())]
