@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from rlsync.protocol import TRANSPORT_KINDS, UPDATE_MESSAGES, Message, UpdateWeights
+from rlsync.protocol import TRANSPORT_KINDS, Message
 from rlsync.transports.base import Receiver, Sender
 
 MODULES: dict[str, str] = {
@@ -34,15 +34,6 @@ def sender_class(kind: str) -> type[Sender]:
 
 def receiver_class(kind: str) -> type[Receiver]:
     return _module(kind).Receiver
-
-
-def kind_of(msg: Message) -> str | None:
-    """The transport kind of an update message, or None for any other message."""
-    return msg.transport if isinstance(msg, UpdateWeights) else None
-
-
-def update_message(kind: str) -> type[UpdateWeights]:
-    return UPDATE_MESSAGES[kind]
 
 
 def control_owner(msg: Message) -> str | None:
