@@ -380,9 +380,11 @@ def test_multipart_and_duplicate_ids_are_rejected(server):
     reply = raw_call(server.endpoint, [b"a", b"b"])
     assert not reply.success and "one frame" in reply.message
     with RpcClient(server.endpoint, timeout_s=10) as rpc:
-        first = rpc.send(
-            Generate(request_id="dup", input_ids=[1], sampling=SamplingParams(max_new_tokens=300))
-        )
+        sampling = SamplingParams(max_new_tokens=300)
+        first = rpc.send(Generate(request_id="dup", input_ids=[1], sampling=sampling, stream=True))
+        chunks = [rpc.recv()]  # the server holds "dup" now (send() only queues the frame)
         reply = raw_call(server.endpoint, [encode(first)])
         assert not reply.success and "already in flight" in reply.message
-        assert rpc.recv().output_ids == list(range(1, 301))
+        while not chunks[-1].finished:
+            chunks.append(rpc.recv())
+        assert [t for c in chunks for t in c.output_ids] == list(range(1, 301))
