@@ -243,9 +243,8 @@ class VllmCore(CoreBase):
         self.mirror = store
 
     def info(self) -> EngineInfo:
-        return self._info(
-            backend="vllm", kv_pool_size=self.max_model_len, retracted=self.num_retracted
-        )
+        """vLLM sizes its KV memory itself (VLLM_CPU_KVCACHE_SPACE): the pool fields stay 0."""
+        return self._info(backend="vllm", retracted=self.num_retracted)
 
 
 def _reload(llm: Any, items: list[tuple[str, torch.Tensor]]) -> None:
