@@ -80,6 +80,8 @@ class UpdateJob:
     error: str = ""
     paused: bool = False
     """This job paused generation, so only it resumes it."""
+    hold_started: float | None = None
+    """When this job first asked to wait for idle (idle_timeout_s counts from here)."""
     block_started: float | None = None
     """When generation stopped for this job (pause, hold or weights incomplete)."""
     into_live: bool = False
@@ -186,7 +188,8 @@ class UpdateMachine:
         self.shadow: EngineWeights | None = None
         self.job: UpdateJob | None = None
         self.abandoned: UpdateJob | None = None
-        """A cancelled in_place job whose worker may still be mid-copy into the live store."""
+        """A cancelled job whose worker may still be running (mid-copy, or inside its
+        receiver): no update starts until it has stopped."""
         self.weights_incomplete = False
         """The live store holds part of an update: generation is refused, no step runs."""
         self.admission_held = False
@@ -239,7 +242,7 @@ class UpdateMachine:
     def poll(self) -> list[Message]:
         """Replies of transport work that finished, and the job advanced by one stage."""
         out: list[Message] = []
-        for receiver in self.receivers.values():
+        for receiver in self._idle_receivers():
             out.extend(receiver.poll())
         if self.job is not None:
             out.extend(self._advance(self.job))
@@ -247,12 +250,22 @@ class UpdateMachine:
 
     def busy(self) -> bool:
         """True when the loop must call poll(): not while a worker is still receiving."""
-        if any(r.busy() for r in self.receivers.values()):
+        if any(r.busy() for r in self._idle_receivers()):
             return True
         job = self.job
         return job is not None and (
             job.stage is not Stage.RECEIVING or job.done.is_set() or self._overdue(job)
         )
+
+    def _idle_receivers(self) -> list[Receiver]:
+        """Receivers no worker is using: housekeeping (e.g. unmapping a closed pusher's
+        buffer) must not run under a receive."""
+        busy = {
+            id(j.receiver)
+            for j in (self.job, self.abandoned)
+            if j is not None and j.thread is not None and j.thread.is_alive()
+        }
+        return [r for r in self.receivers.values() if id(r) not in busy]
 
     def receiving(self) -> bool:
         return self.job is not None and self.job.stage is Stage.RECEIVING
@@ -303,11 +316,12 @@ class UpdateMachine:
         plan = self.plans.resolve(msg, live) if isinstance(msg, BucketUpdate) else None
         receiver = self._receiver(msg.transport)
         nbytes = receiver.check(msg, plan, live)
-        self.job = job = UpdateJob(msg=msg, receiver=receiver, plan=plan, nbytes=nbytes)
+        job = UpdateJob(msg=msg, receiver=receiver, plan=plan, nbytes=nbytes)
         if msg.load_mode == "shadow":
             if self.shadow is None:
                 self.shadow = self.engine.new_shadow()
             job.start_worker(self.shadow, into_live=False)
+        self.job = job  # last: a refusal above leaves no job behind
         return UpdateAccepted(
             request_id=msg.request_id, weight_version=msg.weight_version, bytes=nbytes
         )
@@ -340,15 +354,14 @@ class UpdateMachine:
         return job.stage is Stage.RECEIVING and job.waited_s() > limit
 
     def _abandon(self, job: UpdateJob) -> None:
-        """The watchdog: cancel the worker; a shadow store it could still write is dropped
-        (the next shadow update allocates a fresh one), an in_place one is remembered so no
-        update starts while it may still be mid-copy."""
+        """The watchdog: cancel the worker and remember it, so no update starts while it may
+        still be mid-copy or inside its receiver; a shadow store it could still write is
+        dropped (the next shadow update allocates a fresh one)."""
         job.cancel.set()
+        self.abandoned = job
         job.stage = Stage.FAILED
         job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
-        if job.into_live:
-            self.abandoned = job
-        else:
+        if not job.into_live:
             self.shadow = None
 
     def _block_generation(self, job: UpdateJob) -> bool:
@@ -361,10 +374,11 @@ class UpdateMachine:
             job.block_started = job.block_started or time.perf_counter()
             return True
         self.admission_held = True
+        job.hold_started = job.hold_started or time.perf_counter()
         if engine.is_idle():
             job.block_started = job.block_started or time.perf_counter()
             return True
-        if job.waited_s() > job.msg.idle_timeout_s:
+        if time.perf_counter() - job.hold_started > job.msg.idle_timeout_s:
             waiting, running = engine.counts()
             job.error = (
                 f"engine not idle after {job.msg.idle_timeout_s:.1f}s "

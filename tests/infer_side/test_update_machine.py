@@ -425,3 +425,29 @@ def test_a_load_into_the_model_that_fails_keeps_generation_refused(machine, monk
     assert not done.success and "reload failed" in done.message
     assert done.live_touched and done.weights_incomplete and m.weights_incomplete
     assert engine.weight_version == 0
+
+
+def test_a_shadow_that_cannot_be_allocated_leaves_no_update_behind(machine, monkeypatch):
+    """A refused accept must not leave a job that later receives into the live store."""
+    m, engine, _ = machine
+
+    def out_of_memory():
+        raise MemoryError("no room for a second copy")
+
+    monkeypatch.setattr(engine, "new_shadow", out_of_memory)
+    (done,) = m.process(update(1, load_mode="shadow"))
+    assert not done.success and "no room" in done.message
+    assert m.job is None and m.poll() == [] and not m.weights_incomplete
+
+
+def test_idle_timeout_counts_from_the_wait_not_from_the_accept(machine):
+    """A shadow receive longer than idle_timeout_s still gets its full wait for idle."""
+    m, engine, receiver = machine
+    m.process(update(1, load_mode="shadow", idle_timeout_s=0.2))
+    time.sleep(0.3)  # the receive takes longer than idle_timeout_s
+    engine.running = 1
+    receiver.release()
+    m.job.done.wait(5)
+    assert m.poll() == [] and m.job.stage is Stage.RECEIVED  # waiting for idle, not failed
+    engine.running = 0
+    assert run_until_done(m).success
