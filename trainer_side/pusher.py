@@ -101,18 +101,23 @@ class WeightPusher:
         with torch.no_grad():
             if self._stale_group:
                 self._rebuild()
+            dead_before = set(self.engines.dead)
             report = self._push_once(plan, tensors, version)
-            if report.transfer_error and self.sender.can_rebuild and self.engines.find_dead():
-                self._rebuild()  # the group without the dead engines, then once more
-                report = self._push_once(plan, tensors, version)
+            if report.transfer_error and self.sender.can_rebuild:
+                self.engines.find_dead()
+                if set(self.engines.dead) - dead_before:  # without them, once more
+                    self._rebuild()
+                    report = self._push_once(plan, tensors, version)
             # an engine whose update failed dropped the group: form a new one next time
-            self._stale_group = self.sender.can_rebuild and bool(report.failed)
+            failed_now = set(report.failed) - dead_before
+            self._stale_group = self.sender.can_rebuild and bool(failed_now)
         report.finish(plan_total_bytes(plan), time.perf_counter() - start)
         if not report.succeeded:
             raise PushError(f"version {version} reached no engine: {report.summary()}", report)
         return report
 
     def _rebuild(self) -> None:
+        self._stale_group = True  # stays set if the rendezvous fails: retried next push
         self.sender.rebuild()
         self._stale_group = False
 
@@ -128,8 +133,6 @@ class WeightPusher:
                 accepted.append(name)
             else:
                 report.record(name, False, failed(reply) or "refused", _done(reply))
-                if isinstance(reply, EngineDied):
-                    self.engines.dead.add(name)  # silent: later pushes skip it
         if accepted:
             self._send(report, plan, tensors, accepted)
             done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)
@@ -137,6 +140,8 @@ class WeightPusher:
                 report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
                 if failed(reply) is None:
                     self.known_plans[name] = self.plan_id
+        if any(isinstance(r, EngineDied) for r in replies.values()):
+            self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
         for name in self.engines.dead:
             report.record(name, False, "engine is dead")
         return report

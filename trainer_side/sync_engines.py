@@ -87,10 +87,11 @@ class EngineSet:
 
     def find_dead(self, timeout_s: float = PING_TIMEOUT_S) -> list[str]:
         """Ping every live engine; those that do not answer are marked dead and returned."""
-        for name, reply in self.call_all(GetInfo, timeout_s).items():
-            if isinstance(reply, EngineDied):
-                self.dead.add(name)
-        return sorted(self.dead)
+        found = [
+            n for n, r in self.call_all(GetInfo, timeout_s).items() if isinstance(r, EngineDied)
+        ]
+        self.dead.update(found)
+        return sorted(found)
 
     def _next_reply(self, name: str, rid: str, deadline: float) -> Message:
         client = self.clients[name]
