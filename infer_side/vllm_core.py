@@ -17,7 +17,9 @@ messages, outbox and update machine are `infer_side.core_base`'s. What differs:
   in a second copy while vLLM keeps generating, and `apply_weights` loads all of it between
   two steps. A fused group is never loaded in parts: vLLM silently corrupts a half-loaded one.
 - Cache: vLLM does not drop its prefix cache when weights change; `flush_kv` resets it after
-  every update (running requests are retracted first, so no KV of the old weights survives).
+  every update that asks for a flush (the default; running requests are retracted first, so
+  no KV of the old weights survives). With `flush_cache=False` old KV stays matchable, as on
+  our engine: the caller's choice.
   `torch.cuda.empty_cache()` runs only when asked, and only on CUDA.
 - Fingerprints are of the staging copy: they prove which bytes vLLM was last loaded with
   (per Hugging Face name); that vLLM computes with them is checked by tokens in the tests.
@@ -29,6 +31,7 @@ collective_rpc (tests use a fake of it); `from_checkpoint` builds the real one.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,8 @@ class VllmCore(CoreBase):
         sampling_params: Any = None,
     ):
         """`sampling_params`: vLLM's SamplingParams class (default: imported from vllm)."""
-        self.model_cfg, self.engine_cfg, self.llm = model_cfg, engine_cfg, llm
+        self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        self.llm = Serialized(llm)
         self.sampling_params = sampling_params
         self.mirror = weights
         self.device = weights.device
@@ -245,6 +249,25 @@ class VllmCore(CoreBase):
     def info(self) -> EngineInfo:
         """vLLM sizes its KV memory itself (VLLM_CPU_KVCACHE_SPACE): the pool fields stay 0."""
         return self._info(backend="vllm", retracted=self.num_retracted)
+
+
+class Serialized:
+    """vLLM's LLMEngine is not thread-safe: the loop thread steps, aborts and resets it while
+    an in_place update's worker thread loads groups into it. Every call takes one lock."""
+
+    def __init__(self, target: Any):
+        self._target, self._lock = target, threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
 
 
 def _reload(llm: Any, items: list[tuple[str, torch.Tensor]]) -> None:

@@ -251,10 +251,12 @@ def recv_buckets(
     verify: bool = False,
     timeout_s: float = 60.0,
     cancel: threading.Event | None = None,
+    first_timeout_s: float | None = None,
 ) -> TransferStats:
     """Ranks > 0: receive every bucket of `plan` and hand it to `on_bucket`; the receive of
     bucket g+1 is posted before bucket g is loaded. A set `cancel` stops it between buckets
-    (a receive already posted still completes or times out, but nothing more is loaded)."""
+    (a receive already posted still completes or times out, but nothing more is loaded).
+    The first two receives, posted before rank 0 may have started, wait `first_timeout_s`."""
     if group.rank == 0:
         raise TransportError("recv_buckets on rank 0: rank 0 sends")
     t0 = time.perf_counter()
@@ -263,11 +265,16 @@ def recv_buckets(
     views = [
         bufs[g % 2][: integrity.wire_bytes(b.nbytes, verify)] for g, b in enumerate(plan.buckets)
     ]
-    pending = group.broadcast_async(views[0], timeout_s) if views else None
+    first = timeout_s if first_timeout_s is None else first_timeout_s
+    pending = group.broadcast_async(views[0], first) if views else None
     for g, bucket in enumerate(plan.buckets):
         _check_cancel(cancel, g)
-        following = group.broadcast_async(views[g + 1], timeout_s) if g + 1 < len(views) else None
-        _finish(group, pending, timeout_s, f"bucket {g}", stats)
+        wait_s = first if g == 0 else timeout_s
+        if g + 1 < len(views):
+            following = group.broadcast_async(views[g + 1], wait_s)
+        else:
+            following = None
+        _finish(group, pending, wait_s, f"bucket {g}", stats)
         _check_cancel(cancel, g)
         t = time.perf_counter()
         if verify:
@@ -469,6 +476,7 @@ class Receiver(base.Receiver):
         self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None, writer: base.WeightWriter
     ) -> None:
         assert plan is not None
+        # the pusher may wait timeout_s for other engines' accepts before it sends
         recv_buckets(
             self.groups[msg.group_name],
             plan,
@@ -476,6 +484,7 @@ class Receiver(base.Receiver):
             verify=msg.verify,
             timeout_s=msg.timeout_s,
             cancel=writer.cancel,
+            first_timeout_s=2 * msg.timeout_s,
         )
 
     def failed(self, msg: UpdateWeightsFromDistributed) -> None:
