@@ -107,6 +107,10 @@ class CoreBase:
         """Block until the update's worker finished, at most `timeout_s`."""
         self.updates.wait(timeout_s)
 
+    def close(self) -> None:
+        """Release what weight sync holds (groups, mapped buffers); cancel a receive."""
+        self.updates.close()
+
     def _generating(self) -> bool:
         return self.paused is None and not self.updates.weights_incomplete
 

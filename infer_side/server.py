@@ -45,7 +45,8 @@ SEND_LINGER_MS = 2000
 
 
 class Core(Protocol):
-    """What the server needs from an engine core (infer_side.engine_core.EngineCore)."""
+    """What the server needs from an engine core (any `infer_side.core_base.CoreBase`
+    backend: `EngineCore`, `VllmCore`)."""
 
     shutdown_requested: bool
 
@@ -54,6 +55,7 @@ class Core(Protocol):
     def has_work(self) -> bool: ...
     def idle_wait_ms(self) -> int: ...
     def wait_for_update(self, timeout_s: float) -> None: ...
+    def close(self) -> None: ...
 
 
 def serve(
@@ -80,6 +82,7 @@ def serve(
             ready_callback(bound)
         run_loop(core, Router(sock))
     finally:
+        core.close()  # weight groups destroyed, IPC buffers unmapped, a receive cancelled
         if guard is not None:
             guard.close(sock)
         sock.close(linger=SEND_LINGER_MS)

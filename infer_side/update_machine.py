@@ -285,6 +285,7 @@ class UpdateMachine:
         return self.job.version if self.job is not None else None
 
     def close(self) -> None:
+        """The engine is going away: cancel a receive in flight, release every receiver."""
         if self.job is not None:
             self.job.cancel.set()
         for receiver in self.receivers.values():

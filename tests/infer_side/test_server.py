@@ -281,6 +281,9 @@ class ScriptedCore:
     def has_work(self) -> bool:
         return bool(self.running)
 
+    def close(self) -> None:
+        pass
+
 
 @dataclass
 class Running:

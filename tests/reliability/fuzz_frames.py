@@ -25,6 +25,7 @@ import msgpack
 from rlsync.buckets import plan_buckets
 from rlsync.codec import ProtocolError, decode, encode
 from rlsync.protocol import (
+    CONTROL_MESSAGES,
     Abort,
     BucketPlan,
     ContinueGeneration,
@@ -45,6 +46,7 @@ from rlsync.protocol import (
     Shutdown,
     UpdateAccepted,
     UpdateDone,
+    UpdateWeights,
     UpdateWeightsFromDisk,
     UpdateWeightsFromDistributed,
     UpdateWeightsFromIPC,
@@ -56,19 +58,7 @@ from rlsync.protocol import (
 from tests.reliability.fuzz_targets import Targets
 
 Case = tuple[str, list[bytes]]
-BENIGN = (
-    Generate,
-    Abort,
-    InitWeightsGroup,
-    DestroyWeightsGroup,
-    FlushCache,
-    PauseGeneration,
-    ContinueGeneration,
-    GetWeightsFingerprint,
-    GetWeightSpecs,
-    GetInfo,
-    Shutdown,
-)
+BENIGN = tuple(c for c in (Generate, *CONTROL_MESSAGES) if not issubclass(c, UpdateWeights))
 """Requests that may succeed: a mutation that turns into one of them is not hostile (weight
 updates aimed at nothing and replies sent as requests are always refused)."""
 FAR_VERSION = 1 << 40
