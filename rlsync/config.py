@@ -77,9 +77,16 @@ class SyncConfig:
     master_address: str = "127.0.0.1"
     disk_dir: str | None = None
     """Directory for the disk transport; None: a folder in the run directory."""
+    delta: bool = False
+    """Send per bucket only what changed since the version every engine acknowledged
+    (`rlsync.delta`; lossless and checked). The pusher keeps that version's bytes in host
+    memory (one more copy of the model)."""
+    delta_full_every: int = 50
+    """With delta: every this many pushes, a full one (bounds what an unnoticed divergence
+    could cost; 1: every push is full)."""
 
     def __post_init__(self) -> None:
-        positive(self, "bucket_mb", "timeout_s")
+        positive(self, "bucket_mb", "timeout_s", "delta_full_every")
         if self.idle_timeout_s < 0:
             raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
 

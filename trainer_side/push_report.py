@@ -40,6 +40,14 @@ class PushReport:
     seconds: float = 0.0
     plan_sent: bool = False
     """Whether any engine got the whole plan (else only its id travelled)."""
+    delta: str = ""
+    """Delta mode only: "delta", or "full: <why>" (`trainer_side.delta_push`)."""
+    wire_bytes: int = 0
+    """Delta mode only: payload bytes sent (headers included); `bytes` is the model's size."""
+    encode_s: float = 0.0
+    """Delta mode only: time spent encoding (overlaps the transfer)."""
+    changed_fraction: float = 0.0
+    """Delta mode only: the share of units that differ from the base (1.0 for a full push)."""
 
     @property
     def failed(self) -> list[str]:
@@ -91,6 +99,10 @@ class PushReport:
             "failed": self.failed,
             "transfer_error": self.transfer_error,
             "plan_sent": self.plan_sent,
+            "delta": self.delta,
+            "wire_bytes": self.wire_bytes,
+            "encode_s": self.encode_s,
+            "changed_fraction": self.changed_fraction,
             "engines": {n: _outcome_dict(o) for n, o in self.engines.items()},
         }
 

@@ -28,6 +28,7 @@ from rlsync.buckets import dtype_from_name, plan_buckets, plan_total_bytes, tens
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
     BucketPlan,
+    DeltaInfo,
     EngineDied,
     GetWeightsFingerprint,
     Message,
@@ -38,7 +39,8 @@ from rlsync.protocol import (
     plan_id_of,
 )
 from rlsync.transports import registry
-from rlsync.transports.base import Announce, Sender
+from rlsync.transports.base import Announce, Encode, Sender
+from trainer_side.delta_push import DeltaPlanner
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
 
@@ -91,6 +93,7 @@ class WeightPusher:
         self._stale_group = False
         self.known_plans: dict[str, str] = {}
         """engine name -> the plan_id it last accepted (it needs only the id next time)."""
+        self.delta = DeltaPlanner(cfg) if cfg.delta else None
 
     def push(self, weights: WeightsLike, version: int) -> PushReport:
         """Push `weights` as `version` to every live engine; raises PushError only when the
@@ -103,6 +106,7 @@ class WeightPusher:
                 self._rebuild()
             dead_before = set(self.engines.dead)
             report = self._push_once(plan, tensors, version)
+            report = self._retry_failed_delta(report, plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
                 self.engines.find_dead()
                 if set(self.engines.dead) - dead_before:  # without them, once more
@@ -122,11 +126,24 @@ class WeightPusher:
         self._stale_group = False
 
     def _push_once(
-        self, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
+        self,
+        plan: BucketPlan,
+        tensors: dict[str, torch.Tensor],
+        version: int,
+        names: list[str] | None = None,
+        full: bool = False,
     ) -> PushReport:
+        """One announce + transfer to `names` (default: every live engine); `full` forbids a
+        delta (delta mode only)."""
         report = PushReport(version, self.cfg.transport)
+        delta = self._begin_delta(plan, report, full)
+        encode = None
+        if delta is not None:
+            encode = self.delta.encoder_for(tensors, full=delta.base_version is None)
         self.sender.prepare(plan, tensors, version)
-        rids, replies = self._announce(self.engines.live(), version, report)
+        if encode is not None and self.sender.encodes_before_announce:
+            self._send(report, plan, tensors, [], encode)  # disk: the payload files
+        rids, replies = self._announce(names or self.engines.live(), version, report, delta)
         accepted = []
         for name, reply in replies.items():
             if isinstance(reply, UpdateAccepted):
@@ -134,7 +151,8 @@ class WeightPusher:
             else:
                 report.record(name, False, failed(reply) or "refused", _done(reply))
         if accepted:
-            self._send(report, plan, tensors, accepted)
+            if encode is None or not self.sender.encodes_before_announce:
+                self._send(report, plan, tensors, accepted, encode)
             done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)
             for name, reply in done.items():
                 report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
@@ -144,25 +162,72 @@ class WeightPusher:
             self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
         for name in self.engines.dead:
             report.record(name, False, "engine is dead")
+        if delta is not None:
+            self._finish_delta(report, version, delta)
+        return report
+
+    def _begin_delta(self, plan: BucketPlan, report: PushReport, full: bool) -> DeltaInfo | None:
+        if self.delta is None:
+            return None
+        info, reason = self.delta.begin(plan, self.plan_id, self.engines)
+        if full and info.base_version is not None:
+            info, reason = DeltaInfo(base_version=None), "retry of a failed delta"
+        report.delta = f"full: {reason}" if reason else "delta"
+        return info
+
+    def _finish_delta(self, report: PushReport, version: int, info: DeltaInfo) -> None:
+        assert self.delta is not None
+        self.delta.finish(report, version, info.base_version is None, self.engines)
+        stats = self.delta.stats
+        report.wire_bytes = stats.wire_bytes
+        report.encode_s = stats.seconds
+        report.changed_fraction = stats.changed_fraction
+
+    def _retry_failed_delta(
+        self, report: PushReport, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
+    ) -> PushReport:
+        """A delta that some engines refused or could not apply (their bytes were not the
+        base) is pushed again in full to them, at once. A broadcast reaches every member
+        or none, so there only when every member failed."""
+        if report.delta != "delta":
+            return report
+        failed_now = [n for n in report.failed if n not in self.engines.dead]
+        if not failed_now or (self.sender.can_rebuild and report.succeeded):
+            return report
+        if self.sender.can_rebuild:
+            self._rebuild()  # the failed members left the group
+        retry = self._push_once(plan, tensors, version, names=failed_now, full=True)
+        report.engines.update(retry.engines)
+        report.delta = f"delta; full again to {', '.join(failed_now)} (the delta failed there)"
+        report.wire_bytes += retry.wire_bytes
+        report.transfer_s += retry.transfer_s
         return report
 
     def _announce(
-        self, names: list[str], version: int, report: PushReport
+        self,
+        names: list[str],
+        version: int,
+        report: PushReport,
+        delta: DeltaInfo | None = None,
     ) -> tuple[dict[str, str], dict[str, Message]]:
         """Send each engine its update and gather the first replies; an engine that no longer
         holds the plan (restarted, or evicted it) gets the whole plan once more."""
-        rids = self.engines.send({n: self._update_for(n, version, report) for n in names})
+        rids = self.engines.send({n: self._update_for(n, version, report, delta) for n in names})
         replies = self.engines.gather(rids, self.cfg.timeout_s)
         again = [n for n, r in replies.items() if isinstance(r, UpdateDone) and r.unknown_plan]
         if again:
             for name in again:
                 self.known_plans.pop(name, None)
-            retry = self.engines.send({n: self._update_for(n, version, report) for n in again})
+            retry = self.engines.send(
+                {n: self._update_for(n, version, report, delta) for n in again}
+            )
             rids.update(retry)
             replies.update(self.engines.gather(retry, self.cfg.timeout_s))
         return rids, replies
 
-    def _update_for(self, engine: str, version: int, report: PushReport) -> Message:
+    def _update_for(
+        self, engine: str, version: int, report: PushReport, delta: DeltaInfo | None = None
+    ) -> Message:
         send_plan = self.known_plans.get(engine) != self.plan_id
         report.plan_sent |= send_plan
         c = self.cfg
@@ -175,6 +240,7 @@ class WeightPusher:
             idle_timeout_s=c.idle_timeout_s,
             timeout_s=c.timeout_s,
             verify=c.verify,
+            delta=delta,
         )
         return self.sender.announce(
             engine,
@@ -187,10 +253,14 @@ class WeightPusher:
         plan: BucketPlan,
         tensors: dict[str, torch.Tensor],
         accepted: list[str],
+        encode: Encode | None = None,
     ) -> None:
         start = time.perf_counter()
         try:
-            self.sender.send(plan, tensors, accepted)
+            if encode is not None:
+                self.sender.send_encoded(plan, encode, accepted)
+            else:
+                self.sender.send(plan, tensors, accepted)
         except Exception as exc:  # the engines report their side; keep the sender's reason too
             report.transfer_error = f"{type(exc).__name__}: {exc}"
         report.transfer_s = time.perf_counter() - start

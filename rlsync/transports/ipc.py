@@ -28,11 +28,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from rlsync import delta
 from rlsync.buckets import pack_bucket, plan_total_bytes
 from rlsync.protocol import Bucket, BucketPlan, IpcBuffer, UpdateWeightsFromIPC
 from rlsync.transports import (
@@ -110,6 +111,7 @@ class IpcSender:
         timeout_s: float = 60.0,
         readers: Sequence[int] | None = None,
         wait: bool = True,
+        fill: Callable[[int, Bucket, torch.Tensor], None] | None = None,
     ) -> TransferStats:
         """Pack bucket after bucket into its region, publishing each as ready.
 
@@ -117,7 +119,8 @@ class IpcSender:
         evicted and listed in `timed_out_engines` while the others go on. With `wait`, return
         once every live engine consumed the whole push; else the next push waits for that
         first (engines stuck there are evicted and reported in this push's stats).
-        `push_id` must grow from push to push.
+        `push_id` must grow from push to push. `fill(g, bucket, region)` writes bucket g
+        instead of packing it from `tensors` (delta payloads).
         """
         t0 = time.perf_counter()
         offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
@@ -131,7 +134,7 @@ class IpcSender:
                     self._await(
                         live, seq(push_id, g - self.num_slots + 1), push_id, stats, timeout_s
                     )
-                self._fill(g, bucket, tensors, offsets[g], verify, stats)
+                self._fill(g, bucket, tensors, offsets[g], verify, stats, fill)
                 fence()
                 self.control.set_ready(seq(push_id, g + 1))
             self._last = (push_id, len(plan.buckets), live)
@@ -167,10 +170,14 @@ class IpcSender:
         offset: int,
         verify: bool,
         stats: TransferStats,
+        fill: Callable[[int, Bucket, torch.Tensor], None] | None = None,
     ) -> None:
         t0 = time.perf_counter()
         region = self.data[offset : offset + region_bytes(bucket.nbytes)]
-        pack_bucket(bucket, tensors, region)
+        if fill is not None:
+            fill(g, bucket, region)
+        else:
+            pack_bucket(bucket, tensors, region)
         if verify:
             integrity.seal(g, region, bucket.nbytes)
         if region.is_cuda:  # the bytes must be in device memory before we say "ready"
@@ -421,6 +428,8 @@ class Sender(base.Sender):
         remove_orphan_segments()  # what a SIGKILLed pusher left in /dev/shm
 
     def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+        if self.cfg.delta:  # room for the largest payloads, which full pushes fit too
+            plan = delta.wire_plan(plan)
         if self.buffer is None or not self.buffer.fits(plan):
             if self.buffer is not None:
                 self.buffer.close()
@@ -448,6 +457,18 @@ class Sender(base.Sender):
             readers=readers,
             verify=self.cfg.verify,
             timeout_s=self.cfg.timeout_s,
+        )
+
+    def send_encoded(self, plan: BucketPlan, encode: base.Encode, accepted: list[str]) -> None:
+        """Each payload is written straight into its bucket's region (header, then body)."""
+        assert self.buffer is not None
+        self.buffer.push(
+            delta.wire_plan(plan),
+            {},
+            self.push_id,
+            readers=[self.engines.index(n) for n in accepted],
+            timeout_s=self.cfg.timeout_s,
+            fill=lambda g, bucket, region: encode(g).write_into(region),
         )
 
     def close(self) -> None:
@@ -479,6 +500,9 @@ class Receiver(base.Receiver):
         self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None, writer: base.WeightWriter
     ) -> None:
         assert plan is not None
+        if msg.delta is not None:
+            self._receive_payloads(msg, plan, writer)
+            return
         self.active = True
         try:
             # the pusher may wait timeout_s for other engines' accepts before it sends
@@ -487,6 +511,23 @@ class Receiver(base.Receiver):
                 msg.push_id,
                 writer.on_bucket,
                 verify=msg.verify,
+                timeout_s=msg.timeout_s,
+                cancel=writer.cancel,
+                first_timeout_s=2 * msg.timeout_s,
+            )
+        finally:
+            self.active = False
+
+    def _receive_payloads(
+        self, msg: UpdateWeightsFromIPC, plan: BucketPlan, writer: base.WeightWriter
+    ) -> None:
+        """A delta update: each region holds a payload of `rlsync.delta`, not a packed bucket."""
+        self.active = True
+        try:
+            self._reader(msg.buffer).receive(
+                delta.wire_plan(plan),
+                msg.push_id,
+                lambda g, _, region: delta.apply_region(g, plan.buckets[g], region, writer),
                 timeout_s=msg.timeout_s,
                 cancel=writer.cancel,
                 first_timeout_s=2 * msg.timeout_s,
