@@ -282,11 +282,13 @@ def changed_units(new: torch.Tensor, base: torch.Tensor, two_level: bool) -> tor
 
 
 def _sampled_fraction(bucket: Bucket, base: torch.Tensor, tensors: Mapping, width: int) -> float:
+    """The changed share of every k-th unit (at least ~512 samples per bucket)."""
+    stride = max(1, min(SAMPLE_STRIDE, bucket.nbytes // width // 512))
     hits = total = 0
     for spec in bucket.tensors:
         new, old = _new_units(spec, tensors, width), _base_units(base, spec, width)
-        hits += int(torch.ne(new[::SAMPLE_STRIDE], old[::SAMPLE_STRIDE]).sum())
-        total += (new.numel() + SAMPLE_STRIDE - 1) // SAMPLE_STRIDE
+        hits += int(torch.ne(new[::stride], old[::stride]).sum())
+        total += (new.numel() + stride - 1) // stride
     return hits / total if total else 0.0
 
 

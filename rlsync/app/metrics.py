@@ -8,7 +8,8 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
   (those it reports), averaged over data-parallel ranks. `kl` is KL to the reference when trainer.kl_coef > 0, else KL to
   the engine's sampling policy (`kl_old`), which also shows trainer/engine numeric drift.
 - push_s, push_gbps, push_bytes, engine_pause_ms: the WeightPusher's report of this step's
-  push (engine_pause_ms: the longest any engine stopped generating).
+  push (engine_pause_ms: the longest any engine stopped generating). With `sync.delta`:
+  push_delta (1: a delta, 0: a full push), push_wire_bytes, push_changed_fraction.
 - rollout_s, rollout_tokens, rollout_tokens_per_s: generation on all engines together.
 - train_s, step_s: the PPO step and the whole step, wall clock.
 At the end of a run, `summary.json` says whether every engine serves exactly the trainer's
@@ -63,13 +64,19 @@ def mean_over_ranks(
 
 
 def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a PushReport.to_dict() that go into the step line."""
-    return {
+    """The numbers of a PushReport.to_dict() that go into the step line (with sync.delta
+    also `push_delta` 1/0, `push_wire_bytes` and `push_changed_fraction`)."""
+    out = {
         "push_s": float(report["seconds"]),
         "push_gbps": float(report["gbps"]),
         "push_bytes": float(report["bytes"]),
         "engine_pause_ms": float(report["engine_pause_ms"]),
     }
+    if report.get("delta"):
+        out["push_delta"] = float(report["delta"] == "delta")
+        out["push_wire_bytes"] = float(report["wire_bytes"])
+        out["push_changed_fraction"] = float(report["changed_fraction"])
+    return out
 
 
 class MetricsLog:
