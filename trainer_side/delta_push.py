@@ -60,6 +60,14 @@ class DeltaPlanner:
                 return f"{name} holds {state} {reply.weight_version}, the base is {base}"
         return ""
 
+    def adopt(self, plan: BucketPlan, plan_id: str, tensors: Tensors, version: int) -> None:
+        """Take `tensors` as the base, at `version` (the caller proved the engines hold them)."""
+        self.encoder = DeltaEncoder(plan, checksum_raw=self.cfg.verify)
+        self.plan_id, self.since_full = plan_id, 0
+        for g in range(len(plan.buckets)):
+            self.encoder.encode(g, tensors, full=True)
+        self.encoder.version = version
+
     def encoder_for(self, tensors: Tensors, full: bool) -> Encode:
         assert self.encoder is not None
         encoder = self.encoder

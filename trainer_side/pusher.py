@@ -291,6 +291,30 @@ class WeightPusher:
                 f"{missing[0]}: missing from the pushed weights ({len(missing)} missing)"
             )
 
+    def adopt_base(self, weights: WeightsLike) -> int:
+        """Delta mode: take `weights` as what every engine holds now, so the next push is a
+        delta against them (e.g. `rlsync push --delta --base-checkpoint`). Checked first:
+        every engine must serve one version, whole, with exactly these bytes (fingerprints);
+        returns that version. Raises PushError, changing nothing, otherwise."""
+        if self.delta is None:
+            raise PushError("adopt_base needs sync.delta")
+        tensors = named_tensors(weights)
+        plan = self._plan_for(tensors)
+        replies = self.fingerprints()
+        missing = sorted(set(self.engines.live()) - set(replies))
+        if missing:
+            raise PushError(f"{missing[0]}: did not report its fingerprints")
+        versions = {r.weight_version for r in replies.values()}
+        if len(versions) != 1 or any(r.weights_incomplete for r in replies.values()):
+            raise PushError(f"the engines do not serve one whole version: {sorted(versions)}")
+        bad = {e: m for e, m in self._mismatches(tensors, replies).items() if m}
+        if bad:
+            engine, names = next(iter(bad.items()))
+            raise PushError(f"{engine}: holds other bytes than the base in {names[:3]}")
+        version = versions.pop()
+        self.delta.adopt(plan, self.plan_id, tensors, version)
+        return version
+
     def fingerprints(self, timeout_s: float | None = None) -> dict[str, WeightFingerprints]:
         """engine name -> its WeightFingerprints (engines that fail to answer are left out)."""
         replies = self.engines.call_all(GetWeightsFingerprint, timeout_s or self.cfg.timeout_s)
@@ -298,14 +322,18 @@ class WeightPusher:
 
     def mismatches(self, weights: WeightsLike) -> dict[str, list[str]]:
         """engine name -> tensors whose fingerprint differs from the trainer's (empty = equal)."""
-        tensors = named_tensors(weights)
+        return self._mismatches(named_tensors(weights), self.fingerprints())
+
+    def _mismatches(
+        self, tensors: dict[str, torch.Tensor], replies: Mapping[str, WeightFingerprints]
+    ) -> dict[str, list[str]]:
         mine = {
             n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0])))
             for n, t in tensors.items()
         }
         return {
             engine: [n for n, fp in mine.items() if reply.fingerprints.get(n) != fp]
-            for engine, reply in self.fingerprints().items()
+            for engine, reply in replies.items()
         }
 
     def close(self) -> None:

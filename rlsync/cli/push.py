@@ -1,6 +1,7 @@
 """`rlsync push`: push a Hugging Face checkpoint directory to running engines.
 
 rlsync push --checkpoint DIR --endpoint E [--endpoint E2 ...] --transport ipc --version 3 --json
+rlsync push --checkpoint NEW --delta --base-checkpoint OLD ...   (send only what changed)
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify", action="store_true", help="check every bucket's fingerprint on arrival"
     )
+    p.add_argument(
+        "--delta",
+        action="store_true",
+        help="send only what changed against --base-checkpoint (without it: a full push)",
+    )
+    p.add_argument(
+        "--base-checkpoint",
+        default=None,
+        help="with --delta: the checkpoint the engines hold now (checked by fingerprint)",
+    )
     p.add_argument("--load-mode", choices=LOAD_MODES, default="in_place")
     p.add_argument("--pause-mode", choices=PAUSE_MODES, default=None)
     p.add_argument("--bucket-mb", type=float, default=64.0)
@@ -41,7 +52,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlsync.checkpoint_io import iter_checkpoint_tensors
     from rlsync.config import SyncConfig
     from trainer_side.push_report import PushError
     from trainer_side.pusher import WeightPusher
@@ -55,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         torch_empty_cache=args.torch_empty_cache,
         verify=args.verify,
         timeout_s=args.timeout,
+        delta=args.delta,
     )
+    if args.base_checkpoint and not args.delta:
+        print("error: --base-checkpoint needs --delta", file=sys.stderr)
+        return 2
     endpoints = {f"engine{i}": e for i, e in enumerate(args.endpoint)}
     with tempfile.TemporaryDirectory(prefix="rlsync-push-") as work:
         try:
@@ -64,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: cannot reach the engines: {exc}", file=sys.stderr)
             return 2
         try:
-            tensors = dict(iter_checkpoint_tensors(args.checkpoint))
-            if "lm_head.weight" not in pusher.specs:  # tied embeddings: the engine has no lm_head
-                tensors.pop("lm_head.weight", None)
+            tensors = _read(args.checkpoint, pusher)
+            if args.base_checkpoint:
+                pusher.adopt_base(_read(args.base_checkpoint, pusher))
             report = pusher.push(tensors, args.version)
         except PushError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -75,9 +89,24 @@ def run(args: argparse.Namespace) -> int:
             pusher.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
+    elif args.delta:
+        print(
+            f"version {report.version} via {report.transport} ({report.delta}): "
+            f"{report.wire_bytes / 1e6:.2f} MB sent for {report.bytes / 1e6:.1f} MB of weights "
+            f"in {report.seconds:.3f}s; {report.summary()}"
+        )
     else:
         print(
             f"version {report.version} via {report.transport}: {report.bytes / 1e6:.1f} MB in "
             f"{report.seconds:.3f}s ({report.gbps:.2f} GB/s); {report.summary()}"
         )
     return 1 if report.failed else 0
+
+
+def _read(path: str, pusher: object) -> dict:
+    from rlsync.checkpoint_io import iter_checkpoint_tensors
+
+    tensors = dict(iter_checkpoint_tensors(path))
+    if "lm_head.weight" not in pusher.specs:  # type: ignore[attr-defined]
+        tensors.pop("lm_head.weight", None)  # tied embeddings: the engine has no lm_head
+    return tensors
