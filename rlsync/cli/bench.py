@@ -88,6 +88,21 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
     gpu.add_argument("--no-gpu", action="store_true", help="never run the GPU section")
     s.add_argument("--gpu-only", action="store_true", help="only the GPU section")
     s.add_argument("--gpu-size-gib", type=float, default=1.0)
+    d = s.add_argument_group("delta pushes (--delta)")
+    d.add_argument(
+        "--delta",
+        action="store_true",
+        help="delta pushes next to full ones (first --size-gib and --engines; transports from "
+        "--methods, default broadcast ipc; --modes default in_place)",
+    )
+    d.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.001, 0.01, 0.1, 1.0],
+        help="shares of elements changed per push",
+    )
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.set_defaults(func=run_sync_cmd)
 
 
@@ -116,6 +131,8 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
 
     if args.engine == "vllm":
         return run_vllm_sync_cmd(args)
+    if args.delta:
+        return run_delta_cmd(args)
     args.size_gib = args.size_gib or [0.25, 1.0]
     from rlsync.bench import report
     from rlsync.bench.gpu import format_gpu
@@ -157,6 +174,40 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
     if args.plot and result["rows"]:
         report.plot(result, args.plot)
     return 1 if any(r["error"] for r in result["rows"]) or "error" in result.get("gpu", {}) else 0
+
+
+def run_delta_cmd(args: argparse.Namespace) -> int:
+    """`bench sync --delta`: one size, one engine count, delta vs full per transport."""
+    from rlsync.bench.delta_sync import DeltaBench, format_delta, run_delta
+    from rlsync.bench.report import write_json
+    from rlsync.bench.sync import ALL_METHODS
+
+    explicit = args.methods != list(ALL_METHODS)
+    transports = [m for m in args.methods if m in ("broadcast", "ipc", "disk")]
+    try:
+        bench = DeltaBench(
+            size_gib=(args.size_gib or [0.25])[0],
+            dtype=args.dtype,
+            engines=args.engines[0],
+            transports=transports if explicit else ["broadcast", "ipc"],
+            modes=args.modes if args.modes != list(LOAD_MODES) else ["in_place"],
+            fractions=args.fractions,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            timeout_s=args.timeout,
+            layers=args.layers,
+            engine_threads=args.engine_threads,
+            trainer_threads=args.trainer_threads or 1,
+            work_dir=args.work_dir,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_delta(bench)
+    print(format_delta(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
 
 
 def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
