@@ -84,9 +84,18 @@ class SyncConfig:
     delta_full_every: int = 50
     """With delta: every this many pushes, a full one (bounds what an unnoticed divergence
     could cost; 1: every push is full)."""
+    delta_max_changed: float = 0.02
+    """With delta: a bucket in which a sample finds more than this share of units changed
+    is sent whole. Finding and applying scattered changes costs more per changed unit than
+    sending it whole costs per unit; on the bench machine sparse pays below ~2% over
+    broadcast (docs/BENCHMARKS.md). Raise it for slow networks."""
 
     def __post_init__(self) -> None:
         positive(self, "bucket_mb", "timeout_s", "delta_full_every")
+        if not 0 <= self.delta_max_changed <= 1:
+            raise ConfigError(
+                f"sync.delta_max_changed: must be in [0, 1], got {self.delta_max_changed}"
+            )
         if self.idle_timeout_s < 0:
             raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
 

@@ -37,7 +37,9 @@ class DeltaPlanner:
     def begin(self, plan: BucketPlan, plan_id: str, engines: EngineSet) -> tuple[DeltaInfo, str]:
         """The DeltaInfo of the next push, and why it is full ("" for a delta)."""
         if self.encoder is None or self.plan_id != plan_id:
-            self.encoder = DeltaEncoder(plan, checksum_raw=self.cfg.verify)
+            self.encoder = DeltaEncoder(
+                plan, checksum_raw=self.cfg.verify, max_changed=self.cfg.delta_max_changed
+            )
             self.plan_id = plan_id
         reason = self._why_full(engines)
         self.encoder.begin()
@@ -62,7 +64,9 @@ class DeltaPlanner:
 
     def adopt(self, plan: BucketPlan, plan_id: str, tensors: Tensors, version: int) -> None:
         """Take `tensors` as the base, at `version` (the caller proved the engines hold them)."""
-        self.encoder = DeltaEncoder(plan, checksum_raw=self.cfg.verify)
+        self.encoder = DeltaEncoder(
+            plan, checksum_raw=self.cfg.verify, max_changed=self.cfg.delta_max_changed
+        )
         self.plan_id, self.since_full = plan_id, 0
         for g in range(len(plan.buckets)):
             self.encoder.encode(g, tensors, full=True)

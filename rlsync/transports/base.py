@@ -212,7 +212,7 @@ class WeightWriter:
         view = self.views[name]
         units = view if view.is_contiguous() else view.contiguous()
         flat = units.reshape(-1).view(torch.uint8).view(values.dtype)
-        flat[index.to(flat.device)] = values.to(flat.device)
+        flat.scatter_(0, index.to(flat.device), values.to(flat.device))
         if units is not view:
             view.copy_(units)
         if self.sink is not None:

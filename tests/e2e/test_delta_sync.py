@@ -62,6 +62,7 @@ def delta_pusher(engines, tmp_path, transport, **kw) -> WeightPusher:
         bucket_mb=kw.pop("bucket_mb", 0.02),
         timeout_s=kw.pop("timeout_s", 20.0),
         delta=True,
+        delta_max_changed=kw.pop("delta_max_changed", 0.5),  # sparse up to the 20% steps
         **kw,
     )
     return WeightPusher(cfg, {n: c.endpoint for n, c in engines.items()}, tmp_path)

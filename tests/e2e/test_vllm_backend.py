@@ -156,7 +156,12 @@ def test_delta_pushes_reach_vllm_through_its_staging_store(
     tensors = trainer_weights(ckpt, version)
     gen = torch.Generator().manual_seed(version)
     cfg = SyncConfig(
-        transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=60, delta=True
+        transport=transport,
+        load_mode=load_mode,
+        bucket_mb=0.02,
+        timeout_s=60,
+        delta=True,
+        delta_max_changed=0.5,
     )
     pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path)
     try:

@@ -75,7 +75,7 @@ def test_a_long_chain_of_sparse_deltas_is_bit_exact(dtypes):
     plan = make_plan(dtypes)
     weights = random_weights(dtypes, gen)
     store = {n: torch.zeros_like(t) for n, t in weights.items()}
-    encoder = DeltaEncoder(plan)
+    encoder = DeltaEncoder(plan, max_changed=0.5)
     encoder.begin()
     assert set(apply_all(encoder, plan, weights, writer_for(store))) == {RAW}  # no base yet
     encoder.version = 1
@@ -100,7 +100,7 @@ def test_a_dense_change_is_sent_whole_and_unchanged_weights_cost_headers_only():
     plan = make_plan(dtypes)
     weights = random_weights(dtypes, gen)
     store = {n: torch.zeros_like(t) for n, t in weights.items()}
-    encoder = DeltaEncoder(plan)
+    encoder = DeltaEncoder(plan, max_changed=0.5)
     apply_all(encoder, plan, weights, writer_for(store))
     encoder.version = 1
     encoder.begin()
@@ -120,7 +120,7 @@ def test_a_shadow_store_is_brought_to_the_base_before_it_is_patched():
     v1 = random_weights(dtypes, gen)
     live = {n: t.clone() for n, t in v1.items()}
     shadow = {n: torch.full_like(t, 7.0) for n, t in v1.items()}  # an older version
-    encoder = DeltaEncoder(plan)
+    encoder = DeltaEncoder(plan, max_changed=0.5)
     encoder.begin()
     apply_all(encoder, plan, v1, writer_for({n: t.clone() for n, t in v1.items()}))
     encoder.version = 1
@@ -136,7 +136,7 @@ def _sparse_case(seed: int = 3):
     gen = torch.Generator().manual_seed(seed)
     plan = make_plan(dtypes, bucket_bytes=1 << 20)  # one bucket
     v1 = random_weights(dtypes, gen)
-    encoder = DeltaEncoder(plan)
+    encoder = DeltaEncoder(plan, max_changed=0.5)
     encoder.begin()
     encoder.encode(0, v1, full=False)
     encoder.version = 1
@@ -200,13 +200,29 @@ def test_a_cancelled_writer_stops_a_delta():
         delta.apply_region(0, plan.buckets[0], buf, writer)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("two_level", [False, True])
-def test_changed_units_finds_exactly_the_differing_positions(two_level):
+def test_changes_finds_exactly_the_differing_positions_and_values(two_level, dtype):
     gen = torch.Generator().manual_seed(4)
     for n in (0, 5, 63, 64, 1001, 4096):
-        base = torch.randint(-100, 100, (n,), generator=gen, dtype=torch.int32)
+        base = torch.randint(-100, 100, (n,), generator=gen).to(dtype)
         new = base.clone()
         hit = torch.rand(n, generator=gen) < 0.05
         new[hit] += 1
         expected = hit.nonzero().squeeze(1)
-        assert torch.equal(delta.changed_units(new, base, two_level), expected)
+        idx, values, was = delta.changes(new, base, two_level)
+        assert torch.equal(idx, expected)
+        assert torch.equal(values, new[expected]) and torch.equal(was, base[expected])
+
+
+def test_a_bucket_denser_than_max_changed_goes_whole():
+    dtypes = {n: torch.float32 for n in SHAPES}
+    gen = torch.Generator().manual_seed(5)
+    plan = make_plan(dtypes, bucket_bytes=1 << 20)
+    v1 = random_weights(dtypes, gen)
+    v2 = perturb(v1, 0.1, gen)
+    for max_changed, kind in ((0.05, RAW), (0.5, SPARSE)):
+        encoder = DeltaEncoder(plan, max_changed=max_changed)
+        encoder.encode(0, v1, full=False)
+        encoder.version = 1
+        assert encoder.encode(0, v2, full=False).kind == kind
