@@ -333,19 +333,21 @@ def recv_payloads(
     count: int,
     on_payload: OnPayload,
     *,
+    max_body: int,
     timeout_s: float = 60.0,
     cancel: threading.Event | None = None,
     first_timeout_s: float | None = None,
 ) -> TransferStats:
-    """Ranks > 0: receive `count` delta payloads (header, then a body of the size it names)
-    and hand each to `on_payload`. The body of bucket g+1 is posted before g is applied, so
-    applying overlaps the next transfer; bodies land in two reusable buffers."""
+    """Ranks > 0: receive `count` delta payloads (header, then a body of the size it names,
+    at most `max_body`) and hand each to `on_payload`. The body of bucket g+1 is posted
+    before g is applied, so applying overlaps the next transfer; bodies land in the group's
+    two reusable buffers, as buckets do."""
     if group.rank == 0:
         raise TransportError("recv_payloads on rank 0: rank 0 sends")
     t0 = time.perf_counter()
     stats = TransferStats(buckets=count)
     heads = [torch.empty(delta.HEADER_BYTES, dtype=torch.uint8, device=group.device) for _ in "ab"]
-    bodies: list[torch.Tensor | None] = [None, None]
+    bodies = group.buffers(max_body)
     first = timeout_s if first_timeout_s is None else first_timeout_s
     if count == 0:
         return stats
@@ -373,7 +375,7 @@ def _post_body(
     group: BroadcastGroup,
     g: int,
     heads: list[torch.Tensor],
-    bodies: list[torch.Tensor | None],
+    bodies: list[torch.Tensor],
     head_work: Any,
     timeout_s: float,
     stats: TransferStats,
@@ -381,10 +383,12 @@ def _post_body(
     """Wait for bucket g's header, then post the receive of its body into buffer g % 2."""
     _finish(group, head_work, timeout_s, f"delta header {g}", stats)
     header = delta.read_header(heads[g % 2])
-    k = g % 2
-    if bodies[k] is None or bodies[k].numel() < header.body_nbytes:
-        bodies[k] = torch.empty(header.body_nbytes, dtype=torch.uint8, device=group.device)
-    body = bodies[k][: header.body_nbytes]
+    if header.body_nbytes > bodies[g % 2].numel():
+        raise delta.DeltaError(
+            f"delta bucket {g}: body of {header.body_nbytes} bytes, the plan allows "
+            f"{bodies[g % 2].numel()}"
+        )
+    body = bodies[g % 2][: header.body_nbytes]
     return header, body, group.broadcast_async(body, timeout_s)
 
 
@@ -593,6 +597,7 @@ class Receiver(base.Receiver):
                 self.groups[msg.group_name],
                 len(plan.buckets),
                 lambda g, head, body: delta.apply_payload(g, plan.buckets[g], head, body, writer),
+                max_body=max((b.nbytes for b in plan.buckets), default=0),
                 timeout_s=msg.timeout_s,
                 cancel=writer.cancel,
                 first_timeout_s=2 * msg.timeout_s,
