@@ -162,7 +162,11 @@ class EncodeStats:
     buckets: int = 0
     raw_buckets: int = 0
     units: int = 0
-    changed_units: int = 0
+    changed_units: float = 0.0
+    """Units that differ from the base: counted exactly in SPARSE buckets, estimated from
+    the sample in buckets sent whole (all of them when there is no base)."""
+    sent_units: int = 0
+    """Units sent: the changed ones of SPARSE buckets, every unit of RAW ones."""
     raw_bytes: int = 0
     wire_bytes: int = 0
     seconds: float = 0.0
@@ -204,16 +208,22 @@ class DeltaEncoder:
         t0 = time.perf_counter()
         bucket, base = self.plan.buckets[g], self.base[g]
         width = unit_width(bucket)
-        payload = None
+        payload, units = None, bucket.nbytes // width
+        changed = float(units)  # no base: all of it counts as changed
         if not full and self.version is not None:
-            payload = _encode_sparse(g, bucket, base, tensors, width, self.max_changed)
+            sampled = _sampled_fraction(bucket, base, tensors, width)
+            changed = sampled * units  # a RAW bucket's share is the sample's estimate
+            payload = _encode_sparse(g, bucket, base, tensors, width, self.max_changed, sampled)
         if payload is None:
             payload = self._encode_raw(g, bucket, base, tensors, width)
+        else:
+            changed = payload.changed
         s = self.stats
         s.buckets += 1
         s.raw_buckets += payload.kind == RAW
-        s.units += bucket.nbytes // width
-        s.changed_units += payload.changed
+        s.units += units
+        s.changed_units += changed
+        s.sent_units += payload.changed
         s.raw_bytes += bucket.nbytes
         s.wire_bytes += payload.nbytes
         s.per_bucket.append(payload.nbytes)
@@ -314,15 +324,20 @@ def _sampled_fraction(bucket: Bucket, base: torch.Tensor, tensors: Mapping, widt
 
 
 def _encode_sparse(
-    g: int, bucket: Bucket, base: torch.Tensor, tensors: Mapping, width: int, max_changed: float
+    g: int,
+    bucket: Bucket,
+    base: torch.Tensor,
+    tensors: Mapping,
+    width: int,
+    max_changed: float,
+    sampled: float,
 ) -> Payload | None:
-    """The SPARSE payload of bucket `g`, or None when the bucket should go whole: its sample
-    is denser than `max_changed`, or SPARSE would not be smaller than RAW (then the base may
-    be partly updated: the RAW encoding repacks the whole bucket)."""
+    """The SPARSE payload of bucket `g`, or None when the bucket should go whole: its
+    `sampled` share of changed units is above `max_changed`, or SPARSE would not be smaller
+    than RAW (then the base may be partly updated: the RAW encoding repacks the bucket)."""
     units = bucket.nbytes // width
     index_bytes = 4 if units < (1 << 31) else 8
     budget = units * width  # a RAW body's size: SPARSE must stay below it
-    sampled = _sampled_fraction(bucket, base, tensors, width)
     if sampled > max_changed or sampled * units * (width + index_bytes) >= 0.8 * budget:
         return None
     idx_parts, new_parts, old_parts, count = [], [], [], 0

@@ -47,8 +47,8 @@ class PushReport:
     encode_s: float = 0.0
     """Delta mode only: time spent encoding (overlaps the transfer)."""
     changed_fraction: float = 0.0
-    """Delta mode only: the share of units sent as changed (a bucket sent whole counts
-    whole; 1.0 for a full push)."""
+    """Delta mode only: the share of units that differ from the base (exact in buckets sent
+    sparse, the sample's estimate in buckets sent whole; 1.0 for a full push)."""
 
     @property
     def failed(self) -> list[str]:

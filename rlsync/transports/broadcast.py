@@ -305,6 +305,11 @@ def send_payloads(
         payload = encode(g)
         stats.add("encode", time.perf_counter() - t)
         stats.nbytes += payload.nbytes
+        if group.device.type != "cpu":  # NCCL: the encoder works in host memory
+            payload.header, payload.body = (
+                payload.header.to(group.device),
+                payload.body.to(group.device),
+            )
         works = [group.broadcast_async(payload.header, timeout_s)]
         works.append(group.broadcast_async(payload.body, timeout_s))
         inflight.append((g, works, payload, None))
