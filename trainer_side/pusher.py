@@ -12,7 +12,9 @@ to engines that do not hold its plan_id yet) -> collect UpdateAccepted -> the se
 bytes -> collect UpdateDone. An engine that dies is reported by name and the others still get
 the version; for broadcast the group is rebuilt without it and the push repeated once. The
 transport is looked up in `rlsync.transports.registry`; this module knows nothing of the
-engine's internals, only the protocol and the sender lifecycle.
+engine's internals, only the protocol and the sender lifecycle. With `sync.delta` the bytes
+move as `rlsync.delta` payloads against the last version every engine acknowledged
+(`trainer_side.delta_push` decides delta or full, push by push).
 """
 
 from __future__ import annotations
