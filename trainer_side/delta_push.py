@@ -1,6 +1,6 @@
 """The pusher's delta mode: which pushes may be deltas, and the base they are encoded against.
 
-A push is a delta only when the pusher's base (`rlsync.delta.DeltaEncoder`: the packed bytes
+A push is a delta only when the pusher's base (`rlsync.delta_encode.DeltaEncoder`: the packed bytes
 of the last version every engine acknowledged) is known to be exactly what every live engine
 serves. Otherwise it is full, and the report says why:
 
@@ -17,7 +17,7 @@ failure drops the base: the next push is full. Knows the protocol and the encode
 from __future__ import annotations
 
 from rlsync.config import SyncConfig
-from rlsync.delta import DeltaEncoder, EncodeStats
+from rlsync.delta_encode import DeltaEncoder, EncodeStats
 from rlsync.protocol import BucketPlan, DeltaInfo, GetWeightsFingerprint, WeightFingerprints
 from rlsync.transports.base import Encode, Tensors
 from trainer_side.push_report import PushReport

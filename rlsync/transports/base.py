@@ -39,7 +39,7 @@ from rlsync.transports import TransportError
 
 Tensors = Mapping[str, torch.Tensor]
 Encode = Callable[[int], Payload]
-"""Bucket index -> its delta payload (the pusher's `rlsync.delta.DeltaEncoder`)."""
+"""Bucket index -> its delta payload (the pusher's `rlsync.delta_encode.DeltaEncoder`)."""
 
 
 class Cancelled(TransportError):

@@ -208,7 +208,7 @@ def test_a_full_push_every_n_versions(engines, ckpt, versions, tmp_path):
 SLOW_DELTA_PUSHER = r"""
 import sys, time, torch
 from rlsync.config import SyncConfig
-from rlsync.delta import DeltaEncoder
+from rlsync.delta_encode import DeltaEncoder
 from tests.e2e.sync_helpers import trainer_weights
 from trainer_side.pusher import WeightPusher
 

@@ -1,4 +1,4 @@
-"""The delta encoding (`rlsync.delta`): lossless over long chains of random sparse updates,
+"""The delta encoding (`rlsync.delta`, `rlsync.delta_encode`): lossless over long chains of random sparse updates,
 dense buckets sent whole, and every corruption or base mismatch refused before a write."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 
 from rlsync import delta
 from rlsync.buckets import plan_buckets
-from rlsync.delta import RAW, SPARSE, DeltaEncoder, DeltaError
+from rlsync.delta import RAW, SPARSE, DeltaError
+from rlsync.delta_encode import DeltaEncoder, changes
 from rlsync.transports.base import WeightWriter
 
 SHAPES = {"a": (64, 33), "b": (7,), "c": (300, 20), "d": (1,), "e": (0,)}
@@ -210,7 +211,7 @@ def test_changes_finds_exactly_the_differing_positions_and_values(two_level, dty
         hit = torch.rand(n, generator=gen) < 0.05
         new[hit] += 1
         expected = hit.nonzero().squeeze(1)
-        idx, values, was = delta.changes(new, base, two_level)
+        idx, values, was = changes(new, base, two_level)
         assert torch.equal(idx, expected)
         assert torch.equal(values, new[expected]) and torch.equal(was, base[expected])
 
@@ -226,3 +227,26 @@ def test_a_bucket_denser_than_max_changed_goes_whole():
         encoder.encode(0, v1, full=False)
         encoder.version = 1
         assert encoder.encode(0, v2, full=False).kind == kind
+
+
+def test_fp32_weights_pushed_to_bf16_engines_are_compared_after_the_cast():
+    """An fp32 trainer, bf16 engines: the changes that matter are those of the bf16 values;
+    a tiny fp32 step that rounds away costs (almost) nothing on the wire."""
+    dtypes = {n: torch.bfloat16 for n in SHAPES}
+    gen = torch.Generator().manual_seed(6)
+    plan = make_plan(dtypes)
+    master = random_weights({n: torch.float32 for n in SHAPES}, gen)
+    store = {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in SHAPES.items()}
+    encoder = DeltaEncoder(plan, max_changed=0.5)
+    apply_all(encoder, plan, master, writer_for(store))
+    encoder.version = 1
+    encoder.begin()
+    nudged = {n: t * (1 + 1e-6) for n, t in master.items()}  # far below bf16's resolution
+    apply_all(encoder, plan, nudged, writer_for(store))
+    assert encoder.stats.changed_units < encoder.stats.units * 0.001  # a rounding edge or so
+    assert_equal_bytes(store, {n: t.to(torch.bfloat16) for n, t in nudged.items()})
+    moved = perturb(master, 0.05, gen)
+    encoder.begin()
+    apply_all(encoder, plan, moved, writer_for(store))
+    assert_equal_bytes(store, {n: t.to(torch.bfloat16) for n, t in moved.items()})
+    assert 0 < encoder.stats.changed_fraction < 0.1
