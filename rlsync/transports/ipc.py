@@ -80,6 +80,7 @@ class IpcSender:
         self.num_slots, self.slot_bytes = num_slots, slot_bytes
         self._last: tuple[int, int, set[int]] | None = None  # push id, buckets, live engines
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     @property
     def data_name(self) -> str:
@@ -207,9 +208,10 @@ class IpcSender:
         thread per engine (the copies release the GIL), so N stores cost about one copy's
         time while memory bandwidth lasts (docs/TRANSPORTS.md, several engines on a host)."""
         if len(regions) > 1:
-            if self._pool is None or self._pool._max_workers < len(regions):
+            if self._pool is None or self._pool_size < len(regions):
                 self._close_pool()
                 self._pool = ThreadPoolExecutor(len(regions), thread_name_prefix="ipc-write")
+                self._pool_size = len(regions)
             for done in [self._pool.submit(pack_bucket, bucket, tensors, r) for r in regions]:
                 done.result()
         elif regions:
