@@ -221,7 +221,7 @@ class WeightPusher:
         layout = self.engines.layout
         if self.cfg.one_copy and layout is not None:
             try:
-                return plan_in_store(specs, layout, self.cfg.bucket_bytes)
+                return plan_in_store(specs, layout, self.cfg.bucket_bytes, self.sender.solo_bytes)
             except PlanError:
                 pass  # offsets a plan cannot follow: stage instead
         return plan_buckets(specs, self.cfg.bucket_bytes)
