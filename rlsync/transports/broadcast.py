@@ -236,7 +236,7 @@ def send_buckets(
         k = g % 2
         _finish(group, inflight[k], timeout_s, f"bucket {g - 2}", stats)  # frees buffer k
         t = time.perf_counter()
-        solo = _as_sent(bucket, tensors, group.device) if apart else None
+        solo = sent_as_is(bucket, tensors, group.device) if apart else None
         if solo is not None:  # the trainer's own bytes go out: nothing to pack
             parts = [solo]
             if verify:
@@ -258,7 +258,7 @@ def send_buckets(
     return stats
 
 
-def _as_sent(
+def sent_as_is(
     bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: torch.device
 ) -> torch.Tensor | None:
     """The bytes of a one-tensor bucket exactly as the wire carries them, straight from the
