@@ -41,7 +41,7 @@ from rlsync.protocol import (
 )
 from rlsync.transports import registry
 from rlsync.transports.base import Announce, Sender
-from trainer_side.atomic_commit import PUSHER, AtomicOutcome, AtomicRound
+from trainer_side.atomic_commit import AtomicOutcome, AtomicRound
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
 
@@ -188,8 +188,6 @@ class WeightPusher:
             else:
                 message = f"aborted, nothing switched ({blame}): {why}"
             report.record(name, ok, message, _done(reply))
-        if PUSHER in outcome.culprits:
-            report.transfer_error = report.transfer_error or outcome.culprits[PUSHER]
 
     def _announce(
         self, names: list[str], version: int, report: PushReport

@@ -209,3 +209,38 @@ def test_an_engine_never_told_discards_within_its_commit_timeout(engines, ckpt, 
 def test_atomic_in_place_is_refused_before_anything_is_sent():
     with pytest.raises(ConfigError, match="commit: 'atomic' needs load_mode 'shadow'"):
         SyncConfig(commit="atomic")
+
+
+def test_an_engine_dead_after_the_commit_went_out_is_named_and_the_others_switched(
+    engines, ckpt, tmp_path, monkeypatch
+):
+    """The window two phases cannot close (docs/RELIABILITY.md): every engine reported ready,
+    then one dies just before the commit reaches it."""
+    from trainer_side import atomic_commit
+
+    doomed = launch_engine(ckpt, kv_tokens=256, threads=1)
+    survivors = {n: engines[n] for n in ("e0", "e1")}
+    try:
+        version = next_version([*survivors.values(), doomed])
+        real_tell = atomic_commit.AtomicRound._tell
+
+        def kill_then_tell(self, kind, names):  # noqa: ANN001 - the method's signature
+            if kind is atomic_commit.CommitUpdate:
+                os.kill(doomed.process.pid, signal.SIGKILL)
+                doomed.process.wait(timeout=10)
+            real_tell(self, kind, names)
+
+        monkeypatch.setattr(atomic_commit.AtomicRound, "_tell", kill_then_tell)
+        endpoints = {**{n: c.endpoint for n, c in survivors.items()}, "doomed": doomed.endpoint}
+        tensors = trainer_weights(ckpt, version)
+        pusher = WeightPusher(atomic_cfg("ipc"), endpoints, tmp_path)
+        try:
+            report = pusher.push(tensors, version)  # some engines got it: no PushError
+            assert report.failed == ["doomed"] and report.succeeded == ["e0", "e1"]
+            assert "no switch confirmed after CommitUpdate" in report.engines["doomed"].message
+            assert report.aborted_because == {}
+            assert pusher.mismatches(tensors) == {"e0": [], "e1": []}
+        finally:
+            pusher.close()
+    finally:
+        doomed.close()
