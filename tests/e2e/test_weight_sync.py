@@ -285,3 +285,34 @@ def _maps(pid: int) -> list[str]:
     """This process's mappings of rlsync segments (one line per mapped range)."""
     with open(f"/proc/{pid}/maps") as f:
         return sorted(line.split(maxsplit=5)[-1] for line in f if f"{SHM_DIR}/rlsync-" in line)
+
+
+def test_an_engine_with_private_weights_is_staged_and_refuses_direct_writes(
+    engines, ckpt, tmp_path
+):
+    """`--private-weights`: no layout is published, so a pusher over it and one of ours
+    stages for both; an ipc plan that follows a layout is refused by it, naming why."""
+    private = launch_engine(ckpt, kv_tokens=256, threads=1, extra_args=["--private-weights"])
+    try:
+        with RpcClient(private.endpoint, timeout_s=10) as rpc:
+            assert rpc.call(GetWeightSpecs()).store_bytes == 0
+        eps = {"private": private.endpoint, "exposed": engines["engine0"].endpoint}
+        pusher = WeightPusher(sync_cfg("ipc"), eps, tmp_path)
+        try:
+            version = engines["engine0"].info().weight_version + 1
+            tensors = trainer_weights(ckpt, version)
+            assert pusher.push(tensors, version).failed == []
+            assert not in_store(pusher.plan)
+            assert pusher.mismatches(tensors) == {"private": [], "exposed": []}
+        finally:
+            pusher.close()
+        with RpcClient(engines["engine0"].endpoint, timeout_s=10) as rpc:
+            specs = rpc.call(GetWeightSpecs()).specs
+        items = [(s.name, s.dtype, tuple(s.shape)) for s in specs]
+        plan = plan_in_store(items, {s.name: s.offset for s in specs}, 1 << 20)
+        msg = UpdateWeightsFromIPC(plan=plan, weight_version=10_000, push_id=1)
+        with RpcClient(private.endpoint, timeout_s=10) as rpc:
+            result = rpc.call(msg)
+        assert not result.success and "cannot be written directly" in result.message
+    finally:
+        private.close()
