@@ -13,6 +13,7 @@ trainers, PPO or placement.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,6 +91,15 @@ class InferenceActor:
     ) -> list[GenerateOutput]:
         """One finished output per prompt, in order; each names the weight version it used."""
         return self._engine().generate(prompts, sampling, timeout_s=self.cfg.call_timeout_s)
+
+    def generate_timed(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
+    ) -> tuple[list[GenerateOutput], float]:
+        """`generate`, and the seconds it took here (the engine's busy time for the batch,
+        free of the caller's queueing: the RL loop's idle-fraction metric)."""
+        t0 = time.perf_counter()
+        outputs = self.generate(prompts, sampling)
+        return outputs, time.perf_counter() - t0
 
     def info(self) -> EngineInfo:
         return self._engine().info()
