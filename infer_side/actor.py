@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from infer_side.client import EngineClient, launch_engine
+from infer_side.client import EngineClient, generate_through_updates, launch_engine
 from rlsync.config import EngineConfig
 from rlsync.netutil import node_address
 from rlsync.protocol import (
@@ -96,9 +96,12 @@ class InferenceActor:
         self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
     ) -> tuple[list[GenerateOutput], float]:
         """`generate`, and the seconds it took here (the engine's busy time for the batch,
-        free of the caller's queueing: the RL loop's idle-fraction metric)."""
+        free of the caller's queueing: the RL loop's idle-fraction metric). Requests that
+        reach the engine while an in_place push writes its weights are sent again after it."""
         t0 = time.perf_counter()
-        outputs = self.generate(prompts, sampling)
+        outputs = generate_through_updates(
+            self._engine(), prompts, sampling, self.cfg.call_timeout_s
+        )
         return outputs, time.perf_counter() - t0
 
     def info(self) -> EngineInfo:

@@ -19,6 +19,10 @@ PAUSE_MODES: tuple[str, ...] = get_args(PauseMode)
 LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
 TRANSPORT_KINDS: tuple[str, ...] = get_args(TransportKind)
 
+WEIGHTS_INCOMPLETE = "weights incomplete"
+"""How the `error` of a Generate refused during an in_place update's write begins. Nothing of
+the request ran, so it may be sent again once the update lands."""
+
 MAX_TOKENS = 1 << 20
 MAX_NAME = 512
 
