@@ -96,17 +96,13 @@ def checked(cfg: RunConfig) -> RunConfig:
 
 
 def check_staleness(cfg: RunConfig) -> None:
-    """Sync settings under which rollouts submitted ahead would be lost or refused."""
+    """Sync settings under which rollouts submitted ahead would be lost. (Those that reach an
+    engine while an in_place push writes its weights are refused, and sent again after it:
+    `infer_side.client.generate_through_updates`.)"""
     if cfg.staleness >= 1 and cfg.sync.pause_mode == "abort":
         raise ConfigError(
             f"staleness={cfg.staleness} with sync.pause_mode=abort: every push would abort the "
             "rollouts in flight; use retract, in_place or null"
-        )
-    if cfg.staleness >= 2 and cfg.sync.load_mode == "in_place":
-        raise ConfigError(
-            f"staleness={cfg.staleness} with sync.load_mode=in_place: a batch may reach the "
-            "engines while a push writes their live weights, and they refuse to generate "
-            "then; use sync.load_mode=shadow (or staleness 1)"
         )
 
 

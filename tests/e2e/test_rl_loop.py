@@ -183,9 +183,7 @@ def test_async_trainer_drops_exactly_the_samples_too_old(finished_runs: dict) ->
 def test_staleness_refuses_sync_settings_that_lose_rollouts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pause_mode=abort"):
         checked(tiny_config(tmp_path, "x", "staleness=1", "sync.pause_mode=abort"))
-    with pytest.raises(ConfigError, match="load_mode=in_place"):
-        checked(tiny_config(tmp_path, "x", "staleness=2"))
-    assert checked(tiny_config(tmp_path, "x", "staleness=2", "sync.load_mode=shadow"))
+    assert checked(tiny_config(tmp_path, "x", "staleness=2", "sync.pause_mode=retract"))
 
 
 def test_rollout_queue_submits_ahead_in_step_order() -> None:
