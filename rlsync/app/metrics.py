@@ -10,7 +10,8 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
 - push_s, push_gbps, push_bytes, engine_pause_ms: the WeightPusher's report of this step's
   push (engine_pause_ms: the longest any engine stopped generating).
 - rollout_s: seconds the slowest engine spent generating this step's batch (measured in
-  its actor); rollout_wait_s: how long the loop waited for the batch (about rollout_s with
+  its actor, from the first request sent to the last output; a push landing mid-batch
+  counts in it); rollout_wait_s: how long the loop waited for the batch (about rollout_s with
   staleness 0, near 0 when generation hid behind the previous step); rollout_tokens,
   rollout_tokens_per_s (tokens / rollout_s).
 - train_s, step_s: the PPO step and the whole step, wall clock; wall_s: seconds since the
@@ -165,13 +166,16 @@ def compare_fingerprints(
 
 
 def write_summary(path: Path, rows: Sequence[Mapping[str, Any]], **facts: Any) -> dict[str, Any]:
-    """summary.json: the facts given (paths as strings) plus step count and first/last reward."""
+    """summary.json: the facts given (paths as strings) plus step count, first/last reward,
+    mean seconds per step and samples dropped for staleness."""
     summary = {
         "steps": len(rows),
         **{k: str(v) if isinstance(v, Path) else v for k, v in facts.items()},
         "weights_match": not any(facts.get("mismatches", {}).values()),
         "reward_first": rows[0]["reward_mean"] if rows else None,
         "reward_last": rows[-1]["reward_mean"] if rows else None,
+        "seconds_per_step": statistics.fmean(r["step_s"] for r in rows) if rows else None,
+        "dropped_stale": sum(r["dropped_stale"] for r in rows),
     }
     path.write_text(json.dumps(summary, indent=2))
     return summary
