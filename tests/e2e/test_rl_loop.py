@@ -32,7 +32,14 @@ from rlsync.app.launcher import (
     run,
     run_steps,
 )
-from rlsync.app.metrics import STEP_KEYS, compare_fingerprints, read_metrics, weights_fingerprint
+from rlsync.app.metrics import (
+    STEP_KEYS,
+    compare_fingerprints,
+    idle_fraction,
+    read_metrics,
+    staleness_stats,
+    weights_fingerprint,
+)
 from rlsync.app.rollouts import (
     PendingBatch,
     RolloutQueue,
@@ -220,6 +227,14 @@ def test_version_stats_read_the_spans() -> None:
     assert output_token_versions(outs[1]) == [4, 5, 5, 5]
     bare = GenerateOutput(output_ids=[1, 2], logprobs=[0.0, 0.0], weight_version=3)
     assert output_token_versions(bare) == [0, 0]  # no spans: its oldest version, every token
+
+
+def test_loop_metrics_sum_drops_and_bound_the_idle_share() -> None:
+    ranks = [{"dropped_stale": 3.0, "oldest_trained_version": 5.0}, {"dropped_stale": 1.0}]
+    assert staleness_stats(ranks) == {"dropped_stale": 4.0, "oldest_trained_version": 5.0}
+    assert staleness_stats([{}, {}]) == {"dropped_stale": 0.0}
+    assert idle_fraction([0.25, 0.75], step_s=2.0) == 0.75
+    assert idle_fraction([3.0], step_s=2.0) == 0.0 and idle_fraction([], step_s=1.0) == 0.0
 
 
 def test_placement_picks_transport(tmp_path: Path) -> None:
