@@ -372,8 +372,12 @@ class UpdateMachine:
         self.abandoned = job
         job.stage = Stage.FAILED
         job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
-        if not job.into_live and self.shadow is not None:
-            self.shadow.close()  # a late writer may still land bytes in it: never reuse it
+        if not job.into_live:
+            self._drop_shadow()  # a late writer may still land bytes in it: never reuse it
+
+    def _drop_shadow(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()
             self.shadow = None
 
     def _retire_target(self, job: UpdateJob) -> None:
@@ -382,9 +386,7 @@ class UpdateMachine:
         (the next shadow update allocates a fresh one); a live store, refusing generation
         already, is swapped for a fresh one that the next whole update fills."""
         if not job.into_live:
-            if self.shadow is not None:
-                self.shadow.close()
-                self.shadow = None
+            self._drop_shadow()
             return
         old = self.engine.live_weights()
         self.engine.apply_weights(self.engine.new_shadow())
