@@ -4,7 +4,8 @@ serve a half-updated model. Engine-agnostic: it reaches the engine only through
 of `rlsync.transports.registry`.
 
 Every update gets two replies with its request id: `UpdateAccepted` once the whole update
-is validated (or an `UpdateDone` failure that changed nothing), then `UpdateDone`. Between
+is validated (or an `UpdateDone` failure that changed nothing), then `UpdateDone`; an atomic
+update gets `UpdateReady` between them. Between
 them the engine loop keeps running: bytes arrive on a worker thread, and `poll()` advances
 the job at most one stage per loop iteration. Only the loop thread moves stages; the worker
 only writes through its `WeightWriter` and signals `done`.
@@ -13,11 +14,15 @@ only writes through its `WeightWriter` and signals `done`.
                refused: "weights incomplete") --> RECEIVED --> COMMITTED
     shadow:    RECEIVING (into the shadow store while generation goes on) --> RECEIVED
                --(pause per mode, or idle)--> COMMITTED (swap between two steps)
+    atomic:    shadow, but RECEIVED --(pause_mode None: wait for idle, then hold admission)-->
+               READY (UpdateReady sent) --CommitUpdate, (pause per mode)--> COMMITTED;
+               READY --AbortUpdate, or commit_timeout_s without either--> FAILED (discarded)
     commit:    [swap] -> flush KV (empty_cache only if asked) -> set version -> resume
     any stage --> FAILED: a shadow failure leaves the old weights serving untouched; an
                in_place failure that touched the live store leaves generation refused until a
-               whole update lands. A receive that overruns its bounds is cancelled: its
-               writer stops, and a shadow store it could still write is dropped.
+               whole update lands. A receive that overruns its bounds (or an AbortUpdate
+               while it runs) is cancelled: its writer stops, and a shadow store it could
+               still write is dropped.
 """
 
 from __future__ import annotations
@@ -29,16 +34,19 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from infer_side.engine_api import EngineWeights, UpdatableEngine
-from rlsync.buckets import validate_plan
+from rlsync.buckets import in_store, validate_placement, validate_plan
 from rlsync.protocol import (
+    AbortUpdate,
     BucketPlan,
     BucketUpdate,
+    CommitUpdate,
     GetWeightsFingerprint,
     GetWeightSpecs,
     Message,
     Result,
     UpdateAccepted,
     UpdateDone,
+    UpdateReady,
     UpdateTimings,
     UpdateWeights,
     WeightFingerprints,
@@ -59,6 +67,8 @@ class Stage(Enum):
     WAITING = "waiting"
     RECEIVING = "receiving"
     RECEIVED = "received"
+    READY = "ready"
+    """Atomic only: received and reported; switches on CommitUpdate."""
     COMMITTED = "committed"
     FAILED = "failed"
 
@@ -96,10 +106,29 @@ class UpdateJob:
     """Loading the received store into the model raised (the model may hold part of it)."""
     recv_s: float = 0.0
     flush_s: float = 0.0
+    ready_at: float | None = None
+    """When UpdateReady went out (atomic): commit_timeout_s counts from here."""
+    commit_ordered: bool = False
+    """CommitUpdate arrived: switch as soon as generation is blocked."""
+    committed_at: float = 0.0
+    """Wall-clock time of the switch (reported for the push's commit skew)."""
 
     @property
     def version(self) -> int:
         return self.msg.weight_version
+
+    @property
+    def atomic(self) -> bool:
+        return self.msg.commit == "atomic"
+
+    def ready_expired(self) -> bool:
+        """Held READY past commit_timeout_s without a CommitUpdate: discard on our own."""
+        return (
+            self.stage is Stage.READY
+            and not self.commit_ordered
+            and self.ready_at is not None
+            and time.perf_counter() - self.ready_at > self.msg.commit_timeout_s
+        )
 
     def waited_s(self) -> float:
         return time.perf_counter() - self.started
@@ -123,7 +152,9 @@ class UpdateJob:
         store holds the version before the live one; see `_delta_base`)."""
         self.stage, self.into_live = Stage.RECEIVING, into_live
         base_views = base.hf_views() if base is not None else None
-        self.writer = WeightWriter(target.hf_views(), self.cancel, sink, base_views)
+        self.writer = WeightWriter(
+            target.hf_views(), self.cancel, sink, flat=target.flat, base=base_views
+        )
         self.thread = threading.Thread(
             target=self._run, name=f"weights-v{self.version}", daemon=True
         )
@@ -178,6 +209,8 @@ class PlanCache:
             )
         validate_plan(msg.plan)
         weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
+        if in_store(msg.plan) and weights.flat is not None:
+            validate_placement(msg.plan, weights.placement(), weights.flat.numel())
         self.plans[plan_id] = msg.plan
         while len(self.plans) > self.keep:
             self.plans.popitem(last=False)
@@ -207,7 +240,10 @@ class UpdateMachine:
 
     def handles(self, msg: Message) -> bool:
         return (
-            isinstance(msg, (UpdateWeights, GetWeightsFingerprint, GetWeightSpecs))
+            isinstance(
+                msg,
+                (UpdateWeights, CommitUpdate, AbortUpdate, GetWeightsFingerprint, GetWeightSpecs),
+            )
             or registry.control_owner(msg) is not None
         )
 
@@ -216,6 +252,10 @@ class UpdateMachine:
         try:
             if isinstance(msg, UpdateWeights):
                 return [self._accept(msg)]
+            if isinstance(msg, CommitUpdate):
+                return self._on_commit(msg)
+            if isinstance(msg, AbortUpdate):
+                return self._on_abort(msg)
             if isinstance(msg, GetWeightsFingerprint):
                 return [self._fingerprints(msg)]
             if isinstance(msg, GetWeightSpecs):
@@ -260,9 +300,13 @@ class UpdateMachine:
         if any(r.busy() for r in self._idle_receivers()):
             return True
         job = self.job
-        return job is not None and (
-            job.stage is not Stage.RECEIVING or job.done.is_set() or self._overdue(job)
-        )
+        if job is None:
+            return False
+        if job.stage is Stage.RECEIVING:
+            return job.done.is_set() or self._overdue(job)
+        if job.stage is Stage.READY:  # nothing to do but wait for the pusher's word
+            return job.commit_ordered or job.ready_expired()
+        return True
 
     def _idle_receivers(self) -> list[Receiver]:
         """Receivers no worker is using: housekeeping (e.g. unmapping a closed pusher's
@@ -297,6 +341,9 @@ class UpdateMachine:
             self.job.cancel.set()
         for receiver in self.receivers.values():
             receiver.close()
+        for store in (self.shadow, self.engine.live_weights()):
+            if store is not None:
+                store.close()
 
     def _receiver(self, kind: str | None) -> Receiver:
         assert kind is not None
@@ -315,6 +362,11 @@ class UpdateMachine:
                 f"the cancelled update to version {self.abandoned.version} is "
                 "still stopping; retry shortly"
             )
+        if msg.commit == "atomic" and msg.load_mode != "shadow":
+            raise ValueError(
+                f"commit: 'atomic' needs load_mode 'shadow' (got {msg.load_mode!r}): only a "
+                "shadow update can wait for the others without touching the live weights"
+            )
         if msg.weight_version <= self.engine.weight_version:
             raise ValueError(
                 f"weight_version {msg.weight_version} is not newer than the "
@@ -326,16 +378,22 @@ class UpdateMachine:
         receiver = self._receiver(msg.transport)
         nbytes = receiver.check(msg, plan, live)
         job = UpdateJob(msg=msg, receiver=receiver, plan=plan, nbytes=nbytes)
+        target = live
         if msg.load_mode == "shadow":
             if self.shadow is None:
                 self.shadow = self.engine.new_shadow()
+            target = self.shadow
             job.start_worker(self.shadow, into_live=False, base=self._delta_base(msg, live))
         self.job = job  # last: a refusal above leaves no job behind
         return UpdateAccepted(
-            request_id=msg.request_id, weight_version=msg.weight_version, bytes=nbytes
+            request_id=msg.request_id,
+            weight_version=msg.weight_version,
+            bytes=nbytes,
+            store=target.store_ref if _writes_store(msg, plan) else None,
         )
 
     def _plan_of(self, msg: UpdateWeights, live: EngineWeights) -> BucketPlan | None:
+        """The update's plan: its own (bucket updates), the delta's (disk deltas), or none."""
         if isinstance(msg, BucketUpdate):
             return self.plans.resolve(msg, live)
         if msg.delta is not None:  # a disk delta names its plan in `delta`
@@ -380,8 +438,20 @@ class UpdateMachine:
             elif self._overdue(job):
                 self._abandon(job)
         if job.stage is Stage.RECEIVED:
-            if job.msg.load_mode == "in_place" or self._block_generation(job):
+            if job.atomic:
+                if job.msg.pause_mode is not None or self._block_generation(job):
+                    return self._ready(job)
+            elif job.msg.load_mode == "in_place" or self._block_generation(job):
                 return self._commit(job)
+        if job.stage is Stage.READY:
+            if job.commit_ordered and self._block_generation(job):
+                return self._commit(job)
+            if job.ready_expired():
+                job.stage = Stage.FAILED
+                job.error = (
+                    f"no CommitUpdate or AbortUpdate within commit_timeout_s "
+                    f"({job.msg.commit_timeout_s:g}s) of UpdateReady; discarded"
+                )
         if job.stage is Stage.FAILED:
             return self._fail(job)
         return []
@@ -390,16 +460,33 @@ class UpdateMachine:
         limit = 2 * job.msg.timeout_s + job.msg.idle_timeout_s + WORKER_GRACE_S
         return job.stage is Stage.RECEIVING and job.waited_s() > limit
 
-    def _abandon(self, job: UpdateJob) -> None:
-        """The watchdog: cancel the worker and remember it, so no update starts while it may
-        still be mid-copy or inside its receiver; a shadow store it could still write is
-        dropped (the next shadow update allocates a fresh one)."""
+    def _abandon(self, job: UpdateJob, why: str = "") -> None:
+        """The watchdog (or an AbortUpdate): cancel the worker and remember it, so no update
+        starts while it may still be mid-copy or inside its receiver; a shadow store it could
+        still write is dropped (the next shadow update allocates a fresh one)."""
         job.cancel.set()
         self.abandoned = job
         job.stage = Stage.FAILED
-        job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
+        job.error = why or f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
         if not job.into_live:
+            self._drop_shadow()  # a late writer may still land bytes in it: never reuse it
+
+    def _drop_shadow(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()
             self.shadow = None
+
+    def _retire_target(self, job: UpdateJob) -> None:
+        """A pusher that was allowed to write this update's store may still write it late
+        (stopped, then resumed): never compute with that store again. A shadow is dropped
+        (the next shadow update allocates a fresh one); a live store, refusing generation
+        already, is swapped for a fresh one that the next whole update fills."""
+        if not job.into_live:
+            self._drop_shadow()
+            return
+        old = self.engine.live_weights()
+        self.engine.apply_weights(self.engine.new_shadow())
+        old.close()
 
     def _block_generation(self, job: UpdateJob) -> bool:
         """Stop generation per the request's pause mode, or wait (bounded) for idle."""
@@ -436,10 +523,50 @@ class UpdateMachine:
             job.error = f"loading into the model: {type(exc).__name__}: {exc}"
             return self._fail(job)
         self.engine.weight_version = msg.weight_version
+        job.committed_at = time.time()  # wall clock: compared across engines (commit skew)
         self.weights_incomplete = False
         job.flush_s = time.perf_counter() - start
         job.stage = Stage.COMMITTED
         return self._finish(job, True, f"loaded version {msg.weight_version}")
+
+    def _ready(self, job: UpdateJob) -> list[Message]:
+        """Atomic: every byte is in the shadow; tell the pusher and hold until its word."""
+        job.stage, job.ready_at = Stage.READY, time.perf_counter()
+        return [
+            UpdateReady(request_id=job.msg.request_id, weight_version=job.version, bytes=job.nbytes)
+        ]
+
+    # ------------------------------------------------------------ the pusher's word (atomic)
+
+    def _on_commit(self, msg: CommitUpdate) -> list[Message]:
+        """Switch now (between two steps): the reply, then the update's UpdateDone."""
+        job = self._job_of(msg.weight_version)
+        if job.stage is not Stage.READY:
+            raise ValueError(
+                f"weight_version {msg.weight_version}: the update is {job.stage.value}, "
+                "not ready to commit"
+            )
+        job.commit_ordered = True
+        ok = Result(request_id=msg.request_id, message=f"committing version {job.version}")
+        return [ok, *self._advance(job)]
+
+    def _on_abort(self, msg: AbortUpdate) -> list[Message]:
+        """Discard the update in whatever stage it is; the old version keeps serving."""
+        job = self._job_of(msg.weight_version)
+        if job.stage is Stage.RECEIVING and not job.done.is_set():
+            self._abandon(job, "aborted by the pusher while receiving; cancelled")
+        else:
+            job.stage, job.error = Stage.FAILED, "aborted by the pusher"
+        ok = Result(request_id=msg.request_id, message=f"discarding version {job.version}")
+        return [ok, *self._fail(job)]
+
+    def _job_of(self, version: int) -> UpdateJob:
+        if self.job is None or self.job.version != version:
+            now = "none" if self.job is None else f"version {self.job.version}"
+            raise ValueError(
+                f"weight_version {version}: no such update in flight (in flight: {now})"
+            )
+        return self.job
 
     def _apply(self, job: UpdateJob) -> None:
         """Make the model compute with the received bytes; a shadow's old live store becomes
@@ -455,6 +582,8 @@ class UpdateMachine:
     def _fail(self, job: UpdateJob) -> list[Message]:
         if job.into_live and not job.live_touched and not job.apply_failed:
             self.weights_incomplete = job.was_incomplete  # this job wrote nothing
+        if job.writer is not None and job.writer.exposed:
+            self._retire_target(job)
         job.receiver.failed(job.msg)
         return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
 
@@ -469,6 +598,7 @@ class UpdateMachine:
             timings=job.timings(),
             live_touched=(job.live_touched or job.apply_failed) and not ok,
             weights_incomplete=self.weights_incomplete,
+            committed_at=job.committed_at,
         )
         if job.paused:
             self.engine.continue_generation()
@@ -491,10 +621,29 @@ class UpdateMachine:
         )
 
     def _specs(self, msg: GetWeightSpecs) -> Message:
+        """What an update must carry and, when the store can be written in place (and every
+        store this engine allocates has the same layout), where each tensor's bytes sit."""
+        live = self.engine.live_weights()
+        layout = live.layout() if live.store_ref is not None else {}
         specs = [
-            WeightSpec(name=n, dtype=d, shape=list(s))
-            for n, (d, s) in self.engine.live_weights().expected().items()
+            WeightSpec(
+                name=n,
+                dtype=d,
+                shape=list(s),
+                offset=layout[n][0] if n in layout else None,
+                strides=list(layout[n][1]) if n in layout else [],
+            )
+            for n, (d, s) in live.expected().items()
         ]
         return WeightSpecs(
-            request_id=msg.request_id, specs=specs, weight_version=self.engine.weight_version
+            request_id=msg.request_id,
+            specs=specs,
+            weight_version=self.engine.weight_version,
+            store_bytes=live.flat.numel() if layout else 0,
         )
+
+
+def _writes_store(msg: UpdateWeights, plan: BucketPlan | None) -> bool:
+    """Whether the sender writes the engine's store itself (a plan that follows the store;
+    never for delta payloads, which the engine decodes and applies)."""
+    return plan is not None and in_store(plan) and msg.delta is None

@@ -14,7 +14,11 @@ from typing import Any, Literal
 
 from rlsync import annotations
 from rlsync.model_config import ModelConfigError
-from rlsync.protocol import LoadMode, PauseMode, TransportKind
+from rlsync.protocol import CommitMode, LoadMode, PauseMode, TransportKind
+
+COMMIT_MARGIN_S = 1.0
+"""An atomic push sends its commit only while more than this is left of commit_timeout_s
+(counted from its announcement), so the commit reaches every engine before it gives up."""
 
 
 class ConfigError(ValueError):
@@ -30,6 +34,10 @@ class EngineConfig:
     load_chunk_mb: float = 256.0
     """vllm backend, in_place updates: load complete fused groups into vLLM as buckets land,
     once this many MB are ready (each vLLM reload call has a fixed cost); 0: every bucket."""
+    expose_weights: bool = True
+    """Our engine: keep the weight stores in memory a pusher can map (shm on CPU, IPC-able
+    GPU memory), so ipc pushes write each byte once and broadcast receives land in place;
+    False: private memory and the staging path. The vllm backend always stages."""
     kv_tokens: int = 4096
     """KV pool size in tokens, allocated once at start."""
     max_running: int = 64
@@ -72,6 +80,10 @@ class SyncConfig:
     flush_cache: bool = True
     torch_empty_cache: bool = False
     verify: bool = False
+    one_copy: bool = True
+    """When every engine publishes the same store layout: plan buckets in it, so ipc writes
+    each trainer tensor straight into the engines' stores and broadcast buckets land in
+    place; False (or engines without one, e.g. vLLM): stage through a buffer."""
     timeout_s: float = 60.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     master_address: str = "127.0.0.1"
@@ -89,6 +101,13 @@ class SyncConfig:
     is sent whole. Finding and applying scattered changes costs more per changed unit than
     sending it whole costs per unit; on the bench machine sparse pays below ~2% over
     broadcast (docs/BENCHMARKS.md). Raise it for slow networks."""
+    commit: CommitMode = "independent"
+    """independent: each engine switches once its bytes are in (a failed engine is reported,
+    the others get the version). atomic: every engine switches or none does (needs
+    load_mode shadow; see docs/PROTOCOL.md, Atomic commit)."""
+    commit_timeout_s: float | None = None
+    """atomic: how long an engine holds a ready update waiting for the commit before it
+    discards it; None: 4 x timeout_s + idle_timeout_s."""
 
     def __post_init__(self) -> None:
         positive(self, "bucket_mb", "timeout_s", "delta_full_every")
@@ -98,6 +117,26 @@ class SyncConfig:
             )
         if self.idle_timeout_s < 0:
             raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
+        self._check_commit()
+
+    def _check_commit(self) -> None:
+        """Atomic needs a shadow store: an in_place update cannot wait for the others
+        without touching the live weights."""
+        if self.commit == "atomic" and self.load_mode != "shadow":
+            raise ConfigError(
+                f"commit: 'atomic' needs load_mode 'shadow', got load_mode {self.load_mode!r}"
+            )
+        if self.commit_timeout_s is not None and self.commit_timeout_s <= 2 * COMMIT_MARGIN_S:
+            raise ConfigError(
+                f"commit_timeout_s: must be > {2 * COMMIT_MARGIN_S:g}, got {self.commit_timeout_s}"
+            )
+
+    @property
+    def commit_wait_s(self) -> float:
+        """commit_timeout_s, or its default."""
+        if self.commit_timeout_s is not None:
+            return self.commit_timeout_s
+        return min(4 * self.timeout_s + self.idle_timeout_s, 3600.0)  # the wire's limit
 
     @property
     def bucket_bytes(self) -> int:

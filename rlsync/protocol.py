@@ -15,9 +15,15 @@ PauseMode = Literal["abort", "retract", "in_place"]
 LoadMode = Literal["in_place", "shadow"]
 TransportKind = Literal["broadcast", "ipc", "disk"]
 FinishReason = Literal["length", "stop", "abort"]
+CommitMode = Literal["independent", "atomic"]
 PAUSE_MODES: tuple[str, ...] = get_args(PauseMode)
 LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
 TRANSPORT_KINDS: tuple[str, ...] = get_args(TransportKind)
+COMMIT_MODES: tuple[str, ...] = get_args(CommitMode)
+
+WEIGHTS_INCOMPLETE = "weights incomplete"
+"""How the `error` of a Generate refused during an in_place update's write begins. Nothing of
+the request ran, so it may be sent again once the update lands."""
 
 MAX_TOKENS = 1 << 20
 MAX_NAME = 512
@@ -58,6 +64,9 @@ class Bucket:
 
     nbytes: int = _f(0, ge=0)
     tensors: list[TensorSpec] = _f(factory=list, max_len=1 << 16)
+    store_offset: int | None = _f(None, ge=0)
+    """Set when the plan follows the engine's weight layout: the bucket is the byte range
+    [store_offset, store_offset + nbytes) of the engine's store, written there in place."""
 
 
 @dataclass(kw_only=True)
@@ -95,9 +104,24 @@ class SamplingParams:
 
 
 @dataclass(kw_only=True)
+class CudaShare:
+    """CUDA memory exported by IPC handle, field by field (never pickled): what
+    `UntypedStorage._share_cuda_` returns, with the GPU named by UUID so a process with a
+    different CUDA_VISIBLE_DEVICES finds its own index for it."""
+
+    gpu_uuid: str = _f("", max_len=64)
+    handle: bytes = _f(b"", max_len=256)
+    storage_offset: int = _f(0, ge=0)
+    ref_counter_handle: bytes = _f(b"", max_len=256)
+    ref_counter_offset: int = _f(0, ge=0)
+    event_handle: bytes = _f(b"", max_len=256)
+    event_sync_required: bool = False
+
+
+@dataclass(kw_only=True)
 class IpcBuffer:
     """Where an IPC weight buffer lives. kind "shm": POSIX shared memory by name; kind "cuda":
-    a CUDA IPC handle sent field by field (never pickled), keyed by the GPU's UUID."""
+    CUDA memory shared by IPC handle (`cuda`)."""
 
     kind: Literal["shm", "cuda"] = "shm"
     name: str = _f("", max_len=255)
@@ -109,13 +133,18 @@ class IpcBuffer:
     slot_bytes: int = _f(0, ge=0)
     engine_index: int = _f(0, ge=0, le=4095)
     """Which consumed-counter in the control segment this engine advances."""
-    gpu_uuid: str = _f("", max_len=64)
-    cuda_handle: bytes = _f(b"", max_len=256)
-    cuda_storage_offset: int = _f(0, ge=0)
-    cuda_ref_counter_handle: bytes = _f(b"", max_len=256)
-    cuda_ref_counter_offset: int = _f(0, ge=0)
-    cuda_event_handle: bytes = _f(b"", max_len=256)
-    cuda_event_sync_required: bool = False
+    cuda: CudaShare | None = None
+
+
+@dataclass(kw_only=True)
+class StoreRef:
+    """One of an engine's weight stores, mapped by a pusher that writes it directly: a POSIX
+    shm segment the engine created (kind "shm") or engine GPU memory (kind "cuda")."""
+
+    kind: Literal["shm", "cuda"] = "shm"
+    name: str = _f("", max_len=255)
+    nbytes: int = _f(0, ge=0)
+    cuda: CudaShare | None = None
 
 
 # ---------------------------------------------------------------- messages
@@ -138,6 +167,14 @@ class Generate(Message):
 
 
 @dataclass(kw_only=True)
+class VersionSpan:
+    """`tokens` consecutive output tokens produced by weight version `version`."""
+
+    version: int = _f(0, ge=0)
+    tokens: int = _f(1, ge=1, le=MAX_TOKENS)
+
+
+@dataclass(kw_only=True)
 class GenerateOutput(Message):
     """Tokens for a Generate. With stream, `output_ids`/`logprobs` are the new tokens only."""
 
@@ -153,6 +190,9 @@ class GenerateOutput(Message):
     min_weight_version: int = _f(0, ge=0)
     """Oldest version that produced any token of this output (== weight_version unless an
     in_place pause let a weight update land mid-request)."""
+    version_spans: list[VersionSpan] = _f(factory=list, max_len=MAX_TOKENS)
+    """Which version produced which of `output_ids`: spans in order, their `tokens` summing
+    to len(output_ids) (a stream chunk: its own tokens only)."""
     error: str = _f("", max_len=4096)
 
 
@@ -201,6 +241,12 @@ class UpdateWeights(Message):
     """Check every bucket's fingerprint on arrival."""
     delta: DeltaInfo | None = None
     """Set: the bytes arrive delta-encoded against `delta.base_version` (`rlsync.delta`)."""
+    commit: CommitMode = "independent"
+    """independent: switch as soon as the bytes are in. atomic (shadow only): answer
+    UpdateReady once the bytes are in the shadow, then switch on CommitUpdate, discard on
+    AbortUpdate, or discard on its own `commit_timeout_s` after UpdateReady."""
+    commit_timeout_s: float = _f(60.0, ge=0.1, le=3600.0)
+    """atomic: how long an engine holds a ready update waiting for CommitUpdate/AbortUpdate."""
 
 
 @dataclass(kw_only=True)
@@ -231,6 +277,22 @@ class UpdateWeightsFromIPC(BucketUpdate):
 class UpdateWeightsFromDisk(UpdateWeights):
     transport: ClassVar[TransportKind] = "disk"
     path: str = _f("", max_len=4096)
+
+
+@dataclass(kw_only=True)
+class CommitUpdate(Message):
+    """Switch to the ready atomic update of `weight_version` now. Answered by a Result; the
+    update's own UpdateDone follows."""
+
+    weight_version: int = _f(0, ge=0)
+
+
+@dataclass(kw_only=True)
+class AbortUpdate(Message):
+    """Discard the update of `weight_version` still in flight (the old version keeps
+    serving). Answered by a Result; the update's own UpdateDone follows."""
+
+    weight_version: int = _f(0, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -295,6 +357,18 @@ class UpdateAccepted(Message):
 
     weight_version: int = _f(0, ge=0)
     bytes: int = _f(0, ge=0)
+    store: StoreRef | None = None
+    """Set for a direct (one-copy) ipc update: the store the pusher writes this update into
+    (the shadow store, or the live one for in_place)."""
+
+
+@dataclass(kw_only=True)
+class UpdateReady(Message):
+    """Interim reply to an atomic update: every byte is in the shadow store (checked when
+    `verify`) and the engine can switch at once on CommitUpdate."""
+
+    weight_version: int = _f(0, ge=0)
+    bytes: int = _f(0, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -330,6 +404,8 @@ class UpdateDone(Message):
     """Generation is refused until a whole update lands."""
     unknown_plan: bool = False
     """Refused because the engine does not know `plan_id`: send the full plan again."""
+    committed_at: float = _f(0.0, ge=0.0)
+    """Wall-clock time (Unix seconds) the engine switched to this version; 0 if it did not."""
 
 
 @dataclass(kw_only=True)
@@ -339,12 +415,20 @@ class WeightSpec:
     name: str = _f(max_len=MAX_NAME)
     dtype: str = _f(max_len=32)
     shape: list[int] = _f(factory=list, max_len=8)
+    offset: int | None = _f(None, ge=0)
+    """Byte offset of the tensor in each of the engine's stores (None: no exposed layout)."""
+    strides: list[int] = _f(factory=list, max_len=8)
+    """Element strides of the tensor in the store (row-major: contiguous bytes)."""
 
 
 @dataclass(kw_only=True)
 class WeightSpecs(Message):
+    """What an update must carry and, for an engine whose stores can be written in place,
+    where every byte goes (`store_bytes` > 0: each store is one flat buffer of that size)."""
+
     specs: list[WeightSpec] = _f(factory=list, max_len=1 << 16)
     weight_version: int = _f(0, ge=0)
+    store_bytes: int = _f(0, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -384,6 +468,8 @@ CONTROL_MESSAGES: tuple[type[Message], ...] = (
     InitWeightsGroup,
     DestroyWeightsGroup,
     *UPDATE_MESSAGES.values(),
+    CommitUpdate,
+    AbortUpdate,
     FlushCache,
     PauseGeneration,
     ContinueGeneration,
@@ -397,6 +483,7 @@ REPLY_MESSAGES: tuple[type[Message], ...] = (
     Result,
     EngineDied,
     UpdateAccepted,
+    UpdateReady,
     UpdateDone,
     WeightSpecs,
     WeightFingerprints,
@@ -409,11 +496,11 @@ assert set(UPDATE_MESSAGES) == set(TRANSPORT_KINDS)
 
 
 def is_final(msg: Message) -> bool:
-    """True for the last reply a request gets: anything but an unfinished GenerateOutput or
-    an UpdateAccepted (weight updates answer twice: accepted, then done)."""
+    """True for the last reply a request gets: anything but an unfinished GenerateOutput, an
+    UpdateAccepted or an UpdateReady (weight updates answer accepted, [ready,] then done)."""
     if isinstance(msg, GenerateOutput):
         return msg.finished
-    return not isinstance(msg, UpdateAccepted)
+    return not isinstance(msg, (UpdateAccepted, UpdateReady))
 
 
 def failed(msg: Message) -> str | None:
@@ -427,12 +514,29 @@ def failed(msg: Message) -> str | None:
     return None
 
 
+def version_spans(versions: list[int]) -> list[VersionSpan]:
+    """Run-length form of per-token weight versions: [3, 3, 4] -> (3, 2 tokens), (4, 1)."""
+    spans: list[VersionSpan] = []
+    for v in versions:
+        if spans and spans[-1].version == v:
+            spans[-1].tokens += 1
+        else:
+            spans.append(VersionSpan(version=v, tokens=1))
+    return spans
+
+
+def token_versions(spans: list[VersionSpan]) -> list[int]:
+    """Per-token weight versions of a GenerateOutput (the inverse of `version_spans`)."""
+    return [s.version for s in spans for _ in range(s.tokens)]
+
+
 def plan_id_of(plan: BucketPlan) -> str:
     """A content hash of `plan`: equal plans get equal ids in every process."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{plan.alignment};".encode())
     for bucket in plan.buckets:
-        h.update(f"B{bucket.nbytes};".encode())
+        placed = "" if bucket.store_offset is None else f"@{bucket.store_offset}"
+        h.update(f"B{bucket.nbytes}{placed};".encode())
         for t in bucket.tensors:
             h.update(f"{t.name}|{t.dtype}|{t.shape}|{t.offset}|{t.nbytes};".encode())
     return h.hexdigest()

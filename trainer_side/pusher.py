@@ -10,7 +10,9 @@ Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> the 
 prepares (disk: writes files) -> announce the update to every live engine (the whole plan only
 to engines that do not hold its plan_id yet) -> collect UpdateAccepted -> the sender moves the
 bytes -> collect UpdateDone. An engine that dies is reported by name and the others still get
-the version; for broadcast the group is rebuilt without it and the push repeated once. The
+the version; for broadcast the group is rebuilt without it and the push repeated once. With
+`sync.commit: atomic` the engines report ready instead and `trainer_side.atomic_commit` makes
+all of them switch, or none (no repeat: the version lands nowhere, the report says why). The
 transport is looked up in `rlsync.transports.registry`; this module knows nothing of the
 engine's internals, only the protocol and the sender lifecycle. With `sync.delta` the bytes
 move as `rlsync.delta` payloads against the last version every engine acknowledged
@@ -26,7 +28,14 @@ from pathlib import Path
 import torch
 
 from rlsync.auth import load_client_keys
-from rlsync.buckets import dtype_from_name, plan_buckets, plan_total_bytes, tensor_fingerprint
+from rlsync.buckets import (
+    PlanError,
+    dtype_from_name,
+    plan_buckets,
+    plan_in_store,
+    plan_total_bytes,
+    tensor_fingerprint,
+)
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
     BucketPlan,
@@ -42,6 +51,7 @@ from rlsync.protocol import (
 )
 from rlsync.transports import registry
 from rlsync.transports.base import Announce, Encode, Sender
+from trainer_side.atomic_commit import AtomicOutcome, AtomicRound
 from trainer_side.delta_push import DeltaPlanner
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
@@ -111,7 +121,8 @@ class WeightPusher:
             report = self._retry_failed_delta(report, plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
                 self.engines.find_dead()
-                if set(self.engines.dead) - dead_before:  # without them, once more
+                if set(self.engines.dead) - dead_before and self.cfg.commit == "independent":
+                    # without them, once more (atomic: the version landed nowhere; it stays so)
                     self._rebuild()
                     report = self._push_once(plan, tensors, version)
             # an engine whose update failed dropped the group: form a new one next time
@@ -137,7 +148,7 @@ class WeightPusher:
     ) -> PushReport:
         """One announce + transfer to `names` (default: every live engine); `full` forbids a
         delta (delta mode only)."""
-        report = PushReport(version, self.cfg.transport)
+        report = PushReport(version, self.cfg.transport, commit=self.cfg.commit)
         delta = self._begin_delta(plan, report, full)
         encode = None
         if delta is not None:
@@ -145,21 +156,30 @@ class WeightPusher:
         self.sender.prepare(plan, tensors, version)
         if encode is not None and self.sender.encodes_before_announce:
             self._send(report, plan, tensors, [], encode)  # disk: the payload files
+        announced_at = time.monotonic()
         rids, replies = self._announce(names or self.engines.live(), version, report, delta)
-        accepted = []
+        accepted, refused = [], {}
         for name, reply in replies.items():
             if isinstance(reply, UpdateAccepted):
                 accepted.append(name)
+                self.sender.accepted(name, reply)
             else:
-                report.record(name, False, failed(reply) or "refused", _done(reply))
+                refused[name] = failed(reply) or "refused"
+                report.record(name, False, refused[name], _done(reply))
         if accepted:
             if encode is None or not self.sender.encodes_before_announce:
                 self._send(report, plan, tensors, accepted, encode)
-            done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)
-            for name, reply in done.items():
-                report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
-                if failed(reply) is None:
-                    self.known_plans[name] = self.plan_id
+            done = self.engines.gather({n: rids[n] for n in accepted}, self._done_wait_s())
+            if self.cfg.commit == "atomic":
+                atomic = AtomicRound(
+                    self.engines, version, announced_at, self.cfg.commit_wait_s, self.cfg.timeout_s
+                )
+                outcome = atomic.finish(rids, done, refused, report.transfer_error)
+                self._record_atomic(report, outcome)
+            else:
+                self._record_done(report, done)
+        elif self.cfg.commit == "atomic":
+            report.aborted_because = refused
         if any(isinstance(r, EngineDied) for r in replies.values()):
             self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
         for name in self.engines.dead:
@@ -205,6 +225,37 @@ class WeightPusher:
         report.transfer_s += retry.transfer_s
         return report
 
+    def _done_wait_s(self) -> float:
+        """How long engines may take to answer after the bytes: an atomic engine with
+        pause_mode None also waits for idle before it reports ready."""
+        idle = self.cfg.idle_timeout_s if self.cfg.pause_mode is None else 0.0
+        return 2 * self.cfg.timeout_s + (idle if self.cfg.commit == "atomic" else 0.0)
+
+    def _record_done(self, report: PushReport, done: Mapping[str, Message]) -> None:
+        for name, reply in done.items():
+            report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
+            if failed(reply) is None:
+                self.known_plans[name] = self.plan_id
+
+    def _record_atomic(self, report: PushReport, outcome: AtomicOutcome) -> None:
+        """Committed: each engine's UpdateDone (one missing means it died after the commit
+        went out: the others switched). Aborted: the culprits' reasons, then the others'."""
+        report.aborted_because = outcome.culprits
+        blame = "; ".join(f"{n}: {why}" for n, why in sorted(outcome.culprits.items()))
+        for name, reply in outcome.replies.items():
+            why = failed(reply)
+            ok = outcome.committed and why is None
+            if ok:
+                self.known_plans[name] = self.plan_id
+                message = "ok"
+            elif outcome.committed:
+                message = f"no switch confirmed after CommitUpdate (the others switched): {why}"
+            elif name in outcome.culprits:
+                message = outcome.culprits[name]
+            else:
+                message = f"aborted, nothing switched ({blame}): {why}"
+            report.record(name, ok, message, _done(reply))
+
     def _announce(
         self,
         names: list[str],
@@ -243,6 +294,8 @@ class WeightPusher:
             timeout_s=c.timeout_s,
             verify=c.verify,
             delta=delta,
+            commit=c.commit,
+            commit_timeout_s=c.commit_wait_s,
         )
         return self.sender.announce(
             engine,
@@ -274,10 +327,23 @@ class WeightPusher:
         if key != self._plan_key:
             self._check_against_engines(tensors)
             specs = [(n, self.specs[n][0], tuple(t.shape)) for n, t in tensors.items()]
-            self.plan, self._plan_key = plan_buckets(specs, self.cfg.bucket_bytes), key
+            self.plan, self._plan_key = self._plan(specs), key
             self.plan_id = plan_id_of(self.plan)
         assert self.plan is not None
         return self.plan
+
+    def _plan(self, specs: list[tuple[str, str, tuple[int, ...]]]) -> BucketPlan:
+        """Buckets in the engines' store layout when they all publish the same one (each
+        bucket lands in place, and over ipc each byte is copied once), else packed. Delta
+        payloads are always decoded and applied through named views, so sync.delta plans
+        packed buckets."""
+        layout = self.engines.layout
+        if self.cfg.one_copy and not self.cfg.delta and layout is not None:
+            try:
+                return plan_in_store(specs, layout, self.cfg.bucket_bytes, self.sender.solo_bytes)
+            except PlanError:
+                pass  # offsets a plan cannot follow: stage instead
+        return plan_buckets(specs, self.cfg.bucket_bytes)
 
     def _check_against_engines(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, t in tensors.items():

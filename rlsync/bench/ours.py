@@ -18,7 +18,10 @@ import torch
 
 from rlsync.bench.probe import StreamProbe
 from rlsync.bench.stats import Row, median_phases
+from rlsync.buckets import in_store, plan_total_bytes
 from rlsync.config import SyncConfig
+from rlsync.protocol import BucketPlan
+from rlsync.transports.broadcast import sent_as_is
 from trainer_side.push_report import PushReport
 from trainer_side.pusher import WeightPusher
 
@@ -39,10 +42,13 @@ def run_ours(
     probe: bool,
     device: str = "cpu",
 ) -> Row:
-    """Fill `row` (method = transport, mode = load mode) by pushing `tensors` `repeat` times
-    (`device`: where the trainer's tensors live; "cuda" makes ipc a CUDA IPC push)."""
+    """Fill `row` (method = transport, "-staged" for `sync.one_copy` off; mode = load mode)
+    by pushing `tensors` `repeat` times (`device`: where the trainer's tensors live; "cuda"
+    makes ipc a CUDA IPC push)."""
+    transport = row.method.removesuffix("-staged")
     cfg = SyncConfig(
-        transport=row.method,
+        transport=transport,  # type: ignore[arg-type]
+        one_copy=not row.method.endswith("-staged"),
         load_mode=row.mode,
         pause_mode="in_place",  # type: ignore[arg-type]
         bucket_mb=bucket_mb,
@@ -63,9 +69,28 @@ def run_ours(
         if probe:
             _probed_push(row, pusher, endpoints, tensors, next(versions), timeout_s)
         row.verified = not any(pusher.mismatches(tensors).values())
+        assert pusher.plan is not None
+        row.copies = copies_per_byte(transport, pusher.plan, tensors)
     finally:
         pusher.close()
     return row
+
+
+def copies_per_byte(transport: str, plan: BucketPlan, tensors: dict[str, torch.Tensor]) -> float:
+    """Memory copies of each byte besides the wire, averaged over the bytes. ipc: 1 when the
+    pusher writes the engines' stores (plan in the store), 2 staged (the engine copies out
+    of the shared buffer). broadcast in the store: 1 for packed buckets, 0 for tensors sent
+    as they are (both land in place); staged 2 (pack, engine copy). disk: 3 (write the file,
+    read it, copy into the store)."""
+    if transport == "disk":
+        return 3.0
+    if not in_store(plan):
+        return 2.0
+    if transport == "ipc":
+        return 1.0
+    cpu = torch.device("cpu")
+    packed = sum(b.nbytes for b in plan.buckets if sent_as_is(b, tensors, cpu) is None)
+    return packed / max(plan_total_bytes(plan), 1)
 
 
 def timed_push(
@@ -121,7 +146,7 @@ def _probed_push(
 
 
 def ours_methods(transports: list[str], modes: list[str]) -> list[tuple[str, str]]:
-    """(transport, load mode) pairs to run; disk is run in_place only."""
+    """(method, load mode) pairs to run; disk is run in_place only."""
     out = []
     for transport in transports:
         for mode in modes:

@@ -34,7 +34,7 @@ import torch
 from rlsync.buckets import bucket_views
 from rlsync.config import SyncConfig
 from rlsync.delta import Payload
-from rlsync.protocol import Bucket, BucketPlan, Message, UpdateWeights
+from rlsync.protocol import Bucket, BucketPlan, Message, UpdateAccepted, UpdateWeights
 from rlsync.transports import TransportError
 
 Tensors = Mapping[str, torch.Tensor]
@@ -85,6 +85,9 @@ class Sender:
     encodes_before_announce: ClassVar[bool] = False
     """`send_encoded` runs before the announcement (disk: the engines read the payloads
     when they accept), with no engines named."""
+    solo_bytes: ClassVar[int | None] = None
+    """In a plan that follows the engines' store, tensors at least this large get a bucket
+    of their own (a sender that can move a trainer tensor as it is then skips the pack)."""
 
     def __init__(
         self, cfg: SyncConfig, engines: ControlPlane, work_dir: Path, device: torch.device
@@ -96,6 +99,9 @@ class Sender:
 
     def announce(self, engine: str, update: Announce) -> UpdateWeights:
         raise NotImplementedError
+
+    def accepted(self, engine: str, reply: UpdateAccepted) -> None:
+        """`engine` accepted the update (before `send`): e.g. it named the store to write."""
 
     def send(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         raise NotImplementedError
@@ -169,14 +175,19 @@ class WeightWriter:
         views: Mapping[str, torch.Tensor],
         cancel: threading.Event,
         sink: WriteSink | None = None,
+        flat: torch.Tensor | None = None,
         base: Mapping[str, torch.Tensor] | None = None,
     ):
         """`sink`: told of every tensor written and every bucket finished (a backend that
-        copies the store into its model loads as bytes arrive). `base`: views of the store
-        a delta update applies to when it is not `views` itself (the live store, when a
-        shadow store is written; `rlsync.delta`)."""
-        self.views, self.cancel, self.sink, self.base = views, cancel, sink, base
+        copies the store into its model loads as bytes arrive). `flat`: the store's one flat
+        buffer, when it has one (buckets of a plan that follows the store land there).
+        `base`: views of the store a delta update applies to when it is not `views` itself
+        (the live store, when a shadow store is written; `rlsync.delta`)."""
+        self.views, self.cancel, self.sink, self.flat = views, cancel, sink, flat
+        self.base = base
         self.touched = False
+        self.exposed = False
+        """Another process was told it may write the store (`open_store`)."""
         self.load_s = 0.0
 
     def check_cancel(self) -> None:
@@ -218,6 +229,33 @@ class WeightWriter:
         if self.sink is not None:
             self.sink.written(name)
         self.load_s += time.perf_counter() - start
+
+    def region(self, bucket: Bucket) -> torch.Tensor | None:
+        """The bytes of the store `bucket` lands on in place (None: it must be staged and
+        copied). Once handed out, the store counts as touched: a transport or a pusher
+        writes it directly from now on."""
+        if self.flat is None or bucket.store_offset is None:
+            return None
+        self.check_cancel()
+        self.touched = True
+        return self.flat[bucket.store_offset : bucket.store_offset + bucket.nbytes]
+
+    def open_store(self) -> None:
+        """Another process writes the store directly from now on (counts as touched)."""
+        self.check_cancel()
+        if self.flat is None:
+            raise TransportError("this engine's weights cannot be written in place")
+        self.touched = self.exposed = True
+
+    def landed(self, bucket: Bucket) -> None:
+        """`bucket` arrived in place: tell the sink as if its tensors had been written."""
+        self.check_cancel()
+        if self.sink is not None:
+            start = time.perf_counter()
+            for spec in bucket.tensors:
+                self.sink.written(spec.name)
+            self.sink.bucket_done()
+            self.load_s += time.perf_counter() - start
 
     def on_bucket(self, index: int, bucket: Bucket, buf: torch.Tensor) -> None:
         """The OnBucket callback of the bucket transports."""

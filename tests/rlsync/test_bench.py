@@ -79,7 +79,8 @@ def test_sync_ours_rows_carry_the_pause_probe_and_are_bit_exact(sync_result):
             assert 0 < r["normal_gap_ms"] <= r["max_gap_ms"] + 1e-9
             assert r["tokens_during"] >= 0
             assert r["engine_pause_ms"] >= 0
-            assert r["phases"]["engine_load_s"] > 0
+            # one copy: the bytes land in the engine's store, which then copies nothing
+            assert r["copies"] == 1.0 and r["phases"]["engine_load_s"] < 0.01
         elif r["kind"] == "baseline":
             assert r["max_gap_ms"] is None and "no live engine" in r["pause_note"]
             assert r["engine_pause_ms"] > 0
@@ -211,8 +212,10 @@ def test_targets_are_checked_within_a_group():
         row("safetensors", "baseline", 0.5),
     ]
     got = {c["target"]: (round(c["value"], 2), c["met"]) for c in check_targets({"rows": rows})}
-    assert got["ipc >= 50% of memcpy"] == (0.4, False)
-    assert got["broadcast >= 85% of raw broadcast"] == (0.6, False)
+    assert got["ipc shadow >= 90% of memcpy"] == (0.4, False)
+    assert got["ipc in_place >= 90% of memcpy"] == (0.33, False)
+    assert got["broadcast in_place >= 95% of raw broadcast"] == (0.6, False)
+    assert "broadcast shadow >= 95% of raw broadcast" not in got  # not run: not judged
     assert got["ours >= 5x faster than ray"] == (8.0, True)
     assert got["ours >= 5x faster than safetensors"] == (2.0, False)
     assert got["shadow engine pause < 10 ms"] == (0.5, True)

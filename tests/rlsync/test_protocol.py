@@ -37,6 +37,7 @@ PLAN = p.BucketPlan(
                     name="lm_head.scale", dtype="float32", shape=[], offset=1024, nbytes=4
                 ),
             ],
+            store_offset=0,
         ),
         p.Bucket(
             nbytes=1024,
@@ -49,6 +50,7 @@ PLAN = p.BucketPlan(
                     nbytes=6,
                 ),
             ],
+            store_offset=1 << 33,
         ),
     ],
 )
@@ -61,6 +63,7 @@ INTENDED_DEFAULTS = {
     "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].shape",
     "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape",
     "WeightSpecs.specs[1].shape",
+    "WeightSpecs.specs[1].strides",
 }
 UPDATE = dict(
     weight_version=7,
@@ -72,6 +75,8 @@ UPDATE = dict(
     timeout_s=9.25,
     verify=True,
     delta=p.DeltaInfo(base_version=6, plan_id=PLAN_ID, plan=PLAN),
+    commit="atomic",
+    commit_timeout_s=12.5,
 )
 BUFFER = p.IpcBuffer(
     kind="cuda",
@@ -81,13 +86,15 @@ BUFFER = p.IpcBuffer(
     num_slots=2,
     slot_bytes=2048,
     engine_index=3,
-    gpu_uuid="GPU-8f1c",
-    cuda_handle=bytes(range(64)),
-    cuda_storage_offset=512,
-    cuda_ref_counter_handle=b"\x01" * 64,
-    cuda_ref_counter_offset=8,
-    cuda_event_handle=b"\x02" * 64,
-    cuda_event_sync_required=True,
+    cuda=p.CudaShare(
+        gpu_uuid="GPU-8f1c",
+        handle=bytes(range(64)),
+        storage_offset=512,
+        ref_counter_handle=b"\x01" * 64,
+        ref_counter_offset=8,
+        event_handle=b"\x02" * 64,
+        event_sync_required=True,
+    ),
 )
 SAMPLING = p.SamplingParams(
     max_new_tokens=7,
@@ -123,11 +130,17 @@ SAMPLES: dict[str, p.Message] = {
             cached_tokens=2,
             weight_version=9,
             min_weight_version=8,
+            version_spans=[p.VersionSpan(version=9, tokens=2)],
             error="boom \u00fc\u4e2d",
         ),
         p.Result(request_id="r-1", success=False, message="no"),
         p.EngineDied(request_id="r-2", message="engine crashed: RuntimeError: boom"),
-        p.UpdateAccepted(request_id="u-1", weight_version=7, bytes=1 << 40),
+        p.UpdateAccepted(
+            request_id="u-1",
+            weight_version=7,
+            bytes=1 << 40,
+            store=p.StoreRef(kind="cuda", name="store-1", nbytes=1 << 34, cuda=BUFFER.cuda),
+        ),
         p.UpdateDone(
             request_id="u-1",
             success=False,
@@ -141,14 +154,23 @@ SAMPLES: dict[str, p.Message] = {
             live_touched=True,
             weights_incomplete=True,
             unknown_plan=True,
+            committed_at=1_790_000_000.25,
         ),
+        p.UpdateReady(request_id="u-1", weight_version=7, bytes=2560),
         p.WeightSpecs(
             request_id="ws-1",
             weight_version=3,
             specs=[
-                p.WeightSpec(name="model.embed_tokens.weight", dtype="bfloat16", shape=[4, 8]),
-                p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[]),
+                p.WeightSpec(
+                    name="model.embed_tokens.weight",
+                    dtype="bfloat16",
+                    shape=[4, 8],
+                    offset=256,
+                    strides=[8, 1],
+                ),
+                p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[], offset=0),
             ],
+            store_bytes=512,
         ),
         p.WeightFingerprints(
             request_id="w-1",
@@ -191,6 +213,8 @@ SAMPLES: dict[str, p.Message] = {
             request_id="u-2", buffer=BUFFER, plan_id=PLAN_ID, plan=PLAN, push_id=11, **UPDATE
         ),
         p.UpdateWeightsFromDisk(request_id="u-3", path="/tmp/ckpt/step-7", **UPDATE),
+        p.CommitUpdate(request_id="cu-1", weight_version=7),
+        p.AbortUpdate(request_id="au-1", weight_version=7),
         p.FlushCache(request_id="f-1", empty_cache=False),
         p.PauseGeneration(request_id="p-1", mode="in_place"),
         p.ContinueGeneration(request_id="c-1"),
@@ -281,7 +305,7 @@ def test_defaults_round_trip_unless_a_field_is_required(name):
 def test_frame_is_type_name_then_field_map_with_bin_bytes():
     raw = _raw(SAMPLES["UpdateWeightsFromIPC"])
     assert raw[0] == "UpdateWeightsFromIPC"
-    assert raw[1]["buffer"]["cuda_handle"] == bytes(range(64))  # bin type, not str
+    assert raw[1]["buffer"]["cuda"]["handle"] == bytes(range(64))  # bin type, not str
     assert raw[1]["plan"]["buckets"][0]["tensors"][1] == {
         "name": "lm_head.scale",
         "dtype": "float32",
@@ -316,6 +340,7 @@ def test_plan_id_is_a_content_hash():
     "msg, final",
     [
         (p.UpdateAccepted(weight_version=3), False),
+        (p.UpdateReady(weight_version=3), False),
         (p.GenerateOutput(finished=False), False),
         (p.GenerateOutput(finished=True), True),
         (p.UpdateDone(success=False), True),
@@ -470,8 +495,8 @@ def test_unknown_message_type_is_refused(name):
         ("UpdateDone", {"timings": {"wait_s": 1.0}}, "UpdateDone.timings.wait_s"),
         (
             "WeightSpecs",
-            {"specs": [{"name": "w", "dtype": "float32", "offset": 0}]},
-            "WeightSpecs.specs[0].offset",
+            {"specs": [{"name": "w", "dtype": "float32", "store": 0}]},
+            "WeightSpecs.specs[0].store",
         ),
         ("EngineInfo", {"kv_pool": {"size": 1}}, "EngineInfo.kv_pool"),
     ],
@@ -568,9 +593,9 @@ WRONG_TYPES = [
     ("Abort", ("request_id",), 17, "Abort.request_id"),
     (
         "UpdateWeightsFromIPC",
-        ("buffer", "cuda_handle"),
+        ("buffer", "cuda", "handle"),
         "handle",
-        "UpdateWeightsFromIPC.buffer.cuda_handle",
+        "UpdateWeightsFromIPC.buffer.cuda.handle",
     ),
     ("UpdateWeightsFromIPC", ("buffer", "kind"), "rdma", "UpdateWeightsFromIPC.buffer.kind"),
     (
@@ -716,9 +741,9 @@ TOO_LONG = [
     ),
     (
         "UpdateWeightsFromIPC",
-        ("buffer", "cuda_handle"),
+        ("buffer", "cuda", "handle"),
         b"h" * 257,
-        "UpdateWeightsFromIPC.buffer.cuda_handle",
+        "UpdateWeightsFromIPC.buffer.cuda.handle",
     ),
     ("UpdateWeightsFromIPC", ("buffer", "name"), "s" * 256, "UpdateWeightsFromIPC.buffer.name"),
     ("Result", ("message",), "m" * ((1 << 16) + 1), "Result.message"),
@@ -752,8 +777,8 @@ def test_absurd_length_is_refused_by_name(name, path, value, where):
         ("EngineInfo", ("model", "nested", 0, 1, 1), "EngineInfo.model.nested[0][1][1]"),
         (
             "UpdateWeightsFromIPC",
-            ("buffer", "cuda_handle"),
-            "UpdateWeightsFromIPC.buffer.cuda_handle",
+            ("buffer", "cuda", "handle"),
+            "UpdateWeightsFromIPC.buffer.cuda.handle",
         ),
     ],
 )
@@ -879,6 +904,7 @@ WIRE_TYPES = [
     p.TensorSpec,
     p.UpdateTimings,
     p.WeightSpec,
+    p.VersionSpan,
 ]
 
 
@@ -920,3 +946,17 @@ def test_protocol_doc_example_frame_decodes():
     frame = bytes.fromhex("".join(hexes))
     assert len(frame) == 35
     assert decode(frame) == p.Abort(request_id="x1", target_id="r1")
+
+
+def test_version_spans_run_length_encode_token_versions():
+    spans = p.version_spans([3, 3, 4, 4, 4, 3])
+    assert [(s.version, s.tokens) for s in spans] == [(3, 2), (4, 3), (3, 1)]
+    assert p.token_versions(spans) == [3, 3, 4, 4, 4, 3]
+    assert p.version_spans([]) == [] and p.token_versions([]) == []
+
+
+def test_a_version_span_of_no_tokens_is_refused():
+    frame = encode(p.GenerateOutput(version_spans=[p.VersionSpan(version=1, tokens=1)]))
+    bad = frame.replace(b"\xa6tokens\x01", b"\xa6tokens\x00")
+    with pytest.raises(ProtocolError, match=r"version_spans\[0\]\.tokens"):
+        decode(bad)
