@@ -399,9 +399,7 @@ def send_payloads(
 def _finish_payload(
     group: BroadcastGroup, item: tuple, timeout_s: float, stats: TransferStats
 ) -> None:
-    g, works = item[0], item[1]
-    for work in works:
-        _finish(group, work, timeout_s, f"delta bucket {g}", stats)
+    _finish(group, item[1], timeout_s, f"delta bucket {item[0]}", stats)
 
 
 OnPayload = Callable[[int, delta.Header, torch.Tensor], None]
@@ -436,7 +434,7 @@ def recv_payloads(
     for g in range(count):
         _check_cancel(cancel, g)
         next_head = group.broadcast_async(heads[(g + 1) % 2], timeout_s) if g + 1 < count else None
-        _finish(group, body_work, first if g == 0 else timeout_s, f"delta bucket {g}", stats)
+        _finish(group, [body_work], first if g == 0 else timeout_s, f"delta bucket {g}", stats)
         following = None
         if next_head is not None:
             following = _post_body(group, g + 1, heads, bodies, next_head, timeout_s, stats)
@@ -461,7 +459,7 @@ def _post_body(
     stats: TransferStats,
 ) -> tuple[delta.Header, torch.Tensor, Any]:
     """Wait for bucket g's header, then post the receive of its body into buffer g % 2."""
-    _finish(group, head_work, timeout_s, f"delta header {g}", stats)
+    _finish(group, [head_work], timeout_s, f"delta header {g}", stats)
     header = delta.read_header(heads[g % 2])
     if header.body_nbytes > bodies[g % 2].numel():
         raise delta.DeltaError(
