@@ -92,7 +92,8 @@ def perturb(tensors: dict[str, torch.Tensor], fraction: float, gen: torch.Genera
     for t in tensors.values():
         flat = t.view(-1)
         if fraction >= 1.0:
-            flat.mul_(1.02).add_(1e-3)  # 2% moves every value, even in bf16 (7-bit mantissa)
+            flat.mul_(1.02)  # 2% moves every nonzero value, even in bf16 (7-bit mantissa)
+            flat[flat == 0] = 1e-3
             continue
         k = max(1, int(flat.numel() * fraction))
         idx = torch.randint(0, flat.numel(), (k,), generator=gen)
