@@ -10,8 +10,12 @@ serves. Otherwise it is full, and the report says why:
     an engine reports another version, or incomplete weights -> full
 
 A full push in delta mode still travels as payloads (every bucket RAW, packed into the base
-as it is sent), so it costs what a plain full push costs and leaves the base in place. Any
-failure drops the base: the next push is full. Knows the protocol and the encoder only.
+as it is sent), so it leaves the base in place. Any failure drops the base: the next push is
+full. A delta that found every bucket dense (more than `sync.delta_max_changed` changed; an
+fp32 policy under Adam changes every element every step) turns deltas off for the next
+`DENSE_PLAIN_PUSHES` pushes: they are plain pushes, through the transport's fastest path
+(in the engines' store where it can), keeping no base; then a full push takes a base again
+and a delta is tried. Knows the protocol and the encoder only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from rlsync.transports.base import Encode, Tensors
 from trainer_side.push_report import PushReport
 from trainer_side.sync_engines import EngineSet
 
+DENSE_PLAIN_PUSHES = 10
+"""After a delta that found only dense buckets, this many plain pushes before the next try."""
+
 
 class DeltaPlanner:
     """Owns the base of the current plan and decides, push by push, delta or full."""
@@ -33,9 +40,25 @@ class DeltaPlanner:
         self.plan_id = ""
         self.since_full = 0
         """Delta pushes since the last full one."""
+        self.plain_left = 0
+        """Plain pushes still to make before deltas are tried again (dense changes)."""
+        self.dense_share = 0.0
 
-    def begin(self, plan: BucketPlan, plan_id: str, engines: EngineSet) -> tuple[DeltaInfo, str]:
-        """The DeltaInfo of the next push, and why it is full ("" for a delta)."""
+    def plain_next(self) -> bool:
+        """Whether the next push is a plain one (no payloads, no base; see module doc)."""
+        return self.plain_left > 0
+
+    def begin(
+        self, plan: BucketPlan, plan_id: str, engines: EngineSet
+    ) -> tuple[DeltaInfo | None, str]:
+        """The DeltaInfo of the next push (None: a plain push), and why it is full ("" for a
+        delta)."""
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            return None, (
+                f"plain: the last delta found {self.dense_share:.0%} changed; deltas again "
+                f"after {self.plain_left} more"
+            )
         if self.encoder is None or self.plan_id != plan_id:
             self.encoder = DeltaEncoder(
                 plan, checksum_raw=self.cfg.verify, max_changed=self.cfg.delta_max_changed
@@ -67,7 +90,7 @@ class DeltaPlanner:
         self.encoder = DeltaEncoder(
             plan, checksum_raw=self.cfg.verify, max_changed=self.cfg.delta_max_changed
         )
-        self.plan_id, self.since_full = plan_id, 0
+        self.plan_id, self.since_full, self.plain_left = plan_id, 0, 0
         for g in range(len(plan.buckets)):
             self.encoder.encode(g, tensors, full=True)
         self.encoder.version = version
@@ -92,3 +115,8 @@ class DeltaPlanner:
             self.since_full = 0 if full else self.since_full + 1
         else:
             self.encoder.invalidate()
+        stats = self.encoder.stats
+        dense = stats.buckets > 0 and stats.raw_buckets == stats.buckets
+        if not full and dense and stats.changed_fraction > self.cfg.delta_max_changed:
+            self.plain_left, self.dense_share = DENSE_PLAIN_PUSHES, stats.changed_fraction
+            self.encoder.invalidate()  # plain pushes keep no base

@@ -112,7 +112,8 @@ class WeightPusher:
         input is wrong (nothing is sent then) or no engine got the version."""
         start = time.perf_counter()
         tensors = named_tensors(weights)
-        plan = self._plan_for(tensors)
+        plain = self.delta is None or self.delta.plain_next()
+        plan = self._plan_for(tensors, packed=not plain)
         with torch.no_grad():
             if self._stale_group:
                 self._rebuild()
@@ -189,12 +190,15 @@ class WeightPusher:
         return report
 
     def _begin_delta(self, plan: BucketPlan, report: PushReport, full: bool) -> DeltaInfo | None:
+        """Delta mode: this push's DeltaInfo (None: a plain push), its kind in the report."""
         if self.delta is None:
             return None
         info, reason = self.delta.begin(plan, self.plan_id, self.engines)
-        if full and info.base_version is not None:
+        if full and info is not None and info.base_version is not None:
             info, reason = DeltaInfo(base_version=None), "retry of a failed delta"
         report.delta = f"full: {reason}" if reason else "delta"
+        if info is None:  # a plain push: the plan's bytes, all counted as changed
+            report.wire_bytes, report.changed_fraction = plan_total_bytes(plan), 1.0
         return info
 
     def _finish_delta(self, report: PushReport, version: int, info: DeltaInfo) -> None:
@@ -320,25 +324,25 @@ class WeightPusher:
             report.transfer_error = f"{type(exc).__name__}: {exc}"
         report.transfer_s = time.perf_counter() - start
 
-    def _plan_for(self, tensors: dict[str, torch.Tensor]) -> BucketPlan:
+    def _plan_for(self, tensors: dict[str, torch.Tensor], packed: bool = False) -> BucketPlan:
         """Plan in the engines' dtypes (cast while packing); refuse a mismatch before sending.
-        The plan (and its check) is redone only when names, dtypes or shapes change."""
-        key = tuple((n, t.dtype, t.shape) for n, t in tensors.items())
+        The plan (and its check) is redone only when names, dtypes or shapes change, or
+        `packed` does (delta payloads are decoded and applied through named views, so their
+        plan is a packed one, never the engines' store layout)."""
+        key = (packed, tuple((n, t.dtype, t.shape) for n, t in tensors.items()))
         if key != self._plan_key:
             self._check_against_engines(tensors)
             specs = [(n, self.specs[n][0], tuple(t.shape)) for n, t in tensors.items()]
-            self.plan, self._plan_key = self._plan(specs), key
+            self.plan, self._plan_key = self._plan(specs, packed), key
             self.plan_id = plan_id_of(self.plan)
         assert self.plan is not None
         return self.plan
 
-    def _plan(self, specs: list[tuple[str, str, tuple[int, ...]]]) -> BucketPlan:
+    def _plan(self, specs: list[tuple[str, str, tuple[int, ...]]], packed: bool) -> BucketPlan:
         """Buckets in the engines' store layout when they all publish the same one (each
-        bucket lands in place, and over ipc each byte is copied once), else packed. Delta
-        payloads are always decoded and applied through named views, so sync.delta plans
-        packed buckets."""
+        bucket lands in place, and over ipc each byte is copied once), else packed."""
         layout = self.engines.layout
-        if self.cfg.one_copy and not self.cfg.delta and layout is not None:
+        if self.cfg.one_copy and not packed and layout is not None:
             try:
                 return plan_in_store(specs, layout, self.cfg.bucket_bytes, self.sender.solo_bytes)
             except PlanError:
@@ -367,7 +371,7 @@ class WeightPusher:
         if self.delta is None:
             raise PushError("adopt_base needs sync.delta")
         tensors = named_tensors(weights)
-        plan = self._plan_for(tensors)
+        plan = self._plan_for(tensors, packed=True)
         replies = self.fingerprints()
         missing = sorted(set(self.engines.live()) - set(replies))
         if missing:

@@ -241,6 +241,13 @@ def format_delta(result: dict) -> str:
             f"| {r['transport']} | {r['mode']} | {frac} | {r['method']} | {r['median_s']:.4f} "
             f"| {r['best_s']:.4f} | {ratio:.2f} | {median(r['wire_bytes']) / 1e6:.2f} "
             f"| {median(r['encode_s']):.4f} | {median(r['apply_s']):.4f} "
-            f"| {median(r['changed']) * 100:.3g}% | {r['kinds'][-1][:40]} |"
+            f"| {median(r['changed']) * 100:.3g}% | {_kinds(r['kinds'])} |"
         )
     return "\n".join(lines)
+
+
+def _kinds(kinds: list[str]) -> str:
+    """What the pushes of one row were, e.g. "delta x1, plain x4"."""
+    short = [k.split(":")[1].split("(")[0].strip() if k.startswith("full:") else k for k in kinds]
+    counts = {k: short.count(k) for k in dict.fromkeys(short)}
+    return ", ".join(f"{k[:24]} x{n}" for k, n in counts.items())

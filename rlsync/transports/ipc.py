@@ -570,8 +570,8 @@ class Sender(base.Sender):
     def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
         self.push_id += 1
         self.targets.clear()
-        self.one_copy = in_store(plan) and not self.cfg.delta  # payloads are always staged
-        if self.cfg.delta:  # room for the largest payloads, which full pushes fit too
+        self.one_copy = in_store(plan)  # (never for delta payloads: their plan is packed)
+        if self.cfg.delta and not self.one_copy:  # room for the largest payloads
             plan = delta.wire_plan(plan)
         if self.one_copy:
             if self.direct is None or self.direct.data.numel() < TRAILER_BYTES * len(plan.buckets):

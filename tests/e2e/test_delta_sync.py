@@ -283,3 +283,26 @@ def _settled(engine, deadline_s: float):
             return info
         time.sleep(0.2)
     raise AssertionError(f"update still in flight after {deadline_s}s")
+
+
+def test_dense_changes_turn_deltas_off_for_a_while(engines, ckpt, versions, tmp_path):
+    """A delta that finds every bucket dense (Adam on fp32 weights) is followed by plain
+    pushes (no payloads, no base kept), then a full push takes a base and deltas resume."""
+    from trainer_side.delta_push import DENSE_PLAIN_PUSHES
+
+    gen = torch.Generator().manual_seed(14)
+    weights = trainer_weights(ckpt, 70)
+    pusher = delta_pusher(engines, tmp_path, "ipc", delta_max_changed=0.02)
+    kinds = []
+    try:
+        pusher.push(weights, next(versions))
+        weights = {n: t * 1.01 for n, t in weights.items()}  # every element moves
+        report = pusher.push(weights, next(versions))
+        assert report.delta == "delta" and report.changed_fraction > 0.99
+        for _ in range(DENSE_PLAIN_PUSHES + 2):
+            weights = sparse_step(weights, 0.005, gen)
+            kinds.append(pusher.push(weights, next(versions)).delta.split(":")[0])
+            assert pusher.mismatches(weights) == {"engine0": [], "engine1": []}
+    finally:
+        pusher.close()
+    assert kinds == ["full"] * (DENSE_PLAIN_PUSHES + 1) + ["delta"]
