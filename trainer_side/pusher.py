@@ -222,9 +222,10 @@ class WeightPusher:
             return report
         if self.sender.can_rebuild:
             self._rebuild()  # the failed members left the group
+        why = report.engines[failed_now[0]].message[-300:]
         retry = self._push_once(plan, tensors, version, names=failed_now, full=True)
         report.engines.update(retry.engines)
-        report.delta = f"delta; full again to {', '.join(failed_now)} (the delta failed there)"
+        report.delta = f"delta; full again to {', '.join(failed_now)} ({failed_now[0]}: {why})"
         report.wire_bytes += retry.wire_bytes
         report.transfer_s += retry.transfer_s
         return report

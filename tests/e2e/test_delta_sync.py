@@ -177,6 +177,7 @@ def test_a_delta_the_engines_cannot_apply_is_pushed_again_in_full(
         version = next(versions)
         report = pusher.push(weights, version)
         assert report.delta.startswith("delta; full again to engine0, engine1"), report.delta
+        assert "differ from the pusher's base" in report.delta
         assert report.failed == [], report.summary()
         assert pusher.mismatches(weights) == {"engine0": [], "engine1": []}
         assert all(c.info().weight_version == version for c in engines.values())
@@ -306,3 +307,41 @@ def test_dense_changes_turn_deltas_off_for_a_while(engines, ckpt, versions, tmp_
     finally:
         pusher.close()
     assert kinds == ["full"] * (DENSE_PLAIN_PUSHES + 1) + ["delta"]
+
+
+def test_a_bit_flipped_on_the_way_is_caught_and_the_push_repeated_in_full(
+    engines, ckpt, versions, tmp_path, monkeypatch
+):
+    """Fault injection on the wire: one bit of a SPARSE payload flips after its checksum was
+    taken (in the shared buffer). Every engine refuses that payload before writing it, and
+    the pusher sends the version again, whole; the engines end bit-exact."""
+    from rlsync.delta import SPARSE, Payload
+
+    real = Payload.write_into
+    flipped = []
+
+    def corrupt(self, out):
+        real(self, out)
+        if self.kind == SPARSE and self.changed and not flipped:
+            out[self.nbytes - 1] ^= 0x10  # the last value byte
+            flipped.append(True)
+
+    gen = torch.Generator().manual_seed(15)
+    weights = trainer_weights(ckpt, 80)
+    pusher = delta_pusher(engines, tmp_path, "ipc", timeout_s=TIMEOUT_S, load_mode="shadow")
+    try:
+        pusher.push(weights, next(versions))
+        before = {n: c.fingerprints() for n, c in engines.items()}
+        monkeypatch.setattr(Payload, "write_into", corrupt)
+        weights = sparse_step(weights, 0.01, gen)
+        version = next(versions)
+        report = pusher.push(weights, version)
+        assert flipped
+        assert report.delta.startswith("delta; full again to engine0, engine1"), report.delta
+        assert "body checksum mismatch (corrupt payload)" in report.delta
+        assert report.failed == []
+        assert pusher.mismatches(weights) == {"engine0": [], "engine1": []}
+        assert all(c.info().weight_version == version for c in engines.values())
+        assert before["engine0"].weight_version == version - 1
+    finally:
+        pusher.close()
