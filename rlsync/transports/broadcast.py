@@ -212,7 +212,7 @@ def _wire_bytes(plan: BucketPlan, verify: bool) -> int:
     return max((integrity.wire_bytes(b.nbytes, verify) for b in plan.buckets), default=0)
 
 
-IN_FLIGHT = 8
+IN_FLIGHT = 16
 """Broadcasts kept in flight for a plan that follows the engines' store: its buckets need no
 staging buffer on either side (bar the packed ones, two at a time), and a deeper queue hides
 the per-collective latency of many tensor-sized buckets."""
