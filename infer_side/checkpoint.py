@@ -20,11 +20,16 @@ EMBED = "model.embed_tokens.weight"
 
 
 def load_model(
-    path: str | Path, dtype: str | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    dtype: str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    exposed: bool = False,
 ) -> tuple[ModelConfig, ModelWeights]:
     """Read config.json (ModelConfig.from_dir: unsupported configs such as rope scaling raise
     ModelConfigError), allocate the store (`dtype` name, default the checkpoint's), and stream
-    every tensor into it, cast to the store's dtype.
+    every tensor into it, cast to the store's dtype. `exposed`: in memory a pusher can map
+    (`ModelWeights.empty`).
 
     A tied model's `lm_head.weight` is skipped only if it equals the embedding; any other
     unknown, duplicate or missing tensor raises WeightError naming it.
@@ -32,7 +37,9 @@ def load_model(
     cfg = ModelConfig.from_dir(path)
     if dtype is not None and dtype not in DTYPES:
         raise ModelConfigError(f"dtype={dtype!r}: supported {sorted(DTYPES)}")
-    weights = ModelWeights.empty(cfg, DTYPES[dtype] if dtype else cfg.dtype, device)
+    weights = ModelWeights.empty(
+        cfg, DTYPES[dtype] if dtype else cfg.dtype, device, exposed=exposed
+    )
     tied_head: torch.Tensor | None = None
     seen: set[str] = set()
     for name, tensor in iter_checkpoint_tensors(path):

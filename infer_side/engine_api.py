@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlsync.protocol import PauseMode
+from rlsync.protocol import PauseMode, StoreRef
 from rlsync.transports.base import WriteSink
 
 
@@ -35,6 +35,29 @@ class EngineWeights(Protocol):
         ...
 
     def fingerprints(self, names: Iterable[str] | None = None) -> dict[str, int]: ...
+
+    @property
+    def flat(self) -> torch.Tensor | None:
+        """The one flat buffer every tensor is a view of (None: no such buffer); an update
+        whose plan follows the store lands its buckets here in place."""
+        ...
+
+    @property
+    def store_ref(self) -> StoreRef | None:
+        """Where a pusher can map `flat` to write it directly (None: it cannot)."""
+        ...
+
+    def placement(self) -> dict[str, tuple[int, int]]:
+        """name -> (byte offset, nbytes) in `flat` (only called when `flat` is set)."""
+        ...
+
+    def layout(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """name -> (byte offset, element strides) in `flat` (only when `flat` is set)."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's shared name, if any (views keep the memory alive)."""
+        ...
 
 
 class UpdatableEngine(Protocol):

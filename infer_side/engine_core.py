@@ -54,7 +54,12 @@ class EngineCore(CoreBase):
     def from_checkpoint(cls, path: str | Path, engine_cfg: EngineConfig) -> EngineCore:
         from infer_side.checkpoint import load_model
 
-        model_cfg, weights = load_model(path, dtype=engine_cfg.dtype, device=engine_cfg.device)
+        model_cfg, weights = load_model(
+            path,
+            dtype=engine_cfg.dtype,
+            device=engine_cfg.device,
+            exposed=engine_cfg.expose_weights,
+        )
         return cls(model_cfg, weights, engine_cfg)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from infer_side.engine_api import EngineWeights, UpdatableEngine
-from rlsync.buckets import validate_plan
+from rlsync.buckets import in_store, validate_placement, validate_plan
 from rlsync.protocol import (
     BucketPlan,
     BucketUpdate,
@@ -116,7 +116,7 @@ class UpdateJob:
         self, target: EngineWeights, into_live: bool, sink: WriteSink | None = None
     ) -> None:
         self.stage, self.into_live = Stage.RECEIVING, into_live
-        self.writer = WeightWriter(target.hf_views(), self.cancel, sink)
+        self.writer = WeightWriter(target.hf_views(), self.cancel, sink, flat=target.flat)
         self.thread = threading.Thread(
             target=self._run, name=f"weights-v{self.version}", daemon=True
         )
@@ -171,6 +171,8 @@ class PlanCache:
             )
         validate_plan(msg.plan)
         weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
+        if in_store(msg.plan) and weights.flat is not None:
+            validate_placement(msg.plan, weights.placement(), weights.flat.numel())
         self.plans[plan_id] = msg.plan
         while len(self.plans) > self.keep:
             self.plans.popitem(last=False)
@@ -290,6 +292,9 @@ class UpdateMachine:
             self.job.cancel.set()
         for receiver in self.receivers.values():
             receiver.close()
+        for store in (self.shadow, self.engine.live_weights()):
+            if store is not None:
+                store.close()
 
     def _receiver(self, kind: str | None) -> Receiver:
         assert kind is not None
@@ -318,13 +323,18 @@ class UpdateMachine:
         receiver = self._receiver(msg.transport)
         nbytes = receiver.check(msg, plan, live)
         job = UpdateJob(msg=msg, receiver=receiver, plan=plan, nbytes=nbytes)
+        target = live
         if msg.load_mode == "shadow":
             if self.shadow is None:
                 self.shadow = self.engine.new_shadow()
+            target = self.shadow
             job.start_worker(self.shadow, into_live=False)
         self.job = job  # last: a refusal above leaves no job behind
         return UpdateAccepted(
-            request_id=msg.request_id, weight_version=msg.weight_version, bytes=nbytes
+            request_id=msg.request_id,
+            weight_version=msg.weight_version,
+            bytes=nbytes,
+            store=target.store_ref if plan is not None and in_store(plan) else None,
         )
 
     # ------------------------------------------------------------ the update order
@@ -362,7 +372,8 @@ class UpdateMachine:
         self.abandoned = job
         job.stage = Stage.FAILED
         job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
-        if not job.into_live:
+        if not job.into_live and self.shadow is not None:
+            self.shadow.close()  # a late writer may still land bytes in it: never reuse it
             self.shadow = None
 
     def _block_generation(self, job: UpdateJob) -> bool:
@@ -455,10 +466,23 @@ class UpdateMachine:
         )
 
     def _specs(self, msg: GetWeightSpecs) -> Message:
+        """What an update must carry and, when the store can be written in place (and every
+        store this engine allocates has the same layout), where each tensor's bytes sit."""
+        live = self.engine.live_weights()
+        layout = live.layout() if live.store_ref is not None else {}
         specs = [
-            WeightSpec(name=n, dtype=d, shape=list(s))
-            for n, (d, s) in self.engine.live_weights().expected().items()
+            WeightSpec(
+                name=n,
+                dtype=d,
+                shape=list(s),
+                offset=layout[n][0] if n in layout else None,
+                strides=list(layout[n][1]) if n in layout else [],
+            )
+            for n, (d, s) in live.expected().items()
         ]
         return WeightSpecs(
-            request_id=msg.request_id, specs=specs, weight_version=self.engine.weight_version
+            request_id=msg.request_id,
+            specs=specs,
+            weight_version=self.engine.weight_version,
+            store_bytes=live.flat.numel() if layout else 0,
         )

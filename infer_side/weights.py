@@ -9,13 +9,18 @@ pool, transports or checkpoint files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from rlsync.buckets import dtype_name, tensor_fingerprint
+from rlsync.buckets import align_up, dtype_name, tensor_fingerprint
 from rlsync.model_config import ModelConfig
+from rlsync.protocol import StoreRef
+from rlsync.transports.store import EngineStore
+
+STORE_ALIGNMENT = 256
 
 
 class WeightError(ValueError):
@@ -51,8 +56,11 @@ class ModelWeights:
         layers: list[LayerWeights],
         norm: torch.Tensor,
         lm_head: torch.Tensor | None,
+        store: EngineStore | None = None,
     ):
+        """`store`: the one flat buffer every tensor above is a view of (see `empty`)."""
         self.cfg, self.dtype, self.device = cfg, dtype, embed_tokens.device
+        self.store = store
         self.embed_tokens, self.layers, self.norm, self.lm_head = (
             embed_tokens,
             layers,
@@ -66,34 +74,51 @@ class ModelWeights:
 
     @classmethod
     def empty(
-        cls, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+        cls,
+        cfg: ModelConfig,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        exposed: bool = False,
     ) -> ModelWeights:
-        """Allocate zeroed storage for `cfg` (dtype defaults to the config's).
+        """Allocate zeroed storage for `cfg` (dtype defaults to the config's): one flat buffer
+        holding every fused tensor at a `STORE_ALIGNMENT`-aligned offset, so each Hugging
+        Face tensor (a row range of a fused one too) is one contiguous byte range. With
+        `exposed`, the buffer is memory a pusher can map and write (`EngineStore`).
 
         Always normal tensors, even when called under inference_mode, so any thread may
         later write the views in place.
         """
         dtype = dtype or cfg.dtype
-        h, i, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
+        shapes = _fused_shapes(cfg)
+        offsets, end = {}, 0
+        for name, shape in shapes.items():
+            offsets[name] = end
+            end = align_up(end + math.prod(shape) * dtype.itemsize, STORE_ALIGNMENT)
+        store = EngineStore(end, device, exposed=exposed)
 
-        def zeros(*shape: int) -> torch.Tensor:
-            with torch.inference_mode(False):
-                return torch.zeros(shape, dtype=dtype, device=device)
+        def carve(name: str) -> torch.Tensor:
+            shape, start = shapes[name], offsets[name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            return store.flat[start : start + nbytes].view(dtype).view(shape)
 
-        layers = [
-            LayerWeights(
-                input_layernorm=zeros(h),
-                qkv_proj=zeros(qkv, h),
-                qkv_bias=zeros(qkv) if cfg.attention_bias else None,
-                o_proj=zeros(h, cfg.q_size),
-                post_attention_layernorm=zeros(h),
-                gate_up_proj=zeros(2 * i, h),
-                down_proj=zeros(h, i),
+        def layer(n: int) -> LayerWeights:
+            p = f"model.layers.{n}."
+            return LayerWeights(
+                input_layernorm=carve(p + "input_layernorm.weight"),
+                qkv_proj=carve(p + "self_attn.qkv_proj.weight"),
+                qkv_bias=carve(p + "self_attn.qkv_proj.bias") if cfg.attention_bias else None,
+                o_proj=carve(p + "self_attn.o_proj.weight"),
+                post_attention_layernorm=carve(p + "post_attention_layernorm.weight"),
+                gate_up_proj=carve(p + "mlp.gate_up_proj.weight"),
+                down_proj=carve(p + "mlp.down_proj.weight"),
             )
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        lm_head = None if cfg.tie_word_embeddings else zeros(cfg.vocab_size, h)
-        return cls(cfg, dtype, zeros(cfg.vocab_size, h), layers, zeros(h), lm_head)
+
+        with torch.inference_mode(False):
+            layers = [layer(n) for n in range(cfg.num_hidden_layers)]
+            lm_head = None if cfg.tie_word_embeddings else carve("lm_head.weight")
+            embed, norm = carve("model.embed_tokens.weight"), carve("model.norm.weight")
+        return cls(cfg, dtype, embed, layers, norm, lm_head, store)
 
     # ------------------------------------------------------------------ views and names
 
@@ -217,8 +242,41 @@ class ModelWeights:
         return len(items)
 
     def clone_empty(self) -> ModelWeights:
-        """A second, zeroed store of the same config, dtype and device (for shadow updates)."""
-        return ModelWeights.empty(self.cfg, self.dtype, self.device)
+        """A second, zeroed store of the same config, dtype, device and layout (for shadow
+        updates), exposed if this one is."""
+        exposed = self.store is not None and self.store.ref is not None
+        return ModelWeights.empty(self.cfg, self.dtype, self.device, exposed=exposed)
+
+    # ------------------------------------------------------------------ the flat store
+
+    @property
+    def store_ref(self) -> StoreRef | None:
+        """Where a pusher can map this store (None: private memory)."""
+        return self.store.ref if self.store is not None else None
+
+    @property
+    def flat(self) -> torch.Tensor | None:
+        """The flat uint8 buffer every tensor is a view of."""
+        return self.store.flat if self.store is not None else None
+
+    def layout(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """HF name -> (byte offset in the flat store, element strides)."""
+        assert self.store is not None
+        base = self.store.flat.data_ptr()
+        return {n: (v.data_ptr() - base, tuple(v.stride())) for n, v in self._views.items()}
+
+    def placement(self) -> dict[str, tuple[int, int]]:
+        """HF name -> (byte offset, nbytes) in the flat store: what an in-store plan must
+        match byte for byte (`rlsync.buckets.validate_placement`)."""
+        return {
+            n: (off, self._views[n].numel() * self.dtype.itemsize)
+            for n, (off, _) in self.layout().items()
+        }
+
+    def close(self) -> None:
+        """Release an exposed store's name (its pages go when the last view does)."""
+        if self.store is not None:
+            self.store.close()
 
     def copy_from(self, other: ModelWeights) -> None:
         """Copy every weight of `other` (same layout and dtype) into this store."""
@@ -236,3 +294,23 @@ class ModelWeights:
             if name not in self._views:
                 raise WeightError(f"{name!r}: unknown tensor name for this model")
         return {n: tensor_fingerprint(self._views[n]) for n in names}
+
+
+def _fused_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The engine's fused tensors, in the order they sit in the flat store."""
+    h, i, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.qkv_proj.weight"] = (qkv, h)
+        if cfg.attention_bias:
+            shapes[p + "self_attn.qkv_proj.bias"] = (qkv,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, cfg.q_size)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes

@@ -9,6 +9,7 @@ knows which transport moves the buffer.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -101,6 +102,91 @@ def plan_buckets(
     plan = BucketPlan(alignment=alignment, buckets=buckets)
     validate_plan(plan)
     return plan
+
+
+def plan_in_store(
+    specs: Iterable[tuple[str, str, Sequence[int]]],
+    offsets: Mapping[str, int],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> BucketPlan:
+    """A plan whose buckets are contiguous byte ranges of an engine's flat store, so a
+    receiver lands each bucket in place and a writer copies each tensor straight to its home.
+
+    Tensors go in store order; a bucket closes before the tensor that would take it past
+    `bucket_bytes`. The plan's alignment is the largest power of two up to 256 dividing every
+    offset (the q/k/v rows of a fused projection may sit at finer offsets than whole tensors);
+    the store pads each fused tensor to 256 bytes, so an aligned bucket end never reaches
+    into a tensor of the next bucket (`validate_placement` checks that on the engine).
+    """
+    items = sorted(specs, key=lambda s: offsets[s[0]])
+    alignment = DEFAULT_ALIGNMENT
+    while alignment > 8 and any(offsets[n] % alignment for n, _, _ in items):
+        alignment //= 2
+    if any(offsets[n] % alignment for n, _, _ in items):
+        raise PlanError("store offsets are not 8-byte aligned; the plan cannot follow the store")
+    buckets: list[Bucket] = []
+    current: list[TensorSpec] = []
+    start = end = 0
+    for name, dtype, shape in items:
+        offset, nbytes = offsets[name], tensor_nbytes(dtype, shape)
+        if current and offset + nbytes - start > bucket_bytes:
+            buckets.append(_store_bucket(current, start, end, alignment))
+            current = []
+        if not current:
+            start = offset
+        current.append(
+            TensorSpec(
+                name=name, dtype=dtype, shape=list(shape), offset=offset - start, nbytes=nbytes
+            )
+        )
+        end = offset + nbytes
+    if current:
+        buckets.append(_store_bucket(current, start, end, alignment))
+    plan = BucketPlan(alignment=alignment, buckets=buckets)
+    validate_plan(plan)
+    return plan
+
+
+def _store_bucket(tensors: list[TensorSpec], start: int, end: int, alignment: int) -> Bucket:
+    return Bucket(nbytes=_bucket_size(end - start, alignment), tensors=tensors, store_offset=start)
+
+
+def in_store(plan: BucketPlan) -> bool:
+    """Whether the plan's buckets are ranges of the engine's store (see `plan_in_store`)."""
+    return bool(plan.buckets) and plan.buckets[0].store_offset is not None
+
+
+def validate_placement(
+    plan: BucketPlan, layout: Mapping[str, tuple[int, int]], store_bytes: int
+) -> None:
+    """Check an in-store plan against the engine's layout (name -> byte offset, nbytes):
+    every tensor lands exactly on its own bytes, and no bucket's range reaches a byte of a
+    tensor that bucket does not carry. Raises PlanError naming the bucket or tensor."""
+    spans = sorted((off, off + n, name) for name, (off, n) in layout.items())
+    starts = [s[0] for s in spans]
+    for b, bucket in enumerate(plan.buckets):
+        where = f"bucket {b}"
+        if bucket.store_offset is None:
+            raise PlanError(f"{where}: no store_offset in a plan that follows the store")
+        lo, hi = bucket.store_offset, bucket.store_offset + bucket.nbytes
+        if hi > store_bytes:
+            raise PlanError(f"{where}: ends at byte {hi}, past the store's {store_bytes} bytes")
+        carried = set()
+        for spec in bucket.tensors:
+            want = layout.get(spec.name)
+            got = (lo + spec.offset, spec.nbytes)
+            if want != got:
+                raise PlanError(
+                    f"{where} tensor {spec.name!r}: would write bytes [{got[0]}, "
+                    f"{got[0] + got[1]}) of the store; the tensor is at {want}"
+                )
+            carried.add(spec.name)
+        first = max(bisect.bisect_right(starts, lo) - 1, 0)
+        for off, end, name in spans[first:]:
+            if off >= hi:
+                break
+            if end > lo and name not in carried:
+                raise PlanError(f"{where}: range [{lo}, {hi}) overlaps tensor {name!r}")
 
 
 def _bucket_size(used: int, alignment: int) -> int:

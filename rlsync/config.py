@@ -30,6 +30,10 @@ class EngineConfig:
     load_chunk_mb: float = 256.0
     """vllm backend, in_place updates: load complete fused groups into vLLM as buckets land,
     once this many MB are ready (each vLLM reload call has a fixed cost); 0: every bucket."""
+    expose_weights: bool = True
+    """Our engine: keep the weight stores in memory a pusher can map (shm on CPU, IPC-able
+    GPU memory), so ipc pushes write each byte once and broadcast receives land in place;
+    False: private memory and the staging path. The vllm backend always stages."""
     kv_tokens: int = 4096
     """KV pool size in tokens, allocated once at start."""
     max_running: int = 64
@@ -72,6 +76,10 @@ class SyncConfig:
     flush_cache: bool = True
     torch_empty_cache: bool = False
     verify: bool = False
+    one_copy: bool = True
+    """When every engine publishes the same store layout: plan buckets in it, so ipc writes
+    each trainer tensor straight into the engines' stores and broadcast buckets land in
+    place; False (or engines without one, e.g. vLLM): stage through a buffer."""
     timeout_s: float = 60.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     master_address: str = "127.0.0.1"

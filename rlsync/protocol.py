@@ -58,6 +58,9 @@ class Bucket:
 
     nbytes: int = _f(0, ge=0)
     tensors: list[TensorSpec] = _f(factory=list, max_len=1 << 16)
+    store_offset: int | None = _f(None, ge=0)
+    """Set when the plan follows the engine's weight layout: the bucket is the byte range
+    [store_offset, store_offset + nbytes) of the engine's store, written there in place."""
 
 
 @dataclass(kw_only=True)
@@ -82,9 +85,24 @@ class SamplingParams:
 
 
 @dataclass(kw_only=True)
+class CudaShare:
+    """CUDA memory exported by IPC handle, field by field (never pickled): what
+    `UntypedStorage._share_cuda_` returns, with the GPU named by UUID so a process with a
+    different CUDA_VISIBLE_DEVICES finds its own index for it."""
+
+    gpu_uuid: str = _f("", max_len=64)
+    handle: bytes = _f(b"", max_len=256)
+    storage_offset: int = _f(0, ge=0)
+    ref_counter_handle: bytes = _f(b"", max_len=256)
+    ref_counter_offset: int = _f(0, ge=0)
+    event_handle: bytes = _f(b"", max_len=256)
+    event_sync_required: bool = False
+
+
+@dataclass(kw_only=True)
 class IpcBuffer:
     """Where an IPC weight buffer lives. kind "shm": POSIX shared memory by name; kind "cuda":
-    a CUDA IPC handle sent field by field (never pickled), keyed by the GPU's UUID."""
+    CUDA memory shared by IPC handle (`cuda`)."""
 
     kind: Literal["shm", "cuda"] = "shm"
     name: str = _f("", max_len=255)
@@ -96,13 +114,18 @@ class IpcBuffer:
     slot_bytes: int = _f(0, ge=0)
     engine_index: int = _f(0, ge=0, le=4095)
     """Which consumed-counter in the control segment this engine advances."""
-    gpu_uuid: str = _f("", max_len=64)
-    cuda_handle: bytes = _f(b"", max_len=256)
-    cuda_storage_offset: int = _f(0, ge=0)
-    cuda_ref_counter_handle: bytes = _f(b"", max_len=256)
-    cuda_ref_counter_offset: int = _f(0, ge=0)
-    cuda_event_handle: bytes = _f(b"", max_len=256)
-    cuda_event_sync_required: bool = False
+    cuda: CudaShare | None = None
+
+
+@dataclass(kw_only=True)
+class StoreRef:
+    """One of an engine's weight stores, mapped by a pusher that writes it directly: a POSIX
+    shm segment the engine created (kind "shm") or engine GPU memory (kind "cuda")."""
+
+    kind: Literal["shm", "cuda"] = "shm"
+    name: str = _f("", max_len=255)
+    nbytes: int = _f(0, ge=0)
+    cuda: CudaShare | None = None
 
 
 # ---------------------------------------------------------------- messages
@@ -280,6 +303,9 @@ class UpdateAccepted(Message):
 
     weight_version: int = _f(0, ge=0)
     bytes: int = _f(0, ge=0)
+    store: StoreRef | None = None
+    """Set for a direct (one-copy) ipc update: the store the pusher writes this update into
+    (the shadow store, or the live one for in_place)."""
 
 
 @dataclass(kw_only=True)
@@ -324,12 +350,20 @@ class WeightSpec:
     name: str = _f(max_len=MAX_NAME)
     dtype: str = _f(max_len=32)
     shape: list[int] = _f(factory=list, max_len=8)
+    offset: int | None = _f(None, ge=0)
+    """Byte offset of the tensor in each of the engine's stores (None: no exposed layout)."""
+    strides: list[int] = _f(factory=list, max_len=8)
+    """Element strides of the tensor in the store (row-major: contiguous bytes)."""
 
 
 @dataclass(kw_only=True)
 class WeightSpecs(Message):
+    """What an update must carry and, for an engine whose stores can be written in place,
+    where every byte goes (`store_bytes` > 0: each store is one flat buffer of that size)."""
+
     specs: list[WeightSpec] = _f(factory=list, max_len=1 << 16)
     weight_version: int = _f(0, ge=0)
+    store_bytes: int = _f(0, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -417,7 +451,8 @@ def plan_id_of(plan: BucketPlan) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{plan.alignment};".encode())
     for bucket in plan.buckets:
-        h.update(f"B{bucket.nbytes};".encode())
+        placed = "" if bucket.store_offset is None else f"@{bucket.store_offset}"
+        h.update(f"B{bucket.nbytes}{placed};".encode())
         for t in bucket.tensors:
             h.update(f"{t.name}|{t.dtype}|{t.shape}|{t.offset}|{t.nbytes};".encode())
     return h.hexdigest()

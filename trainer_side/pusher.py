@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from rlsync.auth import load_client_keys
-from rlsync.buckets import dtype_from_name, plan_buckets, plan_total_bytes, tensor_fingerprint
+from rlsync.buckets import (
+    PlanError,
+    dtype_from_name,
+    plan_buckets,
+    plan_in_store,
+    plan_total_bytes,
+    tensor_fingerprint,
+)
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
     BucketPlan,
@@ -133,6 +140,7 @@ class WeightPusher:
         for name, reply in replies.items():
             if isinstance(reply, UpdateAccepted):
                 accepted.append(name)
+                self.sender.accepted(name, reply)
             else:
                 report.record(name, False, failed(reply) or "refused", _done(reply))
         if accepted:
@@ -204,10 +212,21 @@ class WeightPusher:
         if key != self._plan_key:
             self._check_against_engines(tensors)
             specs = [(n, self.specs[n][0], tuple(t.shape)) for n, t in tensors.items()]
-            self.plan, self._plan_key = plan_buckets(specs, self.cfg.bucket_bytes), key
+            self.plan, self._plan_key = self._plan(specs), key
             self.plan_id = plan_id_of(self.plan)
         assert self.plan is not None
         return self.plan
+
+    def _plan(self, specs: list[tuple[str, str, tuple[int, ...]]]) -> BucketPlan:
+        """Buckets in the engines' store layout when they all publish the same one (each
+        bucket lands in place, and over ipc each byte is copied once), else packed."""
+        layout = self.engines.layout
+        if self.cfg.one_copy and layout is not None:
+            try:
+                return plan_in_store(specs, layout, self.cfg.bucket_bytes)
+            except PlanError:
+                pass  # offsets a plan cannot follow: stage instead
+        return plan_buckets(specs, self.cfg.bucket_bytes)
 
     def _check_against_engines(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, t in tensors.items():

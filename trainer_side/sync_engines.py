@@ -43,11 +43,14 @@ class EngineSet:
         self.dead: set[str] = set()
         self.model_cfg: ModelConfig | None = None
         """The engines' model architecture, read by `discover`."""
+        self.layout: dict[str, int] | None = None
+        """name -> byte offset in every engine's store, when all engines publish the same
+        layout (their stores can be written in place); else None. Read by `discover`."""
 
     def discover(self, timeout_s: float) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Read every engine's model config and weight specs (name -> dtype, shape); the
         engines must all serve the same model. Raises ValueError naming the engine."""
-        specs = None
+        specs, layouts = None, []
         for name, reply in self.call_all(GetWeightSpecs, timeout_s).items():
             if not isinstance(reply, WeightSpecs):
                 raise ValueError(f"engine {name}: cannot read its weight specs: {failed(reply)}")
@@ -55,6 +58,9 @@ class EngineSet:
             if specs is not None and mine != specs:
                 raise ValueError(f"engine {name}: serves a different model than the other engines")
             specs = mine
+            layouts.append(_layout(reply))
+        same = all(layout == layouts[0] for layout in layouts)
+        self.layout = layouts[0] if layouts and same else None
         first = self.call_all(GetInfo, timeout_s)[self.names[0]]
         if not isinstance(first, EngineInfo):
             raise ValueError(f"engine {self.names[0]}: GetInfo failed: {failed(first)}")
@@ -107,3 +113,20 @@ class EngineSet:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
+
+
+def _layout(reply: WeightSpecs) -> dict[str, int] | None:
+    """name -> store offset, when the engine publishes a row-major layout for every tensor."""
+    if not reply.store_bytes or any(s.offset is None for s in reply.specs):
+        return None
+    if any(s.strides != _row_major(s.shape) for s in reply.specs):
+        return None  # a writer copies whole contiguous tensors: anything else stays staged
+    return {s.name: s.offset for s in reply.specs if s.offset is not None}
+
+
+def _row_major(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return strides[::-1]

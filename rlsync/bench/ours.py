@@ -18,6 +18,7 @@ import torch
 
 from rlsync.bench.probe import StreamProbe
 from rlsync.bench.stats import Row, median_phases
+from rlsync.buckets import in_store
 from rlsync.config import SyncConfig
 from trainer_side.push_report import PushReport
 from trainer_side.pusher import WeightPusher
@@ -39,10 +40,13 @@ def run_ours(
     probe: bool,
     device: str = "cpu",
 ) -> Row:
-    """Fill `row` (method = transport, mode = load mode) by pushing `tensors` `repeat` times
-    (`device`: where the trainer's tensors live; "cuda" makes ipc a CUDA IPC push)."""
+    """Fill `row` (method = transport, "-staged" for `sync.one_copy` off; mode = load mode)
+    by pushing `tensors` `repeat` times (`device`: where the trainer's tensors live; "cuda"
+    makes ipc a CUDA IPC push)."""
+    transport = row.method.removesuffix("-staged")
     cfg = SyncConfig(
-        transport=row.method,
+        transport=transport,  # type: ignore[arg-type]
+        one_copy=not row.method.endswith("-staged"),
         load_mode=row.mode,
         pause_mode="in_place",  # type: ignore[arg-type]
         bucket_mb=bucket_mb,
@@ -63,9 +67,20 @@ def run_ours(
         if probe:
             _probed_push(row, pusher, endpoints, tensors, next(versions), timeout_s)
         row.verified = not any(pusher.mismatches(tensors).values())
+        row.copies = copies_per_byte(transport, pusher.plan is not None and in_store(pusher.plan))
     finally:
         pusher.close()
     return row
+
+
+def copies_per_byte(transport: str, one_copy: bool) -> int:
+    """Memory copies of each byte besides the wire: ipc one-copy writes the engine's store
+    (1), staged adds the engine's copy out of the shared buffer (2); broadcast packs on the
+    trainer and lands in place (1) or in a staging buffer copied again (2); disk writes the
+    file, reads it, and copies into the store (3)."""
+    if transport == "disk":
+        return 3
+    return 1 if one_copy else 2
 
 
 def timed_push(
@@ -121,7 +136,7 @@ def _probed_push(
 
 
 def ours_methods(transports: list[str], modes: list[str]) -> list[tuple[str, str]]:
-    """(transport, load mode) pairs to run; disk is run in_place only."""
+    """(method, load mode) pairs to run; disk is run in_place only."""
     out = []
     for transport in transports:
         for mode in modes:

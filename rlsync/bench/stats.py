@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-OURS_FAST = ("broadcast", "ipc")
+OURS_FAST = ("broadcast", "ipc", "broadcast-staged", "ipc-staged")
 """Our transports that "best of ours" is taken over (disk is reported, not a contender)."""
 
 
@@ -39,6 +39,8 @@ class Row:
     """Why pause columns are empty, or what stands in for them (a baseline's load time)."""
     phases: dict[str, float] = field(default_factory=dict)
     """Where the seconds go (medians): pack, wait, recv, load, flush, put, get, ..."""
+    copies: int | None = None
+    """Memory copies of each byte besides the wire itself (None: not counted)."""
     verified: bool | None = None
     """Engines' weights fingerprint-equal to the trainer's after the pushes (None: not checked)."""
     error: str = ""

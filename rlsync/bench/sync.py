@@ -32,7 +32,8 @@ from rlsync.bench.stats import Row, add_ratios
 from rlsync.protocol import LOAD_MODES, TRANSPORT_KINDS
 
 LIMITS = ("memcpy", "raw-broadcast")
-OURS = TRANSPORT_KINDS
+OURS = (*TRANSPORT_KINDS, "ipc-staged", "broadcast-staged")
+"""Our transports; "-staged": the same with `sync.one_copy` off (a staging buffer)."""
 BASELINES = ("per-tensor", "safetensors", "ray", "pickle")
 ALL_METHODS = (*LIMITS, *OURS, *BASELINES)
 Log = Callable[[str], None]

@@ -33,7 +33,7 @@ import torch
 
 from rlsync.buckets import bucket_views
 from rlsync.config import SyncConfig
-from rlsync.protocol import Bucket, BucketPlan, Message, UpdateWeights
+from rlsync.protocol import Bucket, BucketPlan, Message, UpdateAccepted, UpdateWeights
 from rlsync.transports import TransportError
 
 Tensors = Mapping[str, torch.Tensor]
@@ -90,6 +90,9 @@ class Sender:
 
     def announce(self, engine: str, update: Announce) -> UpdateWeights:
         raise NotImplementedError
+
+    def accepted(self, engine: str, reply: UpdateAccepted) -> None:
+        """`engine` accepted the update (before `send`): e.g. it named the store to write."""
 
     def send(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         raise NotImplementedError
@@ -157,10 +160,12 @@ class WeightWriter:
         views: Mapping[str, torch.Tensor],
         cancel: threading.Event,
         sink: WriteSink | None = None,
+        flat: torch.Tensor | None = None,
     ):
         """`sink`: told of every tensor written and every bucket finished (a backend that
-        copies the store into its model loads as bytes arrive)."""
-        self.views, self.cancel, self.sink = views, cancel, sink
+        copies the store into its model loads as bytes arrive). `flat`: the store's one flat
+        buffer, when it has one (buckets of a plan that follows the store land there)."""
+        self.views, self.cancel, self.sink, self.flat = views, cancel, sink, flat
         self.touched = False
         self.load_s = 0.0
 
@@ -176,6 +181,33 @@ class WeightWriter:
         if self.sink is not None:
             self.sink.written(name)
         self.load_s += time.perf_counter() - start
+
+    def region(self, bucket: Bucket) -> torch.Tensor | None:
+        """The bytes of the store `bucket` lands on in place (None: it must be staged and
+        copied). Once handed out, the store counts as touched: a transport or a pusher
+        writes it directly from now on."""
+        if self.flat is None or bucket.store_offset is None:
+            return None
+        self.check_cancel()
+        self.touched = True
+        return self.flat[bucket.store_offset : bucket.store_offset + bucket.nbytes]
+
+    def open_store(self) -> None:
+        """Another process writes the store directly from now on (counts as touched)."""
+        self.check_cancel()
+        if self.flat is None:
+            raise TransportError("this engine's weights cannot be written in place")
+        self.touched = True
+
+    def landed(self, bucket: Bucket) -> None:
+        """`bucket` arrived in place: tell the sink as if its tensors had been written."""
+        self.check_cancel()
+        if self.sink is not None:
+            start = time.perf_counter()
+            for spec in bucket.tensors:
+                self.sink.written(spec.name)
+            self.sink.bucket_done()
+            self.load_s += time.perf_counter() - start
 
     def on_bucket(self, index: int, bucket: Bucket, buf: torch.Tensor) -> None:
         """The OnBucket callback of the bucket transports."""

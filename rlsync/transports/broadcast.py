@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -30,9 +30,10 @@ from typing import Any, Literal
 import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
-from rlsync.buckets import pack_bucket, plan_total_bytes
+from rlsync.buckets import in_store, pack_bucket, plan_total_bytes
 from rlsync.netutil import free_port
 from rlsync.protocol import (
+    Bucket,
     BucketPlan,
     DestroyWeightsGroup,
     InitWeightsGroup,
@@ -218,13 +219,16 @@ def send_buckets(
     verify: bool = False,
     timeout_s: float = 60.0,
 ) -> TransferStats:
-    """Rank 0: broadcast every bucket of `plan`, packing bucket g+1 while g is in flight."""
+    """Rank 0: broadcast every bucket of `plan`, packing bucket g+1 while g is in flight.
+    Buckets of a plan that follows the engines' store (`in_store`) land there in place on
+    every engine, so their verify trailer travels as a broadcast of its own."""
     if group.rank != 0:
         raise TransportError(f"send_buckets on rank {group.rank}: only rank 0 sends")
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
     bufs = group.buffers(_wire_bytes(plan, verify))
-    inflight: list[Any] = [None, None]
+    apart = in_store(plan)
+    inflight: list[list[Any]] = [[], []]
     for g, bucket in enumerate(plan.buckets):
         k = g % 2
         _finish(group, inflight[k], timeout_s, f"bucket {g - 2}", stats)  # frees buffer k
@@ -234,7 +238,8 @@ def send_buckets(
         if verify:
             integrity.seal(g, buf, bucket.nbytes)
         stats.add("pack", time.perf_counter() - t)
-        inflight[k] = group.broadcast_async(buf, timeout_s)
+        parts = [buf[: bucket.nbytes], buf[bucket.nbytes :]] if apart and verify else [buf]
+        inflight[k] = [group.broadcast_async(part, timeout_s) for part in parts]
     n = len(plan.buckets)
     for g in (n - 2, n - 1):
         if g >= 0:
@@ -248,44 +253,83 @@ def recv_buckets(
     plan: BucketPlan,
     on_bucket: OnBucket,
     *,
+    region: Callable[[Bucket], torch.Tensor | None] | None = None,
+    landed: Callable[[Bucket], None] | None = None,
     verify: bool = False,
     timeout_s: float = 60.0,
     cancel: threading.Event | None = None,
     first_timeout_s: float | None = None,
 ) -> TransferStats:
-    """Ranks > 0: receive every bucket of `plan` and hand it to `on_bucket`; the receive of
-    bucket g+1 is posted before bucket g is loaded. A set `cancel` stops it between buckets
-    (a receive already posted still completes or times out, but nothing more is loaded).
-    The first two receives, posted before rank 0 may have started, wait `first_timeout_s`."""
+    """Ranks > 0: receive every bucket of `plan`; the receive of bucket g+1 is posted before
+    bucket g is handled. A bucket for which `region` gives the bytes of the store it belongs
+    to is received there in place and reported to `landed`; any other is received into a
+    staging buffer and handed to `on_bucket` to copy. A set `cancel` stops it between
+    buckets (a receive already posted still completes or times out, but nothing more is
+    posted). The first two receives, posted before rank 0 may have started, wait
+    `first_timeout_s`."""
     if group.rank == 0:
         raise TransportError("recv_buckets on rank 0: rank 0 sends")
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
     bufs = group.buffers(_wire_bytes(plan, verify))
-    views = [
-        bufs[g % 2][: integrity.wire_bytes(b.nbytes, verify)] for g, b in enumerate(plan.buckets)
-    ]
     first = timeout_s if first_timeout_s is None else first_timeout_s
-    pending = group.broadcast_async(views[0], first) if views else None
+    slots = _RecvSlots(group, plan, bufs, region, verify)
+    pending = slots.post(0, first, cancel) if plan.buckets else None
     for g, bucket in enumerate(plan.buckets):
-        _check_cancel(cancel, g)
         wait_s = first if g == 0 else timeout_s
-        if g + 1 < len(views):
-            following = group.broadcast_async(views[g + 1], wait_s)
-        else:
-            following = None
+        following = slots.post(g + 1, wait_s, cancel) if g + 1 < len(plan.buckets) else None
         _finish(group, pending, wait_s, f"bucket {g}", stats)
         _check_cancel(cancel, g)
         t = time.perf_counter()
-        if verify:
-            integrity.check(g, views[g], bucket.nbytes)
+        target, trailer, in_place = slots.placed.pop(g)
+        if trailer is not None:
+            integrity.check_apart(g, target[: bucket.nbytes], trailer)
             stats.add("verify", time.perf_counter() - t)
             t = time.perf_counter()
-        on_bucket(g, bucket, views[g][: bucket.nbytes])
+        if in_place:
+            if landed is not None:
+                landed(bucket)
+        else:
+            on_bucket(g, bucket, target[: bucket.nbytes])
         stats.add("load", time.perf_counter() - t)
         pending = following
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+class _RecvSlots:
+    """Where each bucket of one receive lands: its range of the store (in place), or staging
+    buffer g % 2; with verify, where its trailer lands."""
+
+    def __init__(
+        self,
+        group: BroadcastGroup,
+        plan: BucketPlan,
+        bufs: list[torch.Tensor],
+        region: Callable[[Bucket], torch.Tensor | None] | None,
+        verify: bool,
+    ):
+        self.group, self.plan, self.bufs, self.region = group, plan, bufs, region
+        self.verify = verify
+        self.placed: dict[int, tuple[torch.Tensor, torch.Tensor | None, bool]] = {}
+        """bucket -> (where its bytes land, where its trailer lands, in place)"""
+        self._trailers = [torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8) for _ in (0, 1)]
+
+    def post(self, g: int, timeout_s: float, cancel: threading.Event | None) -> list[Any]:
+        """Post the receive(s) of bucket g; returns their work handles."""
+        _check_cancel(cancel, g)
+        bucket = self.plan.buckets[g]
+        store = self.region(bucket) if self.region is not None else None
+        if store is not None:
+            trailer = self._trailers[g % 2].to(store.device) if self.verify else None
+            self.placed[g] = (store, trailer, True)
+            parts = [store] + ([trailer] if trailer is not None else [])
+        else:
+            wire = self.bufs[g % 2][: integrity.wire_bytes(bucket.nbytes, self.verify)]
+            trailer = wire[bucket.nbytes :] if self.verify else None
+            self.placed[g] = (wire, trailer, False)
+            parts = [wire]
+        return [self.group.broadcast_async(part, timeout_s) for part in parts]
 
 
 def _check_cancel(cancel: threading.Event | None, g: int) -> None:
@@ -294,12 +338,16 @@ def _check_cancel(cancel: threading.Event | None, g: int) -> None:
 
 
 def _finish(
-    group: BroadcastGroup, work: Any, timeout_s: float, what: str, stats: TransferStats
+    group: BroadcastGroup,
+    works: list[Any] | None,
+    timeout_s: float,
+    what: str,
+    stats: TransferStats,
 ) -> None:
-    if work is not None:
-        t = time.perf_counter()
+    t = time.perf_counter()
+    for work in works or []:
         group.wait(work, timeout_s, what)
-        stats.add("wait", time.perf_counter() - t)
+    stats.add("wait", time.perf_counter() - t)
 
 
 # ---------------------------------------------------------------- the two halves
@@ -481,6 +529,8 @@ class Receiver(base.Receiver):
             self.groups[msg.group_name],
             plan,
             writer.on_bucket,
+            region=writer.region,
+            landed=writer.landed,
             verify=msg.verify,
             timeout_s=msg.timeout_s,
             cancel=writer.cancel,

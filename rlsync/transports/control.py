@@ -259,6 +259,14 @@ class Control:
     def set_consumed(self, engine: int, value: int) -> None:
         self.words[_HDR_WORDS + _ENGINE_WORDS * engine] = value
 
+    def opened(self, engine: int) -> int:
+        """seq(push, 0) once the engine's store may be written for that push (direct pushes:
+        the engine's receive has begun, so it is paused or writing its shadow)."""
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 2]
+
+    def set_opened(self, engine: int, value: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 2] = value
+
     def evicted(self, engine: int) -> int:
         """push_id + 1 of the last push the sender gave up on this engine in (0: never)."""
         return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 1]

@@ -20,22 +20,57 @@ import secrets
 
 import torch
 
-from rlsync.protocol import BucketPlan, IpcBuffer
+from rlsync.protocol import BucketPlan, CudaShare, IpcBuffer
 from rlsync.transports import TransportError
 from rlsync.transports.control import Control, geometry
 from rlsync.transports.ipc import IpcReceiver, IpcSender
 
 _SHARE_FIELDS = (
     "device",
-    "cuda_handle",
+    "handle",
     "size",
-    "cuda_storage_offset",
-    "cuda_ref_counter_handle",
-    "cuda_ref_counter_offset",
-    "cuda_event_handle",
-    "cuda_event_sync_required",
+    "storage_offset",
+    "ref_counter_handle",
+    "ref_counter_offset",
+    "event_handle",
+    "event_sync_required",
 )
 """The tuple `_share_cuda_` returns, named; `device` and `size` are carried elsewhere."""
+
+
+def share(data: torch.Tensor) -> CudaShare:
+    """Export `data`'s whole CUDA storage. Each call adds one IPC reference that the opener's
+    storage returns when it is freed, so call it once per opener and cache the result."""
+    torch.cuda.current_stream(data.device).synchronize()
+    fields = dict(zip(_SHARE_FIELDS, data.untyped_storage()._share_cuda_(), strict=True))
+    if fields["handle"] is None or fields["size"] != data.untyped_storage().nbytes():
+        raise TransportError(f"cuda ipc: cannot share {fields['size']} bytes of storage")
+    assert data.device.index is not None
+    return CudaShare(
+        gpu_uuid=gpu_uuid(data.device.index),
+        **{k: v for k, v in fields.items() if k not in ("device", "size")},
+    )
+
+
+def open_shared(shared: CudaShare | None, nbytes: int, what: str) -> torch.Tensor:
+    """Map CUDA memory another process exported, as a 1-D uint8 tensor of `nbytes` on this
+    process's index of the same GPU; dropping the tensor closes the mapping."""
+    if shared is None or not shared.handle or not shared.ref_counter_handle:
+        raise TransportError(f"cuda ipc {what}: missing handle fields")
+    index = device_index_for(shared.gpu_uuid)
+    torch.cuda.init()
+    storage = torch.UntypedStorage._new_shared_cuda(
+        index,
+        shared.handle,
+        nbytes,
+        shared.storage_offset,
+        shared.ref_counter_handle,
+        shared.ref_counter_offset,
+        shared.event_handle,
+        shared.event_sync_required,
+    )
+    data = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
+    return data.set_(storage, 0, (nbytes,), (1,))
 
 
 def gpu_uuid(index: int) -> str:
@@ -83,31 +118,18 @@ class CudaIpcSender(IpcSender):
         # Zeroed so stale allocator contents never reach an engine.
         data = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
         super().__init__(data, Control.create(num_engines, slots, slot_bytes), slots, slot_bytes)
-        self.uuid = gpu_uuid(dev.index)
         self._name = f"cuda-{os.getpid()}-{secrets.token_hex(6)}"
-        self._shared: dict[int, dict] = {}
+        self._shared: dict[int, CudaShare] = {}
 
     @property
     def data_name(self) -> str:
         return self._name
 
     def _descriptor_fields(self, engine_index: int) -> dict:
-        # One _share_cuda_ per engine: each call adds one IPC reference that the engine's
-        # storage returns when it is freed. Cached, so re-sending a descriptor adds none.
+        # Cached per engine, so re-sending a descriptor adds no IPC reference.
         if engine_index not in self._shared:
-            torch.cuda.current_stream(self.data.device).synchronize()
-            shared = dict(
-                zip(_SHARE_FIELDS, self.data.untyped_storage()._share_cuda_(), strict=True)
-            )
-            if shared["cuda_handle"] is None or shared["size"] != self.data.numel():
-                raise TransportError(
-                    f"cuda ipc: cannot share the buffer ({shared['size']} "
-                    f"of {self.data.numel()} bytes)"
-                )
-            self._shared[engine_index] = {
-                k: v for k, v in shared.items() if k not in ("device", "size")
-            }
-        return {"gpu_uuid": self.uuid, **self._shared[engine_index]}
+            self._shared[engine_index] = share(self.data)
+        return {"cuda": self._shared[engine_index]}
 
     def _close_data(self) -> None:
         # `close()` dropped our tensor; while an engine still holds the buffer, torch keeps
@@ -122,22 +144,7 @@ class CudaIpcReceiver(IpcReceiver):
     kind = "cuda"
 
     def _open_data(self, buffer: IpcBuffer) -> torch.Tensor:
-        if not buffer.cuda_handle or not buffer.cuda_ref_counter_handle:
-            raise TransportError(f"cuda ipc buffer {buffer.name!r}: missing handle fields")
-        index = device_index_for(buffer.gpu_uuid)
-        torch.cuda.init()
-        storage = torch.UntypedStorage._new_shared_cuda(
-            index,
-            buffer.cuda_handle,
-            buffer.nbytes,
-            buffer.cuda_storage_offset,
-            buffer.cuda_ref_counter_handle,
-            buffer.cuda_ref_counter_offset,
-            buffer.cuda_event_handle,
-            buffer.cuda_event_sync_required,
-        )
-        data = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
-        return data.set_(storage, 0, (buffer.nbytes,), (1,))
+        return open_shared(buffer.cuda, buffer.nbytes, f"buffer {buffer.name!r}")
 
     def _close_data(self) -> None:
         # `close()` already dropped the only tensor on the storage; its deleter synchronizes,

@@ -29,12 +29,18 @@ def seal(index: int, buf: torch.Tensor, nbytes: int) -> None:
 
 def check(index: int, buf: torch.Tensor, nbytes: int) -> None:
     """Raise IntegrityError naming bucket `index` unless its trailer matches its bytes."""
-    expected = _trailer(buf, nbytes).clone().view(torch.int64)[0]
-    got = fingerprint(buf[:nbytes])
+    check_apart(index, buf[:nbytes], _trailer(buf, nbytes))
+
+
+def check_apart(index: int, buf: torch.Tensor, trailer: torch.Tensor) -> None:
+    """`check` for a bucket whose 8-byte trailer may sit apart from its bytes (a bucket
+    received in place into an engine's store gets its trailer in a buffer of its own)."""
+    expected = trailer.clone().view(torch.int64)[0]
+    got = fingerprint(buf)
     if not bool(torch.eq(expected, got)):
         raise IntegrityError(
-            f"bucket {index}: fingerprint mismatch ({nbytes} bytes: sent {int(expected):#x}, "
-            f"received {int(got):#x})",
+            f"bucket {index}: fingerprint mismatch ({buf.numel()} bytes: sent "
+            f"{int(expected):#x}, received {int(got):#x})",
             bucket=index,
         )
 

@@ -28,13 +28,20 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from rlsync.buckets import pack_bucket, plan_total_bytes
-from rlsync.protocol import Bucket, BucketPlan, IpcBuffer, UpdateWeightsFromIPC
+from rlsync.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
+from rlsync.protocol import (
+    Bucket,
+    BucketPlan,
+    IpcBuffer,
+    StoreRef,
+    UpdateAccepted,
+    UpdateWeightsFromIPC,
+)
 from rlsync.transports import (
     OnBucket,
     TransferStats,
@@ -55,6 +62,8 @@ from rlsync.transports.control import (
     seq,
     seq_push,
 )
+from rlsync.transports.integrity import TRAILER_BYTES
+from rlsync.transports.store import MappedStore
 
 STALE_CHECK_S = 1.0
 
@@ -143,6 +152,55 @@ class IpcSender:
         stats.seconds = time.perf_counter() - t0
         return stats
 
+    def push_direct(
+        self,
+        plan: BucketPlan,
+        tensors: Mapping[str, torch.Tensor],
+        push_id: int,
+        stores: Mapping[int, torch.Tensor],
+        *,
+        verify: bool = False,
+        timeout_s: float = 60.0,
+    ) -> TransferStats:
+        """One copy per byte: write every bucket of an in-store plan straight into each
+        engine's own store (`stores`: engine index -> its mapped flat store), publishing
+        each bucket as ready; this buffer carries only the buckets' verify trailers.
+
+        An engine's store is written only once it says it may be (`opened`: its receive
+        has begun, so it is paused or the store is its shadow); one that neither opens nor
+        consumes for `timeout_s` is evicted and reported, the others go on. Returns once
+        every live engine has seen the whole push.
+        """
+        t0 = time.perf_counter()
+        if verify and self.data.numel() < TRAILER_BYTES * len(plan.buckets):
+            raise TransportError(f"ipc: no room for {len(plan.buckets)} trailers")
+        stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+        live = self._begin(push_id, sorted(stores), stats, timeout_s)
+        try:
+            self._await(live, seq(push_id, 0), push_id, stats, timeout_s, self.control.opened)
+            for g, bucket in enumerate(plan.buckets):
+                t = time.perf_counter()
+                for e in sorted(live):
+                    region = stores[e][bucket.store_offset : bucket.store_offset + bucket.nbytes]
+                    pack_bucket(bucket, tensors, region)
+                    if region.is_cuda:
+                        torch.cuda.current_stream(region.device).synchronize()
+                if verify and live:
+                    self._trailer(g).copy_(fingerprint(region).reshape(1).view(torch.uint8))
+                stats.add("pack", time.perf_counter() - t)
+                fence()
+                self.control.set_ready(seq(push_id, g + 1))
+            self._last = (push_id, len(plan.buckets), live)
+            self._await(live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s)
+        except BaseException:
+            self.control.set_aborted(push_id)
+            raise
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _trailer(self, g: int) -> torch.Tensor:
+        return self.data[TRAILER_BYTES * g : TRAILER_BYTES * (g + 1)]
+
     def _begin(
         self, push_id: int, readers: Sequence[int] | None, stats: TransferStats, timeout_s: float
     ) -> set[int]:
@@ -178,17 +236,24 @@ class IpcSender:
         stats.add("pack", time.perf_counter() - t0)
 
     def _await(
-        self, live: set[int], target: int, push_id: int, stats: TransferStats, timeout_s: float
+        self,
+        live: set[int],
+        target: int,
+        push_id: int,
+        stats: TransferStats,
+        timeout_s: float,
+        counter: Callable[[int], int] | None = None,
     ) -> None:
-        """Wait until every live engine's counter reaches `target`; evict each engine whose
-        counter has not moved for `timeout_s`."""
+        """Wait until every live engine's counter (default: consumed) reaches `target`;
+        evict each engine whose counter has not moved for `timeout_s`."""
+        counter = counter or self.control.consumed
         t0 = time.perf_counter()
-        pending = {e: (self.control.consumed(e), t0) for e in live}
+        pending = {e: (counter(e), t0) for e in live}
         backoff = Backoff()
         while pending:
             now = time.perf_counter()
             for e, (last, since) in list(pending.items()):
-                value = self.control.consumed(e)
+                value = counter(e)
                 if value >= target:
                     del pending[e]
                 elif value != last:
@@ -272,6 +337,43 @@ class IpcReceiver:
             self._await_ready(push_id, g, stats, wait_s, cancel)
             self._load(g, bucket, offsets[g], on_bucket, verify, stats)
             self._check(push_id, g)  # evicted while loading: the slot may have been reused
+            self.control.set_consumed(engine, seq(push_id, g + 1))
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def receive_direct(
+        self,
+        plan: BucketPlan,
+        push_id: int,
+        writer: base.WeightWriter,
+        *,
+        verify: bool = False,
+        timeout_s: float = 60.0,
+        first_timeout_s: float | None = None,
+    ) -> TransferStats:
+        """The engine side of `push_direct`: say the store may be written now, then follow
+        the sender's progress bucket by bucket (checking each trailer with verify); the
+        bytes are already home when a bucket is ready, so nothing is copied."""
+        if self.buffer is None or self.control is None or self.data is None:
+            raise TransportError("ipc: receive before attach")
+        t0 = time.perf_counter()
+        engine = self.buffer.engine_index
+        stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+        writer.open_store()
+        fence()
+        self.control.set_opened(engine, seq(push_id, 0))
+        for g, bucket in enumerate(plan.buckets):
+            wait_s = first_timeout_s if g == 0 and first_timeout_s is not None else timeout_s
+            self._await_ready(push_id, g, stats, wait_s, writer.cancel)
+            t = time.perf_counter()
+            region = writer.region(bucket)
+            assert region is not None
+            if verify:
+                trailer = self.data[TRAILER_BYTES * g : TRAILER_BYTES * (g + 1)]
+                integrity.check_apart(g, region, trailer)
+                stats.add("verify", time.perf_counter() - t)
+            writer.landed(bucket)
+            self._check(push_id, g)
             self.control.set_consumed(engine, seq(push_id, g + 1))
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -409,51 +511,115 @@ def open_receiver(buffer: IpcBuffer) -> IpcReceiver:
 
 
 class Sender(base.Sender):
-    """Trainer half: one persistent buffer that every engine reads (re-made only when a plan
-    no longer fits), with a push id that grows every push."""
+    """Trainer half, two paths. A plan that follows the engines' store (`in_store`): each
+    trainer tensor is copied straight into every engine's own store (mapped once, kept
+    across pushes), one copy per byte, and the shared buffer carries only trailers. Any
+    other plan: one persistent staging buffer every engine reads and copies from (re-made
+    only when a plan no longer fits). The push id grows every push."""
 
     kind = "ipc"
 
     def __init__(self, *args: Any):
         super().__init__(*args)
         self.buffer: IpcSender | None = None
+        self.direct: IpcSender | None = None
         self.push_id = 0
+        self.one_copy = False
+        """This push writes the engines' stores directly (its plan follows their layout)."""
+        self.targets: dict[str, StoreRef] = {}
+        """engine -> the store it named for this push (UpdateAccepted.store)."""
+        self.stores: dict[tuple, tuple[MappedStore, int]] = {}
+        """(kind, name, nbytes) -> (mapping, push id it was last written in)."""
         remove_orphan_segments()  # what a SIGKILLed pusher left in /dev/shm
 
     def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
-        if self.buffer is None or not self.buffer.fits(plan):
-            if self.buffer is not None:
-                self.buffer.close()
-                self.buffer = None
-            self.buffer = make_sender(plan, num_engines=len(self.engines.names), device=self.device)
         self.push_id += 1
+        self.targets.clear()
+        self.one_copy = in_store(plan)
+        if self.one_copy:
+            if self.direct is None or self.direct.data.numel() < TRAILER_BYTES * len(plan.buckets):
+                self._close_buffer("direct")
+                self.direct = make_sender(
+                    num_engines=len(self.engines.names),
+                    device=self.device,
+                    capacity_bytes=TRAILER_BYTES * max(len(plan.buckets), 1),
+                )
+        elif self.buffer is None or not self.buffer.fits(plan):
+            self._close_buffer("buffer")
+            self.buffer = make_sender(plan, num_engines=len(self.engines.names), device=self.device)
 
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromIPC:
-        assert self.buffer is not None
+        buffer = self.direct if self.one_copy else self.buffer
+        assert buffer is not None
         return UpdateWeightsFromIPC(
-            buffer=self.buffer.descriptor(self.engines.index(engine)),
+            buffer=buffer.descriptor(self.engines.index(engine)),
             plan=update.plan,
             plan_id=update.plan_id,
             push_id=self.push_id,
             **update.fields,
         )
 
+    def accepted(self, engine: str, reply: UpdateAccepted) -> None:
+        if reply.store is not None:
+            self.targets[engine] = reply.store
+
     def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
-        assert self.buffer is not None
-        readers = [self.engines.index(n) for n in accepted]
-        self.buffer.push(
-            plan,
-            tensors,
-            self.push_id,
-            readers=readers,
-            verify=self.cfg.verify,
-            timeout_s=self.cfg.timeout_s,
-        )
+        if not self.one_copy:
+            assert self.buffer is not None
+            readers = [self.engines.index(n) for n in accepted]
+            self.buffer.push(
+                plan,
+                tensors,
+                self.push_id,
+                readers=readers,
+                verify=self.cfg.verify,
+                timeout_s=self.cfg.timeout_s,
+            )
+            return
+        assert self.direct is not None
+        missing = [n for n in accepted if n not in self.targets]
+        if missing:
+            raise TransportError(f"engines {missing} named no store to write this push into")
+        stores = {self.engines.index(n): self._mapped(self.targets[n]) for n in accepted}
+        try:
+            self.direct.push_direct(
+                plan,
+                tensors,
+                self.push_id,
+                stores,
+                verify=self.cfg.verify,
+                timeout_s=self.cfg.timeout_s,
+            )
+        finally:
+            self._unmap_stale()
+
+    def _mapped(self, ref: StoreRef) -> torch.Tensor:
+        """The engine store `ref` names, mapped on first use and kept."""
+        key = (ref.kind, ref.name, ref.nbytes)
+        mapping = self.stores[key][0] if key in self.stores else MappedStore(ref)
+        self.stores[key] = (mapping, self.push_id)
+        return mapping.flat
+
+    def _unmap_stale(self) -> None:
+        """An engine writes into two stores in turn (live, shadow); one not written for two
+        pushes was dropped or replaced by its engine: unmap it so its pages can go."""
+        for key, (mapping, last) in list(self.stores.items()):
+            if last < self.push_id - 2:
+                mapping.close()
+                del self.stores[key]
+
+    def _close_buffer(self, which: str) -> None:
+        buffer = getattr(self, which)
+        if buffer is not None:
+            buffer.close()
+            setattr(self, which, None)
 
     def close(self) -> None:
-        if self.buffer is not None:
-            self.buffer.close()
-            self.buffer = None
+        self._close_buffer("buffer")
+        self._close_buffer("direct")
+        for mapping, _ in self.stores.values():
+            mapping.close()
+        self.stores.clear()
 
 
 class Receiver(base.Receiver):
@@ -473,6 +639,11 @@ class Receiver(base.Receiver):
     ) -> int:
         if msg.buffer.kind == "cuda" and not torch.cuda.is_available():
             raise ValueError("buffer.kind 'cuda' but this engine has no CUDA device")
+        if plan is not None and in_store(plan) and getattr(weights, "store_ref", None) is None:
+            raise ValueError(
+                "plan: follows a store layout, but this engine's weights cannot be written "
+                "directly (no exposed store); push with a staging plan"
+            )
         return plan_total_bytes(plan) if plan is not None else 0
 
     def receive(
@@ -480,17 +651,14 @@ class Receiver(base.Receiver):
     ) -> None:
         assert plan is not None
         self.active = True
+        # the pusher may wait timeout_s for other engines' accepts before it sends
+        bounds = dict(verify=msg.verify, timeout_s=msg.timeout_s, first_timeout_s=2 * msg.timeout_s)
         try:
-            # the pusher may wait timeout_s for other engines' accepts before it sends
-            self._reader(msg.buffer).receive(
-                plan,
-                msg.push_id,
-                writer.on_bucket,
-                verify=msg.verify,
-                timeout_s=msg.timeout_s,
-                cancel=writer.cancel,
-                first_timeout_s=2 * msg.timeout_s,
-            )
+            reader = self._reader(msg.buffer)
+            if in_store(plan):
+                reader.receive_direct(plan, msg.push_id, writer, **bounds)
+            else:
+                reader.receive(plan, msg.push_id, writer.on_bucket, cancel=writer.cancel, **bounds)
         finally:
             self.active = False
 

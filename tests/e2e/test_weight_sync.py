@@ -5,16 +5,18 @@ the trainer's weights bit for bit and generate exactly what a fresh engine would
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
 
 from infer_side.client import launch_engine
-from rlsync.buckets import plan_buckets
+from rlsync.buckets import in_store, plan_buckets
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import GetWeightSpecs, UpdateDone, UpdateWeightsFromIPC, WeightFingerprints
 from rlsync.rpc import RpcClient
+from rlsync.transports.control import SHM_DIR
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import (
     PROMPTS,
@@ -75,16 +77,29 @@ def push(engines, tmp_path, transport, tensors, version, **kw):
         pusher.close()
 
 
+PATHS = [(t, True) for t in TRANSPORTS] + [("broadcast", False), ("ipc", False)]
+"""(transport, one_copy): in the engines' store layout (ipc writes their stores directly,
+broadcast lands in place), and staged through a buffer."""
+
+
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport, one_copy", PATHS)
 def test_push_is_bit_exact_and_serves_new_weights(
-    engines, ckpt, cfg, versions, tmp_path, transport, load_mode
+    engines, ckpt, cfg, versions, tmp_path, transport, one_copy, load_mode
 ):
     version = next(versions)
     tensors = trainer_weights(ckpt, version)
-    report, mismatches = push(
-        engines, tmp_path, transport, tensors, version, load_mode=load_mode, verify=True
+    pusher = WeightPusher(
+        sync_cfg(transport, load_mode=load_mode, verify=True, one_copy=one_copy),
+        endpoints(engines),
+        tmp_path,
     )
+    try:
+        report = pusher.push(tensors, version)
+        mismatches = pusher.mismatches(tensors)
+        assert in_store(pusher.plan) == one_copy  # disk moves files, not buckets
+    finally:
+        pusher.close()
     assert report.failed == [], report.summary()
     assert report.bytes > 0 and report.gbps > 0
     assert mismatches == {name: [] for name in engines}
@@ -188,35 +203,63 @@ def test_old_version_is_refused_by_every_engine(engines, ckpt, tmp_path):
     assert engines["engine0"].fingerprints().fingerprints == before
 
 
-def test_bf16_engine_gets_trainer_weights_cast_on_pack(ckpt, tmp_path):
+def test_bf16_engine_gets_trainer_weights_cast_on_the_write(ckpt, cfg, tmp_path):
+    """fp32 trainer -> bf16 engine over every path and load mode: the cast is folded into the
+    one copy (or the pack), and the engine holds the cast bytes exactly."""
     engine = launch_engine(ckpt, kv_tokens=256, dtype="bfloat16", threads=1)
     try:
-        tensors = trainer_weights(ckpt, 3)
-        for transport in TRANSPORTS:
-            pusher = WeightPusher(
-                sync_cfg(transport), {"bf16": engine.endpoint}, tmp_path / transport
-            )
+        version = 0
+        for (transport, one_copy), load_mode in itertools.product(PATHS, ["in_place", "shadow"]):
+            version += 1
+            tensors = {n: t.float() for n, t in trainer_weights(ckpt, version).items()}
+            cfg_ = sync_cfg(transport, load_mode=load_mode, one_copy=one_copy)
+            pusher = WeightPusher(cfg_, {"bf16": engine.endpoint}, tmp_path / transport)
             try:
-                version = TRANSPORTS.index(transport) + 1
                 assert pusher.push(tensors, version).failed == []
                 assert pusher.mismatches(tensors) == {"bf16": []}
             finally:
                 pusher.close()
+        want = reference_tokens(cfg, tensors, PROMPTS, dtype=torch.bfloat16)
+        assert [o.output_ids for o in engine.generate(PROMPTS, greedy())] == want
     finally:
         engine.close()
 
 
-def test_fifty_pushes_leak_no_shared_memory_or_fds(engines, ckpt, versions, tmp_path):
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+@pytest.mark.parametrize("one_copy", [True, False])
+def test_a_hundred_pushes_leak_no_shared_memory_mappings_or_fds(
+    engines, ckpt, versions, tmp_path, one_copy, load_mode
+):
     pids = [c.process.pid for c in engines.values()]
-    pusher = WeightPusher(sync_cfg("ipc"), endpoints(engines), tmp_path)
+    cfg_ = sync_cfg("ipc", one_copy=one_copy, load_mode=load_mode)
+    pusher = WeightPusher(cfg_, endpoints(engines), tmp_path)
     try:
-        pusher.push(trainer_weights(ckpt, 0), next(versions))  # warm: buffers opened once
+        for k in range(2):  # warm: buffers opened, both of an engine's stores mapped
+            pusher.push(trainer_weights(ckpt, k), next(versions))
         fds_before = [fd_count(p) for p in pids]
+        maps_before = _maps(os.getpid())
+        engine_segments = [_segments_of(p) for p in pids]
         tensors = trainer_weights(ckpt, 1)
-        for _ in range(50):
+        for _ in range(100):
             assert pusher.push(tensors, next(versions)).failed == []
         assert [fd_count(p) for p in pids] == fds_before
+        assert [_segments_of(p) for p in pids] == engine_segments  # stores kept, not re-made
+        assert _maps(os.getpid()) == maps_before  # each store mapped once, kept
         assert len(own_shm_segments()) == 2  # one data + one control segment, reused
+        stores = len(pusher.sender.stores)
+        assert stores == (0 if not one_copy else 2 * len(pids) if load_mode == "shadow" else 2)
+        assert pusher.mismatches(tensors) == {name: [] for name in engines}
     finally:
         pusher.close()
     assert own_shm_segments() == set()  # everything the pusher created is gone
+    assert _maps(os.getpid()) == []  # and unmapped
+
+
+def _segments_of(pid: int) -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(f"rlsync-{pid}-")}
+
+
+def _maps(pid: int) -> list[str]:
+    """This process's mappings of rlsync segments (one line per mapped range)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted(line.split(maxsplit=5)[-1] for line in f if f"{SHM_DIR}/rlsync-" in line)

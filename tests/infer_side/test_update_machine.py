@@ -29,10 +29,17 @@ SHAPES = {"a": (4, 3), "b": (5,)}
 
 
 class FakeStore:
-    """A weight store of two float32 tensors."""
+    """A weight store of two float32 tensors, with no flat buffer (updates are staged)."""
+
+    flat = None
+    store_ref = None
 
     def __init__(self, fill: float = 0.0):
         self.tensors = {n: torch.full(s, fill) for n, s in SHAPES.items()}
+        self.closed = False
+
+    def close(self):
+        self.closed = True
 
     def expected(self):
         return {n: ("float32", tuple(s)) for n, s in SHAPES.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rlsync.protocol import IpcBuffer
+from rlsync.protocol import CudaShare, IpcBuffer
 from rlsync.transports.control import Segment, new_segment_name
 
 
@@ -121,5 +121,11 @@ def _bad_buffers(segments: list[Segment]) -> list[IpcBuffer]:
         IpcBuffer(name="../../etc/passwd", control_name="..", nbytes=10),
         IpcBuffer(name="a/b", control_name="", nbytes=0),
         IpcBuffer(name=real, control_name=segments[0].name, nbytes=1 << 40, engine_index=4095),
-        IpcBuffer(kind="cuda", name=ghost, control_name=ghost, nbytes=64, cuda_handle=b"\x01" * 64),
+        IpcBuffer(
+            kind="cuda",
+            name=ghost,
+            control_name=ghost,
+            nbytes=64,
+            cuda=CudaShare(handle=b"\x01" * 64),
+        ),
     ]

@@ -37,6 +37,7 @@ PLAN = p.BucketPlan(
                     name="lm_head.scale", dtype="float32", shape=[], offset=1024, nbytes=4
                 ),
             ],
+            store_offset=0,
         ),
         p.Bucket(
             nbytes=1024,
@@ -49,6 +50,7 @@ PLAN = p.BucketPlan(
                     nbytes=6,
                 ),
             ],
+            store_offset=1 << 33,
         ),
     ],
 )
@@ -58,6 +60,7 @@ INTENDED_DEFAULTS = {
     "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].shape",
     "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape",
     "WeightSpecs.specs[1].shape",
+    "WeightSpecs.specs[1].strides",
 }
 UPDATE = dict(
     weight_version=7,
@@ -77,13 +80,15 @@ BUFFER = p.IpcBuffer(
     num_slots=2,
     slot_bytes=2048,
     engine_index=3,
-    gpu_uuid="GPU-8f1c",
-    cuda_handle=bytes(range(64)),
-    cuda_storage_offset=512,
-    cuda_ref_counter_handle=b"\x01" * 64,
-    cuda_ref_counter_offset=8,
-    cuda_event_handle=b"\x02" * 64,
-    cuda_event_sync_required=True,
+    cuda=p.CudaShare(
+        gpu_uuid="GPU-8f1c",
+        handle=bytes(range(64)),
+        storage_offset=512,
+        ref_counter_handle=b"\x01" * 64,
+        ref_counter_offset=8,
+        event_handle=b"\x02" * 64,
+        event_sync_required=True,
+    ),
 )
 SAMPLING = p.SamplingParams(
     max_new_tokens=7,
@@ -123,7 +128,12 @@ SAMPLES: dict[str, p.Message] = {
         ),
         p.Result(request_id="r-1", success=False, message="no"),
         p.EngineDied(request_id="r-2", message="engine crashed: RuntimeError: boom"),
-        p.UpdateAccepted(request_id="u-1", weight_version=7, bytes=1 << 40),
+        p.UpdateAccepted(
+            request_id="u-1",
+            weight_version=7,
+            bytes=1 << 40,
+            store=p.StoreRef(kind="cuda", name="store-1", nbytes=1 << 34, cuda=BUFFER.cuda),
+        ),
         p.UpdateDone(
             request_id="u-1",
             success=False,
@@ -142,9 +152,16 @@ SAMPLES: dict[str, p.Message] = {
             request_id="ws-1",
             weight_version=3,
             specs=[
-                p.WeightSpec(name="model.embed_tokens.weight", dtype="bfloat16", shape=[4, 8]),
-                p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[]),
+                p.WeightSpec(
+                    name="model.embed_tokens.weight",
+                    dtype="bfloat16",
+                    shape=[4, 8],
+                    offset=256,
+                    strides=[8, 1],
+                ),
+                p.WeightSpec(name="lm_head.scale", dtype="float32", shape=[], offset=0),
             ],
+            store_bytes=512,
         ),
         p.WeightFingerprints(
             request_id="w-1",
@@ -277,7 +294,7 @@ def test_defaults_round_trip_unless_a_field_is_required(name):
 def test_frame_is_type_name_then_field_map_with_bin_bytes():
     raw = _raw(SAMPLES["UpdateWeightsFromIPC"])
     assert raw[0] == "UpdateWeightsFromIPC"
-    assert raw[1]["buffer"]["cuda_handle"] == bytes(range(64))  # bin type, not str
+    assert raw[1]["buffer"]["cuda"]["handle"] == bytes(range(64))  # bin type, not str
     assert raw[1]["plan"]["buckets"][0]["tensors"][1] == {
         "name": "lm_head.scale",
         "dtype": "float32",
@@ -466,8 +483,8 @@ def test_unknown_message_type_is_refused(name):
         ("UpdateDone", {"timings": {"wait_s": 1.0}}, "UpdateDone.timings.wait_s"),
         (
             "WeightSpecs",
-            {"specs": [{"name": "w", "dtype": "float32", "offset": 0}]},
-            "WeightSpecs.specs[0].offset",
+            {"specs": [{"name": "w", "dtype": "float32", "store": 0}]},
+            "WeightSpecs.specs[0].store",
         ),
         ("EngineInfo", {"kv_pool": {"size": 1}}, "EngineInfo.kv_pool"),
     ],
@@ -564,9 +581,9 @@ WRONG_TYPES = [
     ("Abort", ("request_id",), 17, "Abort.request_id"),
     (
         "UpdateWeightsFromIPC",
-        ("buffer", "cuda_handle"),
+        ("buffer", "cuda", "handle"),
         "handle",
-        "UpdateWeightsFromIPC.buffer.cuda_handle",
+        "UpdateWeightsFromIPC.buffer.cuda.handle",
     ),
     ("UpdateWeightsFromIPC", ("buffer", "kind"), "rdma", "UpdateWeightsFromIPC.buffer.kind"),
     (
@@ -712,9 +729,9 @@ TOO_LONG = [
     ),
     (
         "UpdateWeightsFromIPC",
-        ("buffer", "cuda_handle"),
+        ("buffer", "cuda", "handle"),
         b"h" * 257,
-        "UpdateWeightsFromIPC.buffer.cuda_handle",
+        "UpdateWeightsFromIPC.buffer.cuda.handle",
     ),
     ("UpdateWeightsFromIPC", ("buffer", "name"), "s" * 256, "UpdateWeightsFromIPC.buffer.name"),
     ("Result", ("message",), "m" * ((1 << 16) + 1), "Result.message"),
@@ -748,8 +765,8 @@ def test_absurd_length_is_refused_by_name(name, path, value, where):
         ("EngineInfo", ("model", "nested", 0, 1, 1), "EngineInfo.model.nested[0][1][1]"),
         (
             "UpdateWeightsFromIPC",
-            ("buffer", "cuda_handle"),
-            "UpdateWeightsFromIPC.buffer.cuda_handle",
+            ("buffer", "cuda", "handle"),
+            "UpdateWeightsFromIPC.buffer.cuda.handle",
         ),
     ],
 )

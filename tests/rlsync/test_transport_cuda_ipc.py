@@ -102,11 +102,11 @@ def test_cuda_ipc_push_is_bit_exact_and_memory_stays_flat(tmp_path: Path) -> Non
     baseline = torch.cuda.memory_allocated(device)
     sender = CudaIpcSender(plan, num_engines=1, device=device)
     desc = sender.descriptor(0)
-    assert desc.kind == "cuda" and len(desc.cuda_handle) > 0 and desc.gpu_uuid
-    assert device_index_for(desc.gpu_uuid) == index
+    assert desc.kind == "cuda" and len(desc.cuda.handle) > 0 and desc.cuda.gpu_uuid
+    assert device_index_for(desc.cuda.gpu_uuid) == index
     out = tmp_path / "engine.json"
     frame = codec.encode(UpdateWeightsFromIPC(buffer=desc, plan=plan, push_id=1))
-    proc = start(_cuda_engine, frame, _visible_as(desc.gpu_uuid), str(out))
+    proc = start(_cuda_engine, frame, _visible_as(desc.cuda.gpu_uuid), str(out))
     try:
         held = None
         for push_id in range(1, PUSHES + 1):
