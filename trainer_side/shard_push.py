@@ -7,15 +7,16 @@ Usage (every trainer rank, in lockstep; `store` is the store the ranks met at):
     pusher.close()
 
 Two methods:
-- "shards" (ipc, CPU shared memory): rank 0 runs the normal `WeightPusher` (plan, announce,
-  collect accepts, commit) with a sender whose buffer every rank maps. A dim-0 shard of a
-  row-major tensor is one contiguous byte range of its slot in a bucket (offset + first row
-  x row bytes), so each rank writes its rows there itself, cast to the engine's dtype on the
+- "shards" (ipc, CPU shared memory; `shard_ipc`): rank 0 runs the normal `WeightPusher`
+  (plan, announce, collect accepts, commit) with a sender that lets every rank write. A
+  dim-0 shard of a row-major tensor is one contiguous byte range of the tensor's home (an
+  engine's store when the engines publish their layout, else a slot of rank 0's staging
+  buffer), so each rank writes its rows there itself, cast to the engine's dtype on the
   write. Rank 0 tells the engines bucket g is ready only once every rank reported its rows
   of g written (`shard_channel`); a rank that does not report within `timeout_s` aborts the
   push for every engine, and the error names that rank. No rank holds a tensor it does not
   own, and the bytes of ranks > 0 never pass through rank 0. The engine side is unchanged:
-  it reads the same buffer as for a one-rank push (our engine and the vLLM backend alike).
+  our engine and the vLLM backend (staging) receive as from one rank.
 - "gather": what RL frameworks do today and the fallback for other transports: every rank
   all-gathers each parameter (`DTensor.full_tensor()`), rank 0 keeps the full tensors and
   pushes them through the normal `WeightPusher`.
@@ -32,95 +33,15 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from rlsync import codec
-from rlsync.buckets import dtype_from_name
 from rlsync.config import SyncConfig
-from rlsync.protocol import Bucket, BucketPlan, UpdateWeightsFromIPC
-from rlsync.transports import TransferStats, TransportError, integrity, ipc
-from rlsync.transports.control import Control, Segment, layout, region_bytes
-from rlsync.transports.shm import ShmSender
-from trainer_side.fsdp import dim0_shard, full_tensors
+from trainer_side.fsdp import full_tensors
 from trainer_side.push_report import PushReport
 from trainer_side.pusher import WeightPusher, WeightsLike, named_tensors
 from trainer_side.shard_channel import ShardChannel
+from trainer_side.shard_ipc import ShardIpcSender, ShardWriter
 
 PushMethod = Literal["shards", "gather"]
 PUSH_METHODS: tuple[str, ...] = ("shards", "gather")
-
-
-def write_bucket_shards(
-    region: torch.Tensor, bucket: Bucket, tensors: Mapping[str, torch.Tensor], rank: int
-) -> int:
-    """Write this rank's rows of every tensor of `bucket` into its slot of `region` (the
-    bucket's bytes), casting to the plan's dtype; returns the bytes written."""
-    written = 0
-    for spec in bucket.tensors:
-        shard = dim0_shard(tensors[spec.name], rank)
-        if shard is None or shard.local.numel() == 0:
-            continue
-        raw = region[spec.offset : spec.offset + spec.nbytes]
-        view = raw.view(dtype_from_name(spec.dtype)).view(spec.shape)
-        if view.dim():
-            view = view[shard.start : shard.start + shard.rows]
-        view.copy_(shard.local)
-        written += view.numel() * view.element_size()
-    return written
-
-
-class ShardShmBuffer(ShmSender):
-    """Rank 0's shared-memory buffer of a sharded push: filling bucket g writes rank 0's rows
-    and then waits for every other rank's rows of g (the ipc slot protocol does the rest)."""
-
-    def __init__(self, plan: BucketPlan, *, num_engines: int, channel: ShardChannel):
-        super().__init__(plan, num_engines=num_engines)
-        self.channel, self.push_n, self.timeout_s = channel, 0, channel.timeout_s
-
-    def _fill(
-        self,
-        g: int,
-        bucket: Bucket,
-        tensors: Mapping[str, torch.Tensor],
-        offset: int,
-        verify: bool,
-        stats: TransferStats,
-    ) -> None:
-        t0 = time.perf_counter()
-        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
-        write_bucket_shards(region, bucket, tensors, 0)
-        t1 = time.perf_counter()
-        stats.add("pack", t1 - t0)
-        self.channel.wait_wrote(self.push_n, g, self.timeout_s)
-        stats.add("ranks", time.perf_counter() - t1)
-        if verify:  # reads the bucket in place to checksum it; nothing is copied
-            integrity.seal(g, region, bucket.nbytes)
-
-
-class ShardIpcSender(ipc.Sender):
-    """The ipc sender of rank 0 in a sharded push: the buffer is a `ShardShmBuffer`, and the
-    other ranks learn its name, the plan and the push id just before the bytes move."""
-
-    def __init__(self, *args: Any, channel: ShardChannel):
-        super().__init__(*args)
-        if self.device.type != "cpu":
-            raise TransportError("sharded ipc push: CPU shared memory only (use method gather)")
-        self.channel, self.push_n = channel, 0
-
-    def prepare(self, plan: BucketPlan, tensors: Any, version: int) -> None:
-        if self.buffer is None or not self.buffer.fits(plan):
-            if self.buffer is not None:
-                self.buffer.close()
-                self.buffer = None
-            self.buffer = ShardShmBuffer(
-                plan, num_engines=len(self.engines.names), channel=self.channel
-            )
-        self.push_id += 1
-
-    def send(self, plan: BucketPlan, tensors: Any, accepted: list[str]) -> None:
-        assert isinstance(self.buffer, ShardShmBuffer)
-        self.buffer.push_n = self.push_n
-        go = UpdateWeightsFromIPC(buffer=self.buffer.descriptor(0), plan=plan, push_id=self.push_id)
-        self.channel.publish(self.push_n, codec.encode(go))
-        super().send(plan, tensors, accepted)
 
 
 @dataclass
@@ -136,52 +57,6 @@ class RankPush:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class ShardWriter:
-    """A rank > 0 of a sharded push: maps rank 0's buffer (kept across pushes, re-mapped when
-    it changes) and writes its rows bucket after bucket."""
-
-    def __init__(self, channel: ShardChannel):
-        self.channel = channel
-        self.segment: Segment | None = None
-        self.control: Control | None = None
-
-    def write(self, n: int, tensors: Mapping[str, torch.Tensor], wait_s: float) -> RankPush:
-        t0 = time.perf_counter()
-        out = RankPush(rank=self.channel.rank, method="shards")
-        payload = self.channel.wait_go(n, wait_s)
-        if not payload:
-            out.skipped = True
-            return out
-        msg = codec.decode(payload)
-        if not isinstance(msg, UpdateWeightsFromIPC) or msg.plan is None:
-            raise TransportError(f"push {n}: rank 0 sent {type(msg).__name__}, not a plan")
-        data = self._map(msg)
-        plan, buf = msg.plan, msg.buffer
-        for g, offset in enumerate(layout(plan, buf.slot_bytes, buf.num_slots, buf.nbytes)):
-            if self.control is not None and self.control.aborted() == msg.push_id + 1:
-                raise TransportError(f"push {n}: rank 0 aborted it (at bucket {g})")
-            bucket = plan.buckets[g]
-            region = data[offset : offset + region_bytes(bucket.nbytes)]
-            out.bytes_written += write_bucket_shards(region, bucket, tensors, self.channel.rank)
-            self.channel.wrote(n, g)
-        out.seconds = time.perf_counter() - t0
-        return out
-
-    def _map(self, msg: UpdateWeightsFromIPC) -> torch.Tensor:
-        buf = msg.buffer
-        if self.segment is None or self.segment.name != buf.name:
-            self.close()
-            self.segment = Segment(buf.name, buf.nbytes)
-            self.control = Control.open(buf)
-        return self.segment.tensor()
-
-    def close(self) -> None:
-        for part in (self.segment, self.control):
-            if part is not None:
-                part.close()
-        self.segment = self.control = None
 
 
 class ShardedPusher:
@@ -238,10 +113,17 @@ class ShardedPusher:
         if self.method == "gather":
             return self._push_gathered(tensors, version)
         if self.rank != 0:
-            assert self.writer is not None
-            # rank 0 announces first: its engines may take 2 x timeout_s to accept
-            return self.writer.write(self.pushes, tensors, 3 * self.cfg.timeout_s)
+            return self._write_rows(tensors)
         return self._push_rank0(tensors, version)
+
+    def _write_rows(self, tensors: dict[str, torch.Tensor]) -> RankPush:
+        assert self.writer is not None
+        t0 = time.perf_counter()
+        # rank 0 announces first: its engines may take 2 x timeout_s to accept
+        written = self.writer.write(self.pushes, tensors, 3 * self.cfg.timeout_s)
+        out = RankPush(rank=self.rank, method="shards", skipped=written is None)
+        out.bytes_written, out.seconds = written or 0, time.perf_counter() - t0
+        return out
 
     def _push_rank0(self, tensors: dict[str, torch.Tensor], version: int) -> PushReport:
         assert self.pusher is not None

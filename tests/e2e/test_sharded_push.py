@@ -2,7 +2,8 @@
 
 Real pieces throughout: trainer ranks are spawned processes in a gloo group with the policy
 under `fully_shard`, engines are `infer_side.server` processes, bytes go through shared
-memory. The checkpoint has tied embeddings and dims that 2 and 4 ranks do not split evenly
+memory: straight into the engines' own stores (their published layout, the default), or
+through rank 0's staging buffer (`one_copy=False`, the path of engines without a layout). The checkpoint has tied embeddings and dims that 2 and 4 ranks do not split evenly
 (vocab 99, intermediate 70), so shards are uneven and some ranks hold fewer rows. After a
 push every engine tensor must equal the full model's, bit for bit, in the engine's dtype.
 """
@@ -76,10 +77,14 @@ def push(engine, ckpt, tmp_path, world_size, version, method="shards", **kw):
     return results
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_sharded_push_is_bit_exact_fp32(fp32_engine, ckpt, tmp_path, world_size):
-    version = 10 + world_size
-    results = push(fp32_engine, ckpt, tmp_path, world_size, version)
+@pytest.mark.parametrize(
+    "world_size, one_copy",
+    [(2, True), (4, True), (2, False)],
+    ids=["2-direct", "4-direct", "2-staged"],
+)
+def test_sharded_push_is_bit_exact_fp32(fp32_engine, ckpt, tmp_path, world_size, one_copy):
+    version = fp32_engine.info().weight_version + 1
+    results = push(fp32_engine, ckpt, tmp_path, world_size, version, one_copy=one_copy)
     report = results[0]["pushes"][0]
     assert report["failed"] == [] and report["engines"]["engine0"]["ok"], report
     assert fp32_engine.fingerprints().fingerprints == expected_fingerprints(
@@ -93,7 +98,7 @@ def test_sharded_push_is_bit_exact_fp32(fp32_engine, ckpt, tmp_path, world_size)
 
 
 def test_sharded_push_casts_on_write_to_a_bf16_engine(bf16_engine, ckpt, tmp_path):
-    version = 21
+    version = bf16_engine.info().weight_version + 1
     results = push(bf16_engine, ckpt, tmp_path, 4, version, verify=True)
     assert results[0]["pushes"][0]["failed"] == []
     assert bf16_engine.fingerprints().fingerprints == expected_fingerprints(
@@ -104,7 +109,7 @@ def test_sharded_push_casts_on_write_to_a_bf16_engine(bf16_engine, ckpt, tmp_pat
 
 
 def test_gather_baseline_is_bit_exact(fp32_engine, ckpt, tmp_path):
-    version = 31
+    version = fp32_engine.info().weight_version + 1
     results = push(fp32_engine, ckpt, tmp_path, 2, version, method="gather")
     assert results[0]["pushes"][0]["failed"] == []
     assert results[1]["pushes"][0]["method"] == "gather"
@@ -113,28 +118,47 @@ def test_gather_baseline_is_bit_exact(fp32_engine, ckpt, tmp_path):
     )
 
 
-def test_a_rank_killed_mid_push_fails_the_update_and_is_named(fp32_engine, ckpt, tmp_path):
-    before = fp32_engine.fingerprints().fingerprints
-    old = fp32_engine.info().weight_version
-    results = run_ranks(
+def kill_rank1(engine, ckpt, tmp_path, version, load_mode):
+    """Push from 2 ranks whose rank 1 dies right after writing its rows of bucket 0."""
+    return run_ranks(
         2,
         host_store(),
         ckpt,
-        {"engine0": fp32_engine.endpoint},
-        sync(load_mode="shadow", timeout_s=4.0, bucket_mb=0.005),
+        {"engine0": engine.endpoint},
+        sync(load_mode=load_mode, timeout_s=4.0, bucket_mb=0.005),
         tmp_path,
-        versions=(41,),
-        kill=(1, 0),  # rank 1 dies right after writing its rows of bucket 0
+        versions=(version,),
+        kill=(1, 0),
     )
+
+
+def check_named(results) -> None:
     assert results[1] is None  # it died before writing its result
     out = results[0]["pushes"][0]
     assert "push_error" in out, out
     assert "trainer rank 1" in out["push_error"] and "bucket 1" in out["push_error"]
-    # shadow: the engine never saw a byte of it and still serves the old version
+
+
+def test_a_rank_killed_mid_push_leaves_shadow_serving_the_old_version(fp32_engine, ckpt, tmp_path):
+    before = fp32_engine.fingerprints().fingerprints
+    old = fp32_engine.info().weight_version
+    check_named(kill_rank1(fp32_engine, ckpt, tmp_path, old + 1, "shadow"))
+    # shadow: the half-written copy is dropped; the old version serves, byte for byte
     assert fp32_engine.fingerprints().fingerprints == before
     assert fp32_engine.info().weight_version == old
     outs = fp32_engine.generate(PROMPTS, greedy(4))
     assert all(not o.error for o in outs) and {o.weight_version for o in outs} == {old}
-    # and the next push from a full set of ranks lands
-    results = push(fp32_engine, ckpt, tmp_path / "again", 2, 42)
-    assert fp32_engine.fingerprints().fingerprints == expected_fingerprints(ckpt, 42, fp32_engine)
+
+
+def test_a_rank_killed_mid_push_in_place_refuses_until_repaired(fp32_engine, ckpt, tmp_path):
+    old = fp32_engine.info().weight_version
+    check_named(kill_rank1(fp32_engine, ckpt, tmp_path / "killed", old + 1, "in_place"))
+    (out,) = fp32_engine.generate(PROMPTS[:1], greedy(4))
+    assert "weights incomplete" in out.error
+    # the next push from a full set of ranks repairs it
+    push(fp32_engine, ckpt, tmp_path / "again", 2, old + 2)
+    assert fp32_engine.fingerprints().fingerprints == expected_fingerprints(
+        ckpt, old + 2, fp32_engine
+    )
+    outs = fp32_engine.generate(PROMPTS, greedy(4))
+    assert all(not o.error for o in outs) and {o.weight_version for o in outs} == {old + 2}
