@@ -15,6 +15,7 @@ bit. The engine's weights are checked once per world size, after the last push.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -54,14 +55,16 @@ def run_sharded(bench: ShardedBench, log: Any = None) -> dict[str, Any]:
     """Run the benchmark; {"machine", "config", "rows"} (JSON-ready)."""
     log = log or (lambda s: print(s, file=sys.stderr))
     work = Path(tempfile.mkdtemp(prefix="rlsync-shardbench-", dir=bench.work_dir))
+    machine = machine_info()
     rows: list[dict[str, Any]] = []
     try:
         for size in bench.sizes:
             rows += _run_size(bench, size, work / f"size-{size:g}", log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    machine["load_avg_end"] = os.getloadavg()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(bench).items()}
-    return {"machine": machine_info(), "config": config, "rows": rows}
+    return {"machine": machine, "config": config, "rows": rows}
 
 
 def _run_size(bench: ShardedBench, size: float, work: Path, log: Any) -> list[dict[str, Any]]:
