@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from rlsync.config import SyncConfig
 from rlsync.netutil import node_address
 from trainer_side.config import TrainerRankConfig
 from trainer_side.learner import Learner, RolloutBatch
@@ -188,7 +189,7 @@ class TrainerActor:
         return sorted(endpoints)
 
     def _connect_sharded(
-        self, sync: Any, endpoints: dict[str, str], auth_keys: str | None
+        self, sync: SyncConfig, endpoints: dict[str, str], auth_keys: str | None
     ) -> list[str]:
         from trainer_side.shard_push import ShardedPusher
 
@@ -200,7 +201,7 @@ class TrainerActor:
             store=self._store,
             rank=self.rank,
             world_size=self.world_size,
-            method=self.cfg.trainer.push_method(sync.transport, self.device),  # type: ignore[arg-type]
+            method=self.cfg.trainer.push_method(sync.transport, self.device),
             device=self.device,
             connect_timeout_s=sync.timeout_s,
             auth_keys=auth_keys,

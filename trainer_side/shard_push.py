@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,6 @@ from trainer_side.pusher import WeightPusher, WeightsLike, named_tensors
 from trainer_side.shard_channel import ShardChannel
 from trainer_side.shard_ipc import ShardIpcSender, ShardWriter
 
-PushMethod = Literal["shards", "gather"]
 PUSH_METHODS: tuple[str, ...] = ("shards", "gather")
 
 
@@ -71,7 +70,7 @@ class ShardedPusher:
         store: dist.Store,
         rank: int,
         world_size: int,
-        method: PushMethod = "shards",
+        method: str = "shards",
         device: str | torch.device = "cpu",
         connect_timeout_s: float = 60.0,
         auth_keys: str | Path | None = None,
