@@ -54,6 +54,7 @@ class InferenceActor:
             endpoint = endpoint.format(host=node_address())
         extra = ["--max-running", str(self.cfg.max_running)]
         extra += ["--load-chunk-mb", str(self.cfg.load_chunk_mb)]
+        extra += [] if self.cfg.expose_weights else ["--private-weights"]
         self.client: EngineClient | None = launch_engine(
             model_dir,
             endpoint=endpoint or self.cfg.endpoint,

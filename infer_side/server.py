@@ -235,6 +235,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="vllm backend, in_place: MB of complete fused groups loaded at a time as they land",
     )
     parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument(
+        "--private-weights",
+        action="store_true",
+        help="keep the weight stores in private memory: pushes stage through a buffer "
+        "instead of writing them in place (our engine; vllm always stages)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: checkpoint's)")
     parser.add_argument(
@@ -275,6 +281,7 @@ def run_engine(args: argparse.Namespace) -> int:
         cfg = EngineConfig(
             backend=args.backend,
             load_chunk_mb=args.load_chunk_mb,
+            expose_weights=not args.private_weights,
             kv_tokens=args.kv_tokens,
             max_running=args.max_running,
             device=args.device,

@@ -372,9 +372,25 @@ class UpdateMachine:
         self.abandoned = job
         job.stage = Stage.FAILED
         job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
-        if not job.into_live and self.shadow is not None:
-            self.shadow.close()  # a late writer may still land bytes in it: never reuse it
+        if not job.into_live:
+            self._drop_shadow()  # a late writer may still land bytes in it: never reuse it
+
+    def _drop_shadow(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()
             self.shadow = None
+
+    def _retire_target(self, job: UpdateJob) -> None:
+        """A pusher that was allowed to write this update's store may still write it late
+        (stopped, then resumed): never compute with that store again. A shadow is dropped
+        (the next shadow update allocates a fresh one); a live store, refusing generation
+        already, is swapped for a fresh one that the next whole update fills."""
+        if not job.into_live:
+            self._drop_shadow()
+            return
+        old = self.engine.live_weights()
+        self.engine.apply_weights(self.engine.new_shadow())
+        old.close()
 
     def _block_generation(self, job: UpdateJob) -> bool:
         """Stop generation per the request's pause mode, or wait (bounded) for idle."""
@@ -430,6 +446,8 @@ class UpdateMachine:
     def _fail(self, job: UpdateJob) -> list[Message]:
         if job.into_live and not job.live_touched and not job.apply_failed:
             self.weights_incomplete = job.was_incomplete  # this job wrote nothing
+        if job.writer is not None and job.writer.exposed:
+            self._retire_target(job)
         job.receiver.failed(job.msg)
         return self._finish(job, False, f"update to version {job.version} failed: {job.error}")
 

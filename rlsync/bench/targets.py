@@ -1,7 +1,8 @@
 """The issue's targets, checked against one sync-benchmark result (plain row dicts):
 
-- ipc >= 50% of the memcpy bandwidth (the issue asks it at 1 GiB; shown for every size);
-- broadcast >= 85% of one raw broadcast of the same bytes;
+- ipc >= 90% of the memcpy bandwidth and broadcast >= 95% of one raw broadcast of the same
+  bytes, in each load mode (the one-copy issue asks both at 1 GiB with one engine; shown for
+  every size and engine count);
 - ours (best of broadcast/ipc) >= 5x faster than the Ray object store, disk and pickle;
 - shadow-mode engine pause < 10 ms, while the in-place pause is about the transfer time.
 Each check is computed within one (size, engine count) group of the same run.
@@ -28,14 +29,19 @@ def check_group(rows: Rows) -> list[tuple[str, float, str, bool]]:
     """(target, measured, how it is shown, met) for one (size, engines) group."""
     rows = _ok(rows)
     out = []
-    memcpy, ipc = _best(rows, "memcpy"), _best(rows, "ipc", "ours")
-    if memcpy and ipc:
-        ratio = ipc["gbps"] / memcpy["gbps"]
-        out.append(("ipc >= 50% of memcpy", ratio, f"{ratio:.0%}", ratio >= 0.5))
-    raw, bcast = _best(rows, "raw-broadcast"), _best(rows, "broadcast", "ours")
-    if raw and bcast:
-        ratio = raw["best_s"] / bcast["best_s"]
-        out.append(("broadcast >= 85% of raw broadcast", ratio, f"{ratio:.0%}", ratio >= 0.85))
+    memcpy, raw = _best(rows, "memcpy"), _best(rows, "raw-broadcast")
+    for mode in ("in_place", "shadow"):
+        ipc = _best([r for r in rows if r["mode"] == mode], "ipc", "ours")
+        if memcpy and ipc:
+            ratio = ipc["gbps"] / memcpy["gbps"]
+            out.append((f"ipc {mode} >= 90% of memcpy", ratio, f"{ratio:.0%}", ratio >= 0.9))
+        bcast = _best([r for r in rows if r["mode"] == mode], "broadcast", "ours")
+        if raw and bcast:
+            ratio = raw["best_s"] / bcast["best_s"]
+            out.append(
+                (f"broadcast {mode} >= 95% of raw broadcast", ratio, f"{ratio:.0%}", ratio >= 0.95)
+            )
+    ipc, bcast = _best(rows, "ipc", "ours"), _best(rows, "broadcast", "ours")
     ours = min((r for r in (ipc, bcast) if r), key=lambda r: r["best_s"], default=None)
     for method in ("ray", "safetensors", "pickle"):
         base = _best(rows, method, "baseline")

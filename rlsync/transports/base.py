@@ -167,6 +167,8 @@ class WeightWriter:
         buffer, when it has one (buckets of a plan that follows the store land there)."""
         self.views, self.cancel, self.sink, self.flat = views, cancel, sink, flat
         self.touched = False
+        self.exposed = False
+        """Another process was told it may write the store (`open_store`)."""
         self.load_s = 0.0
 
     def check_cancel(self) -> None:
@@ -197,7 +199,7 @@ class WeightWriter:
         self.check_cancel()
         if self.flat is None:
             raise TransportError("this engine's weights cannot be written in place")
-        self.touched = True
+        self.touched = self.exposed = True
 
     def landed(self, bucket: Bucket) -> None:
         """`bucket` arrived in place: tell the sink as if its tensors had been written."""

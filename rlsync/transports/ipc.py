@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -78,6 +79,8 @@ class IpcSender:
         self.data, self.control = data, control
         self.num_slots, self.slot_bytes = num_slots, slot_bytes
         self._last: tuple[int, int, set[int]] | None = None  # push id, buckets, live engines
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     @property
     def data_name(self) -> str:
@@ -180,13 +183,13 @@ class IpcSender:
             self._await(live, seq(push_id, 0), push_id, stats, timeout_s, self.control.opened)
             for g, bucket in enumerate(plan.buckets):
                 t = time.perf_counter()
-                for e in sorted(live):
-                    region = stores[e][bucket.store_offset : bucket.store_offset + bucket.nbytes]
-                    pack_bucket(bucket, tensors, region)
-                    if region.is_cuda:
-                        torch.cuda.current_stream(region.device).synchronize()
-                if verify and live:
-                    self._trailer(g).copy_(fingerprint(region).reshape(1).view(torch.uint8))
+                regions = [
+                    stores[e][bucket.store_offset : bucket.store_offset + bucket.nbytes]
+                    for e in sorted(live)
+                ]
+                self._write(bucket, tensors, regions)
+                if verify and regions:
+                    self._trailer(g).copy_(fingerprint(regions[0]).reshape(1).view(torch.uint8))
                 stats.add("pack", time.perf_counter() - t)
                 fence()
                 self.control.set_ready(seq(push_id, g + 1))
@@ -197,6 +200,30 @@ class IpcSender:
             raise
         stats.seconds = time.perf_counter() - t0
         return stats
+
+    def _write(
+        self, bucket: Bucket, tensors: Mapping[str, torch.Tensor], regions: list[torch.Tensor]
+    ) -> None:
+        """Copy the bucket's tensors into every engine's region; with several engines, one
+        thread per engine (the copies release the GIL), so N stores cost about one copy's
+        time while memory bandwidth lasts (docs/TRANSPORTS.md, several engines on a host)."""
+        if len(regions) > 1:
+            if self._pool is None or self._pool_size < len(regions):
+                self._close_pool()
+                self._pool = ThreadPoolExecutor(len(regions), thread_name_prefix="ipc-write")
+                self._pool_size = len(regions)
+            for done in [self._pool.submit(pack_bucket, bucket, tensors, r) for r in regions]:
+                done.result()
+        elif regions:
+            pack_bucket(bucket, tensors, regions[0])
+        for region in regions:
+            if region.is_cuda:  # the bytes must be in device memory before we say "ready"
+                torch.cuda.current_stream(region.device).synchronize()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _trailer(self, g: int) -> torch.Tensor:
         return self.data[TRAILER_BYTES * g : TRAILER_BYTES * (g + 1)]
@@ -273,6 +300,7 @@ class IpcSender:
 
     def close(self) -> None:
         """Release the data buffer and unlink the control segment."""
+        self._close_pool()
         self.data = torch.empty(0, dtype=torch.uint8)
         self._close_data()
         self.control.close()

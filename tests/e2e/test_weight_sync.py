@@ -4,6 +4,7 @@ the trainer's weights bit for bit and generate exactly what a fresh engine would
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from infer_side.client import launch_engine
-from rlsync.buckets import in_store, plan_buckets
+from rlsync.buckets import in_store, plan_buckets, plan_in_store
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import GetWeightSpecs, UpdateDone, UpdateWeightsFromIPC, WeightFingerprints
@@ -182,6 +183,27 @@ def test_bad_plan_is_refused_and_changes_nothing(engines, mutate, named):
     assert engine.generate([[1, 2, 3]], greedy(2))[0].error == ""
 
 
+def test_a_plan_writing_outside_a_tensor_is_refused_and_changes_nothing(engines):
+    """An in-store plan whose first bucket sits 256 bytes off would write every tensor of it
+    into its neighbour's bytes: the engine refuses it, naming the tensor, before a byte
+    moves."""
+    engine = engines["engine0"]
+    with RpcClient(engine.endpoint, timeout_s=10) as rpc:
+        specs = rpc.call(GetWeightSpecs()).specs
+    items = [(s.name, s.dtype, tuple(s.shape)) for s in specs]
+    plan = plan_in_store(items, {s.name: s.offset for s in specs}, 4096)
+    first = plan.buckets[0]
+    shifted = dataclasses.replace(first, store_offset=first.store_offset + 256)
+    plan = dataclasses.replace(plan, buckets=[shifted, *plan.buckets[1:]])
+    before = engine.fingerprints()
+    msg = UpdateWeightsFromIPC(plan=plan, weight_version=10_000, push_id=1)
+    with RpcClient(engine.endpoint, timeout_s=10) as rpc:
+        result = rpc.call(msg)
+    assert isinstance(result, UpdateDone) and not result.success
+    assert f"bucket 0 tensor '{first.tensors[0].name}': would write bytes" in result.message
+    assert result.live_touched is False and engine.fingerprints() == before
+
+
 def test_pusher_refuses_wrong_weights_before_sending(engines, ckpt, versions, tmp_path):
     before = engines["engine0"].fingerprints()
     tensors = trainer_weights(ckpt, 99)
@@ -263,3 +285,34 @@ def _maps(pid: int) -> list[str]:
     """This process's mappings of rlsync segments (one line per mapped range)."""
     with open(f"/proc/{pid}/maps") as f:
         return sorted(line.split(maxsplit=5)[-1] for line in f if f"{SHM_DIR}/rlsync-" in line)
+
+
+def test_an_engine_with_private_weights_is_staged_and_refuses_direct_writes(
+    engines, ckpt, tmp_path
+):
+    """`--private-weights`: no layout is published, so a pusher over it and one of ours
+    stages for both; an ipc plan that follows a layout is refused by it, naming why."""
+    private = launch_engine(ckpt, kv_tokens=256, threads=1, extra_args=["--private-weights"])
+    try:
+        with RpcClient(private.endpoint, timeout_s=10) as rpc:
+            assert rpc.call(GetWeightSpecs()).store_bytes == 0
+        eps = {"private": private.endpoint, "exposed": engines["engine0"].endpoint}
+        pusher = WeightPusher(sync_cfg("ipc"), eps, tmp_path)
+        try:
+            version = engines["engine0"].info().weight_version + 1
+            tensors = trainer_weights(ckpt, version)
+            assert pusher.push(tensors, version).failed == []
+            assert not in_store(pusher.plan)
+            assert pusher.mismatches(tensors) == {"private": [], "exposed": []}
+        finally:
+            pusher.close()
+        with RpcClient(engines["engine0"].endpoint, timeout_s=10) as rpc:
+            specs = rpc.call(GetWeightSpecs()).specs
+        items = [(s.name, s.dtype, tuple(s.shape)) for s in specs]
+        plan = plan_in_store(items, {s.name: s.offset for s in specs}, 1 << 20)
+        msg = UpdateWeightsFromIPC(plan=plan, weight_version=10_000, push_id=1)
+        with RpcClient(private.endpoint, timeout_s=10) as rpc:
+            result = rpc.call(msg)
+        assert not result.success and "cannot be written directly" in result.message
+    finally:
+        private.close()

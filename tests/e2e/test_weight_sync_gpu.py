@@ -24,14 +24,14 @@ def ckpt(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
 
 
-def _push_many(ckpt, tmp_path, transport, device, engine_devices, pushes):
+def _push_many(ckpt, tmp_path, transport, device, engine_devices, pushes, **sync):
     """Push `pushes` versions; device memory (all processes: trainer, engines, IPC mappings)
     after the last push must not exceed what it was after the second (buffers warm)."""
     engines = {
         f"e{i}": launch_engine(ckpt, kv_tokens=512, device=d) for i, d in enumerate(engine_devices)
     }
     try:
-        cfg = SyncConfig(transport=transport, bucket_mb=1.0, timeout_s=60.0, verify=True)
+        cfg = SyncConfig(transport=transport, bucket_mb=1.0, timeout_s=60.0, verify=True, **sync)
         pusher = WeightPusher(
             cfg, {n: c.endpoint for n, c in engines.items()}, tmp_path, device=device
         )
@@ -57,8 +57,21 @@ def _push_many(ckpt, tmp_path, transport, device, engine_devices, pushes):
             client.close()
 
 
-def test_cuda_ipc_push_bit_exact_and_memory_flat(ckpt, tmp_path):
-    _push_many(ckpt, tmp_path, "ipc", "cuda:0", ["cuda:0"], pushes=100)
+@pytest.mark.parametrize("one_copy", [True, False])
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+def test_cuda_ipc_push_bit_exact_and_memory_flat(ckpt, tmp_path, load_mode, one_copy):
+    """one_copy: the trainer writes the engine's own GPU store through its CUDA IPC handle;
+    else through the trainer's shared buffer."""
+    _push_many(
+        ckpt,
+        tmp_path,
+        "ipc",
+        "cuda:0",
+        ["cuda:0"],
+        pushes=100,
+        load_mode=load_mode,
+        one_copy=one_copy,
+    )
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL broadcast needs two GPUs")

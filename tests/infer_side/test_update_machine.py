@@ -64,6 +64,14 @@ class FakeStore:
         }
 
 
+class ExposedFakeStore(FakeStore):
+    """A store another process could map (it has a flat buffer)."""
+
+    def __init__(self, fill: float = 0.0):
+        super().__init__(fill)
+        self.flat = torch.zeros(64, dtype=torch.uint8)
+
+
 class FakeEngine:
     """What UpdatableEngine asks for, recorded."""
 
@@ -79,7 +87,7 @@ class FakeEngine:
 
     def new_shadow(self):
         self.calls.append("new_shadow")
-        return FakeStore(-1.0)
+        return type(self.live)(-1.0)
 
     def stream_sink(self, store):
         return None
@@ -120,11 +128,15 @@ class FakeReceiver(Receiver):
         self.fail_after: int | None = None
         self.failed_msgs = []
         self.ignore_cancel = False
+        self.direct = False
+        """Open the store to a writer in another process first (one-copy ipc)."""
 
     def check(self, msg, plan, weights):
         return 36
 
     def receive(self, msg, plan, writer):
+        if self.direct:
+            writer.open_store()
         for i, name in enumerate(SHAPES):
             assert self.step.acquire(timeout=10), "test never released the receiver"
             if self.fail_after is not None and i >= self.fail_after:
@@ -458,3 +470,28 @@ def test_idle_timeout_counts_from_the_wait_not_from_the_accept(machine):
     assert m.poll() == [] and m.job.stage is Stage.RECEIVED  # waiting for idle, not failed
     engine.running = 0
     assert run_until_done(m).success
+
+
+@pytest.mark.parametrize("load_mode", ["shadow", "in_place"])
+def test_a_failed_direct_update_retires_the_store_a_late_writer_could_reach(machine, load_mode):
+    """A pusher allowed to write a store may write it late (stopped, then resumed): after
+    the update fails, the engine never computes with that store again."""
+    m, engine, receiver = machine
+    engine.live = ExposedFakeStore(0.0)
+    old_live = engine.live
+    receiver.direct, receiver.fail_after = True, 1
+    m.process(update(1, load_mode=load_mode, pause_mode="abort"))
+    target = m.shadow if load_mode == "shadow" else old_live
+    receiver.release()
+    done = run_until_done(m)
+    assert not done.success and target.closed
+    if load_mode == "shadow":
+        assert m.shadow is None and engine.live is old_live and not old_live.closed
+        assert not m.weights_incomplete
+    else:  # refusing already; a fresh store is live until a whole update fills it
+        assert engine.live is not old_live and m.weights_incomplete and done.live_touched
+    receiver.direct, receiver.fail_after = False, None
+    m.process(update(2, load_mode=load_mode, pause_mode="abort"))
+    receiver.release()
+    assert run_until_done(m).success and not m.weights_incomplete
+    assert engine.live.fingerprints() == {"a": 12000, "b": 5000}

@@ -13,13 +13,15 @@ import pytest
 import zmq
 
 from rlsync.codec import MAX_FRAME_BYTES
+from rlsync.config import SyncConfig
 from rlsync.protocol import GetWeightSpecs, WeightSpecs
-from tests.e2e.sync_helpers import PROMPTS, greedy
+from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from tests.reliability.figures import record
 from tests.reliability.fuzz_driver import fuzz_engine
 from tests.reliability.fuzz_frames import FrameFactory
 from tests.reliability.fuzz_targets import make_targets
 from tests.reliability.procs import Snapshot, peak_rss_kb, settled
+from trainer_side.pusher import WeightPusher
 
 
 def _state(engine) -> tuple[dict, list[list[int]]]:
@@ -33,7 +35,20 @@ def _settle(engine, timeout_s: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def run_fuzz(engine, tmp_path, dead_port: int, n: int, seed: int) -> dict:
+def _warm_shadow(engine, ckpt, tmp_path) -> None:
+    """One real shadow update first: the engine then holds its second store (an exposed
+    store keeps one lock fd open), so what the fuzz leaves behind is compared with that."""
+    cfg = SyncConfig(transport="ipc", load_mode="shadow", bucket_mb=0.05, timeout_s=20)
+    pusher = WeightPusher(cfg, {"e": engine.endpoint}, tmp_path)
+    try:
+        version = engine.info().weight_version + 1
+        assert pusher.push(trainer_weights(ckpt, version), version).failed == []
+    finally:
+        pusher.close()
+
+
+def run_fuzz(engine, ckpt, tmp_path, dead_port: int, n: int, seed: int) -> dict:
+    _warm_shadow(engine, ckpt, tmp_path)
     before, tokens = _state(engine)
     pid = engine.process.pid
     snap = Snapshot.steady(pid)
@@ -60,8 +75,8 @@ def run_fuzz(engine, tmp_path, dead_port: int, n: int, seed: int) -> dict:
     return summary
 
 
-def test_live_fuzz_1000_frames(engines, tmp_path, dead_port):
-    summary = run_fuzz(engines["e0"], tmp_path, dead_port, n=1000, seed=1)
+def test_live_fuzz_1000_frames(engines, ckpt, tmp_path, dead_port):
+    summary = run_fuzz(engines["e0"], ckpt, tmp_path, dead_port, n=1000, seed=1)
     valid = summary["by_category"]["interleaved_valid"]
     assert summary["error_replies"] >= summary["frames_sent"] - valid  # every hostile one refused
     # plain requests in between are served (a few meet a fuzzed update's "weights incomplete")
@@ -69,8 +84,8 @@ def test_live_fuzz_1000_frames(engines, tmp_path, dead_port):
 
 
 @pytest.mark.slow
-def test_live_fuzz_12000_frames(engines, tmp_path, dead_port):
-    run_fuzz(engines["e1"], tmp_path, dead_port, n=12_000, seed=2)
+def test_live_fuzz_12000_frames(engines, ckpt, tmp_path, dead_port):
+    run_fuzz(engines["e1"], ckpt, tmp_path, dead_port, n=12_000, seed=2)
 
 
 def test_oversized_frame_is_dropped_before_it_is_buffered(engines):
