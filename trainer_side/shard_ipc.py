@@ -1,6 +1,7 @@
 """The ipc transport for sharded trainers: every rank writes its own rows, rank 0 coordinates.
 
-Two paths, chosen by the plan as for one rank (`rlsync.transports.ipc`):
+Two paths, chosen by the plan as for one rank (`rlsync.transports.ipc`, whose protocol rank
+0 runs unchanged):
 - in the engines' stores (the plan follows their published layout, one copy per byte):
   rank 0 announces, waits until every engine has opened its target store (paused for
   in_place, or its shadow), then tells the other ranks which stores to write; each rank
@@ -28,12 +29,13 @@ import msgpack
 import torch
 
 from rlsync import codec
-from rlsync.buckets import fingerprint, in_store
+from rlsync.buckets import in_store
 from rlsync.protocol import BucketPlan, StoreRef, UpdateAccepted, UpdateWeightsFromIPC
-from rlsync.transports import TransferStats, TransportError, ipc
-from rlsync.transports.control import Control, Segment, fence, layout, region_bytes, seq
+from rlsync.transports import TransportError, ipc
+from rlsync.transports.control import Control, Segment, layout, region_bytes
+from rlsync.transports.integrity import TRAILER_BYTES
 from rlsync.transports.store import MappedStore
-from trainer_side.shard_buffer import ShardShmBuffer, write_bucket_shards
+from trainer_side.shard_buffer import ShardDirectBuffer, ShardShmBuffer, write_bucket_shards
 from trainer_side.shard_channel import ShardChannel
 
 MAX_STORES = 4096
@@ -65,7 +67,8 @@ def decode_go(payload: bytes) -> tuple[UpdateWeightsFromIPC, list[StoreRef]]:
 
 
 class ShardIpcSender(ipc.Sender):
-    """Rank 0's ipc sender in a sharded push (see the module docstring)."""
+    """Rank 0's ipc sender in a sharded push: the ipc protocol of one rank, with buffers whose
+    bucket writes let every rank write (`ShardShmBuffer`, `ShardDirectBuffer`)."""
 
     def __init__(self, *args: Any, channel: ShardChannel):
         super().__init__(*args)
@@ -74,61 +77,33 @@ class ShardIpcSender(ipc.Sender):
         self.channel, self.push_n = channel, 0
 
     def prepare(self, plan: BucketPlan, tensors: Any, version: int) -> None:
-        if in_store(plan):
-            super().prepare(plan, tensors, version)
-            return
+        """As `ipc.Sender.prepare`, with the sharded buffers."""
         self.push_id += 1
         self.targets.clear()
-        self.one_copy = False
-        if not isinstance(self.buffer, ShardShmBuffer) or not self.buffer.fits(plan):
+        self.one_copy = in_store(plan)
+        engines = len(self.engines.names)
+        if self.one_copy:
+            trailers = TRAILER_BYTES * max(len(plan.buckets), 1)
+            if (
+                not isinstance(self.direct, ShardDirectBuffer)
+                or self.direct.data.numel() < trailers
+            ):
+                self._close_buffer("direct")
+                self.direct = ShardDirectBuffer(
+                    num_engines=engines, capacity_bytes=trailers, channel=self.channel
+                )
+        elif not isinstance(self.buffer, ShardShmBuffer) or not self.buffer.fits(plan):
             self._close_buffer("buffer")
-            self.buffer = ShardShmBuffer(
-                plan, num_engines=len(self.engines.names), channel=self.channel
-            )
+            self.buffer = ShardShmBuffer(plan, num_engines=engines, channel=self.channel)
 
     def send(self, plan: BucketPlan, tensors: Any, accepted: list[str]) -> None:
-        if self.one_copy:
-            self._send_direct(plan, tensors, accepted)
-            return
-        assert isinstance(self.buffer, ShardShmBuffer)
-        self.buffer.push_n = self.push_n
-        go = UpdateWeightsFromIPC(buffer=self.buffer.descriptor(0), plan=plan, push_id=self.push_id)
-        self.channel.publish(self.push_n, encode_go(go, []))
+        """Hand the buffer the word for the other ranks, then push as one rank does."""
+        buffer = self.direct if self.one_copy else self.buffer
+        assert isinstance(buffer, (ShardDirectBuffer, ShardShmBuffer))
+        refs = [self.targets[n] for n in accepted if n in self.targets] if self.one_copy else []
+        go = UpdateWeightsFromIPC(buffer=buffer.descriptor(0), plan=plan, push_id=self.push_id)
+        buffer.start(self.push_n, encode_go(go, refs))
         super().send(plan, tensors, accepted)
-
-    def _send_direct(self, plan: BucketPlan, tensors: Any, accepted: list[str]) -> None:
-        """`IpcSender.push_direct` with every rank writing: the other ranks learn the stores
-        only once every engine has opened its own."""
-        direct, pid, timeout_s = self.direct, self.push_id, self.cfg.timeout_s
-        assert direct is not None
-        missing = [n for n in accepted if n not in self.targets]
-        if missing:
-            raise TransportError(f"engines {missing} named no store to write this push into")
-        refs = {self.engines.index(n): self.targets[n] for n in accepted}
-        stores = {e: self._mapped(ref) for e, ref in refs.items()}
-        stats = TransferStats(nbytes=sum(b.nbytes for b in plan.buckets), buckets=len(plan.buckets))
-        live = direct._begin(pid, sorted(stores), stats, timeout_s)
-        try:
-            direct._await(live, seq(pid, 0), pid, stats, timeout_s, direct.control.opened)
-            go = UpdateWeightsFromIPC(buffer=direct.descriptor(0), plan=plan, push_id=pid)
-            self.channel.publish(self.push_n, encode_go(go, [refs[e] for e in sorted(live)]))
-            for g, bucket in enumerate(plan.buckets):
-                region = None
-                for e in sorted(live):
-                    region = stores[e][bucket.store_offset : bucket.store_offset + bucket.nbytes]
-                    write_bucket_shards(region, bucket, tensors, 0)
-                self.channel.wait_wrote(self.push_n, g, timeout_s)
-                if self.cfg.verify and region is not None:
-                    direct._trailer(g).copy_(fingerprint(region).reshape(1).view(torch.uint8))
-                fence()
-                direct.control.set_ready(seq(pid, g + 1))
-            direct._last = (pid, len(plan.buckets), live)
-            direct._await(live, seq(pid, len(plan.buckets)), pid, stats, timeout_s)
-        except BaseException:
-            direct.control.set_aborted(pid)
-            raise
-        finally:
-            self._unmap_stale()
 
 
 class ShardWriter:
