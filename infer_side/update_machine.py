@@ -4,7 +4,8 @@ serve a half-updated model. Engine-agnostic: it reaches the engine only through
 of `rlsync.transports.registry`.
 
 Every update gets two replies with its request id: `UpdateAccepted` once the whole update
-is validated (or an `UpdateDone` failure that changed nothing), then `UpdateDone`. Between
+is validated (or an `UpdateDone` failure that changed nothing), then `UpdateDone`; an atomic
+update gets `UpdateReady` between them. Between
 them the engine loop keeps running: bytes arrive on a worker thread, and `poll()` advances
 the job at most one stage per loop iteration. Only the loop thread moves stages; the worker
 only writes through its `WeightWriter` and signals `done`.
@@ -13,11 +14,15 @@ only writes through its `WeightWriter` and signals `done`.
                refused: "weights incomplete") --> RECEIVED --> COMMITTED
     shadow:    RECEIVING (into the shadow store while generation goes on) --> RECEIVED
                --(pause per mode, or idle)--> COMMITTED (swap between two steps)
+    atomic:    shadow, but RECEIVED --(pause_mode None: wait for idle, then hold admission)-->
+               READY (UpdateReady sent) --CommitUpdate, (pause per mode)--> COMMITTED;
+               READY --AbortUpdate, or commit_timeout_s without either--> FAILED (discarded)
     commit:    [swap] -> flush KV (empty_cache only if asked) -> set version -> resume
     any stage --> FAILED: a shadow failure leaves the old weights serving untouched; an
                in_place failure that touched the live store leaves generation refused until a
-               whole update lands. A receive that overruns its bounds is cancelled: its
-               writer stops, and a shadow store it could still write is dropped.
+               whole update lands. A receive that overruns its bounds (or an AbortUpdate
+               while it runs) is cancelled: its writer stops, and a shadow store it could
+               still write is dropped.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ from enum import Enum
 from infer_side.engine_api import EngineWeights, UpdatableEngine
 from rlsync.buckets import in_store, validate_placement, validate_plan
 from rlsync.protocol import (
+    AbortUpdate,
     BucketPlan,
     BucketUpdate,
+    CommitUpdate,
     GetWeightsFingerprint,
     GetWeightSpecs,
     Message,
     Result,
     UpdateAccepted,
     UpdateDone,
+    UpdateReady,
     UpdateTimings,
     UpdateWeights,
     WeightFingerprints,
@@ -59,6 +67,8 @@ class Stage(Enum):
     WAITING = "waiting"
     RECEIVING = "receiving"
     RECEIVED = "received"
+    READY = "ready"
+    """Atomic only: received and reported; switches on CommitUpdate."""
     COMMITTED = "committed"
     FAILED = "failed"
 
@@ -96,10 +106,29 @@ class UpdateJob:
     """Loading the received store into the model raised (the model may hold part of it)."""
     recv_s: float = 0.0
     flush_s: float = 0.0
+    ready_at: float | None = None
+    """When UpdateReady went out (atomic): commit_timeout_s counts from here."""
+    commit_ordered: bool = False
+    """CommitUpdate arrived: switch as soon as generation is blocked."""
+    committed_at: float = 0.0
+    """Wall-clock time of the switch (reported for the push's commit skew)."""
 
     @property
     def version(self) -> int:
         return self.msg.weight_version
+
+    @property
+    def atomic(self) -> bool:
+        return self.msg.commit == "atomic"
+
+    def ready_expired(self) -> bool:
+        """Held READY past commit_timeout_s without a CommitUpdate: discard on our own."""
+        return (
+            self.stage is Stage.READY
+            and not self.commit_ordered
+            and self.ready_at is not None
+            and time.perf_counter() - self.ready_at > self.msg.commit_timeout_s
+        )
 
     def waited_s(self) -> float:
         return time.perf_counter() - self.started
@@ -202,7 +231,10 @@ class UpdateMachine:
 
     def handles(self, msg: Message) -> bool:
         return (
-            isinstance(msg, (UpdateWeights, GetWeightsFingerprint, GetWeightSpecs))
+            isinstance(
+                msg,
+                (UpdateWeights, CommitUpdate, AbortUpdate, GetWeightsFingerprint, GetWeightSpecs),
+            )
             or registry.control_owner(msg) is not None
         )
 
@@ -211,6 +243,10 @@ class UpdateMachine:
         try:
             if isinstance(msg, UpdateWeights):
                 return [self._accept(msg)]
+            if isinstance(msg, CommitUpdate):
+                return self._on_commit(msg)
+            if isinstance(msg, AbortUpdate):
+                return self._on_abort(msg)
             if isinstance(msg, GetWeightsFingerprint):
                 return [self._fingerprints(msg)]
             if isinstance(msg, GetWeightSpecs):
@@ -255,9 +291,13 @@ class UpdateMachine:
         if any(r.busy() for r in self._idle_receivers()):
             return True
         job = self.job
-        return job is not None and (
-            job.stage is not Stage.RECEIVING or job.done.is_set() or self._overdue(job)
-        )
+        if job is None:
+            return False
+        if job.stage is Stage.RECEIVING:
+            return job.done.is_set() or self._overdue(job)
+        if job.stage is Stage.READY:  # nothing to do but wait for the pusher's word
+            return job.commit_ordered or job.ready_expired()
+        return True
 
     def _idle_receivers(self) -> list[Receiver]:
         """Receivers no worker is using: housekeeping (e.g. unmapping a closed pusher's
@@ -313,6 +353,11 @@ class UpdateMachine:
                 f"the cancelled update to version {self.abandoned.version} is "
                 "still stopping; retry shortly"
             )
+        if msg.commit == "atomic" and msg.load_mode != "shadow":
+            raise ValueError(
+                f"commit: 'atomic' needs load_mode 'shadow' (got {msg.load_mode!r}): only a "
+                "shadow update can wait for the others without touching the live weights"
+            )
         if msg.weight_version <= self.engine.weight_version:
             raise ValueError(
                 f"weight_version {msg.weight_version} is not newer than the "
@@ -354,8 +399,20 @@ class UpdateMachine:
             elif self._overdue(job):
                 self._abandon(job)
         if job.stage is Stage.RECEIVED:
-            if job.msg.load_mode == "in_place" or self._block_generation(job):
+            if job.atomic:
+                if job.msg.pause_mode is not None or self._block_generation(job):
+                    return self._ready(job)
+            elif job.msg.load_mode == "in_place" or self._block_generation(job):
                 return self._commit(job)
+        if job.stage is Stage.READY:
+            if job.commit_ordered and self._block_generation(job):
+                return self._commit(job)
+            if job.ready_expired():
+                job.stage = Stage.FAILED
+                job.error = (
+                    f"no CommitUpdate or AbortUpdate within commit_timeout_s "
+                    f"({job.msg.commit_timeout_s:g}s) of UpdateReady; discarded"
+                )
         if job.stage is Stage.FAILED:
             return self._fail(job)
         return []
@@ -364,14 +421,14 @@ class UpdateMachine:
         limit = 2 * job.msg.timeout_s + job.msg.idle_timeout_s + WORKER_GRACE_S
         return job.stage is Stage.RECEIVING and job.waited_s() > limit
 
-    def _abandon(self, job: UpdateJob) -> None:
-        """The watchdog: cancel the worker and remember it, so no update starts while it may
-        still be mid-copy or inside its receiver; a shadow store it could still write is
-        dropped (the next shadow update allocates a fresh one)."""
+    def _abandon(self, job: UpdateJob, why: str = "") -> None:
+        """The watchdog (or an AbortUpdate): cancel the worker and remember it, so no update
+        starts while it may still be mid-copy or inside its receiver; a shadow store it could
+        still write is dropped (the next shadow update allocates a fresh one)."""
         job.cancel.set()
         self.abandoned = job
         job.stage = Stage.FAILED
-        job.error = f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
+        job.error = why or f"receive did not finish in {job.msg.timeout_s:.1f}s; cancelled"
         if not job.into_live:
             self._drop_shadow()  # a late writer may still land bytes in it: never reuse it
 
@@ -427,10 +484,50 @@ class UpdateMachine:
             job.error = f"loading into the model: {type(exc).__name__}: {exc}"
             return self._fail(job)
         self.engine.weight_version = msg.weight_version
+        job.committed_at = time.time()  # wall clock: compared across engines (commit skew)
         self.weights_incomplete = False
         job.flush_s = time.perf_counter() - start
         job.stage = Stage.COMMITTED
         return self._finish(job, True, f"loaded version {msg.weight_version}")
+
+    def _ready(self, job: UpdateJob) -> list[Message]:
+        """Atomic: every byte is in the shadow; tell the pusher and hold until its word."""
+        job.stage, job.ready_at = Stage.READY, time.perf_counter()
+        return [
+            UpdateReady(request_id=job.msg.request_id, weight_version=job.version, bytes=job.nbytes)
+        ]
+
+    # ------------------------------------------------------------ the pusher's word (atomic)
+
+    def _on_commit(self, msg: CommitUpdate) -> list[Message]:
+        """Switch now (between two steps): the reply, then the update's UpdateDone."""
+        job = self._job_of(msg.weight_version)
+        if job.stage is not Stage.READY:
+            raise ValueError(
+                f"weight_version {msg.weight_version}: the update is {job.stage.value}, "
+                "not ready to commit"
+            )
+        job.commit_ordered = True
+        ok = Result(request_id=msg.request_id, message=f"committing version {job.version}")
+        return [ok, *self._advance(job)]
+
+    def _on_abort(self, msg: AbortUpdate) -> list[Message]:
+        """Discard the update in whatever stage it is; the old version keeps serving."""
+        job = self._job_of(msg.weight_version)
+        if job.stage is Stage.RECEIVING and not job.done.is_set():
+            self._abandon(job, "aborted by the pusher while receiving; cancelled")
+        else:
+            job.stage, job.error = Stage.FAILED, "aborted by the pusher"
+        ok = Result(request_id=msg.request_id, message=f"discarding version {job.version}")
+        return [ok, *self._fail(job)]
+
+    def _job_of(self, version: int) -> UpdateJob:
+        if self.job is None or self.job.version != version:
+            now = "none" if self.job is None else f"version {self.job.version}"
+            raise ValueError(
+                f"weight_version {version}: no such update in flight (in flight: {now})"
+            )
+        return self.job
 
     def _apply(self, job: UpdateJob) -> None:
         """Make the model compute with the received bytes; a shadow's old live store becomes
@@ -462,6 +559,7 @@ class UpdateMachine:
             timings=job.timings(),
             live_touched=(job.live_touched or job.apply_failed) and not ok,
             weights_incomplete=self.weights_incomplete,
+            committed_at=job.committed_at,
         )
         if job.paused:
             self.engine.continue_generation()

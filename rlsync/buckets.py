@@ -108,12 +108,15 @@ def plan_in_store(
     specs: Iterable[tuple[str, str, Sequence[int]]],
     offsets: Mapping[str, int],
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    solo_bytes: int | None = None,
 ) -> BucketPlan:
     """A plan whose buckets are contiguous byte ranges of an engine's flat store, so a
     receiver lands each bucket in place and a writer copies each tensor straight to its home.
 
     Tensors go in store order; a bucket closes before the tensor that would take it past
-    `bucket_bytes`. The plan's alignment is the largest power of two up to 256 dividing every
+    `bucket_bytes`; with `solo_bytes`, a tensor at least that large gets a bucket of its own
+    (a sender can then send the trainer's tensor as it is, with no packing copy). The plan's
+    alignment is the largest power of two up to 256 dividing every
     offset (the q/k/v rows of a fused projection may sit at finer offsets than whole tensors);
     the store pads each fused tensor to 256 bytes, so an aligned bucket end never reaches
     into a tensor of the next bucket (`validate_placement` checks that on the engine).
@@ -127,11 +130,14 @@ def plan_in_store(
     buckets: list[Bucket] = []
     current: list[TensorSpec] = []
     start = end = 0
+    alone = False
     for name, dtype, shape in items:
         offset, nbytes = offsets[name], tensor_nbytes(dtype, shape)
-        if current and offset + nbytes - start > bucket_bytes:
+        solo = solo_bytes is not None and nbytes >= solo_bytes
+        if current and (solo or alone or offset + nbytes - start > bucket_bytes):
             buckets.append(_store_bucket(current, start, end, alignment))
             current = []
+        alone = solo
         if not current:
             start = offset
         current.append(

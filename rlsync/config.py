@@ -14,7 +14,11 @@ from typing import Any, Literal
 
 from rlsync import annotations
 from rlsync.model_config import ModelConfigError
-from rlsync.protocol import LoadMode, PauseMode, TransportKind
+from rlsync.protocol import CommitMode, LoadMode, PauseMode, TransportKind
+
+COMMIT_MARGIN_S = 1.0
+"""An atomic push sends its commit only while more than this is left of commit_timeout_s
+(counted from its announcement), so the commit reaches every engine before it gives up."""
 
 
 class ConfigError(ValueError):
@@ -85,11 +89,38 @@ class SyncConfig:
     master_address: str = "127.0.0.1"
     disk_dir: str | None = None
     """Directory for the disk transport; None: a folder in the run directory."""
+    commit: CommitMode = "independent"
+    """independent: each engine switches once its bytes are in (a failed engine is reported,
+    the others get the version). atomic: every engine switches or none does (needs
+    load_mode shadow; see docs/PROTOCOL.md, Atomic commit)."""
+    commit_timeout_s: float | None = None
+    """atomic: how long an engine holds a ready update waiting for the commit before it
+    discards it; None: 4 x timeout_s + idle_timeout_s."""
 
     def __post_init__(self) -> None:
         positive(self, "bucket_mb", "timeout_s")
         if self.idle_timeout_s < 0:
             raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
+        self._check_commit()
+
+    def _check_commit(self) -> None:
+        """Atomic needs a shadow store: an in_place update cannot wait for the others
+        without touching the live weights."""
+        if self.commit == "atomic" and self.load_mode != "shadow":
+            raise ConfigError(
+                f"commit: 'atomic' needs load_mode 'shadow', got load_mode {self.load_mode!r}"
+            )
+        if self.commit_timeout_s is not None and self.commit_timeout_s <= 2 * COMMIT_MARGIN_S:
+            raise ConfigError(
+                f"commit_timeout_s: must be > {2 * COMMIT_MARGIN_S:g}, got {self.commit_timeout_s}"
+            )
+
+    @property
+    def commit_wait_s(self) -> float:
+        """commit_timeout_s, or its default."""
+        if self.commit_timeout_s is not None:
+            return self.commit_timeout_s
+        return min(4 * self.timeout_s + self.idle_timeout_s, 3600.0)  # the wire's limit
 
     @property
     def bucket_bytes(self) -> int:

@@ -15,9 +15,11 @@ PauseMode = Literal["abort", "retract", "in_place"]
 LoadMode = Literal["in_place", "shadow"]
 TransportKind = Literal["broadcast", "ipc", "disk"]
 FinishReason = Literal["length", "stop", "abort"]
+CommitMode = Literal["independent", "atomic"]
 PAUSE_MODES: tuple[str, ...] = get_args(PauseMode)
 LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
 TRANSPORT_KINDS: tuple[str, ...] = get_args(TransportKind)
+COMMIT_MODES: tuple[str, ...] = get_args(CommitMode)
 
 MAX_TOKENS = 1 << 20
 MAX_NAME = 512
@@ -209,6 +211,12 @@ class UpdateWeights(Message):
     """Bound on every receive of this update."""
     verify: bool = False
     """Check every bucket's fingerprint on arrival."""
+    commit: CommitMode = "independent"
+    """independent: switch as soon as the bytes are in. atomic (shadow only): answer
+    UpdateReady once the bytes are in the shadow, then switch on CommitUpdate, discard on
+    AbortUpdate, or discard on its own `commit_timeout_s` after UpdateReady."""
+    commit_timeout_s: float = _f(60.0, ge=0.1, le=3600.0)
+    """atomic: how long an engine holds a ready update waiting for CommitUpdate/AbortUpdate."""
 
 
 @dataclass(kw_only=True)
@@ -239,6 +247,22 @@ class UpdateWeightsFromIPC(BucketUpdate):
 class UpdateWeightsFromDisk(UpdateWeights):
     transport: ClassVar[TransportKind] = "disk"
     path: str = _f("", max_len=4096)
+
+
+@dataclass(kw_only=True)
+class CommitUpdate(Message):
+    """Switch to the ready atomic update of `weight_version` now. Answered by a Result; the
+    update's own UpdateDone follows."""
+
+    weight_version: int = _f(0, ge=0)
+
+
+@dataclass(kw_only=True)
+class AbortUpdate(Message):
+    """Discard the update of `weight_version` still in flight (the old version keeps
+    serving). Answered by a Result; the update's own UpdateDone follows."""
+
+    weight_version: int = _f(0, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -309,6 +333,15 @@ class UpdateAccepted(Message):
 
 
 @dataclass(kw_only=True)
+class UpdateReady(Message):
+    """Interim reply to an atomic update: every byte is in the shadow store (checked when
+    `verify`) and the engine can switch at once on CommitUpdate."""
+
+    weight_version: int = _f(0, ge=0)
+    bytes: int = _f(0, ge=0)
+
+
+@dataclass(kw_only=True)
 class UpdateTimings:
     """Where one update's time went on the engine."""
 
@@ -341,6 +374,8 @@ class UpdateDone(Message):
     """Generation is refused until a whole update lands."""
     unknown_plan: bool = False
     """Refused because the engine does not know `plan_id`: send the full plan again."""
+    committed_at: float = _f(0.0, ge=0.0)
+    """Wall-clock time (Unix seconds) the engine switched to this version; 0 if it did not."""
 
 
 @dataclass(kw_only=True)
@@ -403,6 +438,8 @@ CONTROL_MESSAGES: tuple[type[Message], ...] = (
     InitWeightsGroup,
     DestroyWeightsGroup,
     *UPDATE_MESSAGES.values(),
+    CommitUpdate,
+    AbortUpdate,
     FlushCache,
     PauseGeneration,
     ContinueGeneration,
@@ -416,6 +453,7 @@ REPLY_MESSAGES: tuple[type[Message], ...] = (
     Result,
     EngineDied,
     UpdateAccepted,
+    UpdateReady,
     UpdateDone,
     WeightSpecs,
     WeightFingerprints,
@@ -428,11 +466,11 @@ assert set(UPDATE_MESSAGES) == set(TRANSPORT_KINDS)
 
 
 def is_final(msg: Message) -> bool:
-    """True for the last reply a request gets: anything but an unfinished GenerateOutput or
-    an UpdateAccepted (weight updates answer twice: accepted, then done)."""
+    """True for the last reply a request gets: anything but an unfinished GenerateOutput, an
+    UpdateAccepted or an UpdateReady (weight updates answer accepted, [ready,] then done)."""
     if isinstance(msg, GenerateOutput):
         return msg.finished
-    return not isinstance(msg, UpdateAccepted)
+    return not isinstance(msg, (UpdateAccepted, UpdateReady))
 
 
 def failed(msg: Message) -> str | None:

@@ -40,6 +40,10 @@ class PushReport:
     seconds: float = 0.0
     plan_sent: bool = False
     """Whether any engine got the whole plan (else only its id travelled)."""
+    commit: str = "independent"
+    """independent, or atomic (every engine switched to `version`, or none did)."""
+    aborted_because: dict[str, str] = field(default_factory=dict)
+    """atomic, not committed: engine -> why it stopped the commit ("(pusher)": the pusher)."""
 
     @property
     def failed(self) -> list[str]:
@@ -66,6 +70,17 @@ class PushReport:
             default=0.0,
         )
 
+    @property
+    def commit_skew_s(self) -> float | None:
+        """Last minus first engine switch (their `committed_at` wall clocks), over the
+        engines that switched; None with fewer than two."""
+        times = [
+            o.done.committed_at
+            for o in self.engines.values()
+            if o.ok and o.done is not None and o.done.committed_at > 0
+        ]
+        return max(times) - min(times) if len(times) > 1 else None
+
     def record(self, name: str, ok: bool, message: str, done: UpdateDone | None = None) -> None:
         self.engines[name] = EngineOutcome(ok, message, done)
 
@@ -76,6 +91,8 @@ class PushReport:
         parts = [f"{n}: {'ok' if o.ok else o.message}" for n, o in sorted(self.engines.items())]
         if self.transfer_error:
             parts.append(f"transfer: {self.transfer_error}")
+        if self.aborted_because:
+            parts.append(f"atomic commit aborted by {', '.join(sorted(self.aborted_because))}")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +108,9 @@ class PushReport:
             "failed": self.failed,
             "transfer_error": self.transfer_error,
             "plan_sent": self.plan_sent,
+            "commit": self.commit,
+            "commit_skew_s": self.commit_skew_s,
+            "aborted_because": dict(self.aborted_because),
             "engines": {n: _outcome_dict(o) for n, o in self.engines.items()},
         }
 
@@ -102,6 +122,7 @@ def _outcome_dict(o: EngineOutcome) -> dict[str, Any]:
             weight_version=o.done.weight_version,
             bytes=o.done.bytes,
             weights_incomplete=o.done.weights_incomplete,
+            committed_at=o.done.committed_at,
             **dataclasses.asdict(o.done.timings),
         )
     return out

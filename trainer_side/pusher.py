@@ -10,7 +10,9 @@ Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> the 
 prepares (disk: writes files) -> announce the update to every live engine (the whole plan only
 to engines that do not hold its plan_id yet) -> collect UpdateAccepted -> the sender moves the
 bytes -> collect UpdateDone. An engine that dies is reported by name and the others still get
-the version; for broadcast the group is rebuilt without it and the push repeated once. The
+the version; for broadcast the group is rebuilt without it and the push repeated once. With
+`sync.commit: atomic` the engines report ready instead and `trainer_side.atomic_commit` makes
+all of them switch, or none (no repeat: the version lands nowhere, the report says why). The
 transport is looked up in `rlsync.transports.registry`; this module knows nothing of the
 engine's internals, only the protocol and the sender lifecycle.
 """
@@ -46,6 +48,7 @@ from rlsync.protocol import (
 )
 from rlsync.transports import registry
 from rlsync.transports.base import Announce, Sender
+from trainer_side.atomic_commit import AtomicOutcome, AtomicRound
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
 
@@ -114,7 +117,8 @@ class WeightPusher:
             report = self._push_once(plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
                 self.engines.find_dead()
-                if set(self.engines.dead) - dead_before:  # without them, once more
+                if set(self.engines.dead) - dead_before and self.cfg.commit == "independent":
+                    # without them, once more (atomic: the version landed nowhere; it stays so)
                     self._rebuild()
                     report = self._push_once(plan, tensors, version)
             # an engine whose update failed dropped the group: form a new one next time
@@ -133,28 +137,67 @@ class WeightPusher:
     def _push_once(
         self, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
     ) -> PushReport:
-        report = PushReport(version, self.cfg.transport)
+        report = PushReport(version, self.cfg.transport, commit=self.cfg.commit)
         self.sender.prepare(plan, tensors, version)
+        announced_at = time.monotonic()
         rids, replies = self._announce(self.engines.live(), version, report)
-        accepted = []
+        accepted, refused = [], {}
         for name, reply in replies.items():
             if isinstance(reply, UpdateAccepted):
                 accepted.append(name)
                 self.sender.accepted(name, reply)
             else:
-                report.record(name, False, failed(reply) or "refused", _done(reply))
+                refused[name] = failed(reply) or "refused"
+                report.record(name, False, refused[name], _done(reply))
         if accepted:
             self._send(report, plan, tensors, accepted)
-            done = self.engines.gather({n: rids[n] for n in accepted}, 2 * self.cfg.timeout_s)
-            for name, reply in done.items():
-                report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
-                if failed(reply) is None:
-                    self.known_plans[name] = self.plan_id
+            done = self.engines.gather({n: rids[n] for n in accepted}, self._done_wait_s())
+            if self.cfg.commit == "atomic":
+                atomic = AtomicRound(
+                    self.engines, version, announced_at, self.cfg.commit_wait_s, self.cfg.timeout_s
+                )
+                outcome = atomic.finish(rids, done, refused, report.transfer_error)
+                self._record_atomic(report, outcome)
+            else:
+                self._record_done(report, done)
+        elif self.cfg.commit == "atomic":
+            report.aborted_because = refused
         if any(isinstance(r, EngineDied) for r in replies.values()):
             self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
         for name in self.engines.dead:
             report.record(name, False, "engine is dead")
         return report
+
+    def _done_wait_s(self) -> float:
+        """How long engines may take to answer after the bytes: an atomic engine with
+        pause_mode None also waits for idle before it reports ready."""
+        idle = self.cfg.idle_timeout_s if self.cfg.pause_mode is None else 0.0
+        return 2 * self.cfg.timeout_s + (idle if self.cfg.commit == "atomic" else 0.0)
+
+    def _record_done(self, report: PushReport, done: Mapping[str, Message]) -> None:
+        for name, reply in done.items():
+            report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
+            if failed(reply) is None:
+                self.known_plans[name] = self.plan_id
+
+    def _record_atomic(self, report: PushReport, outcome: AtomicOutcome) -> None:
+        """Committed: each engine's UpdateDone (one missing means it died after the commit
+        went out: the others switched). Aborted: the culprits' reasons, then the others'."""
+        report.aborted_because = outcome.culprits
+        blame = "; ".join(f"{n}: {why}" for n, why in sorted(outcome.culprits.items()))
+        for name, reply in outcome.replies.items():
+            why = failed(reply)
+            ok = outcome.committed and why is None
+            if ok:
+                self.known_plans[name] = self.plan_id
+                message = "ok"
+            elif outcome.committed:
+                message = f"no switch confirmed after CommitUpdate (the others switched): {why}"
+            elif name in outcome.culprits:
+                message = outcome.culprits[name]
+            else:
+                message = f"aborted, nothing switched ({blame}): {why}"
+            report.record(name, ok, message, _done(reply))
 
     def _announce(
         self, names: list[str], version: int, report: PushReport
@@ -185,6 +228,8 @@ class WeightPusher:
             idle_timeout_s=c.idle_timeout_s,
             timeout_s=c.timeout_s,
             verify=c.verify,
+            commit=c.commit,
+            commit_timeout_s=c.commit_wait_s,
         )
         return self.sender.announce(
             engine,
@@ -223,7 +268,7 @@ class WeightPusher:
         layout = self.engines.layout
         if self.cfg.one_copy and layout is not None:
             try:
-                return plan_in_store(specs, layout, self.cfg.bucket_bytes)
+                return plan_in_store(specs, layout, self.cfg.bucket_bytes, self.sender.solo_bytes)
             except PlanError:
                 pass  # offsets a plan cannot follow: stage instead
         return plan_buckets(specs, self.cfg.bucket_bytes)

@@ -8,7 +8,8 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
   (those it reports), averaged over data-parallel ranks. `kl` is KL to the reference when trainer.kl_coef > 0, else KL to
   the engine's sampling policy (`kl_old`), which also shows trainer/engine numeric drift.
 - push_s, push_gbps, push_bytes, engine_pause_ms: the WeightPusher's report of this step's
-  push (engine_pause_ms: the longest any engine stopped generating).
+  push (engine_pause_ms: the longest any engine stopped generating); with two engines or
+  more also commit_skew_ms (last engine's switch minus the first's).
 - rollout_s, rollout_tokens, rollout_tokens_per_s: generation on all engines together.
 - train_s, step_s: the PPO step and the whole step, wall clock.
 At the end of a run, `summary.json` says whether every engine serves exactly the trainer's
@@ -63,13 +64,17 @@ def mean_over_ranks(
 
 
 def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a PushReport.to_dict() that go into the step line."""
-    return {
+    """The numbers of a PushReport.to_dict() that go into the step line (commit_skew_ms, the
+    last engine's switch minus the first's, only with two engines or more)."""
+    out = {
         "push_s": float(report["seconds"]),
         "push_gbps": float(report["gbps"]),
         "push_bytes": float(report["bytes"]),
         "engine_pause_ms": float(report["engine_pause_ms"]),
     }
+    if report.get("commit_skew_s") is not None:
+        out["commit_skew_ms"] = 1e3 * float(report["commit_skew_s"])
+    return out
 
 
 class MetricsLog:

@@ -56,14 +56,14 @@ def run_memcpy(row: Row, tensors: dict[str, torch.Tensor], *, repeat: int) -> Ro
     row.seconds, row.block_s = times[threads], list(times[threads])
     row.phases = {"threads": float(threads), **{f"best_{t}t_s": min(v) for t, v in times.items()}}
     row.pause_note = LIMIT
-    row.copies = 1
+    row.copies = 1.0
     return row
 
 
 def run_raw_broadcast(row: Row, *, repeat: int, work_dir: Path, timeout_s: float) -> Row:
     """One broadcast of `row.bytes` bytes per repetition to `row.engines` receivers."""
     specs = group_specs("raw-broadcast", row.engines, timeout_s, nbytes=row.bytes)
-    row.copies = 0  # the wire only
+    row.copies = 0.0  # the wire only
     buf = torch.ones(row.bytes, dtype=torch.uint8)
     with Receivers(specs, work_dir, timeout_s) as receivers:
         group = sender_group(specs[0])

@@ -18,8 +18,10 @@ import torch
 
 from rlsync.bench.probe import StreamProbe
 from rlsync.bench.stats import Row, median_phases
-from rlsync.buckets import in_store
+from rlsync.buckets import in_store, plan_total_bytes
 from rlsync.config import SyncConfig
+from rlsync.protocol import BucketPlan
+from rlsync.transports.broadcast import sent_as_is
 from trainer_side.push_report import PushReport
 from trainer_side.pusher import WeightPusher
 
@@ -67,20 +69,28 @@ def run_ours(
         if probe:
             _probed_push(row, pusher, endpoints, tensors, next(versions), timeout_s)
         row.verified = not any(pusher.mismatches(tensors).values())
-        row.copies = copies_per_byte(transport, pusher.plan is not None and in_store(pusher.plan))
+        assert pusher.plan is not None
+        row.copies = copies_per_byte(transport, pusher.plan, tensors)
     finally:
         pusher.close()
     return row
 
 
-def copies_per_byte(transport: str, one_copy: bool) -> int:
-    """Memory copies of each byte besides the wire: ipc one-copy writes the engine's store
-    (1), staged adds the engine's copy out of the shared buffer (2); broadcast packs on the
-    trainer and lands in place (1) or in a staging buffer copied again (2); disk writes the
-    file, reads it, and copies into the store (3)."""
+def copies_per_byte(transport: str, plan: BucketPlan, tensors: dict[str, torch.Tensor]) -> float:
+    """Memory copies of each byte besides the wire, averaged over the bytes. ipc: 1 when the
+    pusher writes the engines' stores (plan in the store), 2 staged (the engine copies out
+    of the shared buffer). broadcast in the store: 1 for packed buckets, 0 for tensors sent
+    as they are (both land in place); staged 2 (pack, engine copy). disk: 3 (write the file,
+    read it, copy into the store)."""
     if transport == "disk":
-        return 3
-    return 1 if one_copy else 2
+        return 3.0
+    if not in_store(plan):
+        return 2.0
+    if transport == "ipc":
+        return 1.0
+    cpu = torch.device("cpu")
+    packed = sum(b.nbytes for b in plan.buckets if sent_as_is(b, tensors, cpu) is None)
+    return packed / max(plan_total_bytes(plan), 1)
 
 
 def timed_push(

@@ -73,7 +73,7 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         _num(r["best_s"]),
         _num(r["median_s"]),
         _num(r["gbps"], 2),
-        "" if r.get("copies") is None else str(r["copies"]),
+        "" if r.get("copies") is None else f"{r['copies']:.2g}",
         _num(r["x_memcpy"], 2),
         _num(r["x_ours"], 1),
         _phase(r, "transfer_s", 1),

@@ -39,8 +39,9 @@ class Row:
     """Why pause columns are empty, or what stands in for them (a baseline's load time)."""
     phases: dict[str, float] = field(default_factory=dict)
     """Where the seconds go (medians): pack, wait, recv, load, flush, put, get, ..."""
-    copies: int | None = None
-    """Memory copies of each byte besides the wire itself (None: not counted)."""
+    copies: float | None = None
+    """Memory copies of each byte besides the wire itself, averaged over the bytes (None:
+    not counted)."""
     verified: bool | None = None
     """Engines' weights fingerprint-equal to the trainer's after the pushes (None: not checked)."""
     error: str = ""

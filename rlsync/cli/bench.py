@@ -4,6 +4,7 @@ rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [-
 rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--engine vllm] [--json P]
 rlsync bench sync --engine vllm [--size-gib 0.03] [--repeat 3] [--json P]
 rlsync bench sync --trainer-ranks 1 2 4 [--size-gib 0.25] [--repeat 3] [--json P]
+rlsync bench commit [--engines 2 4] [--transports ipc broadcast] [--busy] [--json P]
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ ENGINE_BACKENDS = ("rlsync", "vllm")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: weight sync vs baselines; generation vs HF")
-    kinds = p.add_subparsers(dest="bench", required=True, metavar="{sync,generate}")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="{sync,generate,commit}")
     _add_sync(kinds)
     _add_generate(kinds)
+    _add_commit(kinds)
 
 
 def _add_sync(kinds: argparse._SubParsersAction) -> None:
@@ -118,6 +120,58 @@ def _add_generate(kinds: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--json", type=Path, default=None)
     g.set_defaults(func=run_generate_cmd)
+
+
+def _add_commit(kinds: argparse._SubParsersAction) -> None:
+    from rlsync.protocol import COMMIT_MODES
+
+    c = kinds.add_parser("commit", help="commit skew across engines: independent vs atomic")
+    c.add_argument("--engines", type=int, nargs="+", default=[2, 4], help="engine counts")
+    c.add_argument(
+        "--transports",
+        nargs="+",
+        choices=("ipc", "broadcast", "disk"),
+        default=["ipc", "broadcast"],
+    )
+    c.add_argument("--commits", nargs="+", choices=COMMIT_MODES, default=list(COMMIT_MODES))
+    c.add_argument("--size-gib", type=float, default=0.05, help="GiB of fp32 weights")
+    c.add_argument("--layers", type=int, default=8)
+    c.add_argument("--repeat", type=int, default=10, help="timed pushes (after a warm-up)")
+    c.add_argument("--bucket-mb", type=float, default=16.0)
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds for every wait")
+    c.add_argument("--busy", action="store_true", help="engines stream a generate meanwhile")
+    c.add_argument("--engine-threads", type=int, default=1, help="torch threads per engine")
+    c.add_argument("--work-dir", type=Path, default=None, help="scratch parent (default: temp)")
+    c.add_argument("--json", type=Path, default=None, help="write the result as JSON")
+    c.set_defaults(func=run_commit_cmd)
+
+
+def run_commit_cmd(args: argparse.Namespace) -> int:
+    from rlsync.bench.commit import CommitBench, format_commit, run_commit
+    from rlsync.bench.report import write_json
+
+    try:
+        bench = CommitBench(
+            engines=args.engines,
+            transports=args.transports,
+            commits=args.commits,
+            size_gib=args.size_gib,
+            layers=args.layers,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            timeout_s=args.timeout,
+            busy=args.busy,
+            engine_threads=args.engine_threads,
+            work_dir=args.work_dir,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_commit(bench)
+    print(format_commit(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
 
 
 def run_sync_cmd(args: argparse.Namespace) -> int:

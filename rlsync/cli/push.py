@@ -1,6 +1,7 @@
 """`rlsync push`: push a Hugging Face checkpoint directory to running engines.
 
 rlsync push --checkpoint DIR --endpoint E [--endpoint E2 ...] --transport ipc --version 3 --json
+rlsync push ... --load-mode shadow --commit atomic     # every engine switches, or none does
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import sys
 import tempfile
 
-from rlsync.protocol import LOAD_MODES, PAUSE_MODES, TRANSPORT_KINDS
+from rlsync.protocol import COMMIT_MODES, LOAD_MODES, PAUSE_MODES, TRANSPORT_KINDS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--load-mode", choices=LOAD_MODES, default="in_place")
     p.add_argument("--pause-mode", choices=PAUSE_MODES, default=None)
+    p.add_argument(
+        "--commit",
+        choices=COMMIT_MODES,
+        default="independent",
+        help="atomic: every engine switches to the version, or none does (needs "
+        "--load-mode shadow)",
+    )
     p.add_argument("--bucket-mb", type=float, default=64.0)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for every wait")
     p.add_argument("--json", action="store_true", help="print the per-engine report as JSON")
@@ -42,20 +50,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rlsync.checkpoint_io import iter_checkpoint_tensors
-    from rlsync.config import SyncConfig
+    from rlsync.config import ConfigError, SyncConfig
     from trainer_side.push_report import PushError
     from trainer_side.pusher import WeightPusher
 
-    cfg = SyncConfig(
-        transport=args.transport,
-        bucket_mb=args.bucket_mb,
-        load_mode=args.load_mode,
-        pause_mode=args.pause_mode,
-        flush_cache=not args.no_flush,
-        torch_empty_cache=args.torch_empty_cache,
-        verify=args.verify,
-        timeout_s=args.timeout,
-    )
+    try:
+        cfg = SyncConfig(
+            transport=args.transport,
+            bucket_mb=args.bucket_mb,
+            load_mode=args.load_mode,
+            pause_mode=args.pause_mode,
+            flush_cache=not args.no_flush,
+            torch_empty_cache=args.torch_empty_cache,
+            verify=args.verify,
+            timeout_s=args.timeout,
+            commit=args.commit,
+        )
+    except ConfigError as exc:  # before anything is sent, or any engine contacted
+        key, _, why = str(exc).partition(": ")
+        print(f"error: --{key.replace('_', '-')}: {why}", file=sys.stderr)
+        return 2
     endpoints = {f"engine{i}": e for i, e in enumerate(args.endpoint)}
     with tempfile.TemporaryDirectory(prefix="rlsync-push-") as work:
         try:
@@ -70,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             report = pusher.push(tensors, args.version)
         except PushError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if args.json and exc.report is not None:  # which engine stopped it, and why
+                print(json.dumps(exc.report.to_dict(), indent=2))
             return 1
         finally:
             pusher.close()

@@ -79,6 +79,9 @@ class Sender:
 
     kind: ClassVar[str] = ""
     can_rebuild: ClassVar[bool] = False
+    solo_bytes: ClassVar[int | None] = None
+    """In a plan that follows the engines' store, tensors at least this large get a bucket
+    of their own (a sender that can move a trainer tensor as it is then skips the pack)."""
 
     def __init__(
         self, cfg: SyncConfig, engines: ControlPlane, work_dir: Path, device: torch.device

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
-from rlsync.buckets import in_store, pack_bucket, plan_total_bytes
+from rlsync.buckets import dtype_name, fingerprint, in_store, pack_bucket, plan_total_bytes
 from rlsync.netutil import free_port
 from rlsync.protocol import (
     Bucket,
@@ -228,17 +228,27 @@ def send_buckets(
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
     bufs = group.buffers(_wire_bytes(plan, verify))
     apart = in_store(plan)
+    trailers = [
+        torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8, device=group.device) for _ in (0, 1)
+    ]
     inflight: list[list[Any]] = [[], []]
     for g, bucket in enumerate(plan.buckets):
         k = g % 2
         _finish(group, inflight[k], timeout_s, f"bucket {g - 2}", stats)  # frees buffer k
         t = time.perf_counter()
-        buf = bufs[k][: integrity.wire_bytes(bucket.nbytes, verify)]
-        pack_bucket(bucket, tensors, buf)
-        if verify:
-            integrity.seal(g, buf, bucket.nbytes)
+        solo = sent_as_is(bucket, tensors, group.device) if apart else None
+        if solo is not None:  # the trainer's own bytes go out: nothing to pack
+            parts = [solo]
+            if verify:
+                parts.append(trailers[k])
+                trailers[k].copy_(fingerprint(solo).reshape(1).view(torch.uint8))
+        else:
+            buf = bufs[k][: integrity.wire_bytes(bucket.nbytes, verify)]
+            pack_bucket(bucket, tensors, buf)
+            if verify:
+                integrity.seal(g, buf, bucket.nbytes)
+            parts = [buf[: bucket.nbytes], buf[bucket.nbytes :]] if apart and verify else [buf]
         stats.add("pack", time.perf_counter() - t)
-        parts = [buf[: bucket.nbytes], buf[bucket.nbytes :]] if apart and verify else [buf]
         inflight[k] = [group.broadcast_async(part, timeout_s) for part in parts]
     n = len(plan.buckets)
     for g in (n - 2, n - 1):
@@ -246,6 +256,27 @@ def send_buckets(
             _finish(group, inflight[g % 2], timeout_s, f"bucket {g}", stats)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def sent_as_is(
+    bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: torch.device
+) -> torch.Tensor | None:
+    """The bytes of a one-tensor bucket exactly as the wire carries them, straight from the
+    trainer's tensor (no packing copy) when it already has the planned dtype and shape, is
+    contiguous on the group's device and fills the bucket to its last byte; else None."""
+    if len(bucket.tensors) != 1:
+        return None
+    spec, src = bucket.tensors[0], tensors[bucket.tensors[0].name]
+    if (
+        spec.offset
+        or spec.nbytes != bucket.nbytes
+        or dtype_name(src.dtype) != spec.dtype
+        or tuple(src.shape) != tuple(spec.shape)
+        or not src.is_contiguous()
+        or src.device != device
+    ):
+        return None
+    return src.detach().reshape(-1).view(torch.uint8)
 
 
 def recv_buckets(
@@ -358,6 +389,7 @@ class Sender(base.Sender):
 
     kind = "broadcast"
     can_rebuild = True
+    solo_bytes = 1 << 20  # sent straight from the trainer's tensor, no packing copy
 
     def __init__(self, *args: Any):
         super().__init__(*args)

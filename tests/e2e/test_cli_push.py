@@ -113,3 +113,28 @@ def _reset_to(engine, ckpt, version, work_dir) -> None:
         assert pusher.push(dict(iter_checkpoint_tensors(ckpt)), version).failed == []
     finally:
         pusher.close()
+
+
+def test_cli_atomic_push_needs_shadow_and_then_commits(checkpoints, engine):
+    current = engine.info().weight_version
+    common = ["push", "--checkpoint", str(checkpoints[1]), "--endpoint", engine.endpoint]
+    refused = rlsync(*common, "--version", str(current + 1), "--commit", "atomic")
+    assert refused.returncode == 2
+    assert "--commit: 'atomic' needs load_mode 'shadow'" in refused.stderr
+    assert engine.info().weight_version == current  # refused before anything was sent
+    pushed = rlsync(
+        *common,
+        "--version",
+        str(current + 1),
+        "--commit",
+        "atomic",
+        "--load-mode",
+        "shadow",
+        "--json",
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    report = json.loads(pushed.stdout)
+    assert report["commit"] == "atomic" and report["aborted_because"] == {}
+    assert report["engines"]["engine0"]["committed_at"] > 0
+    assert report["commit_skew_s"] is None  # one engine: no skew to speak of
+    assert engine.info().weight_version == current + 1

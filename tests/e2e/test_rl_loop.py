@@ -61,6 +61,8 @@ PLACEMENTS = {
         "num_engines=2",
         "trainer.world_size=2",
         "sync.transport=broadcast",
+        "sync.load_mode=shadow",
+        "sync.commit=atomic",  # both engines switch to each version together, or neither
     ],
 }
 if not os.environ.get("RLSYNC_NO_VLLM") and sys.version_info >= (3, 11):
@@ -111,6 +113,7 @@ def test_short_run(finished_runs: dict, placement: str) -> None:
         assert row["pushed_version"] == row["step"] + 1
         assert 0.0 <= row["reward_mean"] <= 1.0 and row["push_s"] > 0
         assert row["rollout_tokens"] == 4 * 4 * 4  # prompts x group x max_new_tokens
+        assert (row.get("commit_skew_ms", -1) >= 0) == (rl.cfg.num_engines > 1)
     assert result.mismatches and not any(result.mismatches.values())
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["weights_match"]

@@ -13,10 +13,12 @@ import torch
 from infer_side.client import launch_engine
 from rlsync.buckets import plan_buckets
 from rlsync.config import SyncConfig
+from rlsync.model_config import ModelConfig
 from rlsync.protocol import GetWeightSpecs, SamplingParams, UpdateDone, UpdateWeightsFromIPC
 from rlsync.rpc import RpcClient
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from tests.e2e.sync_helpers import trainer_weights
+from trainer_side.push_report import PushError
 from trainer_side.pusher import WeightPusher
 
 if os.environ.get("RLSYNC_NO_VLLM") or sys.version_info < (3, 11):
@@ -202,3 +204,45 @@ def test_pusher_killed_mid_push_leaves_the_engine_answering(engine, ckpt, tmp_pa
     assert (
         engine.generate([PROMPT], greedy(4))[0].output_ids == hf_greedy(ckpt, tensors, PROMPT, 4)[0]
     )
+
+
+def test_atomic_commit_across_vllm_and_our_engine(engine, ckpt, tmp_path):
+    """One vLLM engine and one of ours in one atomic push: ours refuses (it already serves a
+    newer version), so vLLM discards what its shadow received and serves the old bytes; the
+    next version lands on both, and each reports when it switched."""
+    from tests.e2e.sync_helpers import reference_tokens
+
+    ours = launch_engine(ckpt, kv_tokens=256, threads=1)
+    try:
+        version = next_version(engine)
+        solo = WeightPusher(SyncConfig(timeout_s=60), {"ours": ours.endpoint}, tmp_path / "s")
+        try:
+            assert solo.push(trainer_weights(ckpt, version + 5), version + 5).failed == []
+        finally:
+            solo.close()
+        before = engine.fingerprints(), engine.generate([PROMPT], greedy(6))[0].output_ids
+        cfg = SyncConfig(load_mode="shadow", commit="atomic", bucket_mb=0.02, timeout_s=60)
+        both = {"vllm": engine.endpoint, "ours": ours.endpoint}
+        pusher = WeightPusher(cfg, both, tmp_path / "a")
+        try:
+            with pytest.raises(PushError) as info:
+                pusher.push(trainer_weights(ckpt, version), version)
+            assert list(info.value.report.aborted_because) == ["ours"]
+            assert engine.fingerprints() == before[0]
+            assert engine.generate([PROMPT], greedy(6))[0].output_ids == before[1]
+            version += 6
+            tensors = trainer_weights(ckpt, version)
+            report = pusher.push(tensors, version)
+            assert report.failed == [] and report.commit_skew_s is not None, report.summary()
+            assert pusher.mismatches(tensors) == {"vllm": [], "ours": []}
+        finally:
+            pusher.close()
+        want = hf_greedy(ckpt, tensors, PROMPT, 6)[0]
+        assert engine.generate([PROMPT], greedy(6))[0].output_ids == want
+        cfg_ours = ModelConfig.from_dir(ckpt)
+        assert (
+            ours.generate([PROMPT], greedy(6))[0].output_ids
+            == reference_tokens(cfg_ours, tensors, [PROMPT], 6)[0]
+        )
+    finally:
+        ours.close()

@@ -316,3 +316,31 @@ def test_an_engine_with_private_weights_is_staged_and_refuses_direct_writes(
         assert not result.success and "cannot be written directly" in result.message
     finally:
         private.close()
+
+
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+def test_broadcast_sends_large_tensors_as_they_are(
+    engines, ckpt, versions, tmp_path, monkeypatch, load_mode
+):
+    """Tensors of at least `solo_bytes` get a bucket each and go on the wire straight from
+    the trainer's memory (no pack); the engines land them in place, bit-exact, verified."""
+    from rlsync.transports import broadcast
+
+    monkeypatch.setattr(broadcast.Sender, "solo_bytes", 2048)
+    packed: list[int] = []
+    real_pack = broadcast.pack_bucket
+    monkeypatch.setattr(
+        broadcast, "pack_bucket", lambda b, t, out: (packed.append(1), real_pack(b, t, out))
+    )
+    version = next(versions)
+    tensors = trainer_weights(ckpt, version)
+    cfg_ = sync_cfg("broadcast", load_mode=load_mode, verify=True)
+    pusher = WeightPusher(cfg_, endpoints(engines), tmp_path)
+    try:
+        assert pusher.push(tensors, version).failed == []
+        solo = [b for b in pusher.plan.buckets if b.tensors[0].nbytes >= 2048]
+        assert solo and all(len(b.tensors) == 1 for b in solo)
+        assert len(packed) == len(pusher.plan.buckets) - len(solo)
+        assert pusher.mismatches(tensors) == {name: [] for name in engines}
+    finally:
+        pusher.close()

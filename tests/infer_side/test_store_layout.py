@@ -150,3 +150,15 @@ def test_placement_refuses_a_plan_that_writes_outside_a_tensor(store):
     packed = plan_buckets([(n, d, s) for n, (d, s) in store.expected().items()])
     with pytest.raises(PlanError, match="no store_offset"):
         validate_placement(packed, placement, size)
+
+
+def test_solo_tensors_get_a_bucket_each_and_the_rest_stay_grouped(store):
+    specs = [(n, d, s) for n, (d, s) in store.expected().items()]
+    offsets = {n: off for n, (off, _) in store.layout().items()}
+    plan = plan_in_store(specs, offsets, bucket_bytes=1 << 20, solo_bytes=4096)
+    validate_placement(plan, store.placement(), store.flat.numel())
+    for bucket in plan.buckets:
+        big = [s for s in bucket.tensors if s.nbytes >= 4096]
+        assert not big or len(bucket.tensors) == 1
+    small = [b for b in plan.buckets if b.tensors[0].nbytes < 4096]
+    assert any(len(b.tensors) > 1 for b in small)  # small ones still share buckets

@@ -80,7 +80,7 @@ def test_sync_ours_rows_carry_the_pause_probe_and_are_bit_exact(sync_result):
             assert r["tokens_during"] >= 0
             assert r["engine_pause_ms"] >= 0
             # one copy: the bytes land in the engine's store, which then copies nothing
-            assert r["copies"] == 1 and r["phases"]["engine_load_s"] < 0.01
+            assert r["copies"] == 1.0 and r["phases"]["engine_load_s"] < 0.01
         elif r["kind"] == "baseline":
             assert r["max_gap_ms"] is None and "no live engine" in r["pause_note"]
             assert r["engine_pause_ms"] > 0

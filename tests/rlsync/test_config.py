@@ -266,3 +266,13 @@ def test_dumped_config_loads_back_equal(tmp_path, path):
     cfg = load_config(path)
     dumped = _write(tmp_path, yaml.safe_dump(to_dict(cfg)))
     assert load_config(dumped) == cfg
+
+
+def test_atomic_commit_needs_shadow_and_names_the_key():
+    assert "sync.commit: 'atomic' needs load_mode 'shadow'" in _error(["sync.commit=atomic"])
+    assert "sync.commit: " in _error(["sync.commit=together"])
+    assert "sync.commit_timeout_s: must be > 2" in _error(
+        ["sync.commit=atomic", "sync.load_mode=shadow", "sync.commit_timeout_s=1.5"]
+    )
+    cfg = load_config(None, ["sync.commit=atomic", "sync.load_mode=shadow", "sync.timeout_s=5"])
+    assert cfg.sync.commit == "atomic" and cfg.sync.commit_wait_s == 4 * 5 + 30

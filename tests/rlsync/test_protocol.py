@@ -71,6 +71,8 @@ UPDATE = dict(
     idle_timeout_s=1.5,
     timeout_s=9.25,
     verify=True,
+    commit="atomic",
+    commit_timeout_s=12.5,
 )
 BUFFER = p.IpcBuffer(
     kind="cuda",
@@ -147,7 +149,9 @@ SAMPLES: dict[str, p.Message] = {
             live_touched=True,
             weights_incomplete=True,
             unknown_plan=True,
+            committed_at=1_790_000_000.25,
         ),
+        p.UpdateReady(request_id="u-1", weight_version=7, bytes=2560),
         p.WeightSpecs(
             request_id="ws-1",
             weight_version=3,
@@ -204,6 +208,8 @@ SAMPLES: dict[str, p.Message] = {
             request_id="u-2", buffer=BUFFER, plan_id=PLAN_ID, plan=PLAN, push_id=11, **UPDATE
         ),
         p.UpdateWeightsFromDisk(request_id="u-3", path="/tmp/ckpt/step-7", **UPDATE),
+        p.CommitUpdate(request_id="cu-1", weight_version=7),
+        p.AbortUpdate(request_id="au-1", weight_version=7),
         p.FlushCache(request_id="f-1", empty_cache=False),
         p.PauseGeneration(request_id="p-1", mode="in_place"),
         p.ContinueGeneration(request_id="c-1"),
@@ -329,6 +335,7 @@ def test_plan_id_is_a_content_hash():
     "msg, final",
     [
         (p.UpdateAccepted(weight_version=3), False),
+        (p.UpdateReady(weight_version=3), False),
         (p.GenerateOutput(finished=False), False),
         (p.GenerateOutput(finished=True), True),
         (p.UpdateDone(success=False), True),
