@@ -37,6 +37,13 @@ def fp32_engine(ckpt):
 
 
 @pytest.fixture(scope="module")
+def fp32_peer(ckpt):
+    client = launch_engine(ckpt, kv_tokens=512, threads=1)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
 def bf16_engine(ckpt):
     client = launch_engine(ckpt, kv_tokens=512, threads=1, dtype="bfloat16")
     yield client
@@ -116,6 +123,28 @@ def test_gather_baseline_is_bit_exact(fp32_engine, ckpt, tmp_path):
     assert fp32_engine.fingerprints().fingerprints == expected_fingerprints(
         ckpt, version, fp32_engine
     )
+
+
+def test_every_rank_writes_every_engine_and_the_commit_is_atomic(
+    fp32_engine, fp32_peer, ckpt, tmp_path
+):
+    engines = {"engine0": fp32_engine, "engine1": fp32_peer}
+    version = max(e.info().weight_version for e in engines.values()) + 1
+    results = run_ranks(
+        2,
+        host_store(),
+        ckpt,
+        {n: e.endpoint for n, e in engines.items()},
+        sync(load_mode="shadow", commit="atomic"),
+        tmp_path,
+        versions=(version,),
+    )
+    report = results[0]["pushes"][0]
+    assert report["failed"] == [] and report["commit"] == "atomic", report
+    assert results[1]["pushes"][0]["bytes_written"] > 0
+    for engine in engines.values():
+        assert engine.fingerprints().fingerprints == expected_fingerprints(ckpt, version, engine)
+        assert engine.info().weight_version == version
 
 
 def kill_rank1(engine, ckpt, tmp_path, version, load_mode):
