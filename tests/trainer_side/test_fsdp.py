@@ -6,6 +6,7 @@ Real gloo process groups in spawned processes; the policy is sharded with `fully
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -51,12 +52,21 @@ def _worker(rank: int, world: int, init: str, out: str, cfg: TrainerConfig, batc
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     policy = LlamaPolicy.from_config(MODEL, seed=7)
+    reference = copy.deepcopy(policy)  # the KL reference: copied, then sharded too
+    shard_policy(reference, world, "cpu")
     shard_policy(policy, world, "cpu")
     rows = {}
     for name, p in policy.named_parameters():
         shard = dim0_shard(p, rank)
         rows[name] = torch.tensor([shard.start, shard.rows])
-    learner = Learner(policy, cfg, group_size=4, process_group=dist.group.WORLD, sharded=True)
+    learner = Learner(
+        policy,
+        cfg,
+        group_size=4,
+        process_group=dist.group.WORLD,
+        sharded=True,
+        reference=reference,
+    )
     for batch in batches:
         learner.train_step(batch)
     full = dict(full_tensors(policy.named_parameters()))
@@ -81,7 +91,7 @@ def _run(tmp_path: Path, world: int, cfg: TrainerConfig, shards: list[list[Rollo
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_step_equals_one_process_on_the_whole_batch(tmp_path: Path, world: int) -> None:
-    cfg = TrainerConfig(lr=1e-2, ppo_epochs=2, minibatch_size=64, max_grad_norm=0.5)
+    cfg = TrainerConfig(lr=1e-2, ppo_epochs=2, minibatch_size=64, max_grad_norm=0.5, kl_coef=0.05)
     policy = LlamaPolicy.from_config(MODEL, seed=7)
     batches = [_batch(policy, seed=s) for s in (1, 2)]  # 4 groups of 4 samples each
     per = 16 // world  # whole groups per rank
