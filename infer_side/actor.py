@@ -13,10 +13,11 @@ trainers, PPO or placement.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from infer_side.client import EngineClient, launch_engine
+from infer_side.client import EngineClient, generate_through_updates, launch_engine
 from rlsync.config import EngineConfig
 from rlsync.netutil import node_address
 from rlsync.protocol import (
@@ -91,6 +92,18 @@ class InferenceActor:
     ) -> list[GenerateOutput]:
         """One finished output per prompt, in order; each names the weight version it used."""
         return self._engine().generate(prompts, sampling, timeout_s=self.cfg.call_timeout_s)
+
+    def generate_timed(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
+    ) -> tuple[list[GenerateOutput], float]:
+        """`generate`, and the seconds it took here (the engine's busy time for the batch,
+        free of the caller's queueing: the RL loop's idle-fraction metric). Requests that
+        reach the engine while an in_place push writes its weights are sent again after it."""
+        t0 = time.perf_counter()
+        outputs = generate_through_updates(
+            self._engine(), prompts, sampling, self.cfg.call_timeout_s
+        )
+        return outputs, time.perf_counter() - t0
 
     def info(self) -> EngineInfo:
         return self._engine().info()

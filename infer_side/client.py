@@ -32,6 +32,7 @@ from rlsync.endpoints import (
 )
 from rlsync.procs import child_env, reap
 from rlsync.protocol import (
+    WEIGHTS_INCOMPLETE,
     Abort,
     ContinueGeneration,
     EngineInfo,
@@ -54,6 +55,9 @@ from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
 M = TypeVar("M", bound=Message)
 
 READY_PREFIX = "ready at "
+RETRY_FIRST_S, RETRY_MAX_S = 0.01, 0.25
+"""`generate_through_updates`: first pause before sending refused requests again, and the
+longest (it doubles in between)."""
 
 
 class EngineStartError(RuntimeError):
@@ -270,6 +274,35 @@ def _expect(reply: Message, cls: type[M]) -> M:
     if not isinstance(reply, cls):
         raise ProtocolError(type(reply).__name__, f"expected {cls.__name__}")
     return dataclasses.replace(reply, request_id="")
+
+
+def generate_through_updates(
+    client: EngineClient,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingParams | Sequence[SamplingParams],
+    timeout_s: float,
+) -> list[GenerateOutput]:
+    """`client.generate`, sending again each request refused because an in_place update was
+    writing the weights (nothing of it ran), with the same sampling (seed included), until
+    every one is served or `timeout_s` has passed; then refusals are returned as they are.
+    The RL loop needs it: rollouts submitted ahead may reach an engine mid-push."""
+    if isinstance(sampling, SamplingParams):
+        sampling = [sampling] * len(prompts)
+    deadline = time.monotonic() + timeout_s
+    results = client.generate(prompts, sampling, timeout_s=timeout_s)
+    pause = RETRY_FIRST_S
+    while True:
+        again = [i for i, out in enumerate(results) if out.error.startswith(WEIGHTS_INCOMPLETE)]
+        left = deadline - time.monotonic() - pause
+        if not again or left <= 0:
+            return results
+        time.sleep(pause)
+        pause = min(2 * pause, RETRY_MAX_S)
+        redo = client.generate(
+            [prompts[i] for i in again], [sampling[i] for i in again], timeout_s=left
+        )
+        for i, out in zip(again, redo, strict=True):
+            results[i] = out
 
 
 def _requests(

@@ -32,6 +32,7 @@ from infer_side.update_machine import UpdateMachine
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import (
     PAUSE_MODES,
+    WEIGHTS_INCOMPLETE,
     Abort,
     ContinueGeneration,
     EngineInfo,
@@ -172,7 +173,7 @@ class CoreBase:
     def _check_generate(self, req: Generate) -> str | None:
         if self.updates.weights_incomplete:
             version = self.updates.incoming_version()
-            return f"weights incomplete: update to version {version} in progress"
+            return f"{WEIGHTS_INCOMPLETE}: update to version {version} in progress"
         if not req.request_id:
             return "request_id: must not be empty"
         if self._in_flight(req.request_id):

@@ -120,15 +120,12 @@ class EngineCore(CoreBase):
         release_cuda_cache(self.device, empty_cache)
 
     def flush_kv(self, empty_cache: bool) -> None:
-        """After a weight update no KV computed with the old weights may be reused: reset
-        the pool when no request holds KV, else (in_place pause) cut the prefix cache loose
-        so nothing new matches it."""
-        _, running = self.counts()
-        if running == 0:
-            self.reset_kv(empty_cache)
-        else:
-            self.prefix_cache.invalidate()
-            release_cuda_cache(self.device, empty_cache)
+        """After a weight update no KV computed with the old weights may be reused, not even by
+        the requests that computed it: running ones (an in_place pause) keep their tokens but
+        give up their KV, recomputed with the new weights when they resume; then the pool is
+        reset. So every token is computed by exactly the version its span names."""
+        self.scheduler.recompute_all()
+        self.reset_kv(empty_cache)
 
     # ------------------------------------------------------------------ weights (engine_api)
 

@@ -7,8 +7,10 @@ request, and positions [0, kv_len) already hold computed K/V.
 
 Restarting after a retraction drops every output token the client has not seen: a
 non-streaming request starts from scratch; a streaming one keeps what it already streamed
-(nothing sent is ever taken back) and recomputes the KV for it. This module knows nothing
-about the pool, the tree or the model.
+(nothing sent is ever taken back) and recomputes the KV for it. A weight swap under an
+`in_place` pause keeps every token and recomputes the KV with the new weights instead, so
+each token's recorded version is the one whose weights (all of them, prefix KV included)
+produced it. This module knows nothing about the pool, the tree or the model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlsync.protocol import FinishReason, Generate, GenerateOutput, SamplingParams
+from rlsync.protocol import (
+    FinishReason,
+    Generate,
+    GenerateOutput,
+    SamplingParams,
+    version_spans,
+)
 
 
 def _random_seed() -> int:
@@ -107,7 +115,8 @@ class Request:
         """The next message for the client: a stream chunk (unsent tokens) or the final output.
 
         A non-streaming request's final output carries every token; a streaming one's chunks
-        (the final included) carry only tokens not sent before, so they concatenate to it.
+        (the final included) carry only tokens not sent before, so they concatenate to it
+        (and so do their `version_spans`).
         """
         start = self.sent if self.stream else 0
         self.sent = len(self.output_ids)
@@ -122,6 +131,7 @@ class Request:
             cached_tokens=self.cached_tokens,
             weight_version=versions[-1],
             min_weight_version=min(versions),
+            version_spans=version_spans(self.versions[start:]),
         )
 
 

@@ -94,6 +94,15 @@ class Scheduler:
         for req in reversed(list(self.running)):
             self._retract(req)
 
+    def recompute_all(self) -> None:
+        """After a weight swap: every running request frees its KV (computed with the old
+        weights) and goes back to the front of the queue with all its tokens, so it resumes
+        by recomputing that KV with the new weights (unlike a retraction, nothing is redone)."""
+        for req in reversed(list(self.running)):
+            self.running.remove(req)
+            self._release(req, cache=False)
+            self.waiting.appendleft(req)
+
     def reset_kv(self) -> None:
         """Empty the prefix cache, the table and the allocator; no running request may hold KV."""
         if self.running:

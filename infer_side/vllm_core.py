@@ -8,7 +8,8 @@ messages, outbox and update machine are `infer_side.core_base`'s. What differs:
   top-k, top-p: what PPO's ratio needs). Its outputs are re-emitted as ours: per-token weight versions,
   cached-token counts, finish reasons. Requests held while an update waits for idle stay here
   until admission opens; `retract` aborts them in vLLM and re-adds them later (the KV is
-  recomputed, as ours does).
+  recomputed, as ours does). After a swap under an in_place pause, requests keep every token
+  and are re-added with their KV recomputed, so each token's version is exact.
 - Weights: vLLM packs its linear weights for the CPU GEMM and cannot hand out writable views
   of them. So the live store the update machine sees is a staging copy in Hugging Face layout
   (`ModelWeights`). in_place: generation is refused, and as each bucket lands its complete
@@ -188,14 +189,19 @@ class VllmCore(CoreBase):
             self._retract_running()
         self.paused = mode
 
-    def _retract_running(self) -> None:
+    def _retract_running(self, keep_tokens: bool = False) -> None:
+        """Take every request out of vLLM (its KV is dropped). A retraction restarts it from
+        the tokens already sent; `keep_tokens` (after a weight swap) keeps all of them, and
+        its KV is recomputed with the new weights when it is re-added."""
         running = [r for r in self.requests.values() if r not in self.held]
         if running:
             self.llm.abort_request([r.rid for r in running])
         for req in reversed(running):
-            req.restart()
+            if not keep_tokens:
+                req.restart()
             self.held.appendleft(req)
-        self.num_retracted += len(running)
+        if not keep_tokens:
+            self.num_retracted += len(running)
 
     # ------------------------------------------------------------------ cache
 
@@ -212,8 +218,9 @@ class VllmCore(CoreBase):
 
     def flush_kv(self, empty_cache: bool) -> None:
         """After a weight update: no KV of the old weights may be reused, so requests still
-        inside vLLM (in_place pause) are retracted and recomputed, and the cache is reset."""
-        self._retract_running()
+        inside vLLM (in_place pause) are taken out, keeping their tokens, and re-added (their
+        KV recomputed with the new weights); the cache is reset."""
+        self._retract_running(keep_tokens=True)
         self._reset_prefix_cache()
         release_cuda_cache(self.device, empty_cache)
 

@@ -21,6 +21,10 @@ LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
 TRANSPORT_KINDS: tuple[str, ...] = get_args(TransportKind)
 COMMIT_MODES: tuple[str, ...] = get_args(CommitMode)
 
+WEIGHTS_INCOMPLETE = "weights incomplete"
+"""How the `error` of a Generate refused during an in_place update's write begins. Nothing of
+the request ran, so it may be sent again once the update lands."""
+
 MAX_TOKENS = 1 << 20
 MAX_NAME = 512
 
@@ -150,6 +154,14 @@ class Generate(Message):
 
 
 @dataclass(kw_only=True)
+class VersionSpan:
+    """`tokens` consecutive output tokens produced by weight version `version`."""
+
+    version: int = _f(0, ge=0)
+    tokens: int = _f(1, ge=1, le=MAX_TOKENS)
+
+
+@dataclass(kw_only=True)
 class GenerateOutput(Message):
     """Tokens for a Generate. With stream, `output_ids`/`logprobs` are the new tokens only."""
 
@@ -165,6 +177,9 @@ class GenerateOutput(Message):
     min_weight_version: int = _f(0, ge=0)
     """Oldest version that produced any token of this output (== weight_version unless an
     in_place pause let a weight update land mid-request)."""
+    version_spans: list[VersionSpan] = _f(factory=list, max_len=MAX_TOKENS)
+    """Which version produced which of `output_ids`: spans in order, their `tokens` summing
+    to len(output_ids) (a stream chunk: its own tokens only)."""
     error: str = _f("", max_len=4096)
 
 
@@ -482,6 +497,22 @@ def failed(msg: Message) -> str | None:
     if isinstance(msg, GenerateOutput):
         return msg.error or None
     return None
+
+
+def version_spans(versions: list[int]) -> list[VersionSpan]:
+    """Run-length form of per-token weight versions: [3, 3, 4] -> (3, 2 tokens), (4, 1)."""
+    spans: list[VersionSpan] = []
+    for v in versions:
+        if spans and spans[-1].version == v:
+            spans[-1].tokens += 1
+        else:
+            spans.append(VersionSpan(version=v, tokens=1))
+    return spans
+
+
+def token_versions(spans: list[VersionSpan]) -> list[int]:
+    """Per-token weight versions of a GenerateOutput (the inverse of `version_spans`)."""
+    return [s.version for s in spans for _ in range(s.tokens)]
 
 
 def plan_id_of(plan: BucketPlan) -> str:

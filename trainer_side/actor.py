@@ -14,7 +14,9 @@ fingerprints and save_checkpoint (all-gathers). `sharded` says which mode a rank
 
 `version` is the version of the weights this rank holds: 0 at start, +1 per optimizer step.
 Engines serve the version rank 0 pushed last. Rollouts are checked against `version` before
-training (`check_versions`): with staleness 0 a batch from any older version is refused.
+training: with staleness 0 a batch from any older version is refused (`check_versions`);
+with staleness k >= 1 the samples whose oldest token is more than k versions behind are
+dropped from the loss and counted (`fresh_samples`).
 
 The class is plain Python; the launcher wraps it with `ray.remote`. It knows nothing about
 engines beyond their endpoints, and nothing about Ray placement.
@@ -63,6 +65,20 @@ def check_versions(versions: list[int], current: int, staleness: int) -> None:
             f"{oldest}; the trainer holds version {current} and staleness="
             f"{staleness} allows >= {current - staleness}"
         )
+
+
+def fresh_samples(versions: list[int], current: int, staleness: int) -> list[bool]:
+    """Bounded staleness (k >= 1): which samples the trainer may train on, those whose oldest
+    token's version is >= current - staleness; the rest are dropped (counted by the caller).
+    A version newer than `current` is a bug upstream, never a sample to drop: it raises."""
+    if not versions:
+        raise StaleRolloutError("empty batch: no rollouts to check")
+    if max(versions) > current:
+        raise StaleRolloutError(
+            f"rollout from weight version {max(versions)}, but the trainer holds "
+            f"version {current}: a version it never pushed"
+        )
+    return [v >= current - staleness for v in versions]
 
 
 def trainer_device(engine_device: str) -> str:
@@ -211,10 +227,19 @@ class TrainerActor:
     # ------------------------------------------------------------ per step
 
     def train_step(self, batch: RolloutBatch, versions: list[int]) -> dict[str, float]:
-        """Check the rollouts' versions, run one PPO step, advance `version`."""
+        """Check the rollouts' versions (`versions`: each sample's oldest token's), run one
+        PPO step, advance `version`. Staleness 0 refuses a batch with any older sample;
+        staleness k >= 1 drops the samples more than k versions behind (`dropped_stale`)."""
         assert self.learner is not None, "setup() first"
-        check_versions(versions, self.version, self.cfg.staleness)
-        stats = self.learner.train_step(batch)
+        if self.cfg.staleness == 0:
+            check_versions(versions, self.version, 0)
+            stats = self.learner.train_step(batch)
+        else:
+            keep = fresh_samples(versions, self.version, self.cfg.staleness)
+            stats = self.learner.train_step(batch, keep=keep)
+            kept = [v for v, k in zip(versions, keep, strict=True) if k]
+            stats["dropped_stale"] = float(len(keep) - len(kept))
+            stats["oldest_trained_version"] = float(min(kept, default=-1))
         self.version += 1
         stats["trained_version"] = float(self.version)
         return stats

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -43,19 +43,25 @@ class RolloutBatch:
     logprobs: list[list[float]]
     """The engine's log-prob of each sampled completion token."""
     rewards: list[float]
+    token_versions: list[list[int]] | None = None
+    """The weight version that sampled each completion token (None: not recorded)."""
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
-        for name in ("completions", "logprobs", "rewards"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(
-                    f"RolloutBatch.{name}: {len(getattr(self, name))} items, prompts has {n}"
-                )
-        for i, (c, lp) in enumerate(zip(self.completions, self.logprobs, strict=True)):
-            if len(c) != len(lp):
-                raise ValueError(
-                    f"RolloutBatch.logprobs[{i}]: {len(lp)} values for {len(c)} completion tokens"
-                )
+        for name in ("completions", "logprobs", "rewards", "token_versions"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"RolloutBatch.{name}: {len(value)} items, prompts has {n}")
+        for name in ("logprobs", "token_versions"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            for i, (c, per_token) in enumerate(zip(self.completions, values, strict=True)):
+                if len(c) != len(per_token):
+                    raise ValueError(
+                        f"RolloutBatch.{name}[{i}]: {len(per_token)} values for {len(c)} "
+                        "completion tokens"
+                    )
 
 
 @dataclass
@@ -89,6 +95,14 @@ def pad_batch(batch: RolloutBatch, pad_id: int, device: torch.device) -> PaddedB
         mask[i, len(p) - 1 : len(p) - 1 + len(c)] = True
     out = PaddedBatch(ids, attn, ids[:, 1:], old, mask)
     return PaddedBatch(*(getattr(out, f).to(device) for f in out.__dataclass_fields__))
+
+
+def drop_samples(data: PaddedBatch, keep: list[bool]) -> PaddedBatch:
+    """The same batch with the loss mask cleared on every sample whose `keep` is False."""
+    if len(keep) != data.mask.shape[0]:
+        raise ValueError(f"keep: {len(keep)} flags for {data.mask.shape[0]} samples")
+    rows = torch.tensor(keep, dtype=torch.bool, device=data.mask.device)
+    return replace(data, mask=data.mask & rows[:, None])
 
 
 class Learner:
@@ -167,6 +181,14 @@ class Learner:
                 f"rank the same number of rollouts"
             )
 
+    def _has_tokens(self, mask: Tensor) -> bool:
+        """Whether any rank's minibatch has a token in the loss (all ranks get the same answer,
+        so they skip a minibatch together)."""
+        count = mask.sum().reshape(1).to(torch.long)
+        if self.group is not None:
+            dist.all_reduce(count, group=self.group)
+        return bool(count.item() > 0)
+
     # ------------------------------------------------------------ the step
 
     def advantages(self, rewards: Tensor) -> Tensor:
@@ -183,16 +205,23 @@ class Learner:
         order = torch.randperm(n, generator=self.rng)
         return [order[i : i + size] for i in range(0, n, size)]
 
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, keep: list[bool] | None = None) -> dict[str, float]:
         """ppo_epochs x minibatches of clipped PPO on this batch; returns stats.
 
         Loss stats are means over the minibatch updates (see `ppo_loss`), plus `grad_norm`
         (before clipping), `reward_mean`, `entropy` (the sampler's mean negative log-prob of
         its own tokens, an estimate of the policy's entropy) and `step`.
+
+        `keep` (one flag per sample; None keeps all): samples flagged False are not trained
+        on: their tokens leave the loss mask, so they add no gradient. Their rewards still
+        count in their group's advantage baseline (the groups stay whole). A minibatch with
+        no token left on any rank is skipped (no optimizer step).
         """
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
         adv = self.advantages(rewards).to(self.device)
         data = pad_batch(batch, self.pad_id, self.device)
+        if keep is not None:
+            data = drop_samples(data, keep)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
@@ -205,6 +234,8 @@ class Learner:
             if self.group is not None:
                 self._check_same_minibatch_count(len(minibatches))
             for idx in minibatches:
+                if keep is not None and not self._has_tokens(data.mask[idx]):
+                    continue
                 stats = self._update(data.select(idx), adv[idx], None if ref is None else ref[idx])
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v

@@ -6,13 +6,20 @@ Build (`RLRun.__init__`): placement groups -> the initial checkpoint (runs/NAME/
 weight_version 0) -> trainer ranks and engines start together, all from that checkpoint ->
 trainers join their data-parallel group -> rank 0's WeightPusher connects to every engine.
 With `trainer.parallel: fsdp` every rank takes part in connecting, pushing and saving.
-Then per step (`RLRun.step`):
-    1. sample prompts (task), `group_size` copies each, groups dealt to the engines
-    2. rollouts on every engine; each sample names the weight version that produced it
-    3. PPO step on every trainer rank (its share of whole groups); the trainer refuses
-       rollouts older than `staleness` allows
-    4. rank 0 pushes the new version to every engine; a failed engine ends the run
+Then per step s (`RLRun.step`):
+    1. batches s .. s + staleness are submitted (those not yet): prompts sampled (task),
+       `group_size` copies each, groups dealt to the engines (`rlsync.app.rollouts`)
+    2. wait for batch s; each token names the weight version that produced it
+    3. PPO step on every trainer rank (its share of whole groups); with staleness 0 the
+       trainer refuses rollouts of an older version, with staleness k it drops (and counts)
+       the samples whose oldest token is more than k versions behind its own
+    4. rank 0 pushes the new version to every engine (while they generate the batches
+       ahead, when staleness > 0); a failed engine ends the run
     5. one line in runs/NAME/metrics.jsonl; the progress bar shows reward, KL, push time
+With staleness 0 the engines sit idle while the trainer trains and pushes, and the trainer
+waits while they generate; with staleness k >= 1 the engines generate batch s+1 .. s+k
+meanwhile, off-policy by up to k versions (the PPO ratio is taken against the engine's
+own log-probs, the behaviour policy: see docs/ASYNC.md).
 At the end (`RLRun.finish`): the final checkpoint goes to runs/NAME/final, engine weights
 must equal the trainer's (fingerprints), metrics.png and summary.json are written. Every
 wait is bounded: an actor that dies or hangs ends the run with a RunError naming it and
@@ -35,6 +42,13 @@ from infer_side.actor import InferenceActor
 from rlsync.app import metrics, ray_session
 from rlsync.app.plot import plot_metrics
 from rlsync.app.ray_session import ActorCallError, gather
+from rlsync.app.rollouts import (
+    PendingBatch,
+    RolloutQueue,
+    oldest_version,
+    output_token_versions,
+    version_stats,
+)
 from rlsync.app.run_config import RunConfig, to_dict
 from rlsync.auth import generate_keys
 from rlsync.config import ConfigError
@@ -74,12 +88,24 @@ def checked(cfg: RunConfig) -> RunConfig:
             f"of trainer.world_size={cfg.trainer.world_size} (whole groups per rank)"
         )
     cfg.trainer.push_method(cfg.sync.transport, cfg.engine.device)  # fsdp_push fits the sync
+    check_staleness(cfg)
     if cfg.task.prompts_per_step < cfg.num_engines:
         raise ConfigError(
             f"task.prompts_per_step={cfg.task.prompts_per_step} leaves some of the "
             f"num_engines={cfg.num_engines} engines idle"
         )
     return cfg
+
+
+def check_staleness(cfg: RunConfig) -> None:
+    """Sync settings under which rollouts submitted ahead would be lost. (Those that reach an
+    engine while an in_place push writes its weights are refused, and sent again after it:
+    `infer_side.client.generate_through_updates`.)"""
+    if cfg.staleness >= 1 and cfg.sync.pause_mode == "abort":
+        raise ConfigError(
+            f"staleness={cfg.staleness} with sync.pause_mode=abort: every push would abort the "
+            "rollouts in flight; use retract, in_place or null"
+        )
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
@@ -140,6 +166,7 @@ class RLRun:
         self.auth_keys: str | None = None
         """CURVE key directory when the engines listen on tcp:// (disaggregated)."""
         self.metrics = metrics.MetricsLog(run_dir / "metrics.jsonl")
+        self.rollouts = RolloutQueue(self._submit, ahead=cfg.staleness)
         try:
             self._build()
         except BaseException:
@@ -225,32 +252,43 @@ class RLRun:
     # ------------------------------------------------------------ one step
 
     def step(self, step: int) -> dict[str, Any]:
+        """One step: take batch `step` (submitting batches ahead up to `staleness`), train on
+        it, push the new version. With staleness 0 nothing is ahead: the engines generate,
+        then the trainer trains, then the push, as before."""
         t0 = time.perf_counter()
-        version = step  # every step waits for its push, so step k samples version k
-        prompts, outputs, rollout_s = self._rollouts(step)
-        batch, versions = self._batch(prompts, outputs, step)
+        pending = self.rollouts.take(step, self.cfg.steps - 1)
+        outputs, gen_s = self._collect(pending)
+        rollout_wait_s = time.perf_counter() - t0
+        batch, versions = self._batch(pending.prompts, outputs, step)
         t1 = time.perf_counter()
         stats = self._train(batch, versions, step)
         t2 = time.perf_counter()
-        report = self._push(step, version + 1)
+        report = self._push(step, step + 1)  # rank 0 holds version step + 1 after training
+        step_s = time.perf_counter() - t0
         tokens = sum(len(o.output_ids) for o in outputs)
+        rollout_s = max(gen_s.values())
         row = {
             "step": step,
             "weight_version": min(versions),
+            **version_stats(outputs),
             **metrics.reward_stats(batch.rewards),
             **stats,
             **metrics.push_stats(report),
             "rollout_s": rollout_s,
+            "rollout_wait_s": rollout_wait_s,
             "rollout_tokens": tokens,
             "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
             "train_s": t2 - t1,
-            "step_s": time.perf_counter() - t0,
+            "step_s": step_s,
+            "engine_idle_frac": metrics.idle_fraction(list(gen_s.values()), step_s),
+            "wall_s": time.perf_counter() - self.started,
             "pushed_version": report["version"],
         }
         self.metrics.write(row)
         return row
 
-    def _rollouts(self, step: int) -> tuple[list[list[int]], list[GenerateOutput], float]:
+    def _submit(self, step: int) -> PendingBatch:
+        """Sample batch `step`'s prompts and hand each engine its share of whole groups."""
         task = self.cfg.task
         groups = self.task.sample_prompts(task.prompts_per_step, self.rng)
         parts = deal(len(groups), len(self.engines))
@@ -258,16 +296,22 @@ class RLRun:
         for (name, engine), part in zip(self.engines.items(), parts, strict=True):
             prompts = [groups[g] for g in part for _ in range(task.group_size)]
             first = part.start * task.group_size
-            calls[name] = engine.generate.remote(prompts, self._sampling(step, first, len(prompts)))
-        t0 = time.perf_counter()
-        results = self._wait(
-            calls, f"rollouts at step {step}", self.cfg.engine.call_timeout_s + SETUP_SLACK_S
-        )
-        rollout_s = time.perf_counter() - t0
+            sampling = self._sampling(step, first, len(prompts))
+            calls[name] = engine.generate_timed.remote(prompts, sampling)
         prompts = [groups[g] for part in parts for g in part for _ in range(task.group_size)]
-        outputs = [out for name in self.engines for out in results[name]]
+        return PendingBatch(step, prompts, calls)
+
+    def _collect(self, pending: PendingBatch) -> tuple[list[GenerateOutput], dict[str, float]]:
+        """The batch's outputs in prompt order, and each engine's seconds generating it."""
+        step = pending.step
+        results = self._wait(
+            pending.calls,
+            f"rollouts at step {step}",
+            self.cfg.engine.call_timeout_s + SETUP_SLACK_S,
+        )
+        outputs = [out for name in self.engines for out in results[name][0]]
         self._check_outputs(outputs, step)
-        return prompts, outputs, rollout_s
+        return outputs, {name: results[name][1] for name in self.engines}
 
     def _sampling(self, step: int, first: int, count: int) -> list[SamplingParams]:
         """One seeded stream per sample (task seed, step, index): a run replays exactly."""
@@ -290,11 +334,13 @@ class RLRun:
     def _batch(
         self, prompts: list[list[int]], outputs: list[GenerateOutput], step: int
     ) -> tuple[RolloutBatch, list[int]]:
+        """The trainer's batch (with every token's version) and each sample's oldest version."""
         completions = [list(o.output_ids) for o in outputs]
         rewards = [self.task.reward(p, c) for p, c in zip(prompts, completions, strict=True)]
-        batch = RolloutBatch(prompts, completions, [list(o.logprobs) for o in outputs], rewards)
-        versions = [min(o.weight_version, o.min_weight_version) for o in outputs]
-        return batch, versions
+        logprobs = [list(o.logprobs) for o in outputs]
+        token_versions = [output_token_versions(o) for o in outputs]
+        batch = RolloutBatch(prompts, completions, logprobs, rewards, token_versions)
+        return batch, [oldest_version(o) for o in outputs]
 
     def _train(self, batch: RolloutBatch, versions: list[int], step: int) -> dict[str, float]:
         size = self.cfg.task.group_size
@@ -304,13 +350,16 @@ class RLRun:
             rows = range(part.start * size, part.stop * size)
             shard = RolloutBatch(
                 *(
-                    [getattr(batch, f)[i] for i in rows]
-                    for f in ("prompts", "completions", "logprobs", "rewards")
+                    None if getattr(batch, f) is None else [getattr(batch, f)[i] for i in rows]
+                    for f in ("prompts", "completions", "logprobs", "rewards", "token_versions")
                 )
             )
             calls[name] = trainer.train_step.remote(shard, [versions[i] for i in rows])
-        stats = self._wait(calls, f"the PPO step at step {step}", TRAIN_TIMEOUT_S)
-        return metrics.mean_over_ranks(list(stats.values()), self.cfg.trainer.kl_coef > 0)
+        stats = list(self._wait(calls, f"the PPO step at step {step}", TRAIN_TIMEOUT_S).values())
+        return {
+            **metrics.mean_over_ranks(stats, self.cfg.trainer.kl_coef > 0),
+            **metrics.staleness_stats(stats),
+        }
 
     def _push(self, step: int, version: int) -> dict[str, Any]:
         report = self._call_pushers("push", f"the push of version {version} at step {step}")

@@ -10,8 +10,22 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
 - push_s, push_gbps, push_bytes, engine_pause_ms: the WeightPusher's report of this step's
   push (engine_pause_ms: the longest any engine stopped generating); with two engines or
   more also commit_skew_ms (last engine's switch minus the first's).
-- rollout_s, rollout_tokens, rollout_tokens_per_s: generation on all engines together.
-- train_s, step_s: the PPO step and the whole step, wall clock.
+- rollout_s: seconds the slowest engine spent generating this step's batch (measured in
+  its actor, from the first request sent to the last output; a push landing mid-batch
+  counts in it); rollout_wait_s: how long the loop waited for the batch (about rollout_s with
+  staleness 0, near 0 when generation hid behind the previous step); rollout_tokens,
+  rollout_tokens_per_s (tokens / rollout_s).
+- train_s, step_s: the PPO step and the whole step, wall clock; wall_s: seconds since the
+  run started, at the end of this step.
+- engine_idle_frac: 1 - (the engines' mean seconds generating this step's batch) / step_s,
+  clipped to [0, 1]: the share of the step the engines had nothing to do (one batch is
+  generated per step, so it is exact with staleness 0 and the steady-state share with k).
+- versions_per_batch, newest_version, mixed_samples: how many weight versions produced the
+  batch's tokens, the newest, and how many samples mix versions (an update landed
+  mid-request); weight_version above is the oldest.
+- dropped_stale: samples the trainers dropped for being more than `staleness` versions
+  behind (summed over ranks; always 0 with staleness 0, which refuses such a batch instead);
+  oldest_trained_version: the oldest version among the samples trained on (staleness >= 1).
 At the end of a run, `summary.json` says whether every engine serves exactly the trainer's
 weights (`compare_fingerprints`) and gives the model's combined `weights_fingerprint`.
 Knows nothing about Ray, engines or models: only numbers and names.
@@ -39,6 +53,13 @@ STEP_KEYS = (
     "engine_pause_ms",
     "weight_version",
     "rollout_tokens_per_s",
+    "rollout_s",
+    "train_s",
+    "step_s",
+    "wall_s",
+    "engine_idle_frac",
+    "dropped_stale",
+    "versions_per_batch",
 )
 LEARNER_KEYS = ("loss", "kl", "kl_old", "clip_frac", "grad_norm", "ratio_mean", "entropy")
 
@@ -61,6 +82,23 @@ def mean_over_ranks(
     out.setdefault("kl_old", 0.0)
     out["kl"] = out["kl_ref"] if kl_to_reference else out["kl_old"]
     return out
+
+
+def staleness_stats(per_rank: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Samples dropped for staleness (summed over ranks; 0 when the ranks report none) and
+    the oldest version trained on (when they report it)."""
+    out = {"dropped_stale": float(sum(s.get("dropped_stale", 0.0) for s in per_rank))}
+    oldest = [s["oldest_trained_version"] for s in per_rank if "oldest_trained_version" in s]
+    if oldest:
+        out["oldest_trained_version"] = min(oldest)
+    return out
+
+
+def idle_fraction(busy_s: Sequence[float], step_s: float) -> float:
+    """Share of `step_s` the engines (mean of their `busy_s`) had no generation to do."""
+    if step_s <= 0 or not busy_s:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - statistics.fmean(busy_s) / step_s))
 
 
 def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
@@ -133,13 +171,16 @@ def compare_fingerprints(
 
 
 def write_summary(path: Path, rows: Sequence[Mapping[str, Any]], **facts: Any) -> dict[str, Any]:
-    """summary.json: the facts given (paths as strings) plus step count and first/last reward."""
+    """summary.json: the facts given (paths as strings) plus step count, first/last reward,
+    mean seconds per step and samples dropped for staleness."""
     summary = {
         "steps": len(rows),
         **{k: str(v) if isinstance(v, Path) else v for k, v in facts.items()},
         "weights_match": not any(facts.get("mismatches", {}).values()),
         "reward_first": rows[0]["reward_mean"] if rows else None,
         "reward_last": rows[-1]["reward_mean"] if rows else None,
+        "seconds_per_step": statistics.fmean(r["step_s"] for r in rows) if rows else None,
+        "dropped_stale": sum(r["dropped_stale"] for r in rows),
     }
     path.write_text(json.dumps(summary, indent=2))
     return summary

@@ -4,7 +4,8 @@
     rlsync generate --model DIR --input-ids 1,2,3 --max-new-tokens 8 --temperature 1 --seed 0
 
 For each prompt: output ids, logprobs, finish reason, cached prompt tokens and the weight
-version that produced it. With --model a temporary engine process is started and stopped.
+version that produced it (`version_spans`: [version, tokens] pairs, in order, when an update
+landed mid-request). With --model a temporary engine process is started and stopped.
 Exit codes: 0 ok, 1 the engine rejected a request, 2 bad usage or unreachable.
 """
 
@@ -91,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
 def output_record(input_ids: list[int], out: GenerateOutput) -> dict[str, Any]:
     """What the CLI reports for one prompt (everything but the random request id)."""
-    return {"input_ids": list(input_ids), **{name: getattr(out, name) for name in RECORD_FIELDS}}
+    record = {name: getattr(out, name) for name in RECORD_FIELDS}
+    record["version_spans"] = [[s.version, s.tokens] for s in out.version_spans]
+    return {"input_ids": list(input_ids), **record}
 
 
 def _sampling(args: argparse.Namespace) -> Any:

@@ -61,9 +61,12 @@ def _print_summary(result) -> None:  # noqa: ANN001 - RunResult, imported lazily
             f"step {row['step']:3d}  v{row['weight_version']}  reward {row['reward_mean']:.3f} "
             f"+- {row['reward_std']:.3f}  kl {row['kl']:.1e}  push {row['push_s'] * 1e3:7.1f} ms "
             f"({row['push_gbps']:.3f} GB/s, pause {row['engine_pause_ms']:.1f} ms)  "
-            f"{row['rollout_tokens_per_s']:.0f} tok/s"
+            f"{row['rollout_tokens_per_s']:.0f} tok/s  step {row['step_s']:.3f} s "
+            f"(engine idle {row['engine_idle_frac']:.0%}, dropped {row['dropped_stale']:.0f})"
         )
     print(
-        f"done: {len(rows)} steps in {result.wall_s:.1f} s; engine weights == trainer weights; "
+        f"done: {len(rows)} steps in {result.wall_s:.1f} s "
+        f"({sum(r['step_s'] for r in rows) / max(len(rows), 1):.3f} s per step); "
+        "engine weights == trainer weights; "
         f"metrics {result.run_dir / 'metrics.jsonl'}; final checkpoint {result.final_checkpoint}"
     )

@@ -32,12 +32,27 @@ from rlsync.app.launcher import (
     run,
     run_steps,
 )
-from rlsync.app.metrics import STEP_KEYS, compare_fingerprints, read_metrics, weights_fingerprint
+from rlsync.app.metrics import (
+    STEP_KEYS,
+    compare_fingerprints,
+    idle_fraction,
+    read_metrics,
+    staleness_stats,
+    weights_fingerprint,
+)
+from rlsync.app.rollouts import (
+    PendingBatch,
+    RolloutQueue,
+    oldest_version,
+    output_token_versions,
+    version_stats,
+)
 from rlsync.app.run_config import RunConfig, load_config
 from rlsync.buckets import tensor_fingerprint
 from rlsync.checkpoint_io import iter_checkpoint_tensors
-from rlsync.protocol import GenerateOutput, WeightFingerprints
-from trainer_side.actor import StaleRolloutError, check_versions
+from rlsync.config import ConfigError
+from rlsync.protocol import GenerateOutput, VersionSpan, WeightFingerprints
+from trainer_side.actor import StaleRolloutError, check_versions, fresh_samples
 
 TINY = [
     "model.vocab_size=32",
@@ -65,12 +80,22 @@ PLACEMENTS = {
         "sync.commit=atomic",  # both engines switch to each version together, or neither
     ],
 }
+ASYNC = ["staleness=1", "sync.load_mode=shadow", "sync.pause_mode=in_place"]
+"""Rollouts one step ahead; pushes land mid-batch, requests in flight continue on them."""
+PLACEMENTS["colocated_async"] = [
+    "placement=colocated",
+    "num_engines=1",
+    "trainer.world_size=1",
+    *ASYNC,
+]
 if not os.environ.get("RLSYNC_NO_VLLM") and sys.version_info >= (3, 11):
-    # a real vLLM engine: head_dim 32 (its CPU attention needs >= 32)
+    # a real vLLM engine: head_dim 32 (its CPU attention needs >= 32); the async loop (the
+    # synchronous one is the same code with nothing ahead, run above on our engine)
     PLACEMENTS["colocated_vllm"] = [
         "placement=colocated",
         "num_engines=1",
         "trainer.world_size=1",
+        *ASYNC,
         "engine.backend=vllm",
         "engine.kv_tokens=256",
         "engine.start_timeout_s=300",
@@ -94,7 +119,7 @@ def finished_runs(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory)
             cfg = checked(tiny_config(tmp, placement, "steps=3", *extra))
             rl = RLRun(cfg, prepare_run_dir(cfg))
             runs[placement] = (rl, run_steps(rl, progress=False))
-            if placement != "colocated":
+            if placement not in ("colocated", "colocated_async"):
                 rl.close()
         yield runs
     finally:
@@ -107,9 +132,15 @@ def test_short_run(finished_runs: dict, placement: str) -> None:
     rl, result = finished_runs[placement]
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
+    k = rl.cfg.staleness
     for row in rows:
         assert set(STEP_KEYS) <= set(row), sorted(set(STEP_KEYS) - set(row))
-        assert row["weight_version"] == row["step"]  # sampled by the previous step's push
+        if k == 0:
+            assert row["weight_version"] == row["step"]  # sampled by the previous step's push
+        else:  # no token older than k versions, none newer than the trainer's
+            assert row["step"] - k <= row["weight_version"] <= row["newest_version"] <= row["step"]
+            assert row["oldest_trained_version"] >= row["step"] - k
+        assert row["dropped_stale"] == 0 and 0.0 <= row["engine_idle_frac"] <= 1.0
         assert row["pushed_version"] == row["step"] + 1
         assert 0.0 <= row["reward_mean"] <= 1.0 and row["push_s"] > 0
         assert row["rollout_tokens"] == 4 * 4 * 4  # prompts x group x max_new_tokens
@@ -134,6 +165,81 @@ def _check_final_checkpoint(path: Path, expected_fingerprint: int) -> None:
     assert logits.shape == (1, 4, 32) and torch.isfinite(logits).all()
 
 
+def test_async_generation_overlaps_the_step_before(finished_runs: dict) -> None:
+    """Batch 1 goes to the engine before the trainer trains on batch 0: the engine starts it
+    on version 0 while the trainer makes version 1."""
+    for placement in ("colocated_async", "colocated_vllm"):
+        if placement in finished_runs:
+            rows = read_metrics(finished_runs[placement][1].run_dir / "metrics.jsonl")
+            assert rows[1]["weight_version"] == 0, rows[1]
+
+
+def test_async_trainer_drops_exactly_the_samples_too_old(finished_runs: dict) -> None:
+    """The async run's trainer (version 3 after 3 steps, staleness 1) trains on samples whose
+    oldest token is version 2 or 3 and drops the rest, counted, whatever their newest."""
+    rl, _ = finished_runs["colocated_async"]
+    spans = [[(1, 2)], [(2, 2)], [(1, 1), (3, 1)], [(3, 2)], [(0, 1), (2, 1)], [(2, 1), (3, 1)]]
+    prompts, outs = _fake_rollouts(rl, version=3)
+    for i, out in enumerate(outs):
+        out.version_spans = [VersionSpan(version=v, tokens=n) for v, n in spans[i % len(spans)]]
+        out.min_weight_version = min(v for v, _ in spans[i % len(spans)])
+        out.weight_version = out.version_spans[-1].version
+    stale = sum(out.min_weight_version < 2 for out in outs)
+    assert 0 < stale < len(outs)
+    stats = rl._train(*rl._batch(prompts, outs, step=3), step=3)
+    assert stats["dropped_stale"] == stale and stats["oldest_trained_version"] == 2
+
+
+def test_staleness_refuses_sync_settings_that_lose_rollouts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pause_mode=abort"):
+        checked(tiny_config(tmp_path, "x", "staleness=1", "sync.pause_mode=abort"))
+    assert checked(tiny_config(tmp_path, "x", "staleness=2", "sync.pause_mode=retract"))
+
+
+def test_rollout_queue_submits_ahead_in_step_order() -> None:
+    submitted: list[int] = []
+
+    def submit(step: int) -> PendingBatch:
+        submitted.append(step)
+        return PendingBatch(step, [[step]], {})
+
+    queue = RolloutQueue(submit, ahead=2)
+    assert queue.take(0, last_step=4).step == 0 and submitted == [0, 1, 2]
+    assert queue.take(1, last_step=4).step == 1 and submitted == [0, 1, 2, 3]
+    assert [queue.take(s, last_step=4).step for s in (2, 3, 4)] == [2, 3, 4]
+    assert submitted == [0, 1, 2, 3, 4]  # nothing past the last step
+    assert queue.take(4, last_step=4).step == 4 and submitted[-1] == 4  # asked again: again
+    sync = RolloutQueue(submit, ahead=0)
+    assert sync.take(0, last_step=9).step == 0 and submitted[-1] == 0 and not sync.pending
+
+
+def test_version_stats_read_the_spans() -> None:
+    def out(*spans: tuple[int, int]) -> GenerateOutput:
+        n = sum(t for _, t in spans)
+        return GenerateOutput(
+            output_ids=[1] * n,
+            logprobs=[0.0] * n,
+            weight_version=spans[-1][0],
+            min_weight_version=min(v for v, _ in spans),
+            version_spans=[VersionSpan(version=v, tokens=t) for v, t in spans],
+        )
+
+    outs = [out((4, 2)), out((4, 1), (5, 3)), out((5, 1))]
+    assert version_stats(outs) == {"versions_per_batch": 2, "newest_version": 5, "mixed_samples": 1}
+    assert [oldest_version(o) for o in outs] == [4, 4, 5]
+    assert output_token_versions(outs[1]) == [4, 5, 5, 5]
+    bare = GenerateOutput(output_ids=[1, 2], logprobs=[0.0, 0.0], weight_version=3)
+    assert output_token_versions(bare) == [0, 0]  # no spans: its oldest version, every token
+
+
+def test_loop_metrics_sum_drops_and_bound_the_idle_share() -> None:
+    ranks = [{"dropped_stale": 3.0, "oldest_trained_version": 5.0}, {"dropped_stale": 1.0}]
+    assert staleness_stats(ranks) == {"dropped_stale": 4.0, "oldest_trained_version": 5.0}
+    assert staleness_stats([{}, {}]) == {"dropped_stale": 0.0}
+    assert idle_fraction([0.25, 0.75], step_s=2.0) == 0.75
+    assert idle_fraction([3.0], step_s=2.0) == 0.0 and idle_fraction([], step_s=1.0) == 0.0
+
+
 def test_placement_picks_transport(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "x", "placement=disaggregated", "sync.transport=ipc")
     assert checked(cfg).sync.transport == "broadcast"
@@ -144,6 +250,10 @@ def test_deal_and_versions() -> None:
     assert deal(5, 2) == [range(0, 3), range(3, 5)]
     check_versions([3, 3], current=3, staleness=0)
     check_versions([2, 3], current=3, staleness=1)
+    assert fresh_samples([1, 2, 3, 0], current=3, staleness=1) == [False, True, True, False]
+    assert fresh_samples([1, 3], current=3, staleness=2) == [True, True]
+    with pytest.raises(StaleRolloutError, match="never pushed"):
+        fresh_samples([2, 4], current=3, staleness=1)
     with pytest.raises(StaleRolloutError, match="from weight version 2"):
         check_versions([3, 2], current=3, staleness=0)
     with pytest.raises(StaleRolloutError, match="never pushed"):

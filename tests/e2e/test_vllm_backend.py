@@ -10,11 +10,18 @@ import sys
 import pytest
 import torch
 
-from infer_side.client import launch_engine
+from infer_side.client import connect, launch_engine
 from rlsync.buckets import plan_buckets
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import GetWeightSpecs, SamplingParams, UpdateDone, UpdateWeightsFromIPC
+from rlsync.protocol import (
+    GetWeightSpecs,
+    SamplingParams,
+    UpdateDone,
+    UpdateWeightsFromIPC,
+    token_versions,
+    version_spans,
+)
 from rlsync.rpc import RpcClient
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from tests.e2e.sync_helpers import trainer_weights
@@ -120,6 +127,37 @@ def test_sampled_logprobs_are_of_the_distribution_sampled_from(engine, ckpt):
             ids.append(token)
     again = engine.generate([PROMPT], params)[0]
     assert again.output_ids == out.output_ids  # same seed, same tokens
+
+
+def test_update_mid_request_spans_equal_transformers_of_each_version(engine, ckpt, tmp_path):
+    """A shadow push lands under an in_place pause while a greedy request streams: the
+    request keeps its tokens and continues on the new version, its KV recomputed; each
+    version span equals transformers at that version given the same prefix."""
+    start = engine.info().weight_version
+    old = None if start == 0 else trainer_weights(ckpt, start)
+    version, tensors = start + 1, trainer_weights(ckpt, start + 1)
+    stream = engine.generate_stream([PROMPT], greedy(120))
+    chunks = [next(stream)[1]]
+    cfg = SyncConfig(load_mode="shadow", pause_mode="in_place", timeout_s=60)
+    with connect(engine.endpoint, timeout_s=60) as control:
+        control.pause("in_place")  # the request cannot finish before the push lands
+        pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path)
+        try:
+            assert pusher.push(tensors, version).failed == []
+        finally:
+            pusher.close()
+        control.continue_generation()
+        chunks += [out for _, out in stream]
+    tokens = [t for c in chunks for t in c.output_ids]
+    spans = version_spans([v for c in chunks for v in token_versions(c.version_spans)])
+    assert [s.version for s in spans] == [start, version] and len(tokens) == 120, spans
+    before = tokens[: spans[0].tokens]
+    assert before == hf_greedy(ckpt, old, PROMPT, len(before))[0]
+    assert tokens[len(before) :] == hf_greedy(ckpt, tensors, PROMPT + before, spans[1].tokens)[0]
+    assert chunks[-1].finished and (chunks[-1].min_weight_version, chunks[-1].weight_version) == (
+        start,
+        version,
+    )
 
 
 @pytest.mark.parametrize("load_mode", ["in_place", "shadow"])

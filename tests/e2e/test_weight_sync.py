@@ -288,7 +288,7 @@ def _maps(pid: int) -> list[str]:
 
 
 def test_an_engine_with_private_weights_is_staged_and_refuses_direct_writes(
-    engines, ckpt, tmp_path
+    engines, ckpt, versions, tmp_path
 ):
     """`--private-weights`: no layout is published, so a pusher over it and one of ours
     stages for both; an ipc plan that follows a layout is refused by it, naming why."""
@@ -299,7 +299,7 @@ def test_an_engine_with_private_weights_is_staged_and_refuses_direct_writes(
         eps = {"private": private.endpoint, "exposed": engines["engine0"].endpoint}
         pusher = WeightPusher(sync_cfg("ipc"), eps, tmp_path)
         try:
-            version = engines["engine0"].info().weight_version + 1
+            version = next(versions)
             tensors = trainer_weights(ckpt, version)
             assert pusher.push(tensors, version).failed == []
             assert not in_store(pusher.plan)

@@ -86,6 +86,7 @@ def expected_records(outs: list[GenerateOutput], prompts: list[list[int]]) -> li
             "weight_version": o.weight_version,
             "min_weight_version": o.min_weight_version,
             "error": o.error,
+            "version_spans": [[s.version, s.tokens] for s in o.version_spans],
         }
         for p, o in zip(prompts, outs, strict=True)
     ]

@@ -23,6 +23,9 @@ from rlsync.protocol import (
     Result,
     SamplingParams,
     Shutdown,
+    UpdateDone,
+    UpdateWeightsFromDisk,
+    token_versions,
 )
 from tests.checkpoints import make_hf_checkpoint
 
@@ -408,6 +411,52 @@ def test_in_place_weight_change_invalidates_prefix_and_tracks_versions(ckpt):
     assert (outs["b"][0].min_weight_version, outs["b"][0].weight_version) == (0, 1)
     assert (outs["c"][0].min_weight_version, outs["c"][0].weight_version) == (1, 1)
     assert core.kv_pool.used == core.prefix_cache.num_tokens  # dead nodes freed
+
+
+def fresh_greedy(ckpt, prompt: list[int], n: int) -> list[int]:
+    """What a fresh engine on `ckpt` generates greedily for `prompt`."""
+    core = make_core(ckpt)
+    submit(core, gen("ref", prompt, max_new=n))
+    return drain(core)["ref"][0].output_ids
+
+
+@pytest.mark.parametrize("load_mode", ["shadow", "in_place"])
+def test_update_mid_request_spans_match_a_fresh_engine_of_each_version(ckpt, tmp_path, load_mode):
+    """A real update (disk transport) lands under an in_place pause while a greedy request
+    runs: its tokens before the swap are version 0's, after it version 1's, each exactly what
+    a fresh engine of that version generates from the same prefix (its KV is recomputed)."""
+    new = make_hf_checkpoint(tmp_path, seed=11)
+    core = make_core(ckpt)
+    prompt = PROMPTS[0]
+    submit(core, gen("a", prompt, max_new=12), gen("b", PROMPTS[1], max_new=3))
+    replies = [r for _ in range(4) for r in core.step()]
+    update = UpdateWeightsFromDisk(
+        request_id="u", weight_version=1, path=str(new), load_mode=load_mode, pause_mode="in_place"
+    )
+    replies += core.process(update)
+    outs: dict[str, list] = {}
+    for _ in range(200):
+        core.wait_for_update(5.0)
+        replies += core.step()
+        if any(isinstance(r, UpdateDone) for r in replies):
+            break
+    done = [r for r in replies if isinstance(r, UpdateDone)]
+    assert len(done) == 1 and done[0].success, done
+    for r in replies + [o for v in drain(core).values() for o in v]:
+        if isinstance(r, GenerateOutput):
+            outs.setdefault(r.request_id, []).append(r)
+    (a,) = outs["a"]
+    spans = [(s.version, s.tokens) for s in a.version_spans]
+    assert [v for v, _ in spans] == [0, 1] and sum(n for _, n in spans) == 12, spans
+    assert token_versions(a.version_spans) == [0] * spans[0][1] + [1] * spans[1][1]
+    assert (a.min_weight_version, a.weight_version) == (0, 1)
+    before = a.output_ids[: spans[0][1]]
+    assert before == fresh_greedy(ckpt, prompt, len(before))
+    assert a.output_ids[len(before) :] == fresh_greedy(new, prompt + before, spans[1][1])
+    assert a.output_ids != fresh_greedy(ckpt, prompt, 12)  # the versions do differ here
+    (b,) = outs["b"]  # finished before the swap: one span
+    assert [(s.version, s.tokens) for s in b.version_spans] == [(0, 3)]
+    assert core.kv_pool.used == core.prefix_cache.num_tokens
 
 
 def test_abort_one_request_by_id(ckpt):

@@ -156,12 +156,16 @@ def test_held_admission_keeps_requests_out_of_vllm(core):
     assert run(core)["a"][0].output_ids == [2, 3, 4, 5]
 
 
-def test_flush_after_an_update_retracts_running_requests_then_resets_the_cache(core):
+def test_flush_after_an_update_readds_running_requests_with_their_tokens_then_resets(core):
     core.process(gen("a", [1], n=6))
     core.step()
     core.flush_kv(empty_cache=False)
     assert core.llm.calls[-2:] == ["abort:a", "reset"] and core.counts() == (1, 0)
-    assert run(core)["a"][0].output_ids == [2, 3, 4, 5, 6, 7]  # recomputed on new weights
+    core.weight_version = 1  # what the update sets right after the flush
+    (out,) = run(core)["a"]
+    assert out.output_ids == [2, 3, 4, 5, 6, 7]  # its token kept, the rest on the new weights
+    assert [(s.version, s.tokens) for s in out.version_spans] == [(0, 1), (1, 5)]
+    assert core.llm.calls.count("add:a") == 2 and core.info().retracted == 0
 
 
 def test_flush_cache_only_when_idle(core):

@@ -126,6 +126,7 @@ SAMPLES: dict[str, p.Message] = {
             cached_tokens=2,
             weight_version=9,
             min_weight_version=8,
+            version_spans=[p.VersionSpan(version=9, tokens=2)],
             error="boom \u00fc\u4e2d",
         ),
         p.Result(request_id="r-1", success=False, message="no"),
@@ -898,6 +899,7 @@ WIRE_TYPES = [
     p.TensorSpec,
     p.UpdateTimings,
     p.WeightSpec,
+    p.VersionSpan,
 ]
 
 
@@ -939,3 +941,17 @@ def test_protocol_doc_example_frame_decodes():
     frame = bytes.fromhex("".join(hexes))
     assert len(frame) == 35
     assert decode(frame) == p.Abort(request_id="x1", target_id="r1")
+
+
+def test_version_spans_run_length_encode_token_versions():
+    spans = p.version_spans([3, 3, 4, 4, 4, 3])
+    assert [(s.version, s.tokens) for s in spans] == [(3, 2), (4, 3), (3, 1)]
+    assert p.token_versions(spans) == [3, 3, 4, 4, 4, 3]
+    assert p.version_spans([]) == [] and p.token_versions([]) == []
+
+
+def test_a_version_span_of_no_tokens_is_refused():
+    frame = encode(p.GenerateOutput(version_spans=[p.VersionSpan(version=1, tokens=1)]))
+    bad = frame.replace(b"\xa6tokens\x01", b"\xa6tokens\x00")
+    with pytest.raises(ProtocolError, match=r"version_spans\[0\]\.tokens"):
+        decode(bad)

@@ -112,6 +112,44 @@ def test_equal_rewards_leave_weights_untouched() -> None:
     assert all(torch.equal(before[n], p) for n, p in policy.named_parameters())
 
 
+def _scrambled(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
+    """`batch` with other tokens and log-probs (same lengths) in `rows`; rewards unchanged."""
+    completions = [list(c) for c in batch.completions]
+    logprobs = [list(lp) for lp in batch.logprobs]
+    for i in rows:
+        completions[i] = [(t + 7) % SMALL.vocab_size for t in completions[i]]
+        logprobs[i] = [-3.0 - j for j in range(len(logprobs[i]))]
+    return RolloutBatch(batch.prompts, completions, logprobs, batch.rewards)
+
+
+def test_dropped_samples_add_no_gradient() -> None:
+    """What dropped samples hold cannot change the step: weights come out bit-equal whatever
+    their tokens and log-probs; kept (or not dropped), the same change does move them."""
+    batch = _batch(LlamaPolicy.from_config(SMALL, seed=0))
+    dropped = [1, 6]
+    keep = [i not in dropped for i in range(len(batch.prompts))]
+    results = []
+    for data, flags in ((batch, keep), (_scrambled(batch, dropped), keep), (batch, None)):
+        policy = LlamaPolicy.from_config(SMALL, seed=0)
+        Learner(policy, TrainerConfig(lr=1e-2), group_size=4).train_step(data, keep=flags)
+        results.append(_params(policy))
+    start = _params(LlamaPolicy.from_config(SMALL, seed=0))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in start)
+    assert not all(torch.equal(results[0][n], start[n]) for n in start)
+    assert not all(torch.equal(results[0][n], results[2][n]) for n in start)
+
+
+def test_a_batch_with_every_sample_dropped_leaves_weights_untouched() -> None:
+    policy = LlamaPolicy.from_config(SMALL, seed=0)
+    batch = _batch(policy)
+    before = _params(policy)
+    learner = Learner(policy, TrainerConfig(lr=1e-2), group_size=4)
+    stats = learner.train_step(batch, keep=[False] * len(batch.prompts))
+    assert "loss" not in stats and stats["step"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters())
+    assert not learner.optimizer.state  # no optimizer step ran
+
+
 def test_step_moves_probability_towards_the_rewarded_completion() -> None:
     policy = LlamaPolicy.from_config(SMALL, seed=0)
     prompt, good, bad = [1, 2, 3, 4, 0], [1, 2, 3, 4], [9, 9, 9, 9]

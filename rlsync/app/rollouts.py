@@ -1,0 +1,80 @@
+"""Rollout batches of the RL loop: the ones in flight, and the weight versions of the done ones.
+
+With `staleness: k` the loop keeps up to k batches submitted ahead of the one it trains on
+(`RolloutQueue`): batch s+k goes to the engines before the trainer trains on batch s, so the
+engines generate while the trainer trains and pushes. Batches are submitted, and so their
+prompts drawn, in step order, whatever k is: a run's prompts do not depend on k.
+
+The version helpers read `GenerateOutput.version_spans` (which version produced which
+tokens). Knows nothing about Ray beyond holding its ObjectRefs, and nothing about PPO.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlsync.protocol import GenerateOutput, token_versions
+
+
+@dataclass
+class PendingBatch:
+    """One step's rollouts, submitted to the engines (engine name -> ObjectRef)."""
+
+    step: int
+    prompts: list[list[int]]
+    calls: dict[str, Any]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class RolloutQueue:
+    """The batches submitted ahead, in step order. `submit(step)` makes one batch's calls."""
+
+    def __init__(self, submit: Callable[[int], PendingBatch], ahead: int) -> None:
+        self.submit, self.ahead = submit, ahead
+        self.pending: deque[PendingBatch] = deque()
+        self.next_step = 0
+
+    def take(self, step: int, last_step: int) -> PendingBatch:
+        """Batch `step`, after submitting every batch up to step + ahead (never past
+        `last_step`, so nothing is left running when the run ends). Batches of steps before
+        `step` are abandoned; a step asked for again is submitted again."""
+        while self.pending and self.pending[0].step < step:
+            self.pending.popleft()
+        if not self.pending or self.pending[0].step != step:
+            self.pending.clear()
+            self.next_step = step
+        upto = max(step, min(step + self.ahead, last_step))
+        while self.next_step <= upto:
+            self.pending.append(self.submit(self.next_step))
+            self.next_step += 1
+        return self.pending.popleft()
+
+
+def output_token_versions(out: GenerateOutput) -> list[int]:
+    """The version of each output token: from its spans, or (an output whose spans do not
+    cover its tokens) its oldest version for every token, the conservative reading."""
+    versions = token_versions(out.version_spans)
+    if len(versions) == len(out.output_ids):
+        return versions
+    return [min(out.weight_version, out.min_weight_version)] * len(out.output_ids)
+
+
+def oldest_version(out: GenerateOutput) -> int:
+    """The version of the sample's oldest token (the one staleness is judged by)."""
+    return min(out.weight_version, out.min_weight_version, *output_token_versions(out))
+
+
+def version_stats(outputs: Sequence[GenerateOutput]) -> dict[str, int]:
+    """Versions in a batch: how many distinct versions produced its tokens, the oldest and
+    newest, and how many samples mix versions (an update landed mid-request)."""
+    per_sample = [set(output_token_versions(o)) or {oldest_version(o)} for o in outputs]
+    seen = set().union(*per_sample)
+    return {
+        "versions_per_batch": len(seen),
+        "newest_version": max(seen),
+        "mixed_samples": sum(len(v) > 1 for v in per_sample),
+    }
