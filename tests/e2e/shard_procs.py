@@ -43,11 +43,13 @@ def run_ranks(
     method: str = "shards",
     versions: tuple[int, ...] = (1,),
     kill: tuple[int, int] | None = None,
+    device: str = "cpu",
 ) -> dict[int, Any]:
-    """Run every rank to the end; rank -> its JSON result (None for a rank that died)."""
+    """Run every rank to the end; rank -> its JSON result (None for a rank that died).
+    `device` "cuda": the ranks' policy lives on cuda:<rank>, in an NCCL group."""
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    args = (world_size, store.port, str(ckpt), endpoints, asdict(sync), str(out), method)
+    args = (world_size, store.port, str(ckpt), endpoints, asdict(sync), str(out), method, device)
     procs = [
         ctx.Process(target=rank_main, args=(r, *args, versions, kill)) for r in range(world_size)
     ]
@@ -73,20 +75,26 @@ def rank_main(
     sync: dict[str, Any],
     out: str,
     method: str,
+    device: str,
     versions: tuple[int, ...],
     kill: tuple[int, int] | None,
 ) -> None:
     torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     result: dict[str, Any] = {"pushes": []}
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
         dist.init_process_group(
-            "gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size
+            "nccl" if device == "cuda" else "gloo",
+            store=dist.PrefixStore("pg", store),
+            rank=rank,
+            world_size=world_size,
         )
         if kill is not None and kill[0] == rank:
             _die_after_bucket(kill[1])
         result["pushes"] = _push_versions(
-            rank, world_size, store, ckpt, endpoints, sync, out, method, versions
+            rank, world_size, store, ckpt, endpoints, sync, out, method, versions, device
         )
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -106,14 +114,16 @@ def _push_versions(
     out: str,
     method: str,
     versions: tuple[int, ...],
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     from trainer_side.fsdp import shard_policy
     from trainer_side.policy import LlamaPolicy
     from trainer_side.push_report import PushError
     from trainer_side.shard_push import ShardedPusher
 
-    policy = LlamaPolicy.from_pretrained(ckpt)
-    shard_policy(policy, world_size, "cpu")
+    device = f"cuda:{rank}" if device == "cuda" else device
+    policy = LlamaPolicy.from_pretrained(ckpt, device=device)
+    shard_policy(policy, world_size, device)
     pusher = ShardedPusher(
         SyncConfig(**sync),
         endpoints if rank == 0 else None,
@@ -122,6 +132,7 @@ def _push_versions(
         rank=rank,
         world_size=world_size,
         method=method,
+        device=device,
     )
     done = []
     try:
