@@ -47,7 +47,8 @@ def encode_go(msg: UpdateWeightsFromIPC, stores: list[StoreRef]) -> bytes:
 
 
 def decode_go(payload: bytes) -> tuple[UpdateWeightsFromIPC, list[StoreRef]]:
-    """Rank 0's word on a push, checked frame by frame; raises TransportError."""
+    """Rank 0's word on a push, checked frame by frame; raises TransportError (or the
+    codec's ProtocolError naming the message and field of a bad frame)."""
     try:
         frames = msgpack.unpackb(payload, raw=False, max_bin_len=codec.MAX_FRAME_BYTES)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
