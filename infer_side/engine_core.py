@@ -51,14 +51,15 @@ class EngineCore(CoreBase):
         super().__init__()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, engine_cfg: EngineConfig) -> EngineCore:
+    def from_checkpoint(
+        cls, path: str | Path, engine_cfg: EngineConfig, *, exposed: bool = False
+    ) -> EngineCore:
+        """`exposed`: weight stores a pusher in another process can map; the server sets it
+        from `engine_cfg.expose_weights` (an in-process core is pushed to by nobody)."""
         from infer_side.checkpoint import load_model
 
         model_cfg, weights = load_model(
-            path,
-            dtype=engine_cfg.dtype,
-            device=engine_cfg.device,
-            exposed=engine_cfg.expose_weights,
+            path, dtype=engine_cfg.dtype, device=engine_cfg.device, exposed=exposed
         )
         return cls(model_cfg, weights, engine_cfg)
 

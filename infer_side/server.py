@@ -296,7 +296,7 @@ def run_engine(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        core = _core_class(cfg.backend).from_checkpoint(args.model, cfg)
+        core = _core_class(cfg.backend).from_checkpoint(args.model, cfg, exposed=cfg.expose_weights)
         if keys is None and endpoint.startswith("tcp://"):
             log.warning("serving %s WITHOUT authentication (--insecure-tcp)", endpoint)
         serve(core, endpoint, _print_ready, auth=keys)

@@ -81,7 +81,11 @@ class VllmCore(CoreBase):
         super().__init__()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, engine_cfg: EngineConfig) -> VllmCore:
+    def from_checkpoint(
+        cls, path: str | Path, engine_cfg: EngineConfig, *, exposed: bool = False
+    ) -> VllmCore:
+        """`exposed` is ignored: vLLM's parameters are its own, so updates always stage
+        through a private mirror."""
         from infer_side.checkpoint import load_model
 
         model_cfg, weights = load_model(path, dtype=engine_cfg.dtype, device=engine_cfg.device)

@@ -11,6 +11,8 @@ keeps unlinked pages alive until it closes.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from rlsync.protocol import StoreRef
@@ -30,6 +32,8 @@ class EngineStore:
             if exposed and device.type == "cpu":
                 self.segment = Segment(new_segment_name("store"), max(nbytes, 1), create=True)
                 self.flat = self.segment.tensor()[:nbytes]
+                # a store dropped without close() still gives its name back
+                weakref.finalize(self, self.segment.close)
                 self.ref = StoreRef(kind="shm", name=self.segment.name, nbytes=nbytes)
             else:
                 self.flat = torch.zeros(nbytes, dtype=torch.uint8, device=device)
