@@ -22,7 +22,7 @@ move as `rlsync.delta` payloads against the last version every engine acknowledg
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -83,16 +83,18 @@ class WeightPusher:
         device: str | torch.device = "cpu",
         connect_timeout_s: float = 60.0,
         auth_keys: str | Path | None = None,
+        sender_class: Callable[..., Sender] | None = None,
     ):
-        """`auth_keys`: a `rlsync.auth` key directory, required for engines on tcp:// endpoints."""
+        """`auth_keys`: a `rlsync.auth` key directory, required for engines on tcp:// endpoints.
+        `sender_class`: builds the sender instead of the registry's class for `cfg.transport`
+        (same arguments; e.g. the sharded push's `ShardIpcSender`)."""
         self.cfg = cfg
         auth = load_client_keys(auth_keys) if auth_keys is not None else None
         self.engines = EngineSet(endpoints, cfg.timeout_s, auth)
         try:
             self.specs = self.engines.discover(connect_timeout_s)
-            self.sender: Sender = registry.sender_class(cfg.transport)(
-                cfg, self.engines, Path(work_dir), torch.device(device)
-            )
+            make = sender_class or registry.sender_class(cfg.transport)
+            self.sender: Sender = make(cfg, self.engines, Path(work_dir), torch.device(device))
         except ValueError as exc:
             self.engines.close()
             raise PushError(str(exc)) from None

@@ -3,6 +3,7 @@
 rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [--plot P] [--gpu]
 rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--engine vllm] [--json P]
 rlsync bench sync --engine vllm [--size-gib 0.03] [--repeat 3] [--json P]
+rlsync bench sync --trainer-ranks 1 2 4 [--size-gib 0.25] [--repeat 3] [--json P]
 rlsync bench commit [--engines 2 4] [--transports ipc broadcast] [--busy] [--json P]
 """
 
@@ -52,6 +53,14 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
         help="with --engine vllm: vLLM's own update paths to run",
     )
     s.add_argument("--engines", type=int, nargs="+", default=[1, 2], help="engine counts")
+    s.add_argument(
+        "--trainer-ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="FSDP2-sharded trainer world sizes: each rank pushes its own shards vs "
+        "gather-to-rank-0-then-push (one engine, ipc; default size 0.25 GiB)",
+    )
     s.add_argument(
         "--methods",
         nargs="+",
@@ -187,6 +196,8 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
         return run_vllm_sync_cmd(args)
     if args.delta:
         return run_delta_cmd(args)
+    if args.trainer_ranks:
+        return run_sharded_cmd(args)
     args.size_gib = args.size_gib or [0.25, 1.0]
     from rlsync.bench import report
     from rlsync.bench.gpu import format_gpu
@@ -290,6 +301,32 @@ def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
     return 1 if any(r["error"] for r in result["rows"]) else 0
+
+
+def run_sharded_cmd(args: argparse.Namespace) -> int:
+    """`bench sync --trainer-ranks ...`: sharded push vs gather-then-push, one engine."""
+    from rlsync.bench.report import write_json
+    from rlsync.bench.sharded import ShardedBench, format_sharded, run_sharded
+
+    try:
+        bench = ShardedBench(
+            sizes=args.size_gib or [0.25],
+            ranks=args.trainer_ranks,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            layers=args.layers,
+            timeout_s=args.timeout,
+            engine_threads=args.engine_threads,
+            work_dir=args.work_dir,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_sharded(bench)
+    print(format_sharded(result))
+    if args.json:
+        write_json(result, args.json)
+    return 1 if any(r["error"] or not r["verified"] for r in result["rows"]) else 0
 
 
 def _gpu_section(args: argparse.Namespace) -> dict:

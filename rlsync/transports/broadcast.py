@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -212,6 +213,12 @@ def _wire_bytes(plan: BucketPlan, verify: bool) -> int:
     return max((integrity.wire_bytes(b.nbytes, verify) for b in plan.buckets), default=0)
 
 
+IN_FLIGHT = 16
+"""Broadcasts kept in flight for a plan that follows the engines' store: its buckets need no
+staging buffer on either side (bar the packed ones, two at a time), and a deeper queue hides
+the per-collective latency of many tensor-sized buckets."""
+
+
 def send_buckets(
     group: BroadcastGroup,
     plan: BucketPlan,
@@ -220,41 +227,49 @@ def send_buckets(
     verify: bool = False,
     timeout_s: float = 60.0,
 ) -> TransferStats:
-    """Rank 0: broadcast every bucket of `plan`, packing bucket g+1 while g is in flight.
-    Buckets of a plan that follows the engines' store (`in_store`) land there in place on
-    every engine, so their verify trailer travels as a broadcast of its own."""
+    """Rank 0: broadcast every bucket of `plan`, packing the next bucket while earlier ones
+    are in flight (two packing buffers). Buckets of a plan that follows the engines' store
+    (`in_store`) land there in place on every engine: up to `IN_FLIGHT` of them travel at
+    once, a one-tensor bucket goes out straight from the trainer's tensor when it can
+    (`sent_as_is`), and a verify trailer travels as a broadcast of its own."""
     if group.rank != 0:
         raise TransportError(f"send_buckets on rank {group.rank}: only rank 0 sends")
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
     bufs = group.buffers(_wire_bytes(plan, verify))
     apart = in_store(plan)
+    window = IN_FLIGHT if apart else 2
     trailers = [
-        torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8, device=group.device) for _ in (0, 1)
+        torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8, device=group.device)
+        for _ in range(window)
     ]
-    inflight: list[list[Any]] = [[], []]
+    inflight: deque[tuple[int, list[Any], int | None]] = deque()  # bucket, works, buffer
+    packed = 0
     for g, bucket in enumerate(plan.buckets):
-        k = g % 2
-        _finish(group, inflight[k], timeout_s, f"bucket {g - 2}", stats)  # frees buffer k
-        t = time.perf_counter()
         solo = sent_as_is(bucket, tensors, group.device) if apart else None
+        slot = None if solo is not None else packed % 2
+        while inflight and (len(inflight) >= window or any(k == slot for *_, k in inflight)):
+            done, works, _ = inflight.popleft()  # frees a place in the window, or buffer slot
+            _finish(group, works, timeout_s, f"bucket {done}", stats)
+        t = time.perf_counter()
         if solo is not None:  # the trainer's own bytes go out: nothing to pack
             parts = [solo]
             if verify:
-                parts.append(trailers[k])
-                trailers[k].copy_(fingerprint(solo).reshape(1).view(torch.uint8))
+                trailer = trailers[g % window]
+                trailer.copy_(fingerprint(solo).reshape(1).view(torch.uint8))
+                parts.append(trailer)
         else:
-            buf = bufs[k][: integrity.wire_bytes(bucket.nbytes, verify)]
+            buf = bufs[packed % 2][: integrity.wire_bytes(bucket.nbytes, verify)]
+            packed += 1
             pack_bucket(bucket, tensors, buf)
             if verify:
                 integrity.seal(g, buf, bucket.nbytes)
             parts = [buf[: bucket.nbytes], buf[bucket.nbytes :]] if apart and verify else [buf]
         stats.add("pack", time.perf_counter() - t)
-        inflight[k] = [group.broadcast_async(part, timeout_s) for part in parts]
-    n = len(plan.buckets)
-    for g in (n - 2, n - 1):
-        if g >= 0:
-            _finish(group, inflight[g % 2], timeout_s, f"bucket {g}", stats)
+        inflight.append((g, [group.broadcast_async(part, timeout_s) for part in parts], slot))
+    while inflight:
+        done, works, _ = inflight.popleft()
+        _finish(group, works, timeout_s, f"bucket {done}", stats)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -292,28 +307,32 @@ def recv_buckets(
     cancel: threading.Event | None = None,
     first_timeout_s: float | None = None,
 ) -> TransferStats:
-    """Ranks > 0: receive every bucket of `plan`; the receive of bucket g+1 is posted before
-    bucket g is handled. A bucket for which `region` gives the bytes of the store it belongs
-    to is received there in place and reported to `landed`; any other is received into a
-    staging buffer and handed to `on_bucket` to copy. A set `cancel` stops it between
-    buckets (a receive already posted still completes or times out, but nothing more is
-    posted). The first two receives, posted before rank 0 may have started, wait
-    `first_timeout_s`."""
+    """Ranks > 0: receive every bucket of `plan`, with later receives posted before bucket g
+    is handled. When `region` gives the bytes of the store each bucket belongs to, buckets
+    are received there in place, up to `IN_FLIGHT` posted ahead, and reported to `landed`;
+    otherwise each is received into one of two staging buffers (one posted ahead) and handed
+    to `on_bucket` to copy. A set `cancel` stops it between buckets (a receive already
+    posted still completes or times out, but nothing more is posted). Receives posted before
+    rank 0 may have started wait `first_timeout_s`."""
     if group.rank == 0:
         raise TransportError("recv_buckets on rank 0: rank 0 sends")
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+    n = len(plan.buckets)
     bufs = group.buffers(_wire_bytes(plan, verify))
     first = timeout_s if first_timeout_s is None else first_timeout_s
-    slots = _RecvSlots(group, plan, bufs, region, verify)
-    pending = slots.post(0, first, cancel) if plan.buckets else None
+    in_place = n > 0 and region is not None and region(plan.buckets[0]) is not None
+    window = IN_FLIGHT if in_place else 2
+    slots = _RecvSlots(group, plan, bufs, region if in_place else None, verify, window)
+    pending: deque[list[Any]] = deque()
     for g, bucket in enumerate(plan.buckets):
-        wait_s = first if g == 0 else timeout_s
-        following = slots.post(g + 1, wait_s, cancel) if g + 1 < len(plan.buckets) else None
-        _finish(group, pending, wait_s, f"bucket {g}", stats)
+        while len(pending) + g < min(n, g + window):  # keep `window` receives posted
+            posted = g + len(pending)
+            pending.append(slots.post(posted, first if posted < window else timeout_s, cancel))
+        _finish(group, pending.popleft(), first if g == 0 else timeout_s, f"bucket {g}", stats)
         _check_cancel(cancel, g)
         t = time.perf_counter()
-        target, trailer, in_place = slots.placed.pop(g)
+        target, trailer = slots.placed.pop(g)
         if trailer is not None:
             integrity.check_apart(g, target[: bucket.nbytes], trailer)
             stats.add("verify", time.perf_counter() - t)
@@ -324,14 +343,13 @@ def recv_buckets(
         else:
             on_bucket(g, bucket, target[: bucket.nbytes])
         stats.add("load", time.perf_counter() - t)
-        pending = following
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
 class _RecvSlots:
-    """Where each bucket of one receive lands: its range of the store (in place), or staging
-    buffer g % 2; with verify, where its trailer lands."""
+    """Where each bucket of one receive lands: its range of the store (`region` given), or
+    staging buffer g % 2; with verify, where its trailer lands."""
 
     def __init__(
         self,
@@ -340,12 +358,15 @@ class _RecvSlots:
         bufs: list[torch.Tensor],
         region: Callable[[Bucket], torch.Tensor | None] | None,
         verify: bool,
+        window: int,
     ):
         self.group, self.plan, self.bufs, self.region = group, plan, bufs, region
         self.verify = verify
-        self.placed: dict[int, tuple[torch.Tensor, torch.Tensor | None, bool]] = {}
-        """bucket -> (where its bytes land, where its trailer lands, in place)"""
-        self._trailers = [torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8) for _ in (0, 1)]
+        self.placed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """bucket -> (where its bytes land, where its trailer lands)"""
+        self._trailers = [
+            torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8) for _ in range(window)
+        ]
 
     def post(self, g: int, timeout_s: float, cancel: threading.Event | None) -> list[Any]:
         """Post the receive(s) of bucket g; returns their work handles."""
@@ -353,13 +374,15 @@ class _RecvSlots:
         bucket = self.plan.buckets[g]
         store = self.region(bucket) if self.region is not None else None
         if store is not None:
-            trailer = self._trailers[g % 2].to(store.device) if self.verify else None
-            self.placed[g] = (store, trailer, True)
+            trailer = None
+            if self.verify:
+                trailer = self._trailers[g % len(self._trailers)].to(store.device)
+            self.placed[g] = (store, trailer)
             parts = [store] + ([trailer] if trailer is not None else [])
         else:
             wire = self.bufs[g % 2][: integrity.wire_bytes(bucket.nbytes, self.verify)]
             trailer = wire[bucket.nbytes :] if self.verify else None
-            self.placed[g] = (wire, trailer, False)
+            self.placed[g] = (wire, trailer)
             parts = [wire]
         return [self.group.broadcast_async(part, timeout_s) for part in parts]
 
