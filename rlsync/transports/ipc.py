@@ -146,7 +146,10 @@ class IpcSender:
                     self._await(
                         live, seq(push_id, g - self.num_slots + 1), push_id, stats, timeout_s
                     )
-                self._fill(g, bucket, tensors, offsets[g], verify, stats, fill)
+                if fill is not None:
+                    self._fill_with(fill, g, bucket, offsets[g], stats)
+                else:
+                    self._fill(g, bucket, tensors, offsets[g], verify, stats)
                 fence()
                 self.control.set_ready(seq(push_id, g + 1))
             self._last = (push_id, len(plan.buckets), live)
@@ -255,16 +258,28 @@ class IpcSender:
         offset: int,
         verify: bool,
         stats: TransferStats,
-        fill: Callable[[int, Bucket, torch.Tensor], None] | None = None,
     ) -> None:
         t0 = time.perf_counter()
         region = self.data[offset : offset + region_bytes(bucket.nbytes)]
-        if fill is not None:
-            fill(g, bucket, region)
-        else:
-            pack_bucket(bucket, tensors, region)
+        pack_bucket(bucket, tensors, region)
         if verify:
             integrity.seal(g, region, bucket.nbytes)
+        if region.is_cuda:  # the bytes must be in device memory before we say "ready"
+            torch.cuda.current_stream(region.device).synchronize()
+        stats.add("pack", time.perf_counter() - t0)
+
+    def _fill_with(
+        self,
+        fill: Callable[[int, Bucket, torch.Tensor], None],
+        g: int,
+        bucket: Bucket,
+        offset: int,
+        stats: TransferStats,
+    ) -> None:
+        """Bucket g's region written by `fill` (a delta payload: it carries its own checks)."""
+        t0 = time.perf_counter()
+        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
+        fill(g, bucket, region)
         if region.is_cuda:  # the bytes must be in device memory before we say "ready"
             torch.cuda.current_stream(region.device).synchronize()
         stats.add("pack", time.perf_counter() - t0)
