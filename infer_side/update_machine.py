@@ -142,10 +142,19 @@ class UpdateJob:
         return self.writer.touched or (self.thread is not None and self.thread.is_alive())
 
     def start_worker(
-        self, target: EngineWeights, into_live: bool, sink: WriteSink | None = None
+        self,
+        target: EngineWeights,
+        into_live: bool,
+        sink: WriteSink | None = None,
+        base: EngineWeights | None = None,
     ) -> None:
+        """`base`: the store a delta update applies to, when it is not `target` (a shadow
+        store holds the version before the live one; see `_delta_base`)."""
         self.stage, self.into_live = Stage.RECEIVING, into_live
-        self.writer = WeightWriter(target.hf_views(), self.cancel, sink, flat=target.flat)
+        base_views = base.hf_views() if base is not None else None
+        self.writer = WeightWriter(
+            target.hf_views(), self.cancel, sink, flat=target.flat, base=base_views
+        )
         self.thread = threading.Thread(
             target=self._run, name=f"weights-v{self.version}", daemon=True
         )
@@ -364,7 +373,8 @@ class UpdateMachine:
                 f"loaded version {self.engine.weight_version}"
             )
         live = self.engine.live_weights()
-        plan = self.plans.resolve(msg, live) if isinstance(msg, BucketUpdate) else None
+        self._check_delta(msg)
+        plan = self._plan_of(msg, live)
         receiver = self._receiver(msg.transport)
         nbytes = receiver.check(msg, plan, live)
         job = UpdateJob(msg=msg, receiver=receiver, plan=plan, nbytes=nbytes)
@@ -373,14 +383,43 @@ class UpdateMachine:
             if self.shadow is None:
                 self.shadow = self.engine.new_shadow()
             target = self.shadow
-            job.start_worker(self.shadow, into_live=False)
+            job.start_worker(self.shadow, into_live=False, base=self._delta_base(msg, live))
         self.job = job  # last: a refusal above leaves no job behind
         return UpdateAccepted(
             request_id=msg.request_id,
             weight_version=msg.weight_version,
             bytes=nbytes,
-            store=target.store_ref if plan is not None and in_store(plan) else None,
+            store=target.store_ref if _writes_store(msg, plan) else None,
         )
+
+    def _plan_of(self, msg: UpdateWeights, live: EngineWeights) -> BucketPlan | None:
+        """The update's plan: its own (bucket updates), the delta's (disk deltas), or none."""
+        if isinstance(msg, BucketUpdate):
+            return self.plans.resolve(msg, live)
+        if msg.delta is not None:  # a disk delta names its plan in `delta`
+            return self.plans.resolve(msg.delta, live)  # type: ignore[arg-type]
+        return None
+
+    def _check_delta(self, msg: UpdateWeights) -> None:
+        """A delta applies only to exactly its base version, fully loaded."""
+        base = msg.delta.base_version if msg.delta is not None else None
+        if base is None:
+            return
+        if self.weights_incomplete or base != self.engine.weight_version:
+            state = "incomplete weights" if self.weights_incomplete else "version"
+            raise ValueError(
+                f"delta.base_version {base}: this engine holds {state} "
+                f"{self.engine.weight_version}; send a full update"
+            )
+
+    @staticmethod
+    def _delta_base(msg: UpdateWeights, live: EngineWeights) -> EngineWeights | None:
+        """Why the live store: the shadow holds the version before the live one, not the
+        delta's base, so each bucket with changes is first copied from the live store into
+        the shadow (one memcpy of that bucket on the engine, while generation goes on), then
+        patched. Whole (RAW) buckets need no copy."""
+        has_base = msg.delta is not None and msg.delta.base_version is not None
+        return live if has_base else None
 
     # ------------------------------------------------------------ the update order
 
@@ -602,3 +641,9 @@ class UpdateMachine:
             weight_version=self.engine.weight_version,
             store_bytes=live.flat.numel() if layout else 0,
         )
+
+
+def _writes_store(msg: UpdateWeights, plan: BucketPlan | None) -> bool:
+    """Whether the sender writes the engine's store itself (a plan that follows the store;
+    never for delta payloads, which the engine decodes and applies)."""
+    return plan is not None and in_store(plan) and msg.delta is None

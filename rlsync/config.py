@@ -89,6 +89,18 @@ class SyncConfig:
     master_address: str = "127.0.0.1"
     disk_dir: str | None = None
     """Directory for the disk transport; None: a folder in the run directory."""
+    delta: bool = False
+    """Send per bucket only what changed since the version every engine acknowledged
+    (`rlsync.delta`; lossless and checked). The pusher keeps that version's bytes in host
+    memory (one more copy of the model)."""
+    delta_full_every: int = 50
+    """With delta: every this many pushes, a full one (bounds what an unnoticed divergence
+    could cost; 1: every push is full)."""
+    delta_max_changed: float = 0.02
+    """With delta: a bucket in which a sample finds more than this share of units changed
+    is sent whole. Finding and applying scattered changes costs more per changed unit than
+    sending it whole costs per unit; on the bench machine sparse pays below ~2% over
+    broadcast (docs/BENCHMARKS.md). Raise it for slow networks."""
     commit: CommitMode = "independent"
     """independent: each engine switches once its bytes are in (a failed engine is reported,
     the others get the version). atomic: every engine switches or none does (needs
@@ -98,7 +110,11 @@ class SyncConfig:
     discards it; None: 4 x timeout_s + idle_timeout_s."""
 
     def __post_init__(self) -> None:
-        positive(self, "bucket_mb", "timeout_s")
+        positive(self, "bucket_mb", "timeout_s", "delta_full_every")
+        if not 0 <= self.delta_max_changed <= 1:
+            raise ConfigError(
+                f"sync.delta_max_changed: must be in [0, 1], got {self.delta_max_changed}"
+            )
         if self.idle_timeout_s < 0:
             raise ConfigError(f"sync.idle_timeout_s: must be >= 0, got {self.idle_timeout_s}")
         self._check_commit()

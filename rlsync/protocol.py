@@ -78,6 +78,19 @@ class BucketPlan:
 
 
 @dataclass(kw_only=True)
+class DeltaInfo:
+    """An update whose buckets arrive as delta payloads (`rlsync.delta`, docs/PROTOCOL.md)."""
+
+    base_version: int | None = _f(None, ge=0)
+    """The version the payloads are encoded against; the engine must serve exactly it. None:
+    every payload is a whole bucket (a full push that also sets the pusher's base)."""
+    plan_id: str = _f("", max_len=64)
+    """Disk updates only (they carry no plan of their own): the payloads' plan, by id."""
+    plan: BucketPlan | None = None
+    """Disk updates only: the plan itself, or nil when the engine holds `plan_id`."""
+
+
+@dataclass(kw_only=True)
 class SamplingParams:
     """Per-request sampling; temperature 0 means greedy."""
 
@@ -226,6 +239,8 @@ class UpdateWeights(Message):
     """Bound on every receive of this update."""
     verify: bool = False
     """Check every bucket's fingerprint on arrival."""
+    delta: DeltaInfo | None = None
+    """Set: the bytes arrive delta-encoded against `delta.base_version` (`rlsync.delta`)."""
     commit: CommitMode = "independent"
     """independent: switch as soon as the bytes are in. atomic (shadow only): answer
     UpdateReady once the bytes are in the shadow, then switch on CommitUpdate, discard on

@@ -7,6 +7,11 @@ Lifecycle (the launcher drives it, one call at a time per rank):
     per step, all: train_step(batch shard, versions) ; rank 0: push()
     rank 0: fingerprints(specs) ; save_checkpoint(final) ; all: close()
 
+With `trainer.parallel: fsdp` the policy is sharded with FSDP2 (`trainer_side.fsdp`) and
+every rank takes part in what touches whole tensors: connect_engines (a `ShardedPusher` on
+each rank), push (each rank writes its own rows, or all-gather to rank 0: `fsdp_push`),
+fingerprints and save_checkpoint (all-gathers). `sharded` says which mode a rank is in.
+
 `version` is the version of the weights this rank holds: 0 at start, +1 per optimizer step.
 Engines serve the version rank 0 pushed last. Rollouts are checked against `version` before
 training: with staleness 0 a batch from any older version is refused (`check_versions`);
@@ -19,6 +24,7 @@ engines beyond their endpoints, and nothing about Ray placement.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from rlsync.config import SyncConfig
 from rlsync.netutil import node_address
 from trainer_side.config import TrainerRankConfig
 from trainer_side.learner import Learner, RolloutBatch
@@ -34,6 +41,7 @@ from trainer_side.policy import LlamaPolicy
 
 if TYPE_CHECKING:
     from trainer_side.pusher import WeightPusher
+    from trainer_side.shard_push import ShardedPusher
 
 
 class StaleRolloutError(ValueError):
@@ -87,8 +95,9 @@ class TrainerActor:
         self.run_dir = Path(run_dir)
         self.device = trainer_device(self.cfg.engine.device)
         self.policy = self._build_policy()
+        self.sharded = self.cfg.trainer.parallel == "fsdp"
         self.learner: Learner | None = None
-        self.pusher: WeightPusher | None = None
+        self.pusher: WeightPusher | ShardedPusher | None = None
         self.group: dist.ProcessGroup | None = None
         self._store: dist.TCPStore | None = None
         self.version = 0
@@ -117,9 +126,18 @@ class TrainerActor:
         return host, self._store.port
 
     def setup(self, host: str | None = None, port: int | None = None) -> int:
-        """Join the data-parallel group (if world_size > 1) and build the Learner."""
-        if self.world_size > 1:
+        """Join the data-parallel group (if world_size > 1, or fsdp), shard the policy (fsdp)
+        and build the Learner."""
+        if self.world_size > 1 or self.sharded:
             self.group = self._join_group(host, port)
+        reference = None
+        if self.sharded:
+            from trainer_side.fsdp import shard_policy
+
+            if self.cfg.trainer.kl_coef > 0:  # copied before sharding: a sharded one cannot be
+                reference = copy.deepcopy(self.policy)
+                shard_policy(reference, self.world_size, self.device)
+            shard_policy(self.policy, self.world_size, self.device)
         task = self.cfg.task
         self.learner = Learner(
             self.policy,
@@ -127,6 +145,8 @@ class TrainerActor:
             group_size=task.group_size,
             temperature=task.temperature,
             process_group=self.group,
+            reference=reference,
+            sharded=self.sharded,
         )
         return self.rank
 
@@ -138,7 +158,7 @@ class TrainerActor:
                 f"trainer rank {self.rank}: world_size={self.world_size} "
                 "needs the rendezvous host and port"
             )
-        store = self._store or dist.TCPStore(
+        store = self._store = self._store or dist.TCPStore(
             host, port, self.world_size, is_master=False, timeout=self._timeout()
         )
         backend = "nccl" if self.device == "cuda" else "gloo"
@@ -163,18 +183,41 @@ class TrainerActor:
         master_address: str | None = None,
         auth_keys: str | None = None,
     ) -> list[str]:
-        """Rank 0: build the WeightPusher for these engines (engine name -> endpoint);
-        `master_address` replaces sync.master_address (where engines reach this rank)."""
-        self._require_rank0("connect_engines")
-        from trainer_side.pusher import WeightPusher
-
+        """Rank 0 (every rank when sharded): build the WeightPusher (ShardedPusher) for these
+        engines (engine name -> endpoint); `master_address` replaces sync.master_address
+        (where engines reach this rank)."""
         sync = self.cfg.sync
         if master_address is not None:
             sync = replace(sync, master_address=master_address)
+        if self.sharded:
+            return self._connect_sharded(sync, endpoints, auth_keys)
+        self._require_rank0("connect_engines")
+        from trainer_side.pusher import WeightPusher
+
         self.pusher = WeightPusher(
             sync,
             endpoints,
             self.run_dir / "sync",
+            device=self.device,
+            connect_timeout_s=sync.timeout_s,
+            auth_keys=auth_keys,
+        )
+        return sorted(endpoints)
+
+    def _connect_sharded(
+        self, sync: SyncConfig, endpoints: dict[str, str], auth_keys: str | None
+    ) -> list[str]:
+        from trainer_side.shard_push import ShardedPusher
+
+        assert self._store is not None, "setup() first"
+        self.pusher = ShardedPusher(
+            sync,
+            endpoints if self.rank == 0 else None,
+            self.run_dir / "sync",
+            store=self._store,
+            rank=self.rank,
+            world_size=self.world_size,
+            method=self.cfg.trainer.push_method(sync.transport, self.device, sync.delta),
             device=self.device,
             connect_timeout_s=sync.timeout_s,
             auth_keys=auth_keys,
@@ -202,8 +245,10 @@ class TrainerActor:
         return stats
 
     def push(self) -> dict[str, Any]:
-        """Rank 0: push the current weights as `version`; the PushReport as a dict."""
-        self._require_rank0("push")
+        """Rank 0 (every rank when sharded): push the current weights as `version`; rank 0's
+        PushReport as a dict (a sharded rank > 0: what it wrote)."""
+        if not self.sharded:
+            self._require_rank0("push")
         assert self.pusher is not None, "connect_engines() first"
         return self.pusher.push(self.policy, self.version).to_dict()
 
@@ -214,12 +259,24 @@ class TrainerActor:
         dtypes = dtypes or {}
         return {
             name: tensor_fingerprint(t.to(dtype_from_name(dtypes[name])) if name in dtypes else t)
-            for name, t in self.policy.hf_tensors().items()
+            for name, t in self._full_tensors().items()
         }
 
     def save_checkpoint(self, path: str) -> str:
-        """Write a Hugging Face-loadable checkpoint (config.json + safetensors) to `path`."""
-        return str(self.policy.save_pretrained(path))
+        """Write a Hugging Face-loadable checkpoint (config.json + safetensors) to `path`;
+        when sharded every rank must call it (rank 0 writes)."""
+        tensors = self._full_tensors()
+        if self.rank != 0:
+            return ""
+        return str(self.policy.save_pretrained(path, tensors=tensors))
+
+    def _full_tensors(self) -> dict[str, Any]:
+        """Whole tensors by Hugging Face name (sharded: all-gathered; every rank calls)."""
+        if not self.sharded:
+            return self.policy.hf_tensors()
+        from trainer_side.fsdp import full_tensors
+
+        return dict(full_tensors(self.policy.hf_tensors().items()))
 
     def close(self) -> None:
         if self.pusher is not None:

@@ -19,6 +19,13 @@ class TrainerConfig:
     """PPO trainer actors."""
 
     world_size: int = 1
+    parallel: Literal["replicated", "fsdp"] = "replicated"
+    """replicated: every rank holds the whole policy and gradients are all-reduced (DDP-like);
+    fsdp: the policy runs under FSDP2 `fully_shard`, each rank holding a dim-0 shard."""
+    fsdp_push: Literal["auto", "shards", "gather"] = "auto"
+    """How an fsdp trainer pushes: shards (every rank writes its own rows; ipc on CPU only),
+    gather (all-gather each parameter to rank 0, which pushes), auto (shards where they can
+    go, else gather)."""
     lr: float = 5e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -33,6 +40,22 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         positive(self, "world_size", "lr", "ppo_epochs", "minibatch_size")
+
+    def push_method(self, transport: str, device: str, delta: bool = False) -> str:
+        """ "replicated", "shards" or "gather": how this trainer's ranks push with `transport`
+        on `device` (`delta`: sync.delta, whose encoder needs the whole tensors on rank 0);
+        raises ConfigError when fsdp_push=shards cannot be done there."""
+        if self.parallel == "replicated":
+            return "replicated"
+        shards_ok = transport == "ipc" and not device.startswith("cuda") and not delta
+        if self.fsdp_push == "shards" and not shards_ok:
+            raise ConfigError(
+                f"trainer.fsdp_push=shards: needs sync.transport=ipc on CPU without sync.delta "
+                f"(got {transport!r} on {device!r}, delta {delta}); use gather or auto"
+            )
+        if self.fsdp_push == "auto":
+            return "shards" if shards_ok else "gather"
+        return self.fsdp_push
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,9 @@ rewards, runs `ppo_epochs` passes of shuffled minibatches of the clipped loss ag
 engine's sampling log-probs, averages gradients over an explicit data-parallel process
 group (if one is given; never the default group), clips them to `max_grad_norm` and steps
 AdamW. Each data-parallel rank passes its own share of rollouts, whole groups only.
+With `sharded=True` the policy is an FSDP2 module (`trainer_side.fsdp`): ranks start from
+the same checkpoint, and FSDP itself averages the gradients (a reduce-scatter) over its mesh,
+so the step is the replicated one with each rank holding only its shard.
 
 Hyper-parameters that learn the copy task from a random init (lr 5e-4, 32 prompts x 8
 samples, one optimizer step per batch) are `RECOMMENDED` in tests/trainer_side/test_learning.py.
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainer_side.config import TrainerConfig
+from trainer_side.fsdp import to_local_float
 from trainer_side.ppo import baseline_advantages, grpo_advantages, ppo_loss, token_logprobs
 from trainer_side.task import Task
 
@@ -119,16 +123,23 @@ class Learner:
         reference: nn.Module | None = None,
         process_group: dist.ProcessGroup | None = None,
         pad_id: int = 0,
+        sharded: bool = False,
     ) -> None:
+        """`sharded`: `policy` (and `reference`, if any) are FSDP2 modules over the ranks of
+        `process_group`; the caller builds the reference before sharding (a sharded module
+        cannot be deep-copied)."""
         self.policy, self.cfg, self.group_size = policy, cfg, group_size
         self.temperature, self.pad_id, self.group = temperature, pad_id, process_group
+        self.sharded = sharded
         self.device = next(policy.parameters()).device
-        if self.group is not None:
+        if self.group is not None and not sharded:
             self._broadcast_parameters()  # before the reference copy: it must be rank 0's too
         self.optimizer = torch.optim.AdamW(
             policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         if reference is None and cfg.kl_coef > 0:
+            if sharded:
+                raise ValueError("kl_coef > 0 with a sharded policy: pass a sharded reference")
             reference = copy.deepcopy(policy)
         self.reference = None if reference is None else reference.requires_grad_(False).eval()
         self.step = 0
@@ -248,11 +259,11 @@ class Learner:
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.group is not None:
-            self._all_reduce_grads()
+        if self.group is not None and not self.sharded:
+            self._all_reduce_grads()  # FSDP has reduce-scattered them already
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
-        return {"loss": loss.item(), "grad_norm": float(norm), **stats}
+        return {"loss": loss.item(), "grad_norm": to_local_float(norm), **stats}
 
 
 # ---------------------------------------------------------------- reference sampler

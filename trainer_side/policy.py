@@ -259,11 +259,14 @@ class LlamaPolicy(nn.Module):
             raise KeyError(f"{path}: missing tensors {missing[:5]}")
         return policy.to(device=device)
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, tensors: dict[str, Tensor] | None = None) -> Path:
         """Write config.json + safetensors that transformers' AutoModelForCausalLM loads.
 
         Tensors are written in the config's `torch_dtype`, so file and config agree.
+        `tensors`: the whole tensors to write instead of this module's own (an FSDP rank's
+        parameters are shards; the caller gathers them).
         """
-        tensors = {name: t.to(self.cfg.dtype) for name, t in self.hf_tensors().items()}
+        source = self.hf_tensors() if tensors is None else tensors
+        tensors = {name: t.to(self.cfg.dtype) for name, t in source.items()}
         write_checkpoint(path, self.cfg, tensors)
         return Path(path)

@@ -40,6 +40,15 @@ class PushReport:
     seconds: float = 0.0
     plan_sent: bool = False
     """Whether any engine got the whole plan (else only its id travelled)."""
+    delta: str = ""
+    """Delta mode only: "delta", or "full: <why>" (`trainer_side.delta_push`)."""
+    wire_bytes: int = 0
+    """Delta mode only: payload bytes sent (headers included); `bytes` is the model's size."""
+    encode_s: float = 0.0
+    """Delta mode only: time spent encoding (overlaps the transfer)."""
+    changed_fraction: float = 0.0
+    """Delta mode only: the share of units that differ from the base (exact in buckets sent
+    sparse, the sample's estimate in buckets sent whole; 1.0 for a full push)."""
     commit: str = "independent"
     """independent, or atomic (every engine switched to `version`, or none did)."""
     aborted_because: dict[str, str] = field(default_factory=dict)
@@ -108,6 +117,10 @@ class PushReport:
             "failed": self.failed,
             "transfer_error": self.transfer_error,
             "plan_sent": self.plan_sent,
+            "delta": self.delta,
+            "wire_bytes": self.wire_bytes,
+            "encode_s": self.encode_s,
+            "changed_fraction": self.changed_fraction,
             "commit": self.commit,
             "commit_skew_s": self.commit_skew_s,
             "aborted_because": dict(self.aborted_because),

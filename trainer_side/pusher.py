@@ -14,13 +14,15 @@ the version; for broadcast the group is rebuilt without it and the push repeated
 `sync.commit: atomic` the engines report ready instead and `trainer_side.atomic_commit` makes
 all of them switch, or none (no repeat: the version lands nowhere, the report says why). The
 transport is looked up in `rlsync.transports.registry`; this module knows nothing of the
-engine's internals, only the protocol and the sender lifecycle.
+engine's internals, only the protocol and the sender lifecycle. With `sync.delta` the bytes
+move as `rlsync.delta` payloads against the last version every engine acknowledged
+(`trainer_side.delta_push` decides delta or full, push by push).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from rlsync.buckets import (
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
     BucketPlan,
+    DeltaInfo,
     EngineDied,
     GetWeightsFingerprint,
     Message,
@@ -47,8 +50,9 @@ from rlsync.protocol import (
     plan_id_of,
 )
 from rlsync.transports import registry
-from rlsync.transports.base import Announce, Sender
+from rlsync.transports.base import Announce, Encode, Sender
 from trainer_side.atomic_commit import AtomicOutcome, AtomicRound
+from trainer_side.delta_push import DeltaPlanner
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
 
@@ -79,16 +83,18 @@ class WeightPusher:
         device: str | torch.device = "cpu",
         connect_timeout_s: float = 60.0,
         auth_keys: str | Path | None = None,
+        sender_class: Callable[..., Sender] | None = None,
     ):
-        """`auth_keys`: a `rlsync.auth` key directory, required for engines on tcp:// endpoints."""
+        """`auth_keys`: a `rlsync.auth` key directory, required for engines on tcp:// endpoints.
+        `sender_class`: builds the sender instead of the registry's class for `cfg.transport`
+        (same arguments; e.g. the sharded push's `ShardIpcSender`)."""
         self.cfg = cfg
         auth = load_client_keys(auth_keys) if auth_keys is not None else None
         self.engines = EngineSet(endpoints, cfg.timeout_s, auth)
         try:
             self.specs = self.engines.discover(connect_timeout_s)
-            self.sender: Sender = registry.sender_class(cfg.transport)(
-                cfg, self.engines, Path(work_dir), torch.device(device)
-            )
+            make = sender_class or registry.sender_class(cfg.transport)
+            self.sender: Sender = make(cfg, self.engines, Path(work_dir), torch.device(device))
         except ValueError as exc:
             self.engines.close()
             raise PushError(str(exc)) from None
@@ -101,18 +107,21 @@ class WeightPusher:
         self._stale_group = False
         self.known_plans: dict[str, str] = {}
         """engine name -> the plan_id it last accepted (it needs only the id next time)."""
+        self.delta = DeltaPlanner(cfg) if cfg.delta else None
 
     def push(self, weights: WeightsLike, version: int) -> PushReport:
         """Push `weights` as `version` to every live engine; raises PushError only when the
         input is wrong (nothing is sent then) or no engine got the version."""
         start = time.perf_counter()
         tensors = named_tensors(weights)
-        plan = self._plan_for(tensors)
+        plain = self.delta is None or self.delta.plain_next()
+        plan = self._plan_for(tensors, packed=not plain)
         with torch.no_grad():
             if self._stale_group:
                 self._rebuild()
             dead_before = set(self.engines.dead)
             report = self._push_once(plan, tensors, version)
+            report = self._retry_failed_delta(report, plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
                 self.engines.find_dead()
                 if set(self.engines.dead) - dead_before and self.cfg.commit == "independent":
@@ -133,12 +142,25 @@ class WeightPusher:
         self._stale_group = False
 
     def _push_once(
-        self, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
+        self,
+        plan: BucketPlan,
+        tensors: dict[str, torch.Tensor],
+        version: int,
+        names: list[str] | None = None,
+        full: bool = False,
     ) -> PushReport:
+        """One announce + transfer to `names` (default: every live engine); `full` forbids a
+        delta (delta mode only)."""
         report = PushReport(version, self.cfg.transport, commit=self.cfg.commit)
+        delta = self._begin_delta(plan, report, full)
+        encode = None
+        if delta is not None:
+            encode = self.delta.encoder_for(tensors, full=delta.base_version is None)
         self.sender.prepare(plan, tensors, version)
+        if encode is not None and self.sender.encodes_before_announce:
+            self._send(report, plan, tensors, [], encode)  # disk: the payload files
         announced_at = time.monotonic()
-        rids, replies = self._announce(self.engines.live(), version, report)
+        rids, replies = self._announce(names or self.engines.live(), version, report, delta)
         accepted, refused = [], {}
         for name, reply in replies.items():
             if isinstance(reply, UpdateAccepted):
@@ -148,7 +170,8 @@ class WeightPusher:
                 refused[name] = failed(reply) or "refused"
                 report.record(name, False, refused[name], _done(reply))
         if accepted:
-            self._send(report, plan, tensors, accepted)
+            if encode is None or not self.sender.encodes_before_announce:
+                self._send(report, plan, tensors, accepted, encode)
             done = self.engines.gather({n: rids[n] for n in accepted}, self._done_wait_s())
             if self.cfg.commit == "atomic":
                 atomic = AtomicRound(
@@ -164,6 +187,49 @@ class WeightPusher:
             self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
         for name in self.engines.dead:
             report.record(name, False, "engine is dead")
+        if delta is not None:
+            self._finish_delta(report, version, delta)
+        return report
+
+    def _begin_delta(self, plan: BucketPlan, report: PushReport, full: bool) -> DeltaInfo | None:
+        """Delta mode: this push's DeltaInfo (None: a plain push), its kind in the report."""
+        if self.delta is None:
+            return None
+        info, reason = self.delta.begin(plan, self.plan_id, self.engines)
+        if full and info is not None and info.base_version is not None:
+            info, reason = DeltaInfo(base_version=None), "retry of a failed delta"
+        report.delta = f"full: {reason}" if reason else "delta"
+        if info is None:  # a plain push: the plan's bytes, all counted as changed
+            report.wire_bytes, report.changed_fraction = plan_total_bytes(plan), 1.0
+        return info
+
+    def _finish_delta(self, report: PushReport, version: int, info: DeltaInfo) -> None:
+        assert self.delta is not None
+        self.delta.finish(report, version, info.base_version is None, self.engines)
+        stats = self.delta.stats
+        report.wire_bytes = stats.wire_bytes
+        report.encode_s = stats.seconds
+        report.changed_fraction = stats.changed_fraction
+
+    def _retry_failed_delta(
+        self, report: PushReport, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
+    ) -> PushReport:
+        """A delta that some engines refused or could not apply (their bytes were not the
+        base) is pushed again in full to them, at once. A broadcast reaches every member
+        or none, so there only when every member failed."""
+        if report.delta != "delta":
+            return report
+        failed_now = [n for n in report.failed if n not in self.engines.dead]
+        if not failed_now or (self.sender.can_rebuild and report.succeeded):
+            return report
+        if self.sender.can_rebuild:
+            self._rebuild()  # the failed members left the group
+        why = report.engines[failed_now[0]].message[-300:]
+        retry = self._push_once(plan, tensors, version, names=failed_now, full=True)
+        report.engines.update(retry.engines)
+        report.delta = f"delta; full again to {', '.join(failed_now)} ({failed_now[0]}: {why})"
+        report.wire_bytes += retry.wire_bytes
+        report.transfer_s += retry.transfer_s
         return report
 
     def _done_wait_s(self) -> float:
@@ -198,22 +264,30 @@ class WeightPusher:
             report.record(name, ok, message, _done(reply))
 
     def _announce(
-        self, names: list[str], version: int, report: PushReport
+        self,
+        names: list[str],
+        version: int,
+        report: PushReport,
+        delta: DeltaInfo | None = None,
     ) -> tuple[dict[str, str], dict[str, Message]]:
         """Send each engine its update and gather the first replies; an engine that no longer
         holds the plan (restarted, or evicted it) gets the whole plan once more."""
-        rids = self.engines.send({n: self._update_for(n, version, report) for n in names})
+        rids = self.engines.send({n: self._update_for(n, version, report, delta) for n in names})
         replies = self.engines.gather(rids, self.cfg.timeout_s)
         again = [n for n, r in replies.items() if isinstance(r, UpdateDone) and r.unknown_plan]
         if again:
             for name in again:
                 self.known_plans.pop(name, None)
-            retry = self.engines.send({n: self._update_for(n, version, report) for n in again})
+            retry = self.engines.send(
+                {n: self._update_for(n, version, report, delta) for n in again}
+            )
             rids.update(retry)
             replies.update(self.engines.gather(retry, self.cfg.timeout_s))
         return rids, replies
 
-    def _update_for(self, engine: str, version: int, report: PushReport) -> Message:
+    def _update_for(
+        self, engine: str, version: int, report: PushReport, delta: DeltaInfo | None = None
+    ) -> Message:
         send_plan = self.known_plans.get(engine) != self.plan_id
         report.plan_sent |= send_plan
         c = self.cfg
@@ -226,6 +300,7 @@ class WeightPusher:
             idle_timeout_s=c.idle_timeout_s,
             timeout_s=c.timeout_s,
             verify=c.verify,
+            delta=delta,
             commit=c.commit,
             commit_timeout_s=c.commit_wait_s,
         )
@@ -240,31 +315,37 @@ class WeightPusher:
         plan: BucketPlan,
         tensors: dict[str, torch.Tensor],
         accepted: list[str],
+        encode: Encode | None = None,
     ) -> None:
         start = time.perf_counter()
         try:
-            self.sender.send(plan, tensors, accepted)
+            if encode is not None:
+                self.sender.send_encoded(plan, encode, accepted)
+            else:
+                self.sender.send(plan, tensors, accepted)
         except Exception as exc:  # the engines report their side; keep the sender's reason too
             report.transfer_error = f"{type(exc).__name__}: {exc}"
         report.transfer_s = time.perf_counter() - start
 
-    def _plan_for(self, tensors: dict[str, torch.Tensor]) -> BucketPlan:
+    def _plan_for(self, tensors: dict[str, torch.Tensor], packed: bool = False) -> BucketPlan:
         """Plan in the engines' dtypes (cast while packing); refuse a mismatch before sending.
-        The plan (and its check) is redone only when names, dtypes or shapes change."""
-        key = tuple((n, t.dtype, t.shape) for n, t in tensors.items())
+        The plan (and its check) is redone only when names, dtypes or shapes change, or
+        `packed` does (delta payloads are decoded and applied through named views, so their
+        plan is a packed one, never the engines' store layout)."""
+        key = (packed, tuple((n, t.dtype, t.shape) for n, t in tensors.items()))
         if key != self._plan_key:
             self._check_against_engines(tensors)
             specs = [(n, self.specs[n][0], tuple(t.shape)) for n, t in tensors.items()]
-            self.plan, self._plan_key = self._plan(specs), key
+            self.plan, self._plan_key = self._plan(specs, packed), key
             self.plan_id = plan_id_of(self.plan)
         assert self.plan is not None
         return self.plan
 
-    def _plan(self, specs: list[tuple[str, str, tuple[int, ...]]]) -> BucketPlan:
+    def _plan(self, specs: list[tuple[str, str, tuple[int, ...]]], packed: bool) -> BucketPlan:
         """Buckets in the engines' store layout when they all publish the same one (each
         bucket lands in place, and over ipc each byte is copied once), else packed."""
         layout = self.engines.layout
-        if self.cfg.one_copy and layout is not None:
+        if self.cfg.one_copy and not packed and layout is not None:
             try:
                 return plan_in_store(specs, layout, self.cfg.bucket_bytes, self.sender.solo_bytes)
             except PlanError:
@@ -285,6 +366,30 @@ class WeightPusher:
                 f"{missing[0]}: missing from the pushed weights ({len(missing)} missing)"
             )
 
+    def adopt_base(self, weights: WeightsLike) -> int:
+        """Delta mode: take `weights` as what every engine holds now, so the next push is a
+        delta against them (e.g. `rlsync push --delta --base-checkpoint`). Checked first:
+        every engine must serve one version, whole, with exactly these bytes (fingerprints);
+        returns that version. Raises PushError, changing nothing, otherwise."""
+        if self.delta is None:
+            raise PushError("adopt_base needs sync.delta")
+        tensors = named_tensors(weights)
+        plan = self._plan_for(tensors, packed=True)
+        replies = self.fingerprints()
+        missing = sorted(set(self.engines.live()) - set(replies))
+        if missing:
+            raise PushError(f"{missing[0]}: did not report its fingerprints")
+        versions = {r.weight_version for r in replies.values()}
+        if len(versions) != 1 or any(r.weights_incomplete for r in replies.values()):
+            raise PushError(f"the engines do not serve one whole version: {sorted(versions)}")
+        bad = {e: m for e, m in self._mismatches(tensors, replies).items() if m}
+        if bad:
+            engine, names = next(iter(bad.items()))
+            raise PushError(f"{engine}: holds other bytes than the base in {names[:3]}")
+        version = versions.pop()
+        self.delta.adopt(plan, self.plan_id, tensors, version)
+        return version
+
     def fingerprints(self, timeout_s: float | None = None) -> dict[str, WeightFingerprints]:
         """engine name -> its WeightFingerprints (engines that fail to answer are left out)."""
         replies = self.engines.call_all(GetWeightsFingerprint, timeout_s or self.cfg.timeout_s)
@@ -292,14 +397,18 @@ class WeightPusher:
 
     def mismatches(self, weights: WeightsLike) -> dict[str, list[str]]:
         """engine name -> tensors whose fingerprint differs from the trainer's (empty = equal)."""
-        tensors = named_tensors(weights)
+        return self._mismatches(named_tensors(weights), self.fingerprints())
+
+    def _mismatches(
+        self, tensors: dict[str, torch.Tensor], replies: Mapping[str, WeightFingerprints]
+    ) -> dict[str, list[str]]:
         mine = {
             n: tensor_fingerprint(t.to(dtype_from_name(self.specs[n][0])))
             for n, t in tensors.items()
         }
         return {
             engine: [n for n, fp in mine.items() if reply.fingerprints.get(n) != fp]
-            for engine, reply in self.fingerprints().items()
+            for engine, reply in replies.items()
         }
 
     def close(self) -> None:

@@ -5,6 +5,7 @@
 Build (`RLRun.__init__`): placement groups -> the initial checkpoint (runs/NAME/initial,
 weight_version 0) -> trainer ranks and engines start together, all from that checkpoint ->
 trainers join their data-parallel group -> rank 0's WeightPusher connects to every engine.
+With `trainer.parallel: fsdp` every rank takes part in connecting, pushing and saving.
 Then per step s (`RLRun.step`):
     1. batches s .. s + staleness are submitted (those not yet): prompts sampled (task),
        `group_size` copies each, groups dealt to the engines (`rlsync.app.rollouts`)
@@ -86,6 +87,7 @@ def checked(cfg: RunConfig) -> RunConfig:
             f"task.prompts_per_step={cfg.task.prompts_per_step} must be a multiple "
             f"of trainer.world_size={cfg.trainer.world_size} (whole groups per rank)"
         )
+    cfg.trainer.push_method(cfg.sync.transport, cfg.engine.device, cfg.sync.delta)  # fits
     check_staleness(cfg)
     if cfg.task.prompts_per_step < cfg.num_engines:
         raise ConfigError(
@@ -189,7 +191,7 @@ class RLRun:
         self._start_engines(model_dir)
         self._setup_trainers()
         endpoints = self._wait(self._each(self.engines, "endpoint"), "start", self._start_s())
-        self._call_rank0(
+        self._call_pushers(
             "connect_engines",
             "connecting the weight pusher to the engines",
             endpoints,
@@ -214,7 +216,7 @@ class RLRun:
 
     def _setup_trainers(self) -> None:
         rdzv: tuple[str | None, int | None] = (None, None)
-        if self.cfg.trainer.world_size > 1:
+        if self.cfg.trainer.world_size > 1 or self._sharded:
             rdzv = self._call_rank0("rendezvous", "opening the trainers' rendezvous")
         self._wait(
             {n: a.setup.remote(*rdzv) for n, a in self.trainers.items()}, "setup", self._start_s()
@@ -360,7 +362,7 @@ class RLRun:
         }
 
     def _push(self, step: int, version: int) -> dict[str, Any]:
-        report = self._call_rank0("push", f"the push of version {version} at step {step}")
+        report = self._call_pushers("push", f"the push of version {version} at step {step}")
         if report["failed"]:
             details = "; ".join(f"{n}: {report['engines'][n]['message']}" for n in report["failed"])
             raise RunError(
@@ -374,7 +376,7 @@ class RLRun:
     def finish(self, wall_s: float) -> RunResult:
         """Save the final checkpoint, compare engine and trainer weights, plot, summarise."""
         final = self.run_dir / "final"
-        self._call_rank0("save_checkpoint", "saving the final checkpoint", str(final))
+        self._call_pushers("save_checkpoint", "saving the final checkpoint", str(final))
         engines = self._wait(
             self._each(self.engines, "fingerprints"), "fingerprints", self.cfg.engine.call_timeout_s
         )
@@ -410,6 +412,19 @@ class RLRun:
 
     def _each(self, actors: dict[str, Any], method: str) -> dict[str, Any]:
         return {name: getattr(actor, method).remote() for name, actor in actors.items()}
+
+    @property
+    def _sharded(self) -> bool:
+        return self.cfg.trainer.parallel == "fsdp"
+
+    def _call_pushers(self, method: str, what: str, *args: Any) -> Any:
+        """Rank 0's answer to `method`; with a sharded trainer every rank takes part (its
+        shards, or its side of the all-gathers), and every rank must answer."""
+        if not self._sharded:
+            return self._call_rank0(method, what, *args)
+        calls = {n: getattr(t, method).remote(*args) for n, t in self.trainers.items()}
+        timeout = max(TRAIN_TIMEOUT_S if method == "push" else 0, self._start_s())
+        return self._wait(calls, what, timeout)["trainer rank 0"]
 
     def _call_rank0(self, method: str, what: str, *args: Any) -> Any:
         ref = getattr(self.trainers["trainer rank 0"], method).remote(*args)

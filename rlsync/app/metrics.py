@@ -9,7 +9,8 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
   the engine's sampling policy (`kl_old`), which also shows trainer/engine numeric drift.
 - push_s, push_gbps, push_bytes, engine_pause_ms: the WeightPusher's report of this step's
   push (engine_pause_ms: the longest any engine stopped generating); with two engines or
-  more also commit_skew_ms (last engine's switch minus the first's).
+  more also commit_skew_ms (last engine's switch minus the first's). With `sync.delta`:
+  push_delta (1: a delta, 0: a full push), push_wire_bytes, push_changed_fraction.
 - rollout_s: seconds the slowest engine spent generating this step's batch (measured in
   its actor, from the first request sent to the last output; a push landing mid-batch
   counts in it); rollout_wait_s: how long the loop waited for the batch (about rollout_s with
@@ -103,7 +104,8 @@ def idle_fraction(busy_s: Sequence[float], step_s: float) -> float:
 
 def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a PushReport.to_dict() that go into the step line (commit_skew_ms, the
-    last engine's switch minus the first's, only with two engines or more)."""
+    last engine's switch minus the first's, only with two engines or more; with sync.delta
+    also `push_delta` 1/0, `push_wire_bytes` and `push_changed_fraction`)."""
     out = {
         "push_s": float(report["seconds"]),
         "push_gbps": float(report["gbps"]),
@@ -112,6 +114,10 @@ def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
     }
     if report.get("commit_skew_s") is not None:
         out["commit_skew_ms"] = 1e3 * float(report["commit_skew_s"])
+    if report.get("delta"):
+        out["push_delta"] = float(report["delta"] == "delta")
+        out["push_wire_bytes"] = float(report["wire_bytes"])
+        out["push_changed_fraction"] = float(report["changed_fraction"])
     return out
 
 

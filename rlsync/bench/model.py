@@ -12,6 +12,7 @@ gets the same bytes. Knows nothing about transports or engines.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -60,12 +61,15 @@ def param_count(cfg: ModelConfig) -> int:
     return sum(math.prod(s) for s in cfg.hf_parameter_shapes().values())
 
 
-@torch.no_grad()
 def make_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """HF name -> fp32 tensor, deterministic in (cfg, seed): norms near 1, biases small,
     matrices ~N(0, 0.5^2 / fan_in) so activations stay finite through every layer."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
+    return dict(iter_weights(cfg, torch.Generator().manual_seed(seed)))
+
+
+@torch.no_grad()
+def iter_weights(cfg: ModelConfig, gen: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of `make_weights`, one at a time (a sharded trainer keeps only its rows)."""
     for name, shape in cfg.hf_parameter_shapes().items():
         t = torch.randn(shape, generator=gen, dtype=torch.float32)
         if name.endswith("norm.weight"):
@@ -74,8 +78,7 @@ def make_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             t.mul_(0.02)
         else:
             t.mul_(0.5 / math.sqrt(shape[1]))
-        out[name] = t
-    return out
+        yield name, t
 
 
 def total_bytes(tensors: dict[str, torch.Tensor]) -> int:

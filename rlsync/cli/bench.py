@@ -3,6 +3,7 @@
 rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [--plot P] [--gpu]
 rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--engine vllm] [--json P]
 rlsync bench sync --engine vllm [--size-gib 0.03] [--repeat 3] [--json P]
+rlsync bench sync --trainer-ranks 1 2 4 [--size-gib 0.25] [--repeat 3] [--json P]
 rlsync bench commit [--engines 2 4] [--transports ipc broadcast] [--busy] [--json P]
 """
 
@@ -53,6 +54,14 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--engines", type=int, nargs="+", default=[1, 2], help="engine counts")
     s.add_argument(
+        "--trainer-ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="FSDP2-sharded trainer world sizes: each rank pushes its own shards vs "
+        "gather-to-rank-0-then-push (one engine, ipc; default size 0.25 GiB)",
+    )
+    s.add_argument(
         "--methods",
         nargs="+",
         choices=ALL_METHODS,
@@ -90,6 +99,21 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
     gpu.add_argument("--no-gpu", action="store_true", help="never run the GPU section")
     s.add_argument("--gpu-only", action="store_true", help="only the GPU section")
     s.add_argument("--gpu-size-gib", type=float, default=1.0)
+    d = s.add_argument_group("delta pushes (--delta)")
+    d.add_argument(
+        "--delta",
+        action="store_true",
+        help="delta pushes next to full ones (first --size-gib and --engines; transports from "
+        "--methods, default broadcast ipc; --modes default in_place)",
+    )
+    d.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.001, 0.01, 0.1, 1.0],
+        help="shares of elements changed per push",
+    )
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.set_defaults(func=run_sync_cmd)
 
 
@@ -170,6 +194,10 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
 
     if args.engine == "vllm":
         return run_vllm_sync_cmd(args)
+    if args.delta:
+        return run_delta_cmd(args)
+    if args.trainer_ranks:
+        return run_sharded_cmd(args)
     args.size_gib = args.size_gib or [0.25, 1.0]
     from rlsync.bench import report
     from rlsync.bench.gpu import format_gpu
@@ -213,6 +241,40 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
     return 1 if any(r["error"] for r in result["rows"]) or "error" in result.get("gpu", {}) else 0
 
 
+def run_delta_cmd(args: argparse.Namespace) -> int:
+    """`bench sync --delta`: one size, one engine count, delta vs full per transport."""
+    from rlsync.bench.delta_sync import DeltaBench, format_delta, run_delta
+    from rlsync.bench.report import write_json
+    from rlsync.bench.sync import ALL_METHODS
+
+    explicit = args.methods != list(ALL_METHODS)
+    transports = [m for m in args.methods if m in ("broadcast", "ipc", "disk")]
+    try:
+        bench = DeltaBench(
+            size_gib=(args.size_gib or [0.25])[0],
+            dtype=args.dtype,
+            engines=args.engines[0],
+            transports=transports if explicit else ["broadcast", "ipc"],
+            modes=args.modes if args.modes != list(LOAD_MODES) else ["in_place"],
+            fractions=args.fractions,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            timeout_s=args.timeout,
+            layers=args.layers,
+            engine_threads=args.engine_threads,
+            trainer_threads=args.trainer_threads or 1,
+            work_dir=args.work_dir,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_delta(bench)
+    print(format_delta(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
     """`bench sync --engine vllm`: one size (the first of --size-gib), one engine."""
     from rlsync.bench.report import write_json
@@ -239,6 +301,32 @@ def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
     return 1 if any(r["error"] for r in result["rows"]) else 0
+
+
+def run_sharded_cmd(args: argparse.Namespace) -> int:
+    """`bench sync --trainer-ranks ...`: sharded push vs gather-then-push, one engine."""
+    from rlsync.bench.report import write_json
+    from rlsync.bench.sharded import ShardedBench, format_sharded, run_sharded
+
+    try:
+        bench = ShardedBench(
+            sizes=args.size_gib or [0.25],
+            ranks=args.trainer_ranks,
+            repeat=args.repeat,
+            bucket_mb=args.bucket_mb,
+            layers=args.layers,
+            timeout_s=args.timeout,
+            engine_threads=args.engine_threads,
+            work_dir=args.work_dir,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_sharded(bench)
+    print(format_sharded(result))
+    if args.json:
+        write_json(result, args.json)
+    return 1 if any(r["error"] or not r["verified"] for r in result["rows"]) else 0
 
 
 def _gpu_section(args: argparse.Namespace) -> dict:

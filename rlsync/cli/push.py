@@ -1,6 +1,7 @@
 """`rlsync push`: push a Hugging Face checkpoint directory to running engines.
 
 rlsync push --checkpoint DIR --endpoint E [--endpoint E2 ...] --transport ipc --version 3 --json
+rlsync push --checkpoint NEW --delta --base-checkpoint OLD ...   (send only what changed)
 rlsync push ... --load-mode shadow --commit atomic     # every engine switches, or none does
 """
 
@@ -33,6 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify", action="store_true", help="check every bucket's fingerprint on arrival"
     )
+    p.add_argument(
+        "--delta",
+        action="store_true",
+        help="send only what changed against --base-checkpoint (without it: a full push)",
+    )
+    p.add_argument(
+        "--base-checkpoint",
+        default=None,
+        help="with --delta: the checkpoint the engines hold now (checked by fingerprint)",
+    )
     p.add_argument("--load-mode", choices=LOAD_MODES, default="in_place")
     p.add_argument("--pause-mode", choices=PAUSE_MODES, default=None)
     p.add_argument(
@@ -49,7 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlsync.checkpoint_io import iter_checkpoint_tensors
     from rlsync.config import ConfigError, SyncConfig
     from trainer_side.push_report import PushError
     from trainer_side.pusher import WeightPusher
@@ -65,10 +75,14 @@ def run(args: argparse.Namespace) -> int:
             verify=args.verify,
             timeout_s=args.timeout,
             commit=args.commit,
+            delta=args.delta,
         )
     except ConfigError as exc:  # before anything is sent, or any engine contacted
         key, _, why = str(exc).partition(": ")
         print(f"error: --{key.replace('_', '-')}: {why}", file=sys.stderr)
+        return 2
+    if args.base_checkpoint and not args.delta:
+        print("error: --base-checkpoint needs --delta", file=sys.stderr)
         return 2
     endpoints = {f"engine{i}": e for i, e in enumerate(args.endpoint)}
     with tempfile.TemporaryDirectory(prefix="rlsync-push-") as work:
@@ -78,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: cannot reach the engines: {exc}", file=sys.stderr)
             return 2
         try:
-            tensors = dict(iter_checkpoint_tensors(args.checkpoint))
-            if "lm_head.weight" not in pusher.specs:  # tied embeddings: the engine has no lm_head
-                tensors.pop("lm_head.weight", None)
+            tensors = _read(args.checkpoint, pusher)
+            if args.base_checkpoint:
+                pusher.adopt_base(_read(args.base_checkpoint, pusher))
             report = pusher.push(tensors, args.version)
         except PushError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -91,9 +105,24 @@ def run(args: argparse.Namespace) -> int:
             pusher.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
+    elif args.delta:
+        print(
+            f"version {report.version} via {report.transport} ({report.delta}): "
+            f"{report.wire_bytes / 1e6:.2f} MB sent for {report.bytes / 1e6:.1f} MB of weights "
+            f"in {report.seconds:.3f}s; {report.summary()}"
+        )
     else:
         print(
             f"version {report.version} via {report.transport}: {report.bytes / 1e6:.1f} MB in "
             f"{report.seconds:.3f}s ({report.gbps:.2f} GB/s); {report.summary()}"
         )
     return 1 if report.failed else 0
+
+
+def _read(path: str, pusher: object) -> dict:
+    from rlsync.checkpoint_io import iter_checkpoint_tensors
+
+    tensors = dict(iter_checkpoint_tensors(path))
+    if "lm_head.weight" not in pusher.specs:  # type: ignore[attr-defined]
+        tensors.pop("lm_head.weight", None)  # tied embeddings: the engine has no lm_head
+    return tensors

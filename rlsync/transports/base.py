@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -33,10 +33,13 @@ import torch
 
 from rlsync.buckets import bucket_views
 from rlsync.config import SyncConfig
+from rlsync.delta import Payload
 from rlsync.protocol import Bucket, BucketPlan, Message, UpdateAccepted, UpdateWeights
 from rlsync.transports import TransportError
 
 Tensors = Mapping[str, torch.Tensor]
+Encode = Callable[[int], Payload]
+"""Bucket index -> its delta payload (the pusher's `rlsync.delta_encode.DeltaEncoder`)."""
 
 
 class Cancelled(TransportError):
@@ -79,6 +82,9 @@ class Sender:
 
     kind: ClassVar[str] = ""
     can_rebuild: ClassVar[bool] = False
+    encodes_before_announce: ClassVar[bool] = False
+    """`send_encoded` runs before the announcement (disk: the engines read the payloads
+    when they accept), with no engines named."""
     solo_bytes: ClassVar[int | None] = None
     """In a plan that follows the engines' store, tensors at least this large get a bucket
     of their own (a sender that can move a trainer tensor as it is then skips the pack)."""
@@ -99,6 +105,12 @@ class Sender:
 
     def send(self, plan: BucketPlan, tensors: Tensors, accepted: list[str]) -> None:
         raise NotImplementedError
+
+    def send_encoded(self, plan: BucketPlan, encode: Encode, accepted: list[str]) -> None:
+        """Move bucket payloads of `rlsync.delta` instead of packed buckets: `encode(g)`
+        returns bucket g's payload (called in bucket order, as late as the transport allows,
+        so encoding overlaps the transfer)."""
+        raise NotImplementedError(f"the {self.kind} transport cannot send delta payloads")
 
     def rebuild(self) -> None:
         """Re-form around the live engines (only where `can_rebuild`)."""
@@ -164,11 +176,15 @@ class WeightWriter:
         cancel: threading.Event,
         sink: WriteSink | None = None,
         flat: torch.Tensor | None = None,
+        base: Mapping[str, torch.Tensor] | None = None,
     ):
         """`sink`: told of every tensor written and every bucket finished (a backend that
         copies the store into its model loads as bytes arrive). `flat`: the store's one flat
-        buffer, when it has one (buckets of a plan that follows the store land there)."""
+        buffer, when it has one (buckets of a plan that follows the store land there).
+        `base`: views of the store a delta update applies to when it is not `views` itself
+        (the live store, when a shadow store is written; `rlsync.delta`)."""
         self.views, self.cancel, self.sink, self.flat = views, cancel, sink, flat
+        self.base = base
         self.touched = False
         self.exposed = False
         """Another process was told it may write the store (`open_store`)."""
@@ -183,6 +199,33 @@ class WeightWriter:
         start = time.perf_counter()
         self.touched = True
         self.views[name].copy_(src)
+        if self.sink is not None:
+            self.sink.written(name)
+        self.load_s += time.perf_counter() - start
+
+    def current(self, name: str) -> torch.Tensor:
+        """The bytes a delta to tensor `name` applies to: the base store's, if any."""
+        return (self.base if self.base is not None else self.views)[name]
+
+    def bring_to_base(self, names: list[str]) -> None:
+        """Before a delta patches these tensors: copy them from the base store, when the
+        target is another store (a shadow holds an older version than the live one)."""
+        if self.base is not None:
+            for name in names:
+                self.write(name, self.base[name])
+
+    def patch(self, name: str, width: int, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the `width`-byte units at flat positions `index` of tensor `name` to `values`
+        (a delta's changed units; `rlsync.delta`)."""
+        self.check_cancel()
+        start = time.perf_counter()
+        self.touched = True
+        view = self.views[name]
+        units = view if view.is_contiguous() else view.contiguous()
+        flat = units.reshape(-1).view(torch.uint8).view(values.dtype)
+        flat.scatter_(0, index.to(flat.device), values.to(flat.device))
+        if units is not view:
+            view.copy_(units)
         if self.sink is not None:
             self.sink.written(name)
         self.load_s += time.perf_counter() - start

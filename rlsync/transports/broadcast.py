@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
+from rlsync import delta
 from rlsync.buckets import dtype_name, fingerprint, in_store, pack_bucket, plan_total_bytes
 from rlsync.netutil import free_port
 from rlsync.protocol import (
@@ -386,6 +387,112 @@ class _RecvSlots:
         return [self.group.broadcast_async(part, timeout_s) for part in parts]
 
 
+def send_payloads(
+    group: BroadcastGroup, count: int, encode: base.Encode, *, timeout_s: float = 60.0
+) -> TransferStats:
+    """Rank 0: for each of `count` buckets, broadcast its delta header, then its body (whose
+    size the header gives the receivers). Bucket g+1 is encoded while g is on the wire;
+    bodies go out from the encoder's own tensors, with no packing copy."""
+    if group.rank != 0:
+        raise TransportError(f"send_payloads on rank {group.rank}: only rank 0 sends")
+    t0 = time.perf_counter()
+    stats = TransferStats(buckets=count)
+    inflight: list[tuple[int, Any, Any, Any]] = []  # bucket, works, and what they send
+    for g in range(count):
+        t = time.perf_counter()
+        payload = encode(g)
+        stats.add("encode", time.perf_counter() - t)
+        stats.nbytes += payload.nbytes
+        if group.device.type != "cpu":  # NCCL: the encoder works in host memory
+            payload.header, payload.body = (
+                payload.header.to(group.device),
+                payload.body.to(group.device),
+            )
+        works = [group.broadcast_async(payload.header, timeout_s)]
+        works.append(group.broadcast_async(payload.body, timeout_s))
+        inflight.append((g, works, payload, None))
+        while len(inflight) > 1:  # at most this bucket and the one before in flight
+            _finish_payload(group, inflight.pop(0), timeout_s, stats)
+    while inflight:
+        _finish_payload(group, inflight.pop(0), timeout_s, stats)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _finish_payload(
+    group: BroadcastGroup, item: tuple, timeout_s: float, stats: TransferStats
+) -> None:
+    _finish(group, item[1], timeout_s, f"delta bucket {item[0]}", stats)
+
+
+OnPayload = Callable[[int, delta.Header, torch.Tensor], None]
+"""Receiver callback for delta payloads: (bucket index, header, body bytes)."""
+
+
+def recv_payloads(
+    group: BroadcastGroup,
+    count: int,
+    on_payload: OnPayload,
+    *,
+    max_body: int,
+    timeout_s: float = 60.0,
+    cancel: threading.Event | None = None,
+    first_timeout_s: float | None = None,
+) -> TransferStats:
+    """Ranks > 0: receive `count` delta payloads (header, then a body of the size it names,
+    at most `max_body`) and hand each to `on_payload`. The body of bucket g+1 is posted
+    before g is applied, so applying overlaps the next transfer; bodies land in the group's
+    two reusable buffers, as buckets do."""
+    if group.rank == 0:
+        raise TransportError("recv_payloads on rank 0: rank 0 sends")
+    t0 = time.perf_counter()
+    stats = TransferStats(buckets=count)
+    heads = [torch.empty(delta.HEADER_BYTES, dtype=torch.uint8, device=group.device) for _ in "ab"]
+    bodies = group.buffers(max_body)
+    first = timeout_s if first_timeout_s is None else first_timeout_s
+    if count == 0:
+        return stats
+    pending_head = group.broadcast_async(heads[0], first)
+    header, body, body_work = _post_body(group, 0, heads, bodies, pending_head, first, stats)
+    for g in range(count):
+        _check_cancel(cancel, g)
+        next_head = group.broadcast_async(heads[(g + 1) % 2], timeout_s) if g + 1 < count else None
+        _finish(group, [body_work], first if g == 0 else timeout_s, f"delta bucket {g}", stats)
+        following = None
+        if next_head is not None:
+            following = _post_body(group, g + 1, heads, bodies, next_head, timeout_s, stats)
+        _check_cancel(cancel, g)
+        t = time.perf_counter()
+        on_payload(g, header, body)
+        stats.add("load", time.perf_counter() - t)
+        stats.nbytes += delta.HEADER_BYTES + body.numel()
+        if following is not None:
+            header, body, body_work = following
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _post_body(
+    group: BroadcastGroup,
+    g: int,
+    heads: list[torch.Tensor],
+    bodies: list[torch.Tensor],
+    head_work: Any,
+    timeout_s: float,
+    stats: TransferStats,
+) -> tuple[delta.Header, torch.Tensor, Any]:
+    """Wait for bucket g's header, then post the receive of its body into buffer g % 2."""
+    _finish(group, [head_work], timeout_s, f"delta header {g}", stats)
+    header = delta.read_header(heads[g % 2])
+    if header.body_nbytes > bodies[g % 2].numel():
+        raise delta.DeltaError(
+            f"delta bucket {g}: body of {header.body_nbytes} bytes, the plan allows "
+            f"{bodies[g % 2].numel()}"
+        )
+    body = bodies[g % 2][: header.body_nbytes]
+    return header, body, group.broadcast_async(body, timeout_s)
+
+
 def _check_cancel(cancel: threading.Event | None, g: int) -> None:
     if cancel is not None and cancel.is_set():
         raise base.Cancelled(f"broadcast receive cancelled before bucket {g}")
@@ -476,6 +583,18 @@ class Sender(base.Sender):
         send_buckets(
             self.group, plan, tensors, verify=self.cfg.verify, timeout_s=self.cfg.timeout_s
         )
+
+    def send_encoded(self, plan: BucketPlan, encode: base.Encode, accepted: list[str]) -> None:
+        self._check_accepted(accepted)
+        assert self.group is not None
+        send_payloads(self.group, len(plan.buckets), encode, timeout_s=self.cfg.timeout_s)
+
+    def _check_accepted(self, accepted: list[str]) -> None:
+        if sorted(accepted) != sorted(self.members):
+            refused = sorted(set(self.members) - set(accepted))
+            raise TransportError(
+                f"engines {refused} refused the update; a broadcast needs every member"
+            )
 
     def rebuild(self) -> None:
         self._dissolve()
@@ -579,6 +698,17 @@ class Receiver(base.Receiver):
         self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None, writer: base.WeightWriter
     ) -> None:
         assert plan is not None
+        if msg.delta is not None:
+            recv_payloads(
+                self.groups[msg.group_name],
+                len(plan.buckets),
+                lambda g, head, body: delta.apply_payload(g, plan.buckets[g], head, body, writer),
+                max_body=max((b.nbytes for b in plan.buckets), default=0),
+                timeout_s=msg.timeout_s,
+                cancel=writer.cancel,
+                first_timeout_s=2 * msg.timeout_s,
+            )
+            return
         # the pusher may wait timeout_s for other engines' accepts before it sends
         recv_buckets(
             self.groups[msg.group_name],

@@ -10,6 +10,7 @@ is ever read. Nothing here knows either side's model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from rlsync import delta
 from rlsync.buckets import dtype_from_name, tensor_fingerprint, tensor_nbytes
 from rlsync.checkpoint_io import (
     CheckpointError,
@@ -155,33 +157,52 @@ class Sender(base.Sender):
     kept); the engines read them after the announcement, so `send` moves nothing."""
 
     kind = "disk"
+    encodes_before_announce = True
 
     def __init__(self, *args: Any):
         super().__init__(*args)
+        self.version = 0
         self.root = Path(self.cfg.disk_dir) if self.cfg.disk_dir else self.work_dir / "weights"
         self.current: Path | None = None
         self.model_cfg: ModelConfig | None = getattr(self.engines, "model_cfg", None)
 
-    def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+    def _write_full(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
         dtypes = {s.name: dtype_from_name(s.dtype) for b in plan.buckets for s in b.tensors}
-        path = self.root / f"v{version}"
-        write_weights(
-            path,
-            {n: t.to(dtypes[n]) for n, t in tensors.items()},
-            version,
-            cfg=self.model_cfg,
-            fingerprints=self.cfg.verify,
-        )
+        converted = {n: t.to(dtypes[n]) for n, t in tensors.items()}
+        self._publish(write_weights, self.root / f"v{version}", converted, cfg=self.model_cfg)
+
+    def _publish(self, write: Any, path: Path, tensors: base.Tensors, **kwargs: Any) -> None:
+        kwargs.setdefault("fingerprints", self.cfg.verify)
+        write(path, tensors, self.version, **kwargs)
         if self.current is not None and self.current != path:
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = path
 
+    def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+        self.version = version
+        if not self.cfg.delta:  # delta mode writes the payloads in send_encoded instead
+            self._write_full(plan, tensors, version)
+
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDisk:
         assert self.current is not None
-        return UpdateWeightsFromDisk(path=str(self.current), **update.fields)
+        fields = dict(update.fields)
+        if fields.get("delta") is not None:  # a disk update has no plan field: it rides here
+            fields["delta"] = dataclasses.replace(
+                fields["delta"], plan_id=update.plan_id, plan=update.plan
+            )
+        return UpdateWeightsFromDisk(path=str(self.current), **fields)
 
     def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
         """The files were written in prepare; each engine reads them itself."""
+
+    def send_encoded(self, plan: BucketPlan, encode: base.Encode, accepted: list[str]) -> None:
+        """One safetensors file of uint8 tensors `delta.000000`, ... (header + body each),
+        written before the announcement; each engine reads it itself."""
+        payloads = {}
+        for g in range(len(plan.buckets)):
+            p = encode(g)
+            payloads[payload_name(g)] = torch.cat([p.header, p.body])
+        self._publish(write_weights, self.root / f"v{self.version}", payloads, fingerprints=False)
 
 
 class Receiver(base.Receiver):
@@ -193,6 +214,9 @@ class Receiver(base.Receiver):
     def check(
         self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None, weights: base.WeightStore
     ) -> int:
+        if msg.delta is not None:
+            assert plan is not None
+            return _check_payload_files(msg.path, plan)
         specs = checkpoint_specs(msg.path)
         weights.validate(specs, complete=True)
         return sum(tensor_nbytes(d, s) for _, d, s in specs)
@@ -201,7 +225,36 @@ class Receiver(base.Receiver):
         self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None, writer: base.WeightWriter
     ) -> None:
         deadline = time.monotonic() + msg.timeout_s
-        for name, tensor in read_weights(Path(msg.path), verify=msg.verify):
+        checked = msg.verify and msg.delta is None  # payloads carry their own checks
+        for name, tensor in read_weights(Path(msg.path), verify=checked):
             if time.monotonic() > deadline:
                 raise TransportTimeout(f"disk: {msg.path} not read within {msg.timeout_s:.1f}s")
-            writer.write(name, tensor)
+            if msg.delta is not None:
+                assert plan is not None
+                g = int(name.removeprefix("delta."))
+                delta.apply_region(g, plan.buckets[g], tensor, writer)
+            else:
+                writer.write(name, tensor)
+
+
+def payload_name(g: int) -> str:
+    """The tensor holding bucket g's delta payload in a delta update's file."""
+    return f"delta.{g:06d}"
+
+
+def _check_payload_files(path: str, plan: BucketPlan) -> int:
+    """A delta update's files hold exactly one uint8 payload per bucket of `plan`, each no
+    larger than that bucket's largest payload."""
+    specs = {name: (dtype, shape) for name, dtype, shape in checkpoint_specs(path)}
+    wire = delta.wire_plan(plan)
+    want = {payload_name(g) for g in range(len(plan.buckets))}
+    if set(specs) != want:
+        extra, missing = sorted(set(specs) - want), sorted(want - set(specs))
+        raise ValueError(f"disk delta {path}: unexpected {extra[:3]}, missing {missing[:3]}")
+    total = 0
+    for g, bucket in enumerate(wire.buckets):
+        dtype, shape = specs[payload_name(g)]
+        if dtype != "uint8" or len(shape) != 1 or shape[0] > bucket.nbytes:
+            raise ValueError(f"disk delta {path}: {payload_name(g)} is {dtype}{list(shape)}")
+        total += shape[0]
+    return total

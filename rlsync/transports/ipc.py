@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from rlsync import delta
 from rlsync.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
 from rlsync.protocol import (
     Bucket,
@@ -122,6 +123,7 @@ class IpcSender:
         timeout_s: float = 60.0,
         readers: Sequence[int] | None = None,
         wait: bool = True,
+        fill: Callable[[int, Bucket, torch.Tensor], None] | None = None,
     ) -> TransferStats:
         """Pack bucket after bucket into its region, publishing each as ready.
 
@@ -129,7 +131,8 @@ class IpcSender:
         evicted and listed in `timed_out_engines` while the others go on. With `wait`, return
         once every live engine consumed the whole push; else the next push waits for that
         first (engines stuck there are evicted and reported in this push's stats).
-        `push_id` must grow from push to push.
+        `push_id` must grow from push to push. `fill(g, bucket, region)` writes bucket g
+        instead of packing it from `tensors` (delta payloads).
         """
         t0 = time.perf_counter()
         offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
@@ -143,7 +146,10 @@ class IpcSender:
                     self._await(
                         live, seq(push_id, g - self.num_slots + 1), push_id, stats, timeout_s
                     )
-                self._fill(g, bucket, tensors, offsets[g], verify, stats)
+                if fill is not None:
+                    self._fill_with(fill, g, bucket, offsets[g], stats)
+                else:
+                    self._fill(g, bucket, tensors, offsets[g], verify, stats)
                 fence()
                 self.control.set_ready(seq(push_id, g + 1))
             self._last = (push_id, len(plan.buckets), live)
@@ -258,6 +264,22 @@ class IpcSender:
         pack_bucket(bucket, tensors, region)
         if verify:
             integrity.seal(g, region, bucket.nbytes)
+        if region.is_cuda:  # the bytes must be in device memory before we say "ready"
+            torch.cuda.current_stream(region.device).synchronize()
+        stats.add("pack", time.perf_counter() - t0)
+
+    def _fill_with(
+        self,
+        fill: Callable[[int, Bucket, torch.Tensor], None],
+        g: int,
+        bucket: Bucket,
+        offset: int,
+        stats: TransferStats,
+    ) -> None:
+        """Bucket g's region written by `fill` (a delta payload: it carries its own checks)."""
+        t0 = time.perf_counter()
+        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
+        fill(g, bucket, region)
         if region.is_cuda:  # the bytes must be in device memory before we say "ready"
             torch.cuda.current_stream(region.device).synchronize()
         stats.add("pack", time.perf_counter() - t0)
@@ -563,7 +585,9 @@ class Sender(base.Sender):
     def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
         self.push_id += 1
         self.targets.clear()
-        self.one_copy = in_store(plan)
+        self.one_copy = in_store(plan)  # (never for delta payloads: their plan is packed)
+        if self.cfg.delta and not self.one_copy:  # room for the largest payloads
+            plan = delta.wire_plan(plan)
         if self.one_copy:
             if self.direct is None or self.direct.data.numel() < TRAILER_BYTES * len(plan.buckets):
                 self._close_buffer("direct")
@@ -642,6 +666,18 @@ class Sender(base.Sender):
             buffer.close()
             setattr(self, which, None)
 
+    def send_encoded(self, plan: BucketPlan, encode: base.Encode, accepted: list[str]) -> None:
+        """Each payload is written straight into its bucket's region (header, then body)."""
+        assert self.buffer is not None
+        self.buffer.push(
+            delta.wire_plan(plan),
+            {},
+            self.push_id,
+            readers=[self.engines.index(n) for n in accepted],
+            timeout_s=self.cfg.timeout_s,
+            fill=lambda g, bucket, region: encode(g).write_into(region),
+        )
+
     def close(self) -> None:
         self._close_buffer("buffer")
         self._close_buffer("direct")
@@ -678,6 +714,9 @@ class Receiver(base.Receiver):
         self, msg: UpdateWeightsFromIPC, plan: BucketPlan | None, writer: base.WeightWriter
     ) -> None:
         assert plan is not None
+        if msg.delta is not None:
+            self._receive_payloads(msg, plan, writer)
+            return
         self.active = True
         # the pusher may wait timeout_s for other engines' accepts before it sends
         bounds = dict(verify=msg.verify, timeout_s=msg.timeout_s, first_timeout_s=2 * msg.timeout_s)
@@ -687,6 +726,23 @@ class Receiver(base.Receiver):
                 reader.receive_direct(plan, msg.push_id, writer, **bounds)
             else:
                 reader.receive(plan, msg.push_id, writer.on_bucket, cancel=writer.cancel, **bounds)
+        finally:
+            self.active = False
+
+    def _receive_payloads(
+        self, msg: UpdateWeightsFromIPC, plan: BucketPlan, writer: base.WeightWriter
+    ) -> None:
+        """A delta update: each region holds a payload of `rlsync.delta`, not a packed bucket."""
+        self.active = True
+        try:
+            self._reader(msg.buffer).receive(
+                delta.wire_plan(plan),
+                msg.push_id,
+                lambda g, _, region: delta.apply_region(g, plan.buckets[g], region, writer),
+                timeout_s=msg.timeout_s,
+                cancel=writer.cancel,
+                first_timeout_s=2 * msg.timeout_s,
+            )
         finally:
             self.active = False
 

@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from infer_side.client import launch_engine
-from rlsync.checkpoint_io import iter_checkpoint_tensors
+from rlsync.checkpoint_io import iter_checkpoint_tensors, write_checkpoint
 from rlsync.config import SyncConfig
+from rlsync.model_config import ModelConfig
 from tests.checkpoints import make_hf_checkpoint
 from trainer_side.pusher import WeightPusher
 
@@ -138,3 +140,74 @@ def test_cli_atomic_push_needs_shadow_and_then_commits(checkpoints, engine):
     assert report["engines"]["engine0"]["committed_at"] > 0
     assert report["commit_skew_s"] is None  # one engine: no skew to speak of
     assert engine.info().weight_version == current + 1
+
+
+@pytest.fixture(scope="module")
+def sparse_target(checkpoints, tmp_path_factory):
+    """The start checkpoint with 1% of its elements changed: what a delta push is for."""
+    start = checkpoints[0]
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, t in iter_checkpoint_tensors(start):
+        flat = t.clone().reshape(-1)
+        hit = torch.rand(flat.shape, generator=gen) < 0.01
+        flat[hit] += 0.125
+        tensors[name] = flat.reshape(t.shape)
+    out = tmp_path_factory.mktemp("sparse") / "ckpt"
+    write_checkpoint(out, ModelConfig.from_dir(start), tensors)
+    return out, tensors
+
+
+@pytest.mark.parametrize("transport", ["broadcast", "ipc"])
+def test_cli_delta_push_sends_only_the_changes(
+    checkpoints, sparse_target, engine, transport, tmp_path
+):
+    start = checkpoints[0]
+    version = engine.info().weight_version + 2
+    _reset_to(engine, start, version - 1, tmp_path)
+    target, tensors = sparse_target
+    pushed = rlsync(
+        "push",
+        "--checkpoint",
+        str(target),
+        "--delta",
+        "--base-checkpoint",
+        str(start),
+        "--endpoint",
+        engine.endpoint,
+        "--transport",
+        transport,
+        "--version",
+        str(version),
+        "--json",
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    report = json.loads(pushed.stdout)
+    assert report["delta"] == "delta" and report["failed"] == []
+    assert 0 < report["wire_bytes"] < report["bytes"] / 10
+    assert 0.005 < report["changed_fraction"] < 0.02
+    pusher = WeightPusher(SyncConfig(), {"engine0": engine.endpoint}, tmp_path)
+    try:
+        assert pusher.mismatches(tensors) == {"engine0": []}
+    finally:
+        pusher.close()
+    assert engine.info().weight_version == version
+
+
+def test_cli_delta_push_refuses_a_base_the_engine_does_not_hold(checkpoints, sparse_target, engine):
+    before = engine.fingerprints()
+    pushed = rlsync(
+        "push",
+        "--checkpoint",
+        str(sparse_target[0]),
+        "--delta",
+        "--base-checkpoint",
+        str(checkpoints[1]),  # not what the engine holds
+        "--endpoint",
+        engine.endpoint,
+        "--version",
+        str(before.weight_version + 1),
+    )
+    assert pushed.returncode == 1
+    assert "holds other bytes than the base" in pushed.stderr
+    assert engine.fingerprints() == before

@@ -76,6 +76,7 @@ PLACEMENTS = {
         "num_engines=2",
         "trainer.world_size=2",
         "sync.transport=broadcast",
+        "sync.delta=true",  # delta pushes over broadcast to 2 engines
         "sync.load_mode=shadow",
         "sync.commit=atomic",  # both engines switch to each version together, or neither
     ],
@@ -102,6 +103,7 @@ if not os.environ.get("RLSYNC_NO_VLLM") and sys.version_info >= (3, 11):
         "model.hidden_size=64",
         "model.num_attention_heads=2",
         "model.num_key_value_heads=1",
+        "sync.delta=true",  # delta pushes into vLLM's staging store
     ]
 
 
@@ -145,6 +147,12 @@ def test_short_run(finished_runs: dict, placement: str) -> None:
         assert 0.0 <= row["reward_mean"] <= 1.0 and row["push_s"] > 0
         assert row["rollout_tokens"] == 4 * 4 * 4  # prompts x group x max_new_tokens
         assert (row.get("commit_skew_ms", -1) >= 0) == (rl.cfg.num_engines > 1)
+    if "sync.delta=true" in PLACEMENTS[placement]:
+        # full (it takes the base), a delta that finds Adam moved every fp32 element, then
+        # plain pushes (the fastest path, no base kept) until deltas are tried again
+        assert [r["push_delta"] for r in rows] == [0.0, 1.0, 0.0]
+        assert rows[1]["push_changed_fraction"] > 0.9
+        assert all(0 < r["push_wire_bytes"] for r in rows)
     assert result.mismatches and not any(result.mismatches.values())
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["weights_match"]

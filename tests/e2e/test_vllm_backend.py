@@ -237,6 +237,46 @@ def test_push_serves_the_new_weights_and_drops_stale_prefix_kv(
 
 
 @pytest.mark.parametrize(
+    "transport, load_mode", [("broadcast", "in_place"), ("ipc", "shadow"), ("disk", "in_place")]
+)
+def test_delta_pushes_reach_vllm_through_its_staging_store(
+    engine, ckpt, tmp_path, transport, load_mode
+):
+    """sync.delta: the payloads patch the staging copy, and vLLM computes with the result
+    (the same tokens as transformers on the trainer's final weights)."""
+    version = next_version(engine)
+    tensors = trainer_weights(ckpt, version)
+    gen = torch.Generator().manual_seed(version)
+    cfg = SyncConfig(
+        transport=transport,
+        load_mode=load_mode,
+        bucket_mb=0.02,
+        timeout_s=60,
+        delta=True,
+        delta_max_changed=0.5,
+    )
+    pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path)
+    try:
+        kinds = []
+        for v in range(version, version + 3):
+            if v > version:  # ~2% of every tensor's elements change
+                for t in tensors.values():
+                    hit = torch.rand(t.shape, generator=gen) < 0.02
+                    t[hit] += 0.05
+            report = pusher.push(tensors, v)
+            assert report.failed == [], report.summary()
+            kinds.append(report.delta.split(" (")[0])
+            assert pusher.mismatches(tensors) == {"vllm": []}
+        assert kinds == ["full: no base yet", "delta", "delta"]
+        assert report.wire_bytes < report.bytes / 5
+    finally:
+        pusher.close()
+    out = engine.generate([PROMPT], greedy(6))[0]
+    assert out.output_ids == hf_greedy(ckpt, tensors, PROMPT, 6)[0]
+    assert out.weight_version == version + 2
+
+
+@pytest.mark.parametrize(
     "mutate, named",
     [
         (lambda items: items[:-1], "missing"),

@@ -77,3 +77,31 @@ def test_cuda_ipc_push_bit_exact_and_memory_flat(ckpt, tmp_path, load_mode, one_
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL broadcast needs two GPUs")
 def test_nccl_broadcast_to_engine_on_second_gpu(ckpt, tmp_path):
     _push_many(ckpt, tmp_path, "broadcast", "cuda:0", ["cuda:1"], pushes=5)
+
+
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+def test_cuda_ipc_delta_chain_bit_exact(ckpt, tmp_path, load_mode):
+    """sync.delta with the trainer's tensors and the engine on the GPU: payloads are encoded
+    in host memory, written into the CUDA IPC buffer and applied on the device."""
+    engine = launch_engine(ckpt, kv_tokens=512, device="cuda:0")
+    try:
+        cfg = SyncConfig(
+            transport="ipc", bucket_mb=1.0, timeout_s=60.0, load_mode=load_mode, delta=True
+        )
+        pusher = WeightPusher(cfg, {"e0": engine.endpoint}, tmp_path, device="cuda:0")
+        try:
+            gen = torch.Generator().manual_seed(1)
+            tensors = {n: t.to("cuda:0") for n, t in trainer_weights(ckpt, 1).items()}
+            kinds = []
+            for version in range(1, 8):
+                if version > 1:  # ~1% of the elements move
+                    for t in tensors.values():
+                        hit = (torch.rand(t.shape, generator=gen) < 0.01).to(t.device)
+                        t[hit] += 0.01
+                kinds.append(pusher.push(tensors, version).delta)
+                assert pusher.mismatches(tensors) == {"e0": []}
+            assert kinds[1:] == ["delta"] * 6
+        finally:
+            pusher.close()
+    finally:
+        engine.close()

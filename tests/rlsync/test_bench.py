@@ -306,3 +306,29 @@ def test_vllm_sync_table_ratios_pause_and_token_check():
     assert "| 20.0 |" in ours and "bit-exact" in ours
     (failed,) = [ln for ln in lines if "peer: native" in ln]
     assert "FAILED" in failed and "ReceiverError: boom" in failed and "more" not in failed
+
+
+def test_delta_bench_through_the_cli(tmp_path, capsys):
+    """`rlsync bench sync --delta`: full rows, the no-base push, then each fraction; a 1%
+    delta moves a small share of the bytes, a 100% change goes whole (RAW), all bit-exact
+    (run_delta raises when the engines differ from the trainer)."""
+    out = tmp_path / "delta.json"
+    rc = main(
+        ["bench", "sync", "--delta", "--size-gib", "0.005", "--engines", "1", "--repeat", "1"]
+        + ["--methods", "ipc", "--fractions", "0.01", "1", "--dtype", "bfloat16"]
+        + ["--timeout", "60", "--work-dir", str(tmp_path), "--json", str(out)]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["fraction"]): r for r in result["rows"]}
+    assert list(rows) == [("full", None), ("delta: no base", None), ("delta", 0.01), ("delta", 1.0)]
+    model_bytes = result["model"]["bytes"]
+    padded = rows[("full", None)]["wire_bytes"][0]  # the plan's bucket bytes
+    assert model_bytes <= padded < model_bytes * 1.01
+    sparse, dense = rows[("delta", 0.01)], rows[("delta", 1.0)]
+    assert sparse["kinds"] == ["delta"] and dense["kinds"] == ["delta"]
+    assert 0 < sparse["wire_bytes"][0] < model_bytes * 0.05  # 1% of bf16 units: ~3% + headers
+    assert 0.005 < sparse["changed"][0] < 0.011
+    assert dense["changed"][0] == 1.0 and dense["wire_bytes"][0] > padded  # + headers
+    assert all(s > 0 for r in result["rows"] for s in r["seconds"])
+    assert "| ipc | in_place | 1% | delta |" in capsys.readouterr().out

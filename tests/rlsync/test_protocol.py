@@ -57,6 +57,9 @@ PLAN = p.BucketPlan(
 PLAN_ID = p.plan_id_of(PLAN)
 # The one field left at its default on purpose: a 0-dim tensor's shape is [].
 INTENDED_DEFAULTS = {
+    "UpdateWeightsFromDistributed.delta.plan.buckets[0].tensors[1].shape",
+    "UpdateWeightsFromIPC.delta.plan.buckets[0].tensors[1].shape",
+    "UpdateWeightsFromDisk.delta.plan.buckets[0].tensors[1].shape",
     "UpdateWeightsFromDistributed.plan.buckets[0].tensors[1].shape",
     "UpdateWeightsFromIPC.plan.buckets[0].tensors[1].shape",
     "WeightSpecs.specs[1].shape",
@@ -71,6 +74,7 @@ UPDATE = dict(
     idle_timeout_s=1.5,
     timeout_s=9.25,
     verify=True,
+    delta=p.DeltaInfo(base_version=6, plan_id=PLAN_ID, plan=PLAN),
     commit="atomic",
     commit_timeout_s=12.5,
 )
@@ -894,6 +898,7 @@ WIRE_TYPES = [
     *p.MESSAGE_TYPES.values(),
     p.SamplingParams,
     p.IpcBuffer,
+    p.DeltaInfo,
     p.BucketPlan,
     p.Bucket,
     p.TensorSpec,

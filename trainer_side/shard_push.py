@@ -1,0 +1,155 @@
+"""Sharded trainers (FSDP2) push their weights: every rank moves only its own shard's bytes.
+
+Usage (every trainer rank, in lockstep; `store` is the store the ranks met at):
+    pusher = ShardedPusher(sync_cfg, endpoints if rank == 0 else None, work_dir,
+                           store=store, rank=rank, world_size=ws, method="shards")
+    out = pusher.push(fsdp_policy, version)   # rank 0: the PushReport; others: a RankPush
+    pusher.close()
+
+Two methods:
+- "shards" (ipc, CPU shared memory; `shard_ipc`): rank 0 runs the normal `WeightPusher`
+  (plan, announce, collect accepts, commit) with a sender that lets every rank write. A
+  dim-0 shard of a row-major tensor is one contiguous byte range of the tensor's home (an
+  engine's store when the engines publish their layout, else a slot of rank 0's staging
+  buffer), so each rank writes its rows there itself, cast to the engine's dtype on the
+  write. Rank 0 tells the engines bucket g is ready only once every rank reported its rows
+  of g written (`shard_channel`); a rank that does not report within `timeout_s` aborts the
+  push for every engine, and the error names that rank. No rank holds a tensor it does not
+  own, and the bytes of ranks > 0 never pass through rank 0. The engine side is unchanged:
+  our engine and the vLLM backend (staging) receive as from one rank.
+- "gather": what RL frameworks do today and the fallback for other transports: every rank
+  all-gathers each parameter (`DTensor.full_tensor()`), rank 0 keeps the full tensors and
+  pushes them through the normal `WeightPusher`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlsync.config import SyncConfig
+from trainer_side.fsdp import full_tensors
+from trainer_side.push_report import PushReport
+from trainer_side.pusher import WeightPusher, WeightsLike, named_tensors
+from trainer_side.shard_channel import ShardChannel
+from trainer_side.shard_ipc import ShardIpcSender, ShardWriter
+
+PUSH_METHODS: tuple[str, ...] = ("shards", "gather")
+
+
+@dataclass
+class RankPush:
+    """What a rank > 0 did in one push."""
+
+    rank: int
+    method: str
+    bytes_written: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    """Rank 0 moved no bytes this push (it failed before the transfer)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ShardedPusher:
+    """One trainer rank's part in pushing an FSDP2-sharded model (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: SyncConfig,
+        endpoints: Mapping[str, str] | None,
+        work_dir: str | Path,
+        *,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        method: str = "shards",
+        device: str | torch.device = "cpu",
+        connect_timeout_s: float = 60.0,
+        auth_keys: str | Path | None = None,
+    ):
+        if method not in PUSH_METHODS:
+            raise ValueError(f"method: {method!r} is not one of {list(PUSH_METHODS)}")
+        if method == "shards" and cfg.transport != "ipc":
+            raise ValueError(
+                f"method 'shards' needs transport 'ipc', not {cfg.transport!r} (use 'gather')"
+            )
+        if method == "shards" and cfg.delta:  # the encoder compares whole tensors on rank 0
+            raise ValueError("method 'shards' cannot send deltas (sync.delta): use 'gather'")
+        self.cfg, self.rank, self.method = cfg, rank, method
+        self.channel = ShardChannel(store, rank, world_size, cfg.timeout_s)
+        self.pushes = 0
+        self.pusher: WeightPusher | None = None
+        self.writer: ShardWriter | None = None
+        if rank == 0:
+            if endpoints is None:
+                raise ValueError("rank 0 needs the engines' endpoints")
+            sender = None
+            if method == "shards":
+                sender = lambda *a: ShardIpcSender(*a, channel=self.channel)  # noqa: E731
+            self.pusher = WeightPusher(
+                cfg,
+                endpoints,
+                work_dir,
+                device=device,
+                connect_timeout_s=connect_timeout_s,
+                auth_keys=auth_keys,
+                sender_class=sender,
+            )
+        elif method == "shards":
+            self.writer = ShardWriter(self.channel)
+
+    def push(self, weights: WeightsLike, version: int) -> PushReport | RankPush:
+        """Every rank calls this with its (sharded) model; rank 0 returns the PushReport (and
+        raises PushError as `WeightPusher.push` does), the others what they wrote."""
+        self.pushes += 1
+        tensors = named_tensors(weights)
+        if self.method == "gather":
+            return self._push_gathered(tensors, version)
+        if self.rank != 0:
+            return self._write_rows(tensors)
+        return self._push_rank0(tensors, version)
+
+    def _write_rows(self, tensors: dict[str, torch.Tensor]) -> RankPush:
+        assert self.writer is not None
+        t0 = time.perf_counter()
+        # rank 0 announces first: its engines may take 2 x timeout_s to accept
+        written = self.writer.write(self.pushes, tensors, 3 * self.cfg.timeout_s)
+        out = RankPush(rank=self.rank, method="shards", skipped=written is None)
+        out.bytes_written, out.seconds = written or 0, time.perf_counter() - t0
+        return out
+
+    def _push_rank0(self, tensors: dict[str, torch.Tensor], version: int) -> PushReport:
+        assert self.pusher is not None
+        n = self.pushes
+        sender = self.pusher.sender
+        assert isinstance(sender, ShardIpcSender)
+        sender.push_n = n
+        if n > 1:
+            self.channel.forget(n - 1, len(self.pusher.plan.buckets) if self.pusher.plan else 0)
+        try:
+            return self.pusher.push(tensors, version)
+        finally:
+            if not self.channel.published(n):
+                self.channel.publish(n, b"")  # the others must not wait for bytes never sent
+
+    def _push_gathered(self, tensors: dict[str, torch.Tensor], version: int) -> Any:
+        t0 = time.perf_counter()
+        full = dict(full_tensors(tensors.items(), keep=self.rank == 0))
+        if self.rank != 0:
+            return RankPush(rank=self.rank, method="gather", seconds=time.perf_counter() - t0)
+        assert self.pusher is not None
+        return self.pusher.push(full, version)
+
+    def close(self) -> None:
+        if self.pusher is not None:
+            self.pusher.close()
+        if self.writer is not None:
+            self.writer.close()
