@@ -17,6 +17,8 @@ messages, outbox and update machine are `infer_side.core_base`'s. What differs:
   gate/up layers), so the load overlaps the transfer (`GroupLoader`). shadow: the update lands
   in a second copy while vLLM keeps generating, and `apply_weights` loads all of it between
   two steps. A fused group is never loaded in parts: vLLM silently corrupts a half-loaded one.
+  A tied model's embedding is also loaded as its head: vLLM re-packs the head it computes
+  logits with only when the head itself is loaded (`_with_tied_head`).
 - Cache: vLLM does not drop its prefix cache when weights change; `flush_kv` resets it after
   every update that asks for a flush (the default; running requests are retracted first, so
   no KV of the old weights survives). With `flush_cache=False` old KV stays matchable, as on
@@ -254,7 +256,8 @@ class VllmCore(CoreBase):
         streamed, self.streamed = self.streamed, None
         done = streamed.loaded if streamed is not None and streamed.store is store else set()
         views = store.hf_views()
-        _reload(self.llm, [(n, t) for n, t in views.items() if n not in done])
+        items = [(n, t) for n, t in views.items() if n not in done]
+        _reload(self.llm, items, store.cfg.tie_word_embeddings)
         self.mirror = store
 
     def info(self) -> EngineInfo:
@@ -281,12 +284,31 @@ class Serialized:
         return locked
 
 
-def _reload(llm: Any, items: list[tuple[str, torch.Tensor]]) -> None:
-    """vLLM's own reload path: handles its fused layers and its CPU weight packing."""
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+def _reload(llm: Any, items: list[tuple[str, torch.Tensor]], tied: bool) -> None:
+    """vLLM's own reload path: handles its fused layers and its CPU weight packing.
+    `tied`: the model ties its output head to the embedding (see `_with_tied_head`)."""
     if items:
+        items = _with_tied_head(items) if tied else items
         llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True}
         )
+
+
+def _with_tied_head(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """A tied model's new embedding, also loaded as its output head.
+
+    Why: on CPU vLLM computes the logits with its own packed copy of the head's weight (made
+    by the head's quant method after loading, `dispatch_cpu_unquantized_gemm`). A reload
+    re-packs only the layers that received weights; a tied checkpoint names no head, so the
+    embedding's storage took the new bytes while the logits kept using the old packed head.
+    Giving vLLM the embedding under the head's name too makes its reload re-pack the head (in
+    vLLM 0.32 the reload un-ties the two while loading, so the name is not skipped as an alias;
+    tests/e2e/test_vllm_backend.py checks the tokens)."""
+    return items + [(HEAD, t) for n, t in items if n == EMBED]
 
 
 def group_of(name: str) -> str:
@@ -336,7 +358,8 @@ class GroupLoader:
         if sum(self.views[n].nbytes for n in ready) < max(self.min_bytes, 1):
             return
         self.ready = []
-        _reload(self.llm, [(n, self.views[n]) for n in ready])
+        items = [(n, self.views[n]) for n in ready]
+        _reload(self.llm, items, self.store.cfg.tie_word_embeddings)
         self.loaded.update(ready)
 
 

@@ -92,9 +92,8 @@ def test_greedy_tokens_and_logprobs_equal_transformers(engine, ckpt):
     assert engine.info().backend == "vllm"
 
 
-@pytest.mark.parametrize("model_type, tie", [("qwen2", False), ("llama", True)])
-def test_qwen2_and_tied_models_equal_transformers(tmp_path, model_type, tie):
-    ckpt = make_hf_checkpoint(tmp_path, model_type=model_type, tie=tie, kv_heads=1, seed=6, **ARCH)
+def test_qwen2_equals_transformers_before_and_after_a_push(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path, model_type="qwen2", kv_heads=1, seed=6, **ARCH)
     engine = launch_engine(ckpt, backend="vllm", kv_tokens=256, start_timeout_s=300)
     try:
         (out,) = engine.generate([PROMPT], greedy(8))
@@ -112,6 +111,59 @@ def test_qwen2_and_tied_models_equal_transformers(tmp_path, model_type, tie):
         assert out.output_ids == hf_greedy(ckpt, tensors, PROMPT, 8)[0]
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def tied_ckpt(tmp_path_factory):
+    """A Llama whose output head is its embedding (no lm_head.weight anywhere)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tied"), tie=True, kv_heads=1, seed=6, **ARCH)
+
+
+@pytest.fixture(scope="module")
+def tied_engine(tied_ckpt):
+    client = launch_engine(
+        tied_ckpt,
+        backend="vllm",
+        kv_tokens=256,
+        start_timeout_s=300,
+        extra_args=["--load-chunk-mb", "0"],
+    )
+    yield client
+    client.close()
+
+
+def assert_equals_transformers(engine, ckpt, tensors, n=8):
+    """Greedy tokens equal, logprobs within 1e-4 (`tensors` None: the checkpoint's)."""
+    (out,) = engine.generate([PROMPT], greedy(n))
+    tokens, logprobs = hf_greedy(ckpt, tensors, PROMPT, n)
+    assert out.error == "" and out.output_ids == tokens
+    assert max(abs(a - b) for a, b in zip(out.logprobs, logprobs, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("load_mode", ["in_place", "shadow"])
+def test_tied_model_computes_with_the_pushed_embedding_as_its_head(
+    tied_engine, tied_ckpt, tmp_path, load_mode
+):
+    """On CPU vLLM computes logits with a packed copy of the head; a tied checkpoint names no
+    head, so a push must still get the new embedding into it (in_place: as the embedding's
+    bucket lands; shadow: at the commit). Two pushes in a row: each version is served."""
+    start = tied_engine.info().weight_version
+    assert_equals_transformers(
+        tied_engine, tied_ckpt, None if start == 0 else trainer_weights(tied_ckpt, start)
+    )
+    version = start + 1
+    tensors = trainer_weights(tied_ckpt, version)
+    assert "lm_head.weight" not in tensors
+    cfg = SyncConfig(load_mode=load_mode, bucket_mb=0.02, timeout_s=60)
+    pusher = WeightPusher(cfg, {"vllm": tied_engine.endpoint}, tmp_path)
+    try:
+        report = pusher.push(tensors, version)
+        assert report.failed == [], report.summary()
+        assert pusher.mismatches(tensors) == {"vllm": []}
+    finally:
+        pusher.close()
+    assert_equals_transformers(tied_engine, tied_ckpt, tensors)
+    assert tied_engine.info().weight_version == version
 
 
 def test_sampled_logprobs_are_of_the_distribution_sampled_from(engine, ckpt):

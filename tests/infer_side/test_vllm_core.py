@@ -231,3 +231,24 @@ def test_small_loads_wait_for_the_commit(core):
     assert core.llm.loads == []
     core.apply_weights(live)
     assert core.llm.loads == [list(live.hf_views())]
+
+
+def test_tied_embedding_is_loaded_as_the_head_too(tmp_path):
+    """vLLM re-packs its CPU copy of a tied head only when the head is loaded by name: the
+    embedding goes to it under both names, in the same call, on both load paths."""
+    model_cfg, weights = load_model(make_hf_checkpoint(tmp_path, tie=True))
+    core = VllmCore(
+        model_cfg, weights, FakeLLM(), EngineConfig(backend="vllm"), 128, sampling_params=FakeParams
+    )
+    core.engine_cfg.load_chunk_mb = 0
+    live = core.live_weights()
+    sink = core.stream_sink(live)
+    sink.written("model.embed_tokens.weight")
+    sink.bucket_done()
+    assert core.llm.loads == [["model.embed_tokens.weight", "lm_head.weight"]]
+    embed = live.hf_views()["model.embed_tokens.weight"]
+    assert torch.equal(core.llm.loaded["lm_head.weight"], embed)
+    shadow = core.new_shadow()
+    shadow.copy_from(live)
+    core.apply_weights(shadow)
+    assert core.llm.loads[-1] == [*shadow.hf_views(), "lm_head.weight"]
