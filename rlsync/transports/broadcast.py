@@ -248,7 +248,7 @@ def send_buckets(
     for g, bucket in enumerate(plan.buckets):
         solo = sent_as_is(bucket, tensors, group.device) if apart else None
         slot = None if solo is not None else packed % 2
-        while inflight and (len(inflight) >= window or any(k == slot for *_, k in inflight)):
+        while inflight and (len(inflight) >= window or _holds(inflight, slot)):
             done, works, _ = inflight.popleft()  # frees a place in the window, or buffer slot
             _finish(group, works, timeout_s, f"bucket {done}", stats)
         t = time.perf_counter()
@@ -272,6 +272,11 @@ def send_buckets(
         _finish(group, works, timeout_s, f"bucket {done}", stats)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _holds(inflight: deque[tuple[int, list[Any], int | None]], slot: int | None) -> bool:
+    """Whether a broadcast in flight still reads packing buffer `slot` (None: needs none)."""
+    return slot is not None and any(k == slot for *_, k in inflight)
 
 
 def sent_as_is(
