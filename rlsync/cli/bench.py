@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rlsync.protocol import LOAD_MODES
 
@@ -163,10 +165,10 @@ def _add_commit(kinds: argparse._SubParsersAction) -> None:
 
 def run_commit_cmd(args: argparse.Namespace) -> int:
     from rlsync.bench.commit import CommitBench, format_commit, run_commit
-    from rlsync.bench.report import write_json
 
-    try:
-        bench = CommitBench(
+    return _run_bench(
+        args,
+        lambda: CommitBench(
             engines=args.engines,
             transports=args.transports,
             commits=args.commits,
@@ -178,15 +180,11 @@ def run_commit_cmd(args: argparse.Namespace) -> int:
             busy=args.busy,
             engine_threads=args.engine_threads,
             work_dir=args.work_dir,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result = run_commit(bench)
-    print(format_commit(result))
-    if args.json:
-        write_json(result, args.json)
-    return 0
+        ),
+        run_commit,
+        format_commit,
+        None,
+    )
 
 
 def run_sync_cmd(args: argparse.Namespace) -> int:
@@ -244,13 +242,13 @@ def run_sync_cmd(args: argparse.Namespace) -> int:
 def run_delta_cmd(args: argparse.Namespace) -> int:
     """`bench sync --delta`: one size, one engine count, delta vs full per transport."""
     from rlsync.bench.delta_sync import DeltaBench, format_delta, run_delta
-    from rlsync.bench.report import write_json
     from rlsync.bench.sync import ALL_METHODS
 
     explicit = args.methods != list(ALL_METHODS)
     transports = [m for m in args.methods if m in ("broadcast", "ipc", "disk")]
-    try:
-        bench = DeltaBench(
+    return _run_bench(
+        args,
+        lambda: DeltaBench(
             size_gib=(args.size_gib or [0.25])[0],
             dtype=args.dtype,
             engines=args.engines[0],
@@ -264,25 +262,21 @@ def run_delta_cmd(args: argparse.Namespace) -> int:
             engine_threads=args.engine_threads,
             trainer_threads=args.trainer_threads or 1,
             work_dir=args.work_dir,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result = run_delta(bench)
-    print(format_delta(result))
-    if args.json:
-        write_json(result, args.json)
-    return 0
+        ),
+        run_delta,
+        format_delta,
+        None,
+    )
 
 
 def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
     """`bench sync --engine vllm`: one size (the first of --size-gib), one engine."""
-    from rlsync.bench.report import write_json
     from rlsync.bench.vllm_sync import VllmSyncBench, format_vllm_sync, run_vllm_sync
     from rlsync.protocol import TRANSPORT_KINDS
 
-    try:
-        bench = VllmSyncBench(
+    return _run_bench(
+        args,
+        lambda: VllmSyncBench(
             size_gib=(args.size_gib or [0.03])[0],
             layers=args.layers,
             transports=[m for m in args.methods if m in TRANSPORT_KINDS],
@@ -292,24 +286,20 @@ def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
             bucket_mb=args.bucket_mb,
             timeout_s=args.timeout,
             work_dir=args.work_dir,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result = run_vllm_sync(bench)
-    print(format_vllm_sync(result))
-    if args.json:
-        write_json(result, args.json)
-    return 1 if any(r["error"] for r in result["rows"]) else 0
+        ),
+        run_vllm_sync,
+        format_vllm_sync,
+        lambda r: any(row["error"] for row in r["rows"]),
+    )
 
 
 def run_sharded_cmd(args: argparse.Namespace) -> int:
     """`bench sync --trainer-ranks ...`: sharded push vs gather-then-push, one engine."""
-    from rlsync.bench.report import write_json
     from rlsync.bench.sharded import ShardedBench, format_sharded, run_sharded
 
-    try:
-        bench = ShardedBench(
+    return _run_bench(
+        args,
+        lambda: ShardedBench(
             sizes=args.size_gib or [0.25],
             ranks=args.trainer_ranks,
             repeat=args.repeat,
@@ -318,15 +308,34 @@ def run_sharded_cmd(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             engine_threads=args.engine_threads,
             work_dir=args.work_dir,
-        )
+        ),
+        run_sharded,
+        format_sharded,
+        lambda r: any(row["error"] or not row["verified"] for row in r["rows"]),
+    )
+
+
+def _run_bench(
+    args: argparse.Namespace,
+    make: Callable[[], Any],
+    run: Callable[[Any], dict],
+    show: Callable[[dict], str],
+    failed: Callable[[dict], bool] | None,
+) -> int:
+    """Build a bench (a bad option: exit 2, naming it), run it, print its table, write
+    --json; exit 1 when `failed` says a row failed."""
+    from rlsync.bench.report import write_json
+
+    try:
+        bench = make()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run_sharded(bench)
-    print(format_sharded(result))
+    result = run(bench)
+    print(show(result))
     if args.json:
         write_json(result, args.json)
-    return 1 if any(r["error"] or not r["verified"] for r in result["rows"]) else 0
+    return 1 if failed is not None and failed(result) else 0
 
 
 def _gpu_section(args: argparse.Namespace) -> dict:

@@ -45,17 +45,21 @@ def ckpt(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), kv_heads=1, seed=3, **ARCH)
 
 
-@pytest.fixture(scope="module")
-def engine(ckpt):
+def _vllm_engine(ckpt):
     # --load-chunk-mb 0: in_place updates load every bucket's whole fused groups into vLLM as
     # the bucket lands (the pushes below use ~20 KB buckets), the path a large model takes
-    client = launch_engine(
+    return launch_engine(
         ckpt,
         backend="vllm",
         kv_tokens=256,
         start_timeout_s=300,
         extra_args=["--load-chunk-mb", "0"],
     )
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    client = _vllm_engine(ckpt)
     yield client
     client.close()
 
@@ -121,13 +125,7 @@ def tied_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tied_engine(tied_ckpt):
-    client = launch_engine(
-        tied_ckpt,
-        backend="vllm",
-        kv_tokens=256,
-        start_timeout_s=300,
-        extra_args=["--load-chunk-mb", "0"],
-    )
+    client = _vllm_engine(tied_ckpt)
     yield client
     client.close()
 
