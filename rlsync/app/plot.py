@@ -61,6 +61,13 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out: Path, title: str = "") 
     return out
 
 
+def _label(ax: Any, xlabel: str, ylabel: str, legend: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend)
+    ax.grid(alpha=0.3)
+
+
 def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, title: str = "") -> Path:
     """Reward (mean per step) against wall-clock seconds, one line per run (label -> rows),
     above each run's seconds per step."""
@@ -75,14 +82,8 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, title:
         per_step = sum(r["step_s"] for r in rows) / max(len(rows), 1)
         top.plot(wall, [r["reward_mean"] for r in rows], label=f"{label} ({per_step:.2f} s/step)")
         bottom.plot([r["step"] for r in rows], [r["step_s"] for r in rows], label=label)
-    top.set_xlabel("wall-clock seconds")
-    top.set_ylabel("reward (mean of the step)")
-    top.legend(loc="lower right")
-    top.grid(alpha=0.3)
-    bottom.set_xlabel("step")
-    bottom.set_ylabel("seconds per step")
-    bottom.legend(loc="upper right")
-    bottom.grid(alpha=0.3)
+    _label(top, "wall-clock seconds", "reward (mean of the step)", "lower right")
+    _label(bottom, "step", "seconds per step", "upper right")
     fig.suptitle(title or "reward against wall-clock time")
     fig.tight_layout()
     fig.savefig(out, dpi=80)

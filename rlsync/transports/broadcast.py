@@ -209,8 +209,9 @@ def _translate(e: Exception, where: str) -> TransportError:
     return (TransportTimeout if timed_out else TransportError)(f"{where}: {text}")
 
 
-def _wire_bytes(plan: BucketPlan, verify: bool) -> int:
-    return max((integrity.wire_bytes(b.nbytes, verify) for b in plan.buckets), default=0)
+def _wire_bytes(buckets: list[Bucket], verify: bool) -> int:
+    """Room one staging buffer needs: the largest of `buckets` on the wire."""
+    return max((integrity.wire_bytes(b.nbytes, verify) for b in buckets), default=0)
 
 
 IN_FLIGHT = 16
@@ -236,8 +237,10 @@ def send_buckets(
         raise TransportError(f"send_buckets on rank {group.rank}: only rank 0 sends")
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
-    bufs = group.buffers(_wire_bytes(plan, verify))
     apart = in_store(plan)
+    solos = [sent_as_is(b, tensors, group.device) if apart else None for b in plan.buckets]
+    packs = [b for b, solo in zip(plan.buckets, solos, strict=True) if solo is None]
+    bufs = group.buffers(_wire_bytes(packs, verify))  # only buckets that are packed need room
     window = IN_FLIGHT if apart else 2
     trailers = [
         torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8, device=group.device)
@@ -245,8 +248,7 @@ def send_buckets(
     ]
     inflight: deque[tuple[int, list[Any], int | None]] = deque()  # bucket, works, buffer
     packed = 0
-    for g, bucket in enumerate(plan.buckets):
-        solo = sent_as_is(bucket, tensors, group.device) if apart else None
+    for g, (bucket, solo) in enumerate(zip(plan.buckets, solos, strict=True)):
         slot = None if solo is not None else packed % 2
         while inflight and (len(inflight) >= window or _holds(inflight, slot)):
             done, works, _ = inflight.popleft()  # frees a place in the window, or buffer slot
@@ -324,9 +326,9 @@ def recv_buckets(
     t0 = time.perf_counter()
     stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
     n = len(plan.buckets)
-    bufs = group.buffers(_wire_bytes(plan, verify))
     first = timeout_s if first_timeout_s is None else first_timeout_s
     in_place = n > 0 and region is not None and region(plan.buckets[0]) is not None
+    bufs = [] if in_place else group.buffers(_wire_bytes(plan.buckets, verify))
     window = IN_FLIGHT if in_place else 2
     slots = _RecvSlots(group, plan, bufs, region if in_place else None, verify, window)
     pending: deque[list[Any]] = deque()
