@@ -150,7 +150,7 @@ def test_full_kv_pool_every_request_finishes_exactly(engines, ckpt, cfg, tmp_pat
 def test_engine_keeps_answering_while_a_rendezvous_waits_for_rank_0(engines, dead_port):
     engine = engines["e1"]
     rpc = engine.rpc
-    sent = rpc.send(InitWeightsGroup(master_port=dead_port, timeout_s=1.0, group_name="stall"))
+    sent = rpc.send(InitWeightsGroup(master_port=dead_port, timeout_s=3.0, group_name="stall"))
     time.sleep(0.2)  # the engine is now waiting for a rank 0 that never comes
     try:
         start = time.monotonic()
@@ -160,5 +160,5 @@ def test_engine_keeps_answering_while_a_rendezvous_waits_for_rank_0(engines, dea
         reply = rpc.recv(30)  # the rendezvous' own (failed) Result
         assert isinstance(reply, Result), reply
         assert reply.request_id == sent.request_id and not reply.success
-    record("rendezvous_blocks_loop", answered_after_s=round(answered_s, 2), timeout_s=1.0)
-    assert answered_s < 0.5
+    record("rendezvous_blocks_loop", answered_after_s=round(answered_s, 2), timeout_s=3.0)
+    assert answered_s < 2.0  # before the 3 s rendezvous gives up, so it did not wait for it
