@@ -203,7 +203,11 @@ class Abort(Message):
 
 @dataclass(kw_only=True)
 class InitWeightsGroup(Message):
-    """Join a dedicated broadcast group: trainer is rank 0, this engine is rank_offset."""
+    """Join a dedicated broadcast group: trainer is rank 0, this engine is rank_offset.
+
+    `senders` > 1 (a sharded trainer): one group of `world_size` ranks per trainer rank r,
+    named `<group_name>/s<r>`, where trainer rank r is rank 0 and this engine rank_offset;
+    the `senders - 1 + world_size` processes meet at one store, served by trainer rank 0."""
 
     master_address: str = _f("127.0.0.1", max_len=255)
     master_port: int = _f(0, ge=1, le=65535)
@@ -212,6 +216,7 @@ class InitWeightsGroup(Message):
     group_name: str = _f("weights", max_len=128)
     backend: Literal["gloo", "nccl"] = "gloo"
     timeout_s: float = _f(60.0, ge=0.1, le=3600.0)
+    senders: int = _f(1, ge=1, le=1024)
 
 
 @dataclass(kw_only=True)
@@ -263,6 +268,10 @@ class BucketUpdate(UpdateWeights):
 class UpdateWeightsFromDistributed(BucketUpdate):
     transport: ClassVar[TransportKind] = "broadcast"
     group_name: str = _f("weights", max_len=128)
+    rows: dict[str, list[int]] | None = _f(None, max_len=1 << 16)
+    """A sharded group's update: tensor name -> its dim-0 row boundaries, one more than the
+    group has senders; sender r sends rows [rows[r], rows[r + 1]) of every tensor
+    (`rlsync.transports.broadcast_rows`). None: one sender sends everything."""
 
 
 @dataclass(kw_only=True)

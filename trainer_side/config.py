@@ -47,10 +47,13 @@ class TrainerConfig:
         raises ConfigError when fsdp_push=shards cannot be done there."""
         if self.parallel == "replicated":
             return "replicated"
-        shards_ok = transport == "ipc" and not device.startswith("cuda") and not delta
+        shards_ok = (
+            transport in ("ipc", "broadcast") and not device.startswith("cuda") and not delta
+        )
         if self.fsdp_push == "shards" and not shards_ok:
             raise ConfigError(
-                f"trainer.fsdp_push=shards: needs sync.transport=ipc on CPU without sync.delta "
+                "trainer.fsdp_push=shards: needs sync.transport ipc or broadcast, on CPU, "
+                f"without sync.delta "
                 f"(got {transport!r} on {device!r}, delta {delta}); use gather or auto"
             )
         if self.fsdp_push == "auto":

@@ -14,7 +14,7 @@ Nothing here knows about engines, transports or PPO.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -70,6 +70,39 @@ def dim0_shard(t: Tensor, rank: int) -> Dim0Shard | None:
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, placements)
     start = offset[0] if t.dim() else 0
     return Dim0Shard(int(start), t.to_local().detach())
+
+
+def row_splits(t: Tensor, world_size: int) -> list[int]:
+    """Row boundaries of `t` over the ranks: rank r holds rows [b[r], b[r + 1]). A Shard(0)
+    DTensor is split as torch.chunk splits it (chunks of ceil(rows / world_size) rows, the
+    last ranks fewer or none); anything else is rank 0's whole (a 0-dim tensor is one row).
+    Each rank checks its own part against this (`local_rows`)."""
+    n = t.shape[0] if t.dim() else 1
+    if isinstance(t, DTensor) and not all(isinstance(p, Replicate) for p in t.placements):
+        chunk = -(-n // world_size)
+        return [min(r * chunk, n) for r in range(world_size + 1)]
+    return [0] + [n] * world_size
+
+
+def local_rows(
+    tensors: Mapping[str, Tensor], rows: Mapping[str, list[int]], rank: int
+) -> dict[str, Tensor]:
+    """name -> this rank's rows of each tensor it holds rows of, as `rows` assigns them;
+    raises ValueError naming a tensor whose shard on this rank is other rows."""
+    out = {}
+    for name, bounds in rows.items():
+        lo, hi = bounds[rank], bounds[rank + 1]
+        if hi <= lo:
+            continue
+        shard = dim0_shard(tensors[name], rank)
+        held = (shard.start, shard.start + shard.rows) if shard is not None else None
+        if held != (lo, hi):
+            raise ValueError(
+                f"{name}: rank {rank} holds rows {held}, the push assigns [{lo}, {hi})"
+            )
+        assert shard is not None
+        out[name] = shard.local
+    return out
 
 
 def full_tensors(

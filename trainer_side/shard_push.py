@@ -17,6 +17,10 @@ Two methods:
   push for every engine, and the error names that rank. No rank holds a tensor it does not
   own, and the bytes of ranks > 0 never pass through rank 0. The engine side is unchanged:
   our engine and the vLLM backend (staging) receive as from one rank.
+- "shards" over broadcast (`shard_broadcast`): a weights group with one broadcast group per
+  trainer rank, every rank broadcasting its own rows to the engines, which receive them in
+  place in their stores (or stage them); rank 0 plans, announces and commits, the others
+  follow its words.
 - "gather": what RL frameworks do today and the fallback for other transports: every rank
   all-gathers each parameter (`DTensor.full_tensor()`), rank 0 keeps the full tensors and
   pushes them through the normal `WeightPusher`.
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +41,15 @@ from rlsync.config import SyncConfig
 from trainer_side.fsdp import full_tensors
 from trainer_side.push_report import PushReport
 from trainer_side.pusher import WeightPusher, WeightsLike, named_tensors
+from trainer_side.shard_broadcast import END, RowSender, ShardBroadcastSender
 from trainer_side.shard_channel import ShardChannel
 from trainer_side.shard_ipc import ShardIpcSender, ShardWriter
 
 PUSH_METHODS: tuple[str, ...] = ("shards", "gather")
+SHARD_TRANSPORTS: tuple[str, ...] = ("ipc", "broadcast")
+WORD_WAIT = 8
+"""Ranks > 0 wait this many `timeout_s` for rank 0's next word of a broadcast push: between
+two words it may form a group, wait for accepts and for the engines' done, and retry."""
 
 
 @dataclass
@@ -53,6 +62,8 @@ class RankPush:
     seconds: float = 0.0
     skipped: bool = False
     """Rank 0 moved no bytes this push (it failed before the transfer)."""
+    errors: list[str] = field(default_factory=list)
+    """What failed on this rank (broadcast: a send or a join; rank 0's report says more)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +88,10 @@ class ShardedPusher:
     ):
         if method not in PUSH_METHODS:
             raise ValueError(f"method: {method!r} is not one of {list(PUSH_METHODS)}")
-        if method == "shards" and cfg.transport != "ipc":
+        if method == "shards" and cfg.transport not in SHARD_TRANSPORTS:
             raise ValueError(
-                f"method 'shards' needs transport 'ipc', not {cfg.transport!r} (use 'gather')"
+                f"method 'shards' needs transport 'ipc' or 'broadcast', not {cfg.transport!r} "
+                "(use 'gather')"
             )
         if method == "shards" and cfg.delta:  # the encoder compares whole tensors on rank 0
             raise ValueError("method 'shards' cannot send deltas (sync.delta): use 'gather'")
@@ -88,23 +100,42 @@ class ShardedPusher:
         self.pushes = 0
         self.pusher: WeightPusher | None = None
         self.writer: ShardWriter | None = None
+        self.rows: RowSender | None = None
+        self._sender: ShardIpcSender | ShardBroadcastSender | None = None
+        self.broadcast = method == "shards" and cfg.transport == "broadcast"
         if rank == 0:
             if endpoints is None:
                 raise ValueError("rank 0 needs the engines' endpoints")
-            sender = None
-            if method == "shards":
-                sender = lambda *a: ShardIpcSender(*a, channel=self.channel)  # noqa: E731
-            self.pusher = WeightPusher(
-                cfg,
-                endpoints,
-                work_dir,
-                device=device,
-                connect_timeout_s=connect_timeout_s,
-                auth_keys=auth_keys,
-                sender_class=sender,
-            )
+            try:
+                self.pusher = WeightPusher(
+                    cfg,
+                    endpoints,
+                    work_dir,
+                    device=device,
+                    connect_timeout_s=connect_timeout_s,
+                    auth_keys=auth_keys,
+                    sender_class=self._sender_class(),
+                )
+            finally:
+                if self.broadcast:  # push 0 (forming the group) is over, whatever happened
+                    self.channel.say(0, END)
+        elif self.broadcast:
+            self.rows = RowSender(self.channel, torch.device(device))
+            self.rows.follow(0, {}, WORD_WAIT * cfg.timeout_s + connect_timeout_s)
         elif method == "shards":
             self.writer = ShardWriter(self.channel)
+
+    def _sender_class(self) -> Any:
+        """Rank 0's sender (None: the transport's own, for gather)."""
+        if self.method != "shards":
+            return None
+        cls = ShardBroadcastSender if self.broadcast else ShardIpcSender
+
+        def make(*args: Any) -> Any:
+            self._sender = cls(*args, channel=self.channel)
+            return self._sender
+
+        return make
 
     def push(self, weights: WeightsLike, version: int) -> PushReport | RankPush:
         """Every rank calls this with its (sharded) model; rank 0 returns the PushReport (and
@@ -114,8 +145,27 @@ class ShardedPusher:
         if self.method == "gather":
             return self._push_gathered(tensors, version)
         if self.rank != 0:
-            return self._write_rows(tensors)
+            return self._follow(tensors) if self.broadcast else self._write_rows(tensors)
+        if self.broadcast:
+            return self._push_rank0_broadcast(tensors, version)
         return self._push_rank0(tensors, version)
+
+    def _follow(self, tensors: dict[str, torch.Tensor]) -> RankPush:
+        assert self.rows is not None
+        t0 = time.perf_counter()
+        done = self.rows.follow(self.pushes, tensors, WORD_WAIT * self.cfg.timeout_s)
+        out = RankPush(rank=self.rank, method="shards", skipped=done.attempts == 0)
+        out.bytes_written, out.seconds = done.bytes_sent, time.perf_counter() - t0
+        out.errors = done.errors
+        return out
+
+    def _push_rank0_broadcast(self, tensors: dict[str, torch.Tensor], version: int) -> PushReport:
+        assert self.pusher is not None and isinstance(self._sender, ShardBroadcastSender)
+        self._sender.begin(self.pushes)
+        try:
+            return self.pusher.push(tensors, version)
+        finally:
+            self._sender.end()
 
     def _write_rows(self, tensors: dict[str, torch.Tensor]) -> RankPush:
         assert self.writer is not None
@@ -129,7 +179,7 @@ class ShardedPusher:
     def _push_rank0(self, tensors: dict[str, torch.Tensor], version: int) -> PushReport:
         assert self.pusher is not None
         n = self.pushes
-        sender = self.pusher.sender
+        sender = self._sender
         assert isinstance(sender, ShardIpcSender)
         sender.push_n = n
         if n > 1:
@@ -153,3 +203,5 @@ class ShardedPusher:
             self.pusher.close()
         if self.writer is not None:
             self.writer.close()
+        if self.rows is not None:
+            self.rows.close()

@@ -19,17 +19,15 @@ survive a dead trainer should set that variable to 2 (abort the communicator onl
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
 from rlsync import delta
 from rlsync.buckets import dtype_name, fingerprint, in_store, pack_bucket, plan_total_bytes
@@ -44,180 +42,14 @@ from rlsync.protocol import (
     UpdateWeightsFromDistributed,
     failed,
 )
-from rlsync.transports import (
-    OnBucket,
-    TransferStats,
-    TransportError,
-    TransportTimeout,
-    base,
-    integrity,
-)
-
-Backend = Literal["gloo", "nccl"]
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass(kw_only=True, eq=False)
-class BroadcastGroup:
-    """One rank's handle on a dedicated broadcast group (rank 0 sends)."""
-
-    rank: int
-    world_size: int
-    backend: Backend
-    group_name: str
-    device: torch.device
-    timeout_s: float
-    _pg: Any = field(repr=False)
-    _store: Any = field(repr=False)
-    _buffers: list[torch.Tensor] = field(default_factory=list, repr=False)
-
-    @classmethod
-    def create(
-        cls,
-        master_address: str,
-        master_port: int,
-        rank: int,
-        world_size: int,
-        backend: Backend = "gloo",
-        timeout_s: float = 60.0,
-        group_name: str = "weights",
-        device: torch.device | str | None = None,
-    ) -> BroadcastGroup:
-        """Rendezvous at master_address:master_port (rank 0 hosts the store) and connect.
-
-        Returns once every rank has joined; raises TransportTimeout when a peer does not show
-        up within `timeout_s`.
-        """
-        if not 0 <= rank < world_size or world_size < 2:
-            raise ValueError(
-                f"rank {rank} / world_size {world_size}: need 0 <= rank < size, size >= 2"
-            )
-        where = f"broadcast group {group_name!r} rank {rank}/{world_size}"
-        dev = _device(backend, device)
-        try:
-            store = TCPStore(
-                master_address,
-                master_port,
-                world_size,
-                rank == 0,
-                timedelta(seconds=timeout_s),
-                wait_for_workers=True,
-            )
-            prefixed = PrefixStore(group_name, store)
-            pg = _make_backend(backend, prefixed, rank, world_size, timeout_s, master_address)
-        except RuntimeError as e:
-            raise _translate(e, f"{where}: rendezvous at {master_address}:{master_port}") from e
-        group = cls(
-            rank=rank,
-            world_size=world_size,
-            backend=backend,
-            group_name=group_name,
-            device=dev,
-            timeout_s=timeout_s,
-            _pg=pg,
-            _store=store,
-        )
-        try:
-            group.broadcast(torch.zeros(1, device=dev), timeout_s)  # all ranks in; NCCL is up
-        except BaseException:
-            group.destroy()
-            raise
-        return group
-
-    def broadcast_async(self, tensor: torch.Tensor, timeout_s: float | None = None) -> Any:
-        """Start a broadcast from rank 0 into `tensor` on every rank; returns the work handle."""
-        if self._pg is None:
-            raise TransportError(f"broadcast group {self.group_name!r}: used after destroy()")
-        timeout = timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s)
-        try:
-            return self._pg.broadcast(tensor, 0, timeout)
-        except RuntimeError as e:
-            raise _translate(e, self._where("broadcast")) from e
-
-    def wait(self, work: Any, timeout_s: float | None = None, what: str = "broadcast") -> None:
-        """Block until `work` is done, at most `timeout_s` (raises TransportTimeout/Error)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            done = work.wait(timedelta(seconds=timeout))
-        except RuntimeError as e:
-            raise _translate(e, self._where(what)) from e
-        if done is False:
-            raise TransportTimeout(f"{self._where(what)}: not done after {timeout:.1f}s")
-
-    def broadcast(self, tensor: torch.Tensor, timeout_s: float | None = None) -> None:
-        """Broadcast from rank 0 into `tensor` on every rank and wait for it."""
-        self.wait(self.broadcast_async(tensor, timeout_s), timeout_s)
-
-    def buffers(self, nbytes: int) -> list[torch.Tensor]:
-        """Two reusable uint8 buffers of >= nbytes on the group's device (pre-faulted)."""
-        if not self._buffers or self._buffers[0].numel() < nbytes:
-            self._buffers = []  # free the old pair before allocating the new one
-            self._buffers = [
-                torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)
-            ]
-        return self._buffers
-
-    def destroy(self) -> None:
-        """Tear the group down (safe after errors, idempotent); the port is released."""
-        pg, self._pg, self._store, self._buffers = self._pg, None, None, []
-        if pg is not None:
-            try:
-                pg.abort() if self.backend == "nccl" else pg.shutdown()
-            except RuntimeError:
-                pass  # already broken: dropping the last reference releases it
-
-    def _where(self, what: str) -> str:
-        return f"broadcast group {self.group_name!r} rank {self.rank}/{self.world_size}: {what}"
-
-
-def _device(backend: Backend, device: torch.device | str | None) -> torch.device:
-    if backend == "gloo":
-        return torch.device(device or "cpu")
-    if backend == "nccl":
-        return (
-            torch.device(device)
-            if device is not None
-            else torch.device("cuda", torch.cuda.current_device())
-        )
-    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-
-
-def _make_backend(
-    backend: Backend, store: Any, rank: int, size: int, timeout_s: float, master_address: str
-) -> Any:
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        opts = ProcessGroupGloo._Options()
-        opts._timeout = timeout
-        local = master_address in _LOOPBACK
-        opts._devices = [
-            ProcessGroupGloo.create_device(hostname="127.0.0.1")
-            if local
-            else ProcessGroupGloo.create_default_device()
-        ]
-        return ProcessGroupGloo(store, rank, size, opts)
-    from torch.distributed import ProcessGroupNCCL  # absent from CPU-only builds
-
-    opts = ProcessGroupNCCL.Options()
-    opts._timeout = timeout
-    return ProcessGroupNCCL(store, rank, size, opts)
-
-
-def _translate(e: Exception, where: str) -> TransportError:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
-    return (TransportTimeout if timed_out else TransportError)(f"{where}: {text}")
+from rlsync.transports import OnBucket, TransferStats, TransportError, base, integrity
+from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, finish, holds
+from rlsync.transports.broadcast_rows import check_rows, recv_rows, sender_group
 
 
 def _wire_bytes(buckets: list[Bucket], verify: bool) -> int:
     """Room one staging buffer needs: the largest of `buckets` on the wire."""
     return max((integrity.wire_bytes(b.nbytes, verify) for b in buckets), default=0)
-
-
-IN_FLIGHT = 16
-"""Broadcasts kept in flight for a plan that follows the engines' store: its buckets need no
-staging buffer on either side (bar the packed ones, two at a time), and a deeper queue hides
-the per-collective latency of many tensor-sized buckets."""
 
 
 def send_buckets(
@@ -250,9 +82,9 @@ def send_buckets(
     packed = 0
     for g, (bucket, solo) in enumerate(zip(plan.buckets, solos, strict=True)):
         slot = None if solo is not None else packed % 2
-        while inflight and (len(inflight) >= window or _holds(inflight, slot)):
+        while inflight and (len(inflight) >= window or holds(inflight, slot)):
             done, works, _ = inflight.popleft()  # frees a place in the window, or buffer slot
-            _finish(group, works, timeout_s, f"bucket {done}", stats)
+            finish(group, works, timeout_s, f"bucket {done}", stats)
         t = time.perf_counter()
         if solo is not None:  # the trainer's own bytes go out: nothing to pack
             parts = [solo]
@@ -271,14 +103,9 @@ def send_buckets(
         inflight.append((g, [group.broadcast_async(part, timeout_s) for part in parts], slot))
     while inflight:
         done, works, _ = inflight.popleft()
-        _finish(group, works, timeout_s, f"bucket {done}", stats)
+        finish(group, works, timeout_s, f"bucket {done}", stats)
     stats.seconds = time.perf_counter() - t0
     return stats
-
-
-def _holds(inflight: deque[tuple[int, list[Any], int | None]], slot: int | None) -> bool:
-    """Whether a broadcast in flight still reads packing buffer `slot` (None: needs none)."""
-    return slot is not None and any(k == slot for *_, k in inflight)
 
 
 def sent_as_is(
@@ -336,7 +163,7 @@ def recv_buckets(
         while len(pending) + g < min(n, g + window):  # keep `window` receives posted
             posted = g + len(pending)
             pending.append(slots.post(posted, first if posted < window else timeout_s, cancel))
-        _finish(group, pending.popleft(), first if g == 0 else timeout_s, f"bucket {g}", stats)
+        finish(group, pending.popleft(), first if g == 0 else timeout_s, f"bucket {g}", stats)
         _check_cancel(cancel, g)
         t = time.perf_counter()
         target, trailer = slots.placed.pop(g)
@@ -429,7 +256,7 @@ def send_payloads(
 def _finish_payload(
     group: BroadcastGroup, item: tuple, timeout_s: float, stats: TransferStats
 ) -> None:
-    _finish(group, item[1], timeout_s, f"delta bucket {item[0]}", stats)
+    finish(group, item[1], timeout_s, f"delta bucket {item[0]}", stats)
 
 
 OnPayload = Callable[[int, delta.Header, torch.Tensor], None]
@@ -464,7 +291,7 @@ def recv_payloads(
     for g in range(count):
         _check_cancel(cancel, g)
         next_head = group.broadcast_async(heads[(g + 1) % 2], timeout_s) if g + 1 < count else None
-        _finish(group, [body_work], first if g == 0 else timeout_s, f"delta bucket {g}", stats)
+        finish(group, [body_work], first if g == 0 else timeout_s, f"delta bucket {g}", stats)
         following = None
         if next_head is not None:
             following = _post_body(group, g + 1, heads, bodies, next_head, timeout_s, stats)
@@ -489,7 +316,7 @@ def _post_body(
     stats: TransferStats,
 ) -> tuple[delta.Header, torch.Tensor, Any]:
     """Wait for bucket g's header, then post the receive of its body into buffer g % 2."""
-    _finish(group, [head_work], timeout_s, f"delta header {g}", stats)
+    finish(group, [head_work], timeout_s, f"delta header {g}", stats)
     header = delta.read_header(heads[g % 2])
     if header.body_nbytes > bodies[g % 2].numel():
         raise delta.DeltaError(
@@ -505,19 +332,6 @@ def _check_cancel(cancel: threading.Event | None, g: int) -> None:
         raise base.Cancelled(f"broadcast receive cancelled before bucket {g}")
 
 
-def _finish(
-    group: BroadcastGroup,
-    works: list[Any] | None,
-    timeout_s: float,
-    what: str,
-    stats: TransferStats,
-) -> None:
-    t = time.perf_counter()
-    for work in works or []:
-        group.wait(work, timeout_s, what)
-    stats.add("wait", time.perf_counter() - t)
-
-
 # ---------------------------------------------------------------- the two halves
 
 
@@ -527,6 +341,8 @@ class Sender(base.Sender):
     kind = "broadcast"
     can_rebuild = True
     solo_bytes = 1 << 20  # sent straight from the trainer's tensor, no packing copy
+    senders = 1
+    """Trainer ranks that send (a sharded trainer's sender sets its world size)."""
 
     def __init__(self, *args: Any):
         super().__init__(*args)
@@ -543,31 +359,21 @@ class Sender(base.Sender):
             if cfg.backend != "auto"
             else ("nccl" if self.device.type == "cuda" else "gloo")
         )
-        port, world = free_port(cfg.master_address), len(names) + 1
+        port = free_port(cfg.master_address)
         self.group_name = f"weights-{uuid.uuid4().hex[:8]}"
-        rids = self.engines.send(
-            {
-                n: InitWeightsGroup(
-                    master_address=cfg.master_address,
-                    master_port=port,
-                    rank_offset=i + 1,
-                    world_size=world,
-                    group_name=self.group_name,
-                    backend=backend,
-                    timeout_s=cfg.timeout_s,
-                )
-                for i, n in enumerate(names)
-            }
-        )
-        self.group = BroadcastGroup.create(
+        init = InitWeightsGroup(
             master_address=cfg.master_address,
             master_port=port,
-            rank=0,
-            world_size=world,
+            world_size=len(names) + 1,
+            group_name=self.group_name,
             backend=backend,
             timeout_s=cfg.timeout_s,
-            group_name=self.group_name,
+            senders=self.senders,
         )
+        rids = self.engines.send(
+            {n: dataclasses.replace(init, rank_offset=i + 1) for i, n in enumerate(names)}
+        )
+        self.group = self._join(init)
         replies = self.engines.gather(rids, cfg.timeout_s)
         refused = {n: why for n, r in replies.items() if (why := failed(r)) is not None}
         if refused:
@@ -575,17 +381,25 @@ class Sender(base.Sender):
             raise TransportError(f"weights group rendezvous failed: {refused}")
         self.members = names
 
+    def _join(self, init: InitWeightsGroup) -> BroadcastGroup:
+        """Rank 0's own place in the group the engines were just asked to join."""
+        return BroadcastGroup.create(
+            master_address=init.master_address,
+            master_port=init.master_port,
+            rank=0,
+            world_size=init.world_size,
+            backend=init.backend,
+            timeout_s=init.timeout_s,
+            group_name=init.group_name,
+        )
+
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDistributed:
         return UpdateWeightsFromDistributed(
             group_name=self.group_name, plan=update.plan, plan_id=update.plan_id, **update.fields
         )
 
     def send(self, plan: BucketPlan, tensors: base.Tensors, accepted: list[str]) -> None:
-        if sorted(accepted) != sorted(self.members):
-            refused = sorted(set(self.members) - set(accepted))
-            raise TransportError(
-                f"engines {refused} refused the update; a broadcast needs every member"
-            )
+        self._check_accepted(accepted)
         assert self.group is not None
         send_buckets(
             self.group, plan, tensors, verify=self.cfg.verify, timeout_s=self.cfg.timeout_s
@@ -620,23 +434,28 @@ class Sender(base.Sender):
 
 
 class _Join:
-    """One engine's rendezvous with a group, on its own thread (rank 0 may be late)."""
+    """One engine's rendezvous with a group, on its own thread (rank 0 may be late): one
+    broadcast group, or one per sender of a sharded trainer."""
 
     def __init__(self, msg: InitWeightsGroup):
-        self.msg, self.group, self.error = msg, None, ""
+        self.msg, self.groups, self.error = msg, list[BroadcastGroup](), ""
         self.thread = threading.Thread(target=self._run, name=f"join-{msg.group_name}", daemon=True)
 
     def _run(self) -> None:
         msg = self.msg
+        names = [msg.group_name]
+        if msg.senders > 1:
+            names = [sender_group(msg.group_name, r) for r in range(msg.senders)]
         try:
-            self.group = BroadcastGroup.create(
-                master_address=msg.master_address,
-                master_port=msg.master_port,
-                rank=msg.rank_offset,
-                world_size=msg.world_size,
+            self.groups = BroadcastGroup.join(
+                msg.master_address,
+                msg.master_port,
+                dict.fromkeys(names, msg.rank_offset),
+                msg.world_size,
+                members=msg.world_size + msg.senders - 1,
+                host=False,
                 backend=msg.backend,
                 timeout_s=msg.timeout_s,
-                group_name=msg.group_name,
             )
         except Exception as exc:  # reported in the Result; the engine loop goes on
             self.error = f"{type(exc).__name__}: {exc}"
@@ -650,7 +469,8 @@ class Receiver(base.Receiver):
     control_messages = (InitWeightsGroup, DestroyWeightsGroup)
 
     def __init__(self) -> None:
-        self.groups: dict[str, BroadcastGroup] = {}
+        self.groups: dict[str, list[BroadcastGroup]] = {}
+        """group name -> its broadcast groups: one, or one per sender of a sharded trainer"""
         self.joins: dict[str, _Join] = {}
 
     def handle(self, msg: Message) -> list[Message]:
@@ -676,8 +496,8 @@ class Receiver(base.Receiver):
                 continue
             del self.joins[name]
             rid = join.msg.request_id
-            if join.group is not None:
-                self.groups[name] = join.group
+            if join.groups:
+                self.groups[name] = join.groups
                 text = f"joined group {name} as rank {join.msg.rank_offset}"
                 done.append(Result(request_id=rid, success=True, message=text))
             else:
@@ -687,27 +507,54 @@ class Receiver(base.Receiver):
         return done
 
     def destroy_group(self, name: str) -> bool:
-        group = self.groups.pop(name, None)
-        if group is not None:
+        groups = self.groups.pop(name, None)
+        for group in groups or []:
             group.destroy()
-        return group is not None
+        return groups is not None
 
     def check(
         self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None, weights: base.WeightStore
     ) -> int:
-        if msg.group_name not in self.groups:
+        groups = self.groups.get(msg.group_name)
+        if groups is None:
             raise ValueError(
                 f"group_name {msg.group_name!r}: no such weights group (InitWeightsGroup first)"
             )
+        if (msg.rows is not None) != (len(groups) > 1):
+            raise ValueError(
+                f"rows: group {msg.group_name!r} has {len(groups)} senders; an update to it "
+                + ("must say which rows each sends" if len(groups) > 1 else "takes no rows")
+            )
+        if msg.rows is not None:
+            if msg.delta is not None:
+                raise ValueError("rows: a sharded update cannot carry delta payloads")
+            if plan is not None:
+                check_rows(plan, msg.rows, len(groups))
         return plan_total_bytes(plan) if plan is not None else 0
 
     def receive(
         self, msg: UpdateWeightsFromDistributed, plan: BucketPlan | None, writer: base.WeightWriter
     ) -> None:
         assert plan is not None
+        groups = self.groups[msg.group_name]
+        if msg.rows is not None:
+            check_rows(plan, msg.rows, len(groups))  # a plan known by id is checked here
+            recv_rows(
+                groups,
+                plan,
+                msg.rows,
+                writer.on_bucket,
+                region=writer.region,
+                landed=writer.landed,
+                verify=msg.verify,
+                timeout_s=msg.timeout_s,
+                cancel=writer.cancel,
+                first_timeout_s=2 * msg.timeout_s,
+            )
+            return
         if msg.delta is not None:
             recv_payloads(
-                self.groups[msg.group_name],
+                groups[0],
                 len(plan.buckets),
                 lambda g, head, body: delta.apply_payload(g, plan.buckets[g], head, body, writer),
                 max_body=max((b.nbytes for b in plan.buckets), default=0),
@@ -718,7 +565,7 @@ class Receiver(base.Receiver):
             return
         # the pusher may wait timeout_s for other engines' accepts before it sends
         recv_buckets(
-            self.groups[msg.group_name],
+            groups[0],
             plan,
             writer.on_bucket,
             region=writer.region,

@@ -3,7 +3,8 @@ task as the replicated default does.
 
 Two short learning runs on Ray, same seeds, same rollouts dealt to the same ranks: one with
 replicated data-parallel ranks, one with the policy sharded by `fully_shard` and each rank
-pushing its own shards through shared memory. The sharded PPO step is the replicated one
+pushing its own shards through shared memory (and once more over broadcast, each rank
+broadcasting its own rows). The sharded PPO step is the replicated one
 (only the order of float sums may differ), so the engines sample the same tokens: the
 reward of every step must be the same, and it must climb well above chance. At the end of
 each run the launcher checks the engines' weights against the trainers' (all-gathered).
@@ -44,8 +45,11 @@ def learn(tmp_path: Path, name: str, *extra: str) -> list[dict]:
 def test_fsdp_run_learns_like_the_replicated_run(tmp_path: Path) -> None:
     sharded = learn(tmp_path, "fsdp", "trainer.parallel=fsdp")
     replicated = learn(tmp_path, "replicated")
+    # each rank broadcasting its own rows lands the same bytes, so the same tokens
+    broadcast = learn(tmp_path, "fsdp-bc", "trainer.parallel=fsdp", "sync.transport=broadcast")
     rewards = [r["reward_mean"] for r in sharded]
     assert rewards == [r["reward_mean"] for r in replicated]
+    assert rewards == [r["reward_mean"] for r in broadcast]
     for a, b in zip(sharded, replicated, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["push_bytes"] == b["push_bytes"] > 0

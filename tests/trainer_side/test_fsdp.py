@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from rlsync.model_config import ModelConfig
 from trainer_side.config import ConfigError, TrainerConfig
-from trainer_side.fsdp import dim0_shard, full_tensors, shard_policy
+from trainer_side.fsdp import dim0_shard, full_tensors, local_rows, row_splits, shard_policy
 from trainer_side.learner import Learner, RolloutBatch, sample_rollouts
 from trainer_side.policy import LlamaPolicy
 from trainer_side.task import get_task
@@ -59,6 +59,11 @@ def _worker(rank: int, world: int, init: str, out: str, cfg: TrainerConfig, batc
     for name, p in policy.named_parameters():
         shard = dim0_shard(p, rank)
         rows[name] = torch.tensor([shard.start, shard.rows])
+        bounds = row_splits(p, world)  # what a sharded broadcast push announces
+        assert bounds[rank : rank + 2] == [shard.start, shard.start + shard.rows], name
+        assert local_rows({name: p}, {name: bounds}, rank).get(name, p.new_empty(0)).numel() == (
+            shard.local.numel() if shard.rows else 0
+        )
     learner = Learner(
         policy,
         cfg,
@@ -116,11 +121,13 @@ def test_fsdp_step_equals_one_process_on_the_whole_batch(tmp_path: Path, world: 
 def test_push_method_follows_transport_and_device() -> None:
     fsdp = TrainerConfig(parallel="fsdp")
     assert fsdp.push_method("ipc", "cpu") == "shards"
-    assert fsdp.push_method("broadcast", "cpu") == "gather"
+    assert fsdp.push_method("broadcast", "cpu") == "shards"
+    assert fsdp.push_method("disk", "cpu") == "gather"
+    assert fsdp.push_method("broadcast", "cuda") == "gather"
     assert fsdp.push_method("ipc", "cuda") == "gather"
     assert fsdp.push_method("ipc", "cpu", delta=True) == "gather"  # deltas need whole tensors
     assert TrainerConfig().push_method("ipc", "cpu") == "replicated"
     with pytest.raises(ConfigError, match="fsdp_push=shards"):
-        TrainerConfig(parallel="fsdp", fsdp_push="shards").push_method("broadcast", "cpu")
+        TrainerConfig(parallel="fsdp", fsdp_push="shards").push_method("disk", "cpu")
     with pytest.raises(ConfigError, match="without sync.delta"):
         TrainerConfig(parallel="fsdp", fsdp_push="shards").push_method("ipc", "cpu", True)
