@@ -2,8 +2,9 @@
 
 vLLM cannot expose its weight storage, so the engine receives into its Hugging Face-layout
 staging copy and loads vLLM from it; the trainer ranks do not gather anything for that: each
-rank writes its own rows into the shared buffer the engine reads, as for our engine. After a
-push from 2 and from 4 ranks (uneven shards: vocab 127) the staging copy equals the full
+rank writes its own rows into the shared buffer the engine reads, as for our engine (over
+broadcast: each rank broadcasts its rows, which the engine assembles bucket by bucket in its
+staging buffers). After a push from 2 and from 4 ranks (uneven shards: vocab 127) the staging copy equals the full
 model bit for bit and vLLM's greedy tokens equal transformers' on it. One vLLM engine for
 the module. Untied embeddings: with tied ones vLLM keeps computing with its old head after a
 reload, whoever pushes (a backend defect of its own, not of the sharded push).
@@ -57,10 +58,15 @@ def hf_greedy(ckpt, tensors, n: int) -> list[int]:
     return ids[len(PROMPT) :]
 
 
-@pytest.mark.parametrize("world_size, load_mode", [(2, "in_place"), (4, "shadow")])
-def test_sharded_push_to_vllm_is_bit_exact(engine, ckpt, tmp_path, world_size, load_mode):
+@pytest.mark.parametrize(
+    "world_size, load_mode, transport",
+    [(2, "in_place", "ipc"), (4, "shadow", "ipc"), (2, "in_place", "broadcast")],
+)
+def test_sharded_push_to_vllm_is_bit_exact(
+    engine, ckpt, tmp_path, world_size, load_mode, transport
+):
     version = engine.info().weight_version + 1
-    sync = SyncConfig(transport="ipc", bucket_mb=0.02, timeout_s=30.0, load_mode=load_mode)
+    sync = SyncConfig(transport=transport, bucket_mb=0.02, timeout_s=30.0, load_mode=load_mode)
     results = run_ranks(
         world_size, host_store(), ckpt, {"engine0": engine.endpoint}, sync, tmp_path,
         versions=(version,),
