@@ -1,7 +1,7 @@
 """Broadcast transport: a dedicated weights group (trainer = rank 0, engines = ranks 1..N).
 
-The group is built from its own TCPStore rendezvous (hosted by rank 0, keys under a
-`group_name` prefix) and the backend is constructed directly - gloo on CPU, NCCL on CUDA,
+The group (`broadcast_group.BroadcastGroup`) is built from its own TCPStore rendezvous
+(hosted by rank 0, keys under a `group_name` prefix) and the backend is constructed directly - gloo on CPU, NCCL on CUDA,
 same code - so it is never registered as torch.distributed's default group and lives beside
 a trainer's own DDP/FSDP group. Every wait is bounded: the rendezvous, each broadcast (the
 op's own timeout plus a bounded `Work.wait`), and a peer that dies breaks the connection
@@ -11,6 +11,9 @@ port); the process keeps running.
 Pushes are double-buffered: the sender packs bucket g+1 into the second buffer while
 bucket g is on the wire, and a receiver posts the receive of bucket g+1 before loading g.
 The two buffers are allocated once per group (grown if a plan needs more) and reused.
+
+A sharded trainer's weights group is one such group per trainer rank (`InitWeightsGroup.
+senders`); its updates carry `rows`, and `broadcast_rows` moves them.
 
 NCCL note: a collective that outlives the group timeout trips NCCL's watchdog, whose
 default reaction (TORCH_NCCL_ASYNC_ERROR_HANDLING) may end the process; engines that must

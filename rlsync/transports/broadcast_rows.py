@@ -310,7 +310,7 @@ class _SenderStream:
         self.scatter = group.buffers(_part_bytes(self.parts))
         self.trailers = [torch.zeros(TRAILER_BYTES, dtype=torch.uint8) for _ in range(IN_FLIGHT)]
         self.stats = TransferStats()
-        self.inference = torch.is_inference_mode_enabled()  # the engine's buffers may be
+        self.inference = torch.is_inference_mode_enabled()  # the engine's tensors may be
         self.thread = threading.Thread(target=self._run, name=f"rows-s{sender}", daemon=True)
 
     def _run(self) -> None:
