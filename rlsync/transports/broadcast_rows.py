@@ -30,7 +30,7 @@ import torch
 
 from rlsync.buckets import dtype_from_name, fingerprint, plan_total_bytes
 from rlsync.protocol import Bucket, BucketPlan, TensorSpec
-from rlsync.transports import OnBucket, TransferStats, TransportError, TransportTimeout, base
+from rlsync.transports import OnBucket, TransferStats, TransportTimeout, base
 from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, finish, holds
 from rlsync.transports.integrity import TRAILER_BYTES, check_apart
 
@@ -202,7 +202,8 @@ def recv_rows(
     first = timeout_s if first_timeout_s is None else first_timeout_s
     n = len(plan.buckets)
     in_place = n > 0 and region is not None and region(plan.buckets[0]) is not None
-    staging = [] if in_place else groups[0].buffers(max(b.nbytes for b in plan.buckets), "stage")
+    largest = max((b.nbytes for b in plan.buckets), default=0)
+    staging = [] if in_place else groups[0].buffers(largest, "stage")
     board = _Board(n, len(groups), staging, cancel)
     dest = (lambda g: region(plan.buckets[g])) if in_place else board.staging_for  # type: ignore[misc]
     workers = [
@@ -277,8 +278,8 @@ class _Board:
         deadline = time.monotonic() + timeout_s
         with self.cv:
             while not ready():
-                if self.error is not None:
-                    raise TransportError(f"{what}: {self.error}") from self.error
+                if self.error is not None:  # a sender's own error names its group and bucket
+                    raise self.error
                 if self.cancel is not None and self.cancel.is_set():
                     raise base.Cancelled(f"row receive cancelled ({what})")
                 left = deadline - time.monotonic()
