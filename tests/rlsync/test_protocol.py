@@ -204,10 +204,16 @@ SAMPLES: dict[str, p.Message] = {
             group_name="w2",
             backend="nccl",
             timeout_s=12.5,
+            senders=2,
         ),
         p.DestroyWeightsGroup(request_id="d-1", group_name="w2"),
         p.UpdateWeightsFromDistributed(
-            request_id="u-1", group_name="w2", plan_id=PLAN_ID, plan=PLAN, **UPDATE
+            request_id="u-1",
+            group_name="w2",
+            plan_id=PLAN_ID,
+            plan=PLAN,
+            rows={"model.norm.weight": [0, 4, 8]},
+            **UPDATE,
         ),
         p.UpdateWeightsFromIPC(
             request_id="u-2", buffer=BUFFER, plan_id=PLAN_ID, plan=PLAN, push_id=11, **UPDATE
