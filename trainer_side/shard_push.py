@@ -20,7 +20,8 @@ Two methods:
 - "shards" over broadcast (`shard_broadcast`): a weights group with one broadcast group per
   trainer rank, every rank broadcasting its own rows to the engines, which receive them in
   place in their stores (or stage them); rank 0 plans, announces and commits, the others
-  follow its words.
+  follow its words. A single rank holds every row and pushes its local tensors (no copy)
+  through the normal broadcast sender (engines take a one-sender group as a plain one).
 - "gather": what RL frameworks do today and the fallback for other transports: every rank
   all-gathers each parameter (`DTensor.full_tensor()`), rank 0 keeps the full tensors and
   pushes them through the normal `WeightPusher`.
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from rlsync.config import SyncConfig
 from trainer_side.fsdp import full_tensors
@@ -102,7 +104,8 @@ class ShardedPusher:
         self.writer: ShardWriter | None = None
         self.rows: RowSender | None = None
         self._sender: ShardIpcSender | ShardBroadcastSender | None = None
-        self.broadcast = method == "shards" and cfg.transport == "broadcast"
+        self.broadcast = method == "shards" and cfg.transport == "broadcast" and world_size > 1
+        self.whole = method == "shards" and cfg.transport == "broadcast" and world_size == 1
         if rank == 0:
             if endpoints is None:
                 raise ValueError("rank 0 needs the engines' endpoints")
@@ -126,8 +129,8 @@ class ShardedPusher:
             self.writer = ShardWriter(self.channel)
 
     def _sender_class(self) -> Any:
-        """Rank 0's sender (None: the transport's own, for gather)."""
-        if self.method != "shards":
+        """Rank 0's sender (None: the transport's own, for gather and a single broadcast rank)."""
+        if self.method != "shards" or self.whole:
             return None
         cls = ShardBroadcastSender if self.broadcast else ShardIpcSender
 
@@ -144,6 +147,10 @@ class ShardedPusher:
         tensors = named_tensors(weights)
         if self.method == "gather":
             return self._push_gathered(tensors, version)
+        if self.whole:
+            assert self.pusher is not None
+            local = {n: t.to_local() if isinstance(t, DTensor) else t for n, t in tensors.items()}
+            return self.pusher.push(local, version)
         if self.rank != 0:
             return self._follow(tensors) if self.broadcast else self._write_rows(tensors)
         if self.broadcast:

@@ -1,15 +1,17 @@
 """`rlsync bench sync --trainer-ranks 1 2 4`: pushing from FSDP2-sharded trainers.
 
 Per model size: write the bench checkpoint, start one engine from it; per trainer world
-size: spawn that many ranks (`sharded_rank`), each holding only its dim-0 shards of the same
-weights, and time, in the same run on the same weights:
-- shards: every rank writes its own rows into the ipc buffer (`trainer_side.shard_push`);
+size and transport (ipc, broadcast): spawn that many ranks (`sharded_rank`), each holding
+only its dim-0 shards of the same weights, and time, in the same run on the same weights:
+- shards: every rank moves its own rows (`trainer_side.shard_push`): over ipc it writes
+  them into the engine's store (or rank 0's buffer); over broadcast it broadcasts them over
+  a gloo group of its own with the engine, which receives them in place in its store;
 - gather: every rank all-gathers each parameter (`full_tensor()`), rank 0 pushes the whole
-  tensors through the normal pusher (what RL frameworks do today).
+  tensors through the normal pusher of that transport (what RL frameworks do today).
 Each row reports the median push time and GB/s (model bytes / push seconds, rank 0's wall
 time from the call to the engines' commit), the highest rise of rank 0's and of the other
 ranks' resident memory during a push, and whether the engine then held the weights bit for
-bit. The engine's weights are checked once per world size, after the last push.
+bit. The engine's weights are checked once per world size and transport, after its last push.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rlsync.bench import model as bench_model
 from rlsync.bench.sharded_rank import spawn_ranks
 from rlsync.bench.sync import machine_info
 from rlsync.buckets import tensor_fingerprint
+from trainer_side.shard_push import SHARD_TRANSPORTS
 
 METHODS = ("shards", "gather")
 JOIN_SLACK_S = 120.0
@@ -39,6 +42,7 @@ JOIN_SLACK_S = 120.0
 class ShardedBench:
     sizes: list[float] = field(default_factory=lambda: [0.25])
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4])
+    transports: list[str] = field(default_factory=lambda: list(SHARD_TRANSPORTS))
     repeat: int = 3
     bucket_mb: float = 64.0
     layers: int = bench_model.DEFAULT_LAYERS
@@ -49,6 +53,8 @@ class ShardedBench:
     def __post_init__(self) -> None:
         if self.repeat < 1 or not self.sizes or not self.ranks or min(self.ranks) < 1:
             raise ValueError("repeat >= 1 and at least one size and trainer rank count >= 1")
+        if not self.transports or not set(self.transports) <= set(SHARD_TRANSPORTS):
+            raise ValueError(f"transports: one or more of {list(SHARD_TRANSPORTS)}")
 
 
 def run_sharded(bench: ShardedBench, log: Any = None) -> dict[str, Any]:
@@ -81,12 +87,16 @@ def _run_size(bench: ShardedBench, size: float, work: Path, log: Any) -> list[di
     )
     rows = []
     try:
-        for i, world in enumerate(bench.ranks):
-            out = work / f"ranks-{world}"
+        runs = [(w, t) for w in bench.ranks for t in bench.transports]
+        for i, (world, transport) in enumerate(runs):
+            out = work / f"ranks-{world}-{transport}"
             out.mkdir()
-            results = _run_world(bench, size, world, engine.endpoint, out, 1 + 1000 * i)
+            first = (
+                1 + 1000 * i
+            )  # versions rise across runs: the engine refuses one not above its own
+            results = _run_world(bench, size, world, transport, engine.endpoint, out, first)
             verified = engine.fingerprints().fingerprints == want
-            rows += _rows(size, world, nbytes, results, verified)
+            rows += _rows(size, world, transport, nbytes, results, verified)
             for row in rows[-len(METHODS) :]:
                 log(_format_row(row))
     finally:
@@ -95,7 +105,13 @@ def _run_size(bench: ShardedBench, size: float, work: Path, log: Any) -> list[di
 
 
 def _run_world(
-    bench: ShardedBench, size: float, world: int, endpoint: str, out: Path, first_version: int
+    bench: ShardedBench,
+    size: float,
+    world: int,
+    transport: str,
+    endpoint: str,
+    out: Path,
+    first_version: int,
 ) -> dict[int, Any]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     job = {
@@ -105,7 +121,11 @@ def _run_world(
         "repeat": bench.repeat,
         "endpoint": endpoint,
         "out": str(out),
-        "sync": {"transport": "ipc", "bucket_mb": bench.bucket_mb, "timeout_s": bench.timeout_s},
+        "sync": {
+            "transport": transport,
+            "bucket_mb": bench.bucket_mb,
+            "timeout_s": bench.timeout_s,
+        },
         "versions": {m: first_version + 100 * k for k, m in enumerate(METHODS)},
     }
     procs = spawn_ranks(world, store.port, job)
@@ -122,12 +142,13 @@ def _run_world(
 
 
 def _rows(
-    size: float, world: int, nbytes: int, results: dict[int, Any], verified: bool
+    size: float, world: int, transport: str, nbytes: int, results: dict[int, Any], verified: bool
 ) -> list[dict[str, Any]]:
     errors = [f"rank {r}: {res['error']}" for r, res in results.items() if "error" in res]
     rows = []
     for method in METHODS:
-        row: dict[str, Any] = {"size_gib": size, "ranks": world, "method": method}
+        row: dict[str, Any] = {"size_gib": size, "ranks": world, "transport": transport}
+        row["method"] = method
         row.update(bytes=nbytes, verified=verified, error="; ".join(errors))
         if not errors:
             times = results[0]["methods"][method]["seconds"]
@@ -142,7 +163,7 @@ def _rows(
 
 
 def _format_row(row: dict[str, Any]) -> str:
-    head = f"[{row['size_gib']:g} GiB, {row['ranks']} rank(s)] {row['method']}"
+    head = f"[{row['size_gib']:g} GiB, {row['ranks']} rank(s), {row['transport']}] {row['method']}"
     if row["error"]:
         return f"{head}: FAILED: {row['error'][:300]}"
     other = "-" if row["other_peak_mib"] is None else f"{row['other_peak_mib']:.0f}"
@@ -153,20 +174,20 @@ def _format_row(row: dict[str, Any]) -> str:
 
 
 def format_sharded(result: dict[str, Any]) -> str:
-    """A Markdown table: ranks x method."""
+    """A Markdown table: size x ranks x transport x method."""
     lines = [
-        "| size GiB | trainer ranks | method | median s | GB/s | rank 0 peak +MiB "
+        "| size GiB | trainer ranks | transport | method | median s | GB/s | rank 0 peak +MiB "
         "| other ranks peak +MiB | engine bit-exact |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        head = f"| {r['size_gib']:g} | {r['ranks']} | {r['transport']} | {r['method']} |"
         if r["error"]:
-            lines.append(f"| {r['size_gib']:g} | {r['ranks']} | {r['method']} | failed: "
-                         f"{r['error'][:80]} | | | | |")  # fmt: skip
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | |")
             continue
         other = "-" if r["other_peak_mib"] is None else f"{r['other_peak_mib']:.0f}"
         lines.append(
-            f"| {r['size_gib']:g} | {r['ranks']} | {r['method']} | {r['median_s']:.3f} "
-            f"| {r['gbps']:.2f} | {r['rank0_peak_mib']:.0f} | {other} | {r['verified']} |"
+            f"{head} {r['median_s']:.3f} | {r['gbps']:.2f} | {r['rank0_peak_mib']:.0f} "
+            f"| {other} | {r['verified']} |"
         )
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 rlsync bench sync [--size-gib 0.25 1] [--engines 1 2] [--repeat 3] [--json P] [--plot P] [--gpu]
 rlsync bench generate [--batch 1 8 32] [--max-new-tokens 64] [--engine vllm] [--json P]
 rlsync bench sync --engine vllm [--size-gib 0.03] [--repeat 3] [--json P]
-rlsync bench sync --trainer-ranks 1 2 4 [--size-gib 0.25] [--repeat 3] [--json P]
+rlsync bench sync --trainer-ranks 1 2 4 [--transports ipc broadcast] [--size-gib 0.25] [--json P]
 rlsync bench commit [--engines 2 4] [--transports ipc broadcast] [--busy] [--json P]
 """
 
@@ -61,7 +61,14 @@ def _add_sync(kinds: argparse._SubParsersAction) -> None:
         nargs="+",
         default=None,
         help="FSDP2-sharded trainer world sizes: each rank pushes its own shards vs "
-        "gather-to-rank-0-then-push (one engine, ipc; default size 0.25 GiB)",
+        "gather-to-rank-0-then-push (one engine; default size 0.25 GiB)",
+    )
+    s.add_argument(
+        "--transports",
+        nargs="+",
+        choices=("ipc", "broadcast"),
+        default=["ipc", "broadcast"],
+        help="with --trainer-ranks: the transports to push over",
     )
     s.add_argument(
         "--methods",
@@ -302,6 +309,7 @@ def run_sharded_cmd(args: argparse.Namespace) -> int:
         lambda: ShardedBench(
             sizes=args.size_gib or [0.25],
             ranks=args.trainer_ranks,
+            transports=args.transports,
             repeat=args.repeat,
             bucket_mb=args.bucket_mb,
             layers=args.layers,
