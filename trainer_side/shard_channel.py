@@ -81,11 +81,10 @@ class ShardChannel:
 
     def forget(self, n: int, buckets: int) -> None:
         """Rank 0: drop the keys of push n (every rank is past it or gave up)."""
-        keys = [f"{n}/go"] + [
-            f"{n}/r{r}/b{g}" for r in range(1, self.world_size) for g in range(buckets)
-        ]
-        for key in keys:
-            self.store.delete_key(key)
+        self.forget_keys(
+            [f"{n}/go"]
+            + [f"{n}/r{r}/b{g}" for r in range(1, self.world_size) for g in range(buckets)]
+        )
 
     def _wait(self, key: str, timeout_s: float, what: str) -> None:
         try:

@@ -540,20 +540,6 @@ class Receiver(base.Receiver):
     ) -> None:
         assert plan is not None
         groups = self.groups[msg.group_name]
-        if msg.rows is not None:
-            recv_rows(
-                groups,
-                plan,
-                msg.rows,
-                writer.on_bucket,
-                region=writer.region,
-                landed=writer.landed,
-                verify=msg.verify,
-                timeout_s=msg.timeout_s,
-                cancel=writer.cancel,
-                first_timeout_s=2 * msg.timeout_s,
-            )
-            return
         if msg.delta is not None:
             recv_payloads(
                 groups[0],
@@ -566,17 +552,12 @@ class Receiver(base.Receiver):
             )
             return
         # the pusher may wait timeout_s for other engines' accepts before it sends
-        recv_buckets(
-            groups[0],
-            plan,
-            writer.on_bucket,
-            region=writer.region,
-            landed=writer.landed,
-            verify=msg.verify,
-            timeout_s=msg.timeout_s,
-            cancel=writer.cancel,
-            first_timeout_s=2 * msg.timeout_s,
-        )
+        where = dict(region=writer.region, landed=writer.landed, cancel=writer.cancel)
+        bounds = dict(verify=msg.verify, timeout_s=msg.timeout_s, first_timeout_s=2 * msg.timeout_s)
+        if msg.rows is not None:  # a sharded trainer: every rank sends its own rows
+            recv_rows(groups, plan, msg.rows, writer.on_bucket, **where, **bounds)
+        else:
+            recv_buckets(groups[0], plan, writer.on_bucket, **where, **bounds)
 
     def failed(self, msg: UpdateWeightsFromDistributed) -> None:
         self.destroy_group(msg.group_name)  # a failed collective leaves the group unusable

@@ -311,7 +311,7 @@ class _SenderStream:
         self.scatter = group.buffers(_part_bytes(self.parts))
         self.trailers = [torch.zeros(TRAILER_BYTES, dtype=torch.uint8) for _ in range(IN_FLIGHT)]
         self.stats = TransferStats()
-        self.inference = torch.is_inference_mode_enabled()  # the engine's tensors may be
+        self.inference = torch.is_inference_mode_enabled()  # as the engine's tensors are
         self.thread = threading.Thread(target=self._run, name=f"rows-s{sender}", daemon=True)
 
     def _run(self) -> None:
@@ -338,13 +338,15 @@ class _SenderStream:
                 inflight.append((g, [], None, None))
                 continue
             timeout = self.first if g < IN_FLIGHT else self.timeout_s
-            works, wire, trailer = self._post(g, ps, slot, timeout)
+            works, posted = self._post(g, ps, slot, timeout)
             scattered += slot is not None
-            inflight.append((g, works, (ps, wire, trailer), slot))
+            inflight.append((g, works, posted, slot))
         while inflight:
             self._land(*inflight.popleft())
 
     def _post(self, g: int, ps: list[Piece], slot: int | None, timeout: float) -> tuple:
+        """Post bucket g's receive(s): the work handles, and (pieces, where the bucket lands,
+        where its part lands, its trailer) for `_land`."""
         target = self.dest(g)
         assert target is not None
         if slot is None:
@@ -356,19 +358,18 @@ class _SenderStream:
         if self.verify:
             trailer = self.trailers[g % IN_FLIGHT].to(self.group.device)
             works.append(self.group.broadcast_async(trailer, timeout))
-        return works, wire, trailer
+        return works, (ps, target, wire, trailer)
 
     def _land(self, g: int, works: list[Any], posted: Any, slot: int | None) -> None:
         timeout = self.first if g < IN_FLIGHT else self.timeout_s
         what = f"bucket {g} (rows of sender {self.sender})"
         finish(self.group, works, timeout, what, self.stats)
         if posted is not None:
-            ps, wire, trailer = posted
+            ps, target, wire, trailer = posted
             if trailer is not None:
                 check_apart(g, wire, trailer)
             if slot is not None:
-                target, pos = self.dest(g), 0
-                assert target is not None
+                pos = 0
                 for p in ps:
                     target[p.at : p.at + p.nbytes].copy_(wire[pos : pos + p.nbytes])
                     pos += p.nbytes
