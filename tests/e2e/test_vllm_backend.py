@@ -83,6 +83,17 @@ def hf_greedy(ckpt, tensors, prompt, n):
     return ids[len(prompt) :], logprobs
 
 
+def push_checked(engine, cfg: SyncConfig, tensors, version: int, work) -> None:
+    """Push `tensors` as `version` to the vLLM `engine`: it must land, bit for bit."""
+    pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, work)
+    try:
+        report = pusher.push(tensors, version)
+        assert report.failed == [], report.summary()
+        assert pusher.mismatches(tensors) == {"vllm": []}
+    finally:
+        pusher.close()
+
+
 def greedy(n):
     return SamplingParams(max_new_tokens=n)
 
@@ -105,12 +116,7 @@ def test_qwen2_equals_transformers_before_and_after_a_push(tmp_path):
         assert out.output_ids == tokens
         assert max(abs(a - b) for a, b in zip(out.logprobs, logprobs, strict=True)) < 1e-4
         version, tensors = 1, trainer_weights(ckpt, 1)
-        pusher = WeightPusher(SyncConfig(timeout_s=60), {"vllm": engine.endpoint}, tmp_path)
-        try:
-            assert pusher.push(tensors, version).failed == []
-            assert pusher.mismatches(tensors) == {"vllm": []}
-        finally:
-            pusher.close()
+        push_checked(engine, SyncConfig(timeout_s=60), tensors, version, tmp_path)
         (out,) = engine.generate([PROMPT], greedy(8))
         assert out.output_ids == hf_greedy(ckpt, tensors, PROMPT, 8)[0]
     finally:
@@ -153,13 +159,7 @@ def test_tied_model_computes_with_the_pushed_embedding_as_its_head(
     tensors = trainer_weights(tied_ckpt, version)
     assert "lm_head.weight" not in tensors
     cfg = SyncConfig(load_mode=load_mode, bucket_mb=0.02, timeout_s=60)
-    pusher = WeightPusher(cfg, {"vllm": tied_engine.endpoint}, tmp_path)
-    try:
-        report = pusher.push(tensors, version)
-        assert report.failed == [], report.summary()
-        assert pusher.mismatches(tensors) == {"vllm": []}
-    finally:
-        pusher.close()
+    push_checked(tied_engine, cfg, tensors, version, tmp_path)
     assert_equals_transformers(tied_engine, tied_ckpt, tensors)
     assert tied_engine.info().weight_version == version
 
@@ -219,13 +219,7 @@ def test_push_serves_the_new_weights_and_drops_stale_prefix_kv(
     version = next_version(engine)
     tensors = trainer_weights(ckpt, version)
     cfg = SyncConfig(transport=transport, load_mode=load_mode, bucket_mb=0.02, timeout_s=60)
-    pusher = WeightPusher(cfg, {"vllm": engine.endpoint}, tmp_path)
-    try:
-        report = pusher.push(tensors, version)
-        assert report.failed == [], report.summary()
-        assert pusher.mismatches(tensors) == {"vllm": []}
-    finally:
-        pusher.close()
+    push_checked(engine, cfg, tensors, version, tmp_path)
     long_out, short_out = engine.generate([LONG, PROMPT], greedy(6))
     assert long_out.cached_tokens == 0  # nothing computed with the old weights is reused
     assert long_out.output_ids == hf_greedy(ckpt, tensors, LONG, 6)[0]
