@@ -20,15 +20,17 @@ Two methods:
 - "shards" over broadcast (`shard_broadcast`): a weights group with one broadcast group per
   trainer rank, every rank broadcasting its own rows to the engines, which receive them in
   place in their stores (or stage them); rank 0 plans, announces and commits, the others
-  follow its words. A single rank holds every row and pushes its local tensors (no copy)
-  through the normal broadcast sender (engines take a one-sender group as a plain one).
+  follow its words.
 - "gather": what RL frameworks do today and the fallback for other transports: every rank
   all-gathers each parameter (`DTensor.full_tensor()`), rank 0 keeps the full tensors and
   pushes them through the normal `WeightPusher`.
+A single rank holds every row, so with world size 1 every method is a plain push of its local
+tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -103,9 +105,9 @@ class ShardedPusher:
         self.pusher: WeightPusher | None = None
         self.writer: ShardWriter | None = None
         self.rows: RowSender | None = None
-        self._sender: ShardIpcSender | ShardBroadcastSender | None = None
-        self.broadcast = method == "shards" and cfg.transport == "broadcast" and world_size > 1
-        self.whole = method == "shards" and cfg.transport == "broadcast" and world_size == 1
+        self.single = world_size == 1
+        """One rank holds every row: whatever the method, a plain push of its local tensors."""
+        self.broadcast = method == "shards" and cfg.transport == "broadcast" and not self.single
         if rank == 0:
             if endpoints is None:
                 raise ValueError("rank 0 needs the engines' endpoints")
@@ -129,28 +131,23 @@ class ShardedPusher:
             self.writer = ShardWriter(self.channel)
 
     def _sender_class(self) -> Any:
-        """Rank 0's sender (None: the transport's own, for gather and a single broadcast rank)."""
-        if self.method != "shards" or self.whole:
+        """Rank 0's sender (None: the transport's own, for gather and a single rank)."""
+        if self.method != "shards" or self.single:
             return None
         cls = ShardBroadcastSender if self.broadcast else ShardIpcSender
-
-        def make(*args: Any) -> Any:
-            self._sender = cls(*args, channel=self.channel)
-            return self._sender
-
-        return make
+        return functools.partial(cls, channel=self.channel)
 
     def push(self, weights: WeightsLike, version: int) -> PushReport | RankPush:
         """Every rank calls this with its (sharded) model; rank 0 returns the PushReport (and
         raises PushError as `WeightPusher.push` does), the others what they wrote."""
         self.pushes += 1
         tensors = named_tensors(weights)
-        if self.method == "gather":
-            return self._push_gathered(tensors, version)
-        if self.whole:
+        if self.single:
             assert self.pusher is not None
             local = {n: t.to_local() if isinstance(t, DTensor) else t for n, t in tensors.items()}
             return self.pusher.push(local, version)
+        if self.method == "gather":
+            return self._push_gathered(tensors, version)
         if self.rank != 0:
             return self._follow(tensors) if self.broadcast else self._write_rows(tensors)
         if self.broadcast:
@@ -167,12 +164,14 @@ class ShardedPusher:
         return out
 
     def _push_rank0_broadcast(self, tensors: dict[str, torch.Tensor], version: int) -> PushReport:
-        assert self.pusher is not None and isinstance(self._sender, ShardBroadcastSender)
-        self._sender.begin(self.pushes)
+        assert self.pusher is not None
+        sender = self.pusher.sender
+        assert isinstance(sender, ShardBroadcastSender)
+        sender.begin(self.pushes)
         try:
             return self.pusher.push(tensors, version)
         finally:
-            self._sender.end()
+            sender.end()
 
     def _write_rows(self, tensors: dict[str, torch.Tensor]) -> RankPush:
         assert self.writer is not None
@@ -186,7 +185,7 @@ class ShardedPusher:
     def _push_rank0(self, tensors: dict[str, torch.Tensor], version: int) -> PushReport:
         assert self.pusher is not None
         n = self.pushes
-        sender = self._sender
+        sender = self.pusher.sender
         assert isinstance(sender, ShardIpcSender)
         sender.push_n = n
         if n > 1:
