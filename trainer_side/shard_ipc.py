@@ -124,16 +124,24 @@ class ShardWriter:
         if not payload:
             return None
         msg, refs = decode_go(payload)
+        assert msg.plan is not None
         self.pushes += 1
-        self._open_control(msg)
-        targets = self._targets(msg, refs)
-        written = 0
-        for g, bucket in enumerate(msg.plan.buckets):
-            if self.control is not None and self.control.aborted() == msg.push_id + 1:
-                raise TransportError(f"push {n}: rank 0 aborted it (at bucket {g})")
-            for region in targets(g):
-                written += write_bucket_shards(region, bucket, tensors, self.channel.rank)
-            self.channel.wrote(n, g)
+        written = done = 0
+        try:
+            self._open_control(msg)
+            targets = self._targets(msg, refs)
+            for g, bucket in enumerate(msg.plan.buckets):
+                if self.control is not None and self.control.aborted() == msg.push_id + 1:
+                    raise TransportError(f"push {n}: rank 0 aborted it (at bucket {g})")
+                for region in targets(g):
+                    written += write_bucket_shards(region, bucket, tensors, self.channel.rank)
+                self.channel.wrote(n, g)
+                done = g + 1
+        except Exception as exc:  # rank 0 learns why at once, not after its timeout
+            why = f"{type(exc).__name__}: {exc}"
+            for g in range(done, len(msg.plan.buckets)):
+                self.channel.wrote(n, g, why)
+            raise
         self._unmap_stale()
         return written
 
