@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,12 +48,9 @@ class EncodeStats:
     changed_units: float = 0.0
     """Units that differ from the base: counted exactly in SPARSE buckets, estimated from
     the sample in buckets sent whole (all of them when there is no base)."""
-    sent_units: int = 0
-    """Units sent: the changed ones of SPARSE buckets, every unit of RAW ones."""
     raw_bytes: int = 0
     wire_bytes: int = 0
     seconds: float = 0.0
-    per_bucket: list[int] = field(default_factory=list)
 
     @property
     def changed_fraction(self) -> float:
@@ -106,10 +103,8 @@ class DeltaEncoder:
         s.raw_buckets += payload.kind == RAW
         s.units += units
         s.changed_units += changed
-        s.sent_units += payload.changed
         s.raw_bytes += bucket.nbytes
         s.wire_bytes += payload.nbytes
-        s.per_bucket.append(payload.nbytes)
         s.seconds += time.perf_counter() - t0
         return payload
 

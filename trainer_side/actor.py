@@ -265,18 +265,19 @@ class TrainerActor:
     def save_checkpoint(self, path: str) -> str:
         """Write a Hugging Face-loadable checkpoint (config.json + safetensors) to `path`;
         when sharded every rank must call it (rank 0 writes)."""
-        tensors = self._full_tensors()
+        tensors = self._full_tensors(keep=self.rank == 0)  # the others only take part
         if self.rank != 0:
             return ""
         return str(self.policy.save_pretrained(path, tensors=tensors))
 
-    def _full_tensors(self) -> dict[str, Any]:
-        """Whole tensors by Hugging Face name (sharded: all-gathered; every rank calls)."""
+    def _full_tensors(self, keep: bool = True) -> dict[str, Any]:
+        """Whole tensors by Hugging Face name (sharded: all-gathered; every rank calls, and
+        `keep=False` drops each gathered copy at once)."""
         if not self.sharded:
             return self.policy.hf_tensors()
         from trainer_side.fsdp import full_tensors
 
-        return dict(full_tensors(self.policy.hf_tensors().items()))
+        return dict(full_tensors(self.policy.hf_tensors().items(), keep=keep))
 
     def close(self) -> None:
         if self.pusher is not None:

@@ -50,10 +50,6 @@ class Dim0Shard:
         return self.local.shape[0] if self.local.dim() else 1
 
 
-def is_sharded(t: Tensor) -> bool:
-    return isinstance(t, DTensor)
-
-
 def dim0_shard(t: Tensor, rank: int) -> Dim0Shard | None:
     """This rank's part of `t`: its dim-0 rows for a Shard(0) DTensor; the whole tensor on
     rank 0 (None elsewhere) for a plain or replicated one, so exactly one rank writes it.

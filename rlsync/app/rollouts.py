@@ -11,10 +11,9 @@ tokens). Knows nothing about Ray beyond holding its ObjectRefs, and nothing abou
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rlsync.protocol import GenerateOutput, token_versions
@@ -27,7 +26,6 @@ class PendingBatch:
     step: int
     prompts: list[list[int]]
     calls: dict[str, Any]
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class RolloutQueue:
