@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from rlsync import delta
-from rlsync.buckets import dtype_name, fingerprint, in_store, pack_bucket, plan_total_bytes
+from rlsync.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
 from rlsync.netutil import free_port
 from rlsync.protocol import (
     Bucket,
@@ -46,7 +46,7 @@ from rlsync.protocol import (
     failed,
 )
 from rlsync.transports import OnBucket, TransferStats, TransportError, base, integrity
-from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, finish, holds
+from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, as_wire, finish, holds
 from rlsync.transports.broadcast_rows import check_rows, recv_rows, sender_group
 
 
@@ -79,7 +79,7 @@ def send_buckets(
     window = IN_FLIGHT if apart else 2
     trailers = [
         torch.zeros(integrity.TRAILER_BYTES, dtype=torch.uint8, device=group.device)
-        for _ in range(window)
+        for _ in range(window if verify else 0)
     ]
     inflight: deque[tuple[int, list[Any], int | None]] = deque()  # bucket, works, buffer
     packed = 0
@@ -120,16 +120,9 @@ def sent_as_is(
     if len(bucket.tensors) != 1:
         return None
     spec, src = bucket.tensors[0], tensors[bucket.tensors[0].name]
-    if (
-        spec.offset
-        or spec.nbytes != bucket.nbytes
-        or dtype_name(src.dtype) != spec.dtype
-        or tuple(src.shape) != tuple(spec.shape)
-        or not src.is_contiguous()
-        or src.device != device
-    ):
+    if spec.offset or spec.nbytes != bucket.nbytes or tuple(src.shape) != tuple(spec.shape):
         return None
-    return src.detach().reshape(-1).view(torch.uint8)
+    return as_wire(src, spec.dtype, bucket.nbytes, device)
 
 
 def recv_buckets(

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
+from rlsync.buckets import dtype_name
 from rlsync.transports import TransferStats, TransportError, TransportTimeout
 
 Backend = Literal["gloo", "nccl"]
@@ -223,6 +224,19 @@ IN_FLIGHT = 16
 """Broadcasts kept in flight for a plan that follows the engines' store: its buckets need no
 staging buffer on either side (bar the packed ones, two at a time), and a deeper queue hides
 the per-collective latency of many tensor-sized buckets."""
+
+
+def as_wire(
+    src: torch.Tensor, dtype: str, nbytes: int, device: torch.device
+) -> torch.Tensor | None:
+    """`src`'s bytes exactly as the wire carries them, with no packing copy, when it already
+    has the planned `dtype`, is contiguous on the group's device and is `nbytes` long; else
+    None (it must be packed)."""
+    if dtype_name(src.dtype) != dtype or not src.is_contiguous() or src.device != device:
+        return None
+    if src.numel() * src.element_size() != nbytes:
+        return None
+    return src.detach().reshape(-1).view(torch.uint8)
 
 
 def holds(inflight: deque[tuple[Any, ...]], slot: int | None) -> bool:

@@ -31,7 +31,7 @@ import torch
 from rlsync.buckets import dtype_from_name, fingerprint, plan_total_bytes
 from rlsync.protocol import Bucket, BucketPlan, TensorSpec
 from rlsync.transports import OnBucket, TransferStats, TransportTimeout, base
-from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, finish, holds
+from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, as_wire, finish, holds
 from rlsync.transports.integrity import TRAILER_BYTES, check_apart
 
 Rows = Mapping[str, list[int]]
@@ -117,11 +117,12 @@ def send_rows(
     t0 = time.perf_counter()
     parts = [pieces(b, rows, sender) for b in plan.buckets]
     stats = TransferStats(nbytes=sum(p.nbytes for ps in parts for p in ps), buckets=len(parts))
-    solos = [_as_is(ps[0], local, group.device) if len(ps) == 1 else None for ps in parts]
+    solos = [_solo(ps, local, group.device) for ps in parts]
     packs = [ps for ps, solo in zip(parts, solos, strict=True) if ps and solo is None]
     bufs = group.buffers(max((sum(p.nbytes for p in ps) for ps in packs), default=0))
     trailers = [
-        torch.zeros(TRAILER_BYTES, dtype=torch.uint8, device=group.device) for _ in range(IN_FLIGHT)
+        torch.zeros(TRAILER_BYTES, dtype=torch.uint8, device=group.device)
+        for _ in range(IN_FLIGHT if verify else 0)
     ]
     inflight: deque[tuple[int, list[Any], int | None]] = deque()
     packed = 0
@@ -157,14 +158,11 @@ def send_rows(
     return stats
 
 
-def _as_is(piece: Piece, local: Mapping[str, torch.Tensor], device: torch.device) -> Any:
+def _solo(ps: list[Piece], local: Mapping[str, torch.Tensor], device: torch.device) -> Any:
     """A one-range part straight from the trainer's rows when it needs no cast; else None."""
-    src = local[piece.spec.name]
-    if src.dtype != dtype_from_name(piece.spec.dtype) or not src.is_contiguous():
+    if len(ps) != 1:
         return None
-    if src.device != device or src.numel() * src.element_size() != piece.nbytes:
-        return None
-    return src.detach().reshape(-1).view(torch.uint8)
+    return as_wire(local[ps[0].spec.name], ps[0].spec.dtype, ps[0].nbytes, device)
 
 
 def _pack(ps: list[Piece], local: Mapping[str, torch.Tensor], buf: torch.Tensor) -> Any:
