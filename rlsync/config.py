@@ -126,9 +126,12 @@ class SyncConfig:
             raise ConfigError(
                 f"commit: 'atomic' needs load_mode 'shadow', got load_mode {self.load_mode!r}"
             )
-        if self.commit_timeout_s is not None and self.commit_timeout_s <= 2 * COMMIT_MARGIN_S:
+        if self.commit_timeout_s is not None and not (
+            2 * COMMIT_MARGIN_S < self.commit_timeout_s <= 3600.0
+        ):
             raise ConfigError(
-                f"commit_timeout_s: must be > {2 * COMMIT_MARGIN_S:g}, got {self.commit_timeout_s}"
+                f"commit_timeout_s: must be > {2 * COMMIT_MARGIN_S:g} and <= 3600 (the wire's "
+                f"limit), got {self.commit_timeout_s}"
             )
 
     @property

@@ -241,11 +241,13 @@ class WeightWriter:
         return self.flat[bucket.store_offset : bucket.store_offset + bucket.nbytes]
 
     def open_store(self) -> None:
-        """Another process writes the store directly from now on (counts as touched)."""
-        self.check_cancel()
+        """Another process writes the store directly from now on (counts as touched). Marked
+        before the cancel check: an engine that gives up on this receive meanwhile must see
+        the store as handed out (and retire it), whichever of the two comes first."""
         if self.flat is None:
             raise TransportError("this engine's weights cannot be written in place")
         self.touched = self.exposed = True
+        self.check_cancel()
 
     def landed(self, bucket: Bucket) -> None:
         """`bucket` arrived in place: tell the sink as if its tensors had been written."""

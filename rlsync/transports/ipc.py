@@ -629,10 +629,14 @@ class Sender(base.Sender):
             )
             return
         assert self.direct is not None
-        missing = [n for n in accepted if n not in self.targets]
-        if missing:
-            raise TransportError(f"engines {missing} named no store to write this push into")
-        stores = {self.engines.index(n): self._mapped(self.targets[n]) for n in accepted}
+        try:  # the engines that accepted are waiting: any failure here aborts them at once
+            missing = [n for n in accepted if n not in self.targets]
+            if missing:
+                raise TransportError(f"engines {missing} named no store to write this push into")
+            stores = {self.engines.index(n): self._mapped(self.targets[n]) for n in accepted}
+        except Exception:
+            self.direct.control.set_aborted(self.push_id)
+            raise
         try:
             self.direct.push_direct(
                 plan,

@@ -11,6 +11,7 @@ keeps unlinked pages alive until it closes.
 
 from __future__ import annotations
 
+import secrets
 import weakref
 
 import torch
@@ -50,7 +51,7 @@ class EngineStore:
 def _cuda_ref(flat: torch.Tensor) -> StoreRef:
     from rlsync.transports.cuda_ipc import share
 
-    name = f"cuda-store-{flat.data_ptr():x}"
+    name = f"cuda-store-{secrets.token_hex(8)}"  # an address is reused by a later store
     return StoreRef(kind="cuda", name=name, nbytes=flat.numel(), cuda=share(flat))
 
 
