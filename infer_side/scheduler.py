@@ -99,9 +99,7 @@ class Scheduler:
         weights) and goes back to the front of the queue with all its tokens, so it resumes
         by recomputing that KV with the new weights (unlike a retraction, nothing is redone)."""
         for req in reversed(list(self.running)):
-            self.running.remove(req)
-            self._release(req, cache=False)
-            self.waiting.appendleft(req)
+            self._requeue(req)
 
     def reset_kv(self) -> None:
         """Empty the prefix cache, the table and the allocator; no running request may hold KV."""
@@ -257,11 +255,15 @@ class Scheduler:
     # ------------------------------------------------------------------ giving KV back
 
     def _retract(self, req: Request) -> None:
+        self._requeue(req)
+        req.restart()  # the tokens the client has not seen are generated again
+        self.num_retracted += 1
+
+    def _requeue(self, req: Request) -> None:
+        """A running request frees its KV and goes back to the front of the queue."""
         self.running.remove(req)
         self._release(req, cache=False)
-        req.restart()
         self.waiting.appendleft(req)
-        self.num_retracted += 1
 
     def _release(self, req: Request, cache: bool) -> None:
         """Free the request's KV; with `cache`, its computed tokens go to the prefix tree first."""

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from infer_side.checkpoint import EMBED, TIED_HEAD
 from infer_side.core_base import CoreBase, release_cuda_cache
 from infer_side.request import Request
 from infer_side.weights import ModelWeights
@@ -284,10 +285,6 @@ class Serialized:
         return locked
 
 
-EMBED = "model.embed_tokens.weight"
-HEAD = "lm_head.weight"
-
-
 def _reload(llm: Any, items: list[tuple[str, torch.Tensor]], tied: bool) -> None:
     """vLLM's own reload path: handles its fused layers and its CPU weight packing.
     `tied`: the model ties its output head to the embedding (see `_with_tied_head`)."""
@@ -308,7 +305,7 @@ def _with_tied_head(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, to
     Giving vLLM the embedding under the head's name too makes its reload re-pack the head (in
     vLLM 0.32 the reload un-ties the two while loading, so the name is not skipped as an alias;
     tests/e2e/test_vllm_backend.py checks the tokens)."""
-    return items + [(HEAD, t) for n, t in items if n == EMBED]
+    return items + [(TIED_HEAD, t) for n, t in items if n == EMBED]
 
 
 def group_of(name: str) -> str:
