@@ -95,7 +95,7 @@ class RpcClient:
         try:
             reply = self._wait_for(rid, _deadline(timeout), msg, timeout)
         finally:
-            self._forget(rid)
+            self.forget(rid)
         if isinstance(reply, GenerateOutput):
             raise ProtocolError(type(reply).__name__, f"not a reply to {type(msg).__name__}")
         return reply
@@ -146,6 +146,28 @@ class RpcClient:
                     self._pump(deadline, f"Generate x{len(waiting)}", timeout)
         finally:
             self._abandon(waiting)
+
+    def forget(self, request_id: str) -> None:
+        """Give up on a request: drop its inbox, its `send` bookkeeping and any of its replies
+        not yet taken by `recv`; replies that arrive for it later are dropped on arrival.
+
+        Call it for every request sent with `send` whose final reply you will not wait for
+        (a timeout, an engine given up on). Without it the client keeps an entry per such
+        request for its whole life: unbounded growth against a flaky engine, and a stale
+        reply still handed to a later `recv`. Idempotent; unknown ids are ignored.
+        """
+        with self._lock:
+            self._inbox.pop(request_id, None)
+            if self._loose.pop(request_id, None) is not None:
+                kept = [r for r in self._loose_box if r.request_id != request_id]
+                self._loose_box.clear()
+                self._loose_box.extend(kept)
+
+    def pending(self) -> int:
+        """How many requests this client still keeps bookkeeping for (awaiting a reply or
+        not yet forgotten); bounded when every give-up path calls `forget`."""
+        with self._lock:
+            return len(self._inbox.keys() | self._loose.keys())
 
     def close(self) -> None:
         """Close the socket at once (linger 0: unsent messages are dropped)."""
@@ -255,7 +277,7 @@ class RpcClient:
         for out in outputs:
             if out.finished:
                 waiting.discard(out.request_id)
-                self._forget(out.request_id)
+                self.forget(out.request_id)
         return outputs
 
     def _pop_loose(self) -> Message | None:
@@ -268,15 +290,11 @@ class RpcClient:
                 self._inbox.pop(reply.request_id, None)
             return reply
 
-    def _forget(self, rid: str) -> None:
-        with self._lock:
-            self._inbox.pop(rid, None)
-
     def _abandon(self, rids: set[str]) -> None:
         """Stop waiting for unfinished generations and ask the engine to abort them; the
         Abort's own Result and any late outputs are dropped on arrival."""
         for rid in rids:
-            self._forget(rid)
+            self.forget(rid)
             try:
                 self._send(Abort(target_id=rid), SLICE_S, track=False)
             except (RpcTimeout, zmq.ZMQError, RuntimeError):
