@@ -198,13 +198,16 @@ class RpcClient:
                 self._loose[msg.request_id] = type(msg).__name__
             if track:
                 self._inbox[msg.request_id] = deque() if box is None else box
-            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            try:
+                if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                    raise RpcTimeout(
+                        f"{self.endpoint}: could not send {type(msg).__name__} within {timeout:g} s"
+                    )
+                sock.send(frame, zmq.NOBLOCK)
+            except BaseException:  # never sent: nothing will answer it, keep no entry for it
                 self._inbox.pop(msg.request_id, None)
                 self._loose.pop(msg.request_id, None)
-                raise RpcTimeout(
-                    f"{self.endpoint}: could not send {type(msg).__name__} within {timeout:g} s"
-                )
-            sock.send(frame, zmq.NOBLOCK)
+                raise
         return msg.request_id
 
     def _wait_for(self, rid: str, deadline: float, msg: Message, timeout: float) -> Message:
