@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from infer_side.engine_api import EngineWeights
-from rlsync.buckets import in_store, validate_placement, validate_plan
+from rlsync.buckets import (
+    in_store,
+    padded_bytes,
+    tensor_nbytes,
+    validate_placement,
+    validate_plan,
+)
 from rlsync.protocol import (
     BucketPlan,
     BucketUpdate,
@@ -170,7 +176,7 @@ class PlanCache:
             raise ValueError(
                 f"plan_id {msg.plan_id!r} does not match the plan's content ({plan_id})"
             )
-        validate_plan(msg.plan)
+        validate_plan(msg.plan, max_bytes=store_limit(weights, msg.plan.alignment))
         weights.validate([(s.name, s.dtype, s.shape) for b in msg.plan.buckets for s in b.tensors])
         if in_store(msg.plan) and weights.flat is not None:
             validate_placement(msg.plan, weights.placement(), weights.flat.numel())
@@ -178,3 +184,9 @@ class PlanCache:
         while len(self.plans) > self.keep:
             self.plans.popitem(last=False)
         return msg.plan
+
+
+def store_limit(weights: EngineWeights, alignment: int) -> int:
+    """The most bytes a plan for this engine may hold: every tensor it expects, plus
+    alignment padding. A plan past it is refused before a staging buffer is allocated."""
+    return padded_bytes((tensor_nbytes(d, s) for d, s in weights.expected().values()), alignment)

@@ -200,17 +200,27 @@ def _bucket_size(used: int, alignment: int) -> int:
     return max(align_up(used, alignment), alignment)
 
 
-def specs_of(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
-) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, dtype, shape) of each tensor: the key a cached plan is valid for."""
-    return [(n, dtype_name(dtype or t.dtype), tuple(t.shape)) for n, t in named_tensors]
+def padded_bytes(sizes: Iterable[int], alignment: int) -> int:
+    """The most bytes tensors of these sizes may span in one bucket or store: their bytes
+    plus one padding unit each (the plan's alignment, or the 256 bytes an engine's store pads
+    every fused tensor to, whichever is larger), and at least one alignment unit.
+
+    Why: a receiver allocates (or addresses) what a plan says; without a bound tied to the
+    tensors, a buggy pusher's bucket of a few TiB makes the engine die allocating it."""
+    unit = max(alignment, DEFAULT_ALIGNMENT)
+    total = count = 0
+    for n in sizes:
+        total, count = total + n, count + 1
+    return max(total + unit * count, alignment)
 
 
-def validate_plan(plan: BucketPlan) -> int:
-    """Check a plan describes real, disjoint, aligned slots; return its total bytes."""
+def validate_plan(plan: BucketPlan, max_bytes: int | None = None) -> int:
+    """Check a plan describes real, disjoint, aligned slots, no bucket larger than its own
+    tensors need (`padded_bytes`), and (`max_bytes`: the receiver's store) no more bytes in
+    all than the receiver holds; return its total bytes. PlanError names the bucket."""
     if plan.alignment <= 0 or plan.alignment % 8:
         raise PlanError(f"alignment {plan.alignment} must be a positive multiple of 8")
+    limit = MAX_PLAN_BYTES if max_bytes is None else min(max_bytes, MAX_PLAN_BYTES)
     total, seen = 0, set()
     for b, bucket in enumerate(plan.buckets):
         if bucket.nbytes <= 0 or bucket.nbytes % plan.alignment:
@@ -224,10 +234,23 @@ def validate_plan(plan: BucketPlan) -> int:
                 raise PlanError(f"{spec.name}: appears twice in the plan")
             seen.add(spec.name)
             end = spec.offset + spec.nbytes
+        _check_bucket_size(bucket, b, plan.alignment)
         total += bucket.nbytes
-        if total > MAX_PLAN_BYTES:
-            raise PlanError(f"bucket {b}: plan exceeds {MAX_PLAN_BYTES} bytes")
+        if total > limit:
+            whose = "the plan's limit" if max_bytes is None else "the receiver's store"
+            raise PlanError(f"bucket {b}: plan total {total} bytes exceeds {whose} ({limit} bytes)")
     return total
+
+
+def _check_bucket_size(bucket: Bucket, b: int, alignment: int) -> None:
+    """A bucket spans at most its tensors' bytes plus padding: nothing larger is allocated."""
+    tensor_bytes = sum(s.nbytes for s in bucket.tensors)
+    most = padded_bytes((s.nbytes for s in bucket.tensors), alignment)
+    if bucket.nbytes > most:
+        raise PlanError(
+            f"bucket {b}: nbytes {bucket.nbytes} exceeds its {len(bucket.tensors)} tensors' "
+            f"{tensor_bytes} bytes plus alignment padding (at most {most})"
+        )
 
 
 def _validate_spec(spec: TensorSpec, bucket: Bucket, b: int, alignment: int, prev_end: int) -> None:
@@ -256,11 +279,6 @@ def _validate_spec(spec: TensorSpec, bucket: Bucket, b: int, alignment: int, pre
 
 def plan_total_bytes(plan: BucketPlan) -> int:
     return sum(b.nbytes for b in plan.buckets)
-
-
-def plan_tensor_specs(plan: BucketPlan) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype, shape) of every tensor in the plan."""
-    return {s.name: (s.dtype, tuple(s.shape)) for b in plan.buckets for s in b.tensors}
 
 
 def pack_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rlsync import codec
-from rlsync.buckets import bucket_views, plan_buckets, specs_of
+from rlsync.buckets import bucket_views, dtype_name, plan_buckets
 from rlsync.protocol import BucketPlan, UpdateWeightsFromIPC
 from rlsync.transports import IntegrityError, TransportError, TransportTimeout, integrity
 from rlsync.transports.control import remove_orphan_segments
@@ -48,7 +48,8 @@ def make_tensors(seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_plan(seed: int = 0) -> BucketPlan:
-    return plan_buckets(specs_of(make_tensors(seed).items()), bucket_bytes=24 << 10)
+    specs = [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in make_tensors(seed).items()]
+    return plan_buckets(specs, bucket_bytes=24 << 10)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
