@@ -68,6 +68,7 @@ class InferenceActor:
             start_timeout_s=self.cfg.start_timeout_s,
             call_timeout_s=self.cfg.call_timeout_s,
             auth_keys=auth_keys,
+            disk_root=self.cfg.disk_root,
         )
 
     def _engine(self) -> EngineClient:

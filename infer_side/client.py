@@ -190,12 +190,22 @@ def connect(
 ) -> EngineClient:
     """A client of an engine already running at `endpoint` (not owned: close leaves it up).
     `auth_keys`: key directory with client.key_secret and server.key (`rlsync.auth`)."""
+    check_reachable(endpoint)
+    auth = load_client_keys(auth_keys) if auth_keys is not None else None
+    return EngineClient(endpoint, timeout_s=timeout_s, auth=auth)
+
+
+def check_reachable(endpoint: str) -> None:
+    """Raise at once when nothing can answer at `endpoint`: EndpointError when it is
+    malformed, EngineUnreachable when its ipc socket does not exist or is not a socket. A
+    caller then says so instead of waiting out its timeout. (Not probed: tcp://, and a
+    socket file whose engine was killed; a probe would be logged as a failed handshake by
+    an engine served with --auth-keys. Those cost the caller's bounded timeout.)"""
     check_endpoint(endpoint)
     path = ipc_path(endpoint)
     if path is not None and not path.is_socket():
-        raise EngineUnreachable(f"no engine at {endpoint}: {path} is not a socket")
-    auth = load_client_keys(auth_keys) if auth_keys is not None else None
-    return EngineClient(endpoint, timeout_s=timeout_s, auth=auth)
+        what = "is not a socket" if path.exists() else "does not exist"
+        raise EngineUnreachable(f"no engine at {endpoint}: {path} {what}")
 
 
 def launch_engine(
@@ -212,6 +222,7 @@ def launch_engine(
     call_timeout_s: float = 120.0,
     auth_keys: str | os.PathLike | None = None,
     insecure_tcp: bool = False,
+    disk_root: str | os.PathLike | None = None,
 ) -> EngineClient:
     """Start `python -m infer_side.server` and return a client once it prints `ready at`.
 
@@ -222,7 +233,8 @@ def launch_engine(
     `auth_keys` (a `rlsync.auth` key directory): the engine accepts only CURVE clients it
     lists, and this client uses the directory's client key. A tcp:// endpoint without keys
     is refused (EngineStartError) unless `insecure_tcp=True`. `backend="vllm"` serves a real
-    vLLM engine behind the same protocol (`infer_side.vllm_core`).
+    vLLM engine behind the same protocol (`infer_side.vllm_core`). `disk_root`: disk updates
+    load only from under it (None: the system temp directory; docs/PROTOCOL.md, Disk root).
     """
     auth = load_client_keys(auth_keys) if auth_keys is not None else None
     owns_endpoint = endpoint is None
@@ -246,6 +258,7 @@ def launch_engine(
         *(["--threads", str(threads)] if threads else []),
         *(["--auth-keys", os.path.abspath(auth_keys)] if auth_keys is not None else []),
         *(["--insecure-tcp"] if insecure else []),
+        *(["--disk-root", os.path.abspath(disk_root)] if disk_root is not None else []),
         *extra_args,
     ]
     logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())

@@ -22,6 +22,7 @@ from infer_side.weights import ModelWeights
 from rlsync.config import EngineConfig
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import PAUSE_MODES, EngineInfo, GenerateOutput, PauseMode
+from rlsync.transports import disk
 
 __all__ = ["EngineCore", "release_cuda_cache"]
 
@@ -49,6 +50,9 @@ class EngineCore(CoreBase):
             engine_cfg.max_prefill_tokens,
         )
         super().__init__()
+        self.disk_receiver = disk.Receiver(engine_cfg.disk_root)
+        """Disk updates load only under engine_cfg.disk_root (its default: the temp dir)."""
+        self.updates.receivers[disk.Receiver.kind] = self.disk_receiver
 
     @classmethod
     def from_checkpoint(
@@ -152,4 +156,5 @@ class EngineCore(CoreBase):
             kv_pool_used=self.kv_pool.used,
             prefix_cache_tokens=self.prefix_cache.num_tokens,
             retracted=self.scheduler.num_retracted,
+            disk_root=str(self.disk_receiver.root),
         )

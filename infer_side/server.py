@@ -14,11 +14,13 @@ A tcp:// endpoint needs `--auth-keys` (CURVE, see `rlsync.auth`) unless `--insec
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgpack
@@ -250,6 +252,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.set_num_threads (default: leave torch's default)",
     )
     parser.add_argument(
+        "--disk-root",
+        default=None,
+        metavar="DIR",
+        help="disk updates load only from paths under DIR (realpath; default: the system "
+        "temp directory)",
+    )
+    parser.add_argument(
         "--auth-keys",
         default=None,
         metavar="DIR",
@@ -265,38 +274,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_engine(args: argparse.Namespace) -> int:
     """Load the model, bind, print `ready at ENDPOINT`, serve until Shutdown. Returns the
-    exit code: 0 after Shutdown, 1 if the core crashed, 2 for bad options."""
+    exit code: 0 after Shutdown, 1 if the core crashed, 2 for bad options (one `error:`
+    line on stderr naming the option, never a traceback)."""
     try:
         keys = _server_keys(args)  # before the heavy imports: a refusal is immediate
+        check_model_dir(args.model)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _bad_input(exc)
     import torch
-
-    from rlsync.config import ConfigError, EngineConfig
 
     endpoint = args.endpoint or private_ipc_endpoint("engine")
     try:
-        check_endpoint(endpoint)
-        cfg = EngineConfig(
-            backend=args.backend,
-            load_chunk_mb=args.load_chunk_mb,
-            expose_weights=not args.private_weights,
-            kv_tokens=args.kv_tokens,
-            max_running=args.max_running,
-            device=args.device,
-            dtype=args.dtype,
-            endpoint=endpoint,
-        )
-    except (ValueError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        cfg = _engine_config(args, endpoint)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        core = _load_core(args.model, cfg)
+    except ValueError as exc:  # ConfigError, ModelConfigError, WeightError, CheckpointError
         if args.endpoint is None:
             remove_private_endpoint(endpoint)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        return _bad_input(exc)
     try:
-        core = _core_class(cfg.backend).from_checkpoint(args.model, cfg, exposed=cfg.expose_weights)
         if keys is None and endpoint.startswith("tcp://"):
             log.warning("serving %s WITHOUT authentication (--insecure-tcp)", endpoint)
         serve(core, endpoint, _print_ready, auth=keys)
@@ -310,6 +307,79 @@ def run_engine(args: argparse.Namespace) -> int:
         if args.endpoint is None:
             remove_private_endpoint(endpoint)
     return 0
+
+
+def check_model_dir(model: str) -> None:
+    """Raise ValueError naming --model unless it is a directory holding config.json: the
+    two mistakes a user makes most, refused before torch is even imported."""
+    path = Path(model)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise ValueError(f"--model {model}: {what}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json (not a Hugging Face checkpoint)")
+
+
+def _engine_config(args: argparse.Namespace, endpoint: str) -> Any:
+    """The EngineConfig the options describe; ValueError names the bad one."""
+    from rlsync.config import ConfigError, EngineConfig
+    from rlsync.model_config import DTYPES
+    from rlsync.transports.disk import disk_root
+
+    check_endpoint(endpoint)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}: supported {sorted(DTYPES)}")
+    if args.disk_root is not None:
+        try:
+            disk_root(args.disk_root)
+        except ValueError:
+            raise ValueError(f"--disk-root {args.disk_root}: not a directory") from None
+    _check_device(args.device)
+    try:
+        return EngineConfig(
+            backend=args.backend,
+            load_chunk_mb=args.load_chunk_mb,
+            expose_weights=not args.private_weights,
+            kv_tokens=args.kv_tokens,
+            max_running=args.max_running,
+            device=args.device,
+            dtype=args.dtype,
+            endpoint=endpoint,
+            disk_root=args.disk_root,
+        )
+    except ConfigError as exc:  # "kv_tokens: must be > 0" names the option it came from
+        key, _, why = str(exc).partition(": ")
+        raise ValueError(f"--{key.removeprefix('engine.').replace('_', '-')}: {why}") from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+
+
+def _load_core(model: str, cfg: Any) -> Any:
+    """The backend's core on the checkpoint; a checkpoint that does not load raises
+    ValueError naming --model (bad config, missing or mismatched tensors, bad files)."""
+    from infer_side.weights import WeightError
+    from rlsync.checkpoint_io import CheckpointError
+    from rlsync.model_config import ModelConfigError
+
+    try:
+        return _core_class(cfg.backend).from_checkpoint(model, cfg, exposed=cfg.expose_weights)
+    except (ModelConfigError, WeightError, CheckpointError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--model {model}: {exc}") from None
+
+
+def _bad_input(exc: Exception) -> int:
+    text = " ".join(str(exc).split())  # one line, whatever the message held
+    print(f"error: {text}", file=sys.stderr)
+    return 2
 
 
 def _core_class(backend: str) -> Any:

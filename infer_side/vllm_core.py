@@ -49,6 +49,7 @@ from rlsync.buckets import dtype_name
 from rlsync.config import EngineConfig
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import PAUSE_MODES, EngineInfo, GenerateOutput, PauseMode
+from rlsync.transports import disk
 
 BLOCK_SIZE = 32
 """vLLM's CPU attention needs a multiple of 32 (prefix caching works in these blocks)."""
@@ -82,6 +83,9 @@ class VllmCore(CoreBase):
         self.num_retracted = 0
         self.streamed: GroupLoader | None = None
         super().__init__()
+        self.disk_receiver = disk.Receiver(engine_cfg.disk_root)
+        """Disk updates load only under engine_cfg.disk_root (its default: the temp dir)."""
+        self.updates.receivers[disk.Receiver.kind] = self.disk_receiver
 
     @classmethod
     def from_checkpoint(
@@ -263,7 +267,9 @@ class VllmCore(CoreBase):
 
     def info(self) -> EngineInfo:
         """vLLM sizes its KV memory itself (VLLM_CPU_KVCACHE_SPACE): the pool fields stay 0."""
-        return self._info(backend="vllm", retracted=self.num_retracted)
+        return self._info(
+            backend="vllm", retracted=self.num_retracted, disk_root=str(self.disk_receiver.root)
+        )
 
 
 class Serialized:

@@ -51,8 +51,14 @@ class EngineConfig:
     """ZMQ endpoint; None: ipc:// in a private (0700) directory."""
     start_timeout_s: float = 120.0
     call_timeout_s: float = 120.0
+    disk_root: str | None = None
+    """Disk updates load only from paths that resolve (realpath) under this directory; None:
+    the system temp directory, where pushers make their work directories by default
+    (`rlsync run` passes the run directory). See docs/PROTOCOL.md, Disk root."""
 
     def __post_init__(self) -> None:
+        if self.disk_root == "":
+            raise ConfigError("engine.disk_root: must be a directory, got ''")
         if self.load_chunk_mb < 0:
             raise ConfigError(f"engine.load_chunk_mb: must be >= 0, got {self.load_chunk_mb}")
         positive(

@@ -465,6 +465,8 @@ class EngineInfo(Message):
     weights_incomplete: bool = False
     admission_held: bool = False
     retracted: int = _f(0, ge=0)
+    disk_root: str = _f("", max_len=4096)
+    """The directory a disk update's path must resolve under (docs/PROTOCOL.md, Disk root)."""
 
 
 UPDATE_MESSAGES: dict[str, type[UpdateWeights]] = {

@@ -60,6 +60,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from infer_side.client import EngineUnreachable, check_reachable
+    from rlsync.endpoints import EndpointError
+
+    try:
+        for endpoint in args.endpoint:  # before the heavy imports: nothing to wait for
+            check_reachable(endpoint)
+    except (EndpointError, EngineUnreachable) as exc:
+        print(f"error: cannot reach an engine: {exc}", file=sys.stderr)
+        return 2
     from rlsync.config import ConfigError, SyncConfig
     from trainer_side.push_report import PushError
     from trainer_side.pusher import WeightPusher
@@ -85,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
         print("error: --base-checkpoint needs --delta", file=sys.stderr)
         return 2
     endpoints = {f"engine{i}": e for i, e in enumerate(args.endpoint)}
-    with tempfile.TemporaryDirectory(prefix="rlsync-push-") as work:
+    try:
+        parent = disk_parent(args.endpoint, args.timeout) if args.transport == "disk" else None
+        work_dir = tempfile.TemporaryDirectory(prefix="rlsync-push-", dir=parent)
+    except (ValueError, OSError) as exc:  # at once: nothing to wait for
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    with work_dir as work:
         try:
             pusher = WeightPusher(cfg, endpoints, work)
         except Exception as exc:
@@ -126,3 +141,29 @@ def _read(path: str, pusher: object) -> dict:
     if "lm_head.weight" not in pusher.specs:  # type: ignore[attr-defined]
         tensors.pop("lm_head.weight", None)  # tied embeddings: the engine has no lm_head
     return tensors
+
+
+def disk_parent(endpoints: list[str], timeout_s: float) -> str | None:
+    """Where a disk push writes its files: under the disk root every engine reports (an
+    engine reads only under its root; docs/PROTOCOL.md, Disk root). None: no engine
+    reports one (the temp dir, as before)."""
+    from rlsync.protocol import EngineInfo, GetInfo
+    from rlsync.rpc import RpcClient, RpcTimeout
+
+    roots = {}
+    for endpoint in endpoints:
+        with RpcClient(endpoint, timeout_s=timeout_s) as rpc:
+            try:
+                info = rpc.call(GetInfo())
+            except RpcTimeout:
+                raise ValueError(
+                    f"--endpoint {endpoint}: no answer within {timeout_s:g} s"
+                ) from None
+        if isinstance(info, EngineInfo) and info.disk_root:
+            roots[endpoint] = info.disk_root
+    if len(set(roots.values())) > 1:
+        listed = ", ".join(f"{e}: {r}" for e, r in roots.items())
+        raise ValueError(
+            f"--transport disk: the engines read under different disk roots ({listed})"
+        )
+    return next(iter(roots.values()), None)

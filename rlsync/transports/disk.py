@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import stat
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,7 +26,9 @@ import torch
 from rlsync import delta
 from rlsync.buckets import dtype_from_name, tensor_fingerprint, tensor_nbytes
 from rlsync.checkpoint_io import (
+    INDEX_FILE,
     CheckpointError,
+    checkpoint_files,
     checkpoint_specs,
     iter_checkpoint_tensors,
     read_checkpoint_metadata,
@@ -205,19 +210,77 @@ class Sender(base.Sender):
         self._publish(write_weights, self.root / f"v{self.version}", payloads, fingerprints=False)
 
 
+class OutsideRoot(ValueError):
+    """A disk update names a path that resolves outside the engine's disk root."""
+
+
+def default_disk_root() -> Path:
+    """The root of an engine given none: the system temp directory (resolved), where every
+    pusher makes its work directory unless told otherwise (`rlsync push`, the bench, tests'
+    tmp dirs). Never the user's home, a model directory, /etc, /proc or /dev."""
+    return Path(os.path.realpath(tempfile.gettempdir()))
+
+
+def disk_root(root: str | os.PathLike | None) -> Path:
+    """`root` resolved (realpath) and checked to be a directory; None: `default_disk_root`.
+    Raises ValueError naming it, so an engine with a bad --disk-root refuses to start."""
+    if root is None:
+        return default_disk_root()
+    resolved = Path(os.path.realpath(root))
+    if not resolved.is_dir():
+        raise ValueError(f"disk_root {str(root)!r}: not a directory")
+    return resolved
+
+
+def resolve_under(root: Path, path: str) -> Path:
+    """`path` resolved (realpath: `..` and symlinks count), and every file a load of it
+    reads (its index and safetensors files, each resolved too) checked to lie under `root`
+    and to be a regular file. Raises OutsideRoot naming the path and the root, before a byte
+    is read: a client cannot make the engine load (or block on) anything else."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (ValueError, OSError) as exc:  # an embedded NUL, say
+        raise OutsideRoot(f"path {path!r}: cannot be resolved ({exc})") from None
+    _check_under(root, path, real)
+    index = real / INDEX_FILE
+    files = [index] if os.path.lexists(index) else []
+    try:
+        files += checkpoint_files(real)
+    except CheckpointError:
+        pass  # no files to read: the load itself refuses, naming what is missing
+    for file in files:
+        _check_under(root, path, Path(os.path.realpath(file)), regular=True)
+    return real
+
+
+def _check_under(root: Path, path: str, real: Path, regular: bool = False) -> None:
+    if real != root and root not in real.parents:
+        raise OutsideRoot(
+            f"path {path!r}: {real} is outside this engine's disk root {root} "
+            "(set it with --disk-root / engine.disk_root)"
+        )
+    if regular and real.exists() and not stat.S_ISREG(real.stat().st_mode):
+        raise OutsideRoot(f"path {path!r}: {real} is not a regular file")
+
+
 class Receiver(base.Receiver):
     """Engine half: reads the named directory tensor by tensor into the writer, within the
-    update's `timeout_s` (a slow disk fails the update instead of writing on forever)."""
+    update's `timeout_s` (a slow disk fails the update instead of writing on forever).
+    Only paths under `root` (`disk_root`) are read; anything else is refused by name."""
 
     kind = "disk"
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = disk_root(root)
 
     def check(
         self, msg: UpdateWeightsFromDisk, plan: BucketPlan | None, weights: base.WeightStore
     ) -> int:
+        path = resolve_under(self.root, msg.path)
         if msg.delta is not None:
             assert plan is not None
-            return _check_payload_files(msg.path, plan)
-        specs = checkpoint_specs(msg.path)
+            return _check_payload_files(str(path), plan)
+        specs = checkpoint_specs(path)
         weights.validate(specs, complete=True)
         return sum(tensor_nbytes(d, s) for _, d, s in specs)
 
@@ -226,7 +289,8 @@ class Receiver(base.Receiver):
     ) -> None:
         deadline = time.monotonic() + msg.timeout_s
         checked = msg.verify and msg.delta is None  # payloads carry their own checks
-        for name, tensor in read_weights(Path(msg.path), verify=checked):
+        path = resolve_under(self.root, msg.path)  # again: it may have changed since check
+        for name, tensor in read_weights(path, verify=checked):
             if time.monotonic() > deadline:
                 raise TransportTimeout(f"disk: {msg.path} not read within {msg.timeout_s:.1f}s")
             if msg.delta is not None:

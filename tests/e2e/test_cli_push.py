@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -211,3 +212,58 @@ def test_cli_delta_push_refuses_a_base_the_engine_does_not_hold(checkpoints, spa
     assert pushed.returncode == 1
     assert "holds other bytes than the base" in pushed.stderr
     assert engine.fingerprints() == before
+
+
+def _unreachable(tmp_path) -> dict:
+    gone = f"ipc://{tmp_path}/gone.sock"
+    return {
+        "no such dir": (
+            ["ipc:///no/such.sock"],
+            "endpoint 'ipc:///no/such.sock': directory /no does not exist",
+        ),
+        "no socket": ([gone], f"no engine at {gone}: {tmp_path}/gone.sock does not exist"),
+        "second of two": (
+            ["ENGINE", gone],
+            f"no engine at {gone}: {tmp_path}/gone.sock does not exist",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["no such dir", "no socket", "second of two"])
+def test_cli_push_to_an_endpoint_nothing_listens_on_fails_at_once(
+    checkpoints, engine, tmp_path, case
+):
+    """Before: the push waited its whole --timeout (60 s) before "did not answer"."""
+    endpoints, why = _unreachable(tmp_path)[case]
+    args = [a for e in endpoints for a in ("--endpoint", engine.endpoint if e == "ENGINE" else e)]
+    before = engine.info().weight_version
+    start = time.monotonic()
+    pushed = rlsync("push", "--checkpoint", str(checkpoints[1]), *args, "--version", "99")
+    assert (pushed.returncode, pushed.stderr) == (2, f"error: cannot reach an engine: {why}\n")
+    assert time.monotonic() - start < 30  # well before the default --timeout of 60 s
+    assert engine.info().weight_version == before  # nothing was sent to the live one
+
+
+def test_cli_disk_push_writes_under_the_engines_disk_root(checkpoints, fresh, tmp_path):
+    """An engine started with --disk-root reads only under it: the push writes its files
+    there (it asks the engine), and removes them afterwards."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with launch_engine(checkpoints[0], kv_tokens=256, threads=1, disk_root=root) as served:
+        assert served.info().disk_root == str(root.resolve())
+        pushed = rlsync(
+            "push",
+            "--checkpoint",
+            str(checkpoints[1]),
+            "--endpoint",
+            served.endpoint,
+            "--transport",
+            "disk",
+            "--version",
+            "1",
+            "--json",
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        assert json.loads(pushed.stdout)["failed"] == []
+        assert [o["output_ids"] for o in generate("--endpoint", served.endpoint)] == fresh
+    assert list(root.iterdir()) == []

@@ -229,3 +229,66 @@ def test_serve_exits_0_after_shutdown(served):
     while directory.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not directory.exists()
+
+
+def _bad_model(tmp_path: Path, config: str | None) -> Path:
+    """A directory that is not a loadable checkpoint: `config` is its config.json (None:
+    no config.json at all)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    if config is not None:
+        (model / "config.json").write_text(config)
+    return model
+
+
+BAD_SERVE = {
+    "missing model": (
+        lambda t: ["--model", "/nonexistent"],
+        "--model /nonexistent: no such directory",
+    ),
+    "model is a file": (
+        lambda t: ["--model", str(_touch(t / "file"))],
+        "--model {t}/file: not a directory",
+    ),
+    "no config.json": (
+        lambda t: ["--model", str(_bad_model(t, None))],
+        "--model {t}/model: no config.json (not a Hugging Face checkpoint)",
+    ),
+    "config.json not json": (
+        lambda t: ["--model", str(_bad_model(t, "{oops"))],
+        "--model {t}/model: Expecting property name enclosed in double quotes: line 1 column 2 "
+        "(char 1)",
+    ),
+    "bad dtype": (
+        lambda t: ["--model", str(_bad_model(t, "{}")), "--dtype", "float7"],
+        "--dtype 'float7': supported ['bfloat16', 'float16', 'float32']",
+    ),
+    "disk root missing": (
+        lambda t: ["--model", str(_bad_model(t, "{}")), "--disk-root", "/nonexistent"],
+        "--disk-root /nonexistent: not a directory",
+    ),
+    "bad device": (
+        lambda t: ["--model", str(_bad_model(t, "{}")), "--device", "blah"],
+        "--device 'blah': not a torch device (cpu, cuda, cuda:N)",
+    ),
+    "kv tokens 0": (
+        lambda t: ["--model", str(_bad_model(t, "{}")), "--kv-tokens", "0"],
+        "--kv-tokens: must be > 0, got 0",
+    ),
+}
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize("args, line", BAD_SERVE.values(), ids=BAD_SERVE.keys())
+def test_serve_with_a_bad_input_prints_one_error_line_and_exits_2(tmp_path, args, line):
+    """Before: a Python traceback and exit 1 (missing model, missing or broken config.json),
+    or a model loaded for nothing (a bad --disk-root)."""
+    start = time.monotonic()
+    run = cli("serve", *args(tmp_path), timeout=60)
+    assert (run.returncode, run.stderr) == (2, f"error: {line.format(t=tmp_path)}\n")
+    assert run.stdout == ""
+    assert time.monotonic() - start < 30  # no engine started, nothing waited for

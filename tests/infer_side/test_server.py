@@ -229,8 +229,14 @@ def test_close_kills_an_engine_that_does_not_answer(checkpoint):
 
 
 def test_engine_that_cannot_start_reports_its_stderr(tmp_path):
-    with pytest.raises(EngineStartError, match="exited with code 1.*stderr tail"):
-        launch_engine(tmp_path / "missing", start_timeout_s=60)
+    """A missing model is a bad option (exit 2, one `error:` line naming it), not a crash."""
+    missing = tmp_path / "missing"
+    with pytest.raises(EngineStartError) as err:
+        launch_engine(missing, start_timeout_s=60)
+    assert str(err.value) == (
+        "engine exited with code 2 before it was ready; stderr tail:\n"
+        f"error: --model {missing}: no such directory\n"
+    )
 
 
 # ---------------------------------------------------------------- the loop, with a scripted core

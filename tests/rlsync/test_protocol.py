@@ -193,6 +193,7 @@ SAMPLES: dict[str, p.Message] = {
             weights_incomplete=True,
             admission_held=True,
             retracted=1,
+            disk_root="/srv/weights",
         ),
         p.Abort(request_id="a-1", target_id="g-1"),
         p.InitWeightsGroup(
