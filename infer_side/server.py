@@ -278,7 +278,6 @@ def run_engine(args: argparse.Namespace) -> int:
     line on stderr naming the option, never a traceback)."""
     try:
         keys = _server_keys(args)  # before the heavy imports: a refusal is immediate
-        check_model_dir(args.model)
     except ValueError as exc:
         return _bad_input(exc)
     import torch
@@ -286,6 +285,7 @@ def run_engine(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or private_ipc_endpoint("engine")
     try:
         cfg = _engine_config(args, endpoint)
+        check_model_dir(args.model)
         if args.threads:
             torch.set_num_threads(args.threads)
         core = _load_core(args.model, cfg)
@@ -311,7 +311,7 @@ def run_engine(args: argparse.Namespace) -> int:
 
 def check_model_dir(model: str) -> None:
     """Raise ValueError naming --model unless it is a directory holding config.json: the
-    two mistakes a user makes most, refused before torch is even imported."""
+    two mistakes a user makes most, refused before any of the model is read."""
     path = Path(model)
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
@@ -322,7 +322,7 @@ def check_model_dir(model: str) -> None:
 
 def _engine_config(args: argparse.Namespace, endpoint: str) -> Any:
     """The EngineConfig the options describe; ValueError names the bad one."""
-    from rlsync.config import ConfigError, EngineConfig
+    from rlsync.config import EngineConfig
     from rlsync.model_config import DTYPES
     from rlsync.transports.disk import disk_root
 
@@ -335,21 +335,17 @@ def _engine_config(args: argparse.Namespace, endpoint: str) -> Any:
         except ValueError:
             raise ValueError(f"--disk-root {args.disk_root}: not a directory") from None
     _check_device(args.device)
-    try:
-        return EngineConfig(
-            backend=args.backend,
-            load_chunk_mb=args.load_chunk_mb,
-            expose_weights=not args.private_weights,
-            kv_tokens=args.kv_tokens,
-            max_running=args.max_running,
-            device=args.device,
-            dtype=args.dtype,
-            endpoint=endpoint,
-            disk_root=args.disk_root,
-        )
-    except ConfigError as exc:  # "kv_tokens: must be > 0" names the option it came from
-        key, _, why = str(exc).partition(": ")
-        raise ValueError(f"--{key.removeprefix('engine.').replace('_', '-')}: {why}") from None
+    return EngineConfig(  # a ConfigError (a ValueError) names the key: "kv_tokens: ..."
+        backend=args.backend,
+        load_chunk_mb=args.load_chunk_mb,
+        expose_weights=not args.private_weights,
+        kv_tokens=args.kv_tokens,
+        max_running=args.max_running,
+        device=args.device,
+        dtype=args.dtype,
+        endpoint=endpoint,
+        disk_root=args.disk_root,
+    )
 
 
 def _check_device(device: str) -> None:

@@ -170,11 +170,15 @@ class RpcClient:
             return len(self._inbox.keys() | self._loose.keys())
 
     def close(self) -> None:
-        """Close the socket at once (linger 0: unsent messages are dropped)."""
+        """Close the socket at once (linger 0: unsent messages are dropped) and forget every
+        request still awaiting a reply: none can come."""
         with self._lock:
             if self._sock is not None:
                 self._sock.close(linger=0)
                 self._sock = None
+            self._inbox.clear()
+            self._loose.clear()
+            self._loose_box.clear()
 
     def __enter__(self) -> RpcClient:
         return self

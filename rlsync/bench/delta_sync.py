@@ -117,7 +117,10 @@ def run_delta(bench: DeltaBench, log: Log = lambda s: print(s, file=sys.stderr))
         for _ in range(bench.engines):
             engines.append(
                 launch_engine(
-                    work / "ckpt", threads=bench.engine_threads, start_timeout_s=bench.timeout_s
+                    work / "ckpt",
+                    threads=bench.engine_threads,
+                    start_timeout_s=bench.timeout_s,
+                    disk_root=work,  # disk pushes write there (--work-dir may be anywhere)
                 )
             )
         endpoints = {f"engine{i}": e.endpoint for i, e in enumerate(engines)}

@@ -170,6 +170,7 @@ def _ours(
                     kv_tokens=bench.kv_tokens,
                     threads=bench.engine_threads,
                     start_timeout_s=max(300.0, bench.timeout_s),
+                    disk_root=work,  # disk pushes write there (--work-dir may be anywhere)
                 )
             )
         versions = itertools.count(1)

@@ -139,7 +139,12 @@ def _ours(
     if not pairs:
         return {}
     engine = launch_engine(
-        ckpt, backend="vllm", kv_tokens=512, threads=1, start_timeout_s=bench.start_timeout_s
+        ckpt,
+        backend="vllm",
+        kv_tokens=512,
+        threads=1,
+        start_timeout_s=bench.start_timeout_s,
+        disk_root=work,  # disk pushes write there (--work-dir may be anywhere)
     )
     try:
         before = engine.generate([PROMPT], SamplingParams(max_new_tokens=CHECK_TOKENS))

@@ -273,7 +273,7 @@ BAD_SERVE = {
     ),
     "kv tokens 0": (
         lambda t: ["--model", str(_bad_model(t, "{}")), "--kv-tokens", "0"],
-        "--kv-tokens: must be > 0, got 0",
+        "kv_tokens: must be > 0, got 0",
     ),
 }
 

@@ -189,8 +189,10 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_insecure_tcp_flag_lifts_the_refusal(capsys):
-    assert run_engine(_args(insecure_tcp=True)) == 1  # gets past auth, fails on the model
-    assert "authentication" not in capsys.readouterr().err
+    assert run_engine(_args(insecure_tcp=True)) == 2  # gets past auth, refused on the model
+    err = capsys.readouterr().err
+    assert "authentication" not in err
+    assert err == "error: --model /nonexistent-model: no such directory\n"
 
 
 @pytest.mark.parametrize("problem", ["missing dir", "secret readable by others", "no clients"])
