@@ -33,7 +33,7 @@ COUNT_BITS = 20
 MAX_PUSH_ID = (1 << 42) - 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 _OWN_NAME = re.compile(rf"{PREFIX}-[0-9]+-[0-9a-f]+-[a-z]+")
-_MAGIC = 0x726C7379_6E6301
+_MAGIC = 0x726C7379_6E6302  # 02: engines take part by name (member words)
 _HDR_WORDS, _ENGINE_WORDS = 16, 8  # one 64-byte line per engine: no false sharing
 _MAGIC_W, _ENGINES_W, _SLOTS_W, _SLOT_BYTES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 2, 3, 4, 8, 9
 _FENCE = threading.Lock()
@@ -194,7 +194,8 @@ def _is_orphan(path: str) -> bool:
 
 class Control:
     """The counters shared by one sender and its engines: int64 words in a small segment,
-    each written by one side only (see `shm` for the protocol)."""
+    each written by one side only (the protocol is drawn in `ipc`). Per engine, one 64-byte
+    line: consumed, opened (the engine's words), evicted, member (the sender's)."""
 
     def __init__(self, seg: Segment):
         self.seg = seg
@@ -273,6 +274,14 @@ class Control:
 
     def evict(self, engine: int, push_id: int) -> None:
         self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 1] = push_id + 1
+
+    def member(self, engine: int) -> int:
+        """push_id + 1 of the last push the sender named this engine in (sender's word,
+        written before that push starts: an engine not named commits nothing of it)."""
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 3]
+
+    def set_member(self, engine: int, push_id: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 3] = push_id + 1
 
     def close(self) -> None:
         self.words.release()

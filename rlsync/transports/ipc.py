@@ -13,14 +13,21 @@ it. Each region holds a bucket plus its 8-byte fingerprint trailer (`integrity`)
 
 Protocol (each counter written by one side only; seq(p, n) = (p + 1) << 20 | n grows over
 pushes, so an older push's counters never pass for progress of this one):
-  sender, push p:  drain push p-1 -> ready = seq(p, 0) -> for bucket g:
-                     (ring) wait until live engines consumed the slot's last bucket; an engine
-                     with no progress for timeout_s is evicted (evicted[e] = p + 1) and reported
+  sender, push p:  drain push p-1 -> member[e] = p + 1 for exactly the engines taking part
+                   (those that accepted), fenced -> (direct) wait until each opened its store
+                   -> ready = seq(p, 0) -> for bucket g:
+                     (ring) wait until live engines consumed the slot's last bucket
                      -> pack + seal into the region -> ready = seq(p, g + 1)
-                   -> (wait) until live engines consumed all; any failure sets aborted = p + 1
-  engine e, push p: for bucket g: wait ready >= seq(p, g + 1), raising if the sender is on
-                     another push, aborted p, or evicted e -> check trailer -> on_bucket ->
-                     re-check eviction (its slot may have been reused) -> consumed[e] = seq(p, g+1)
+                   -> (wait) until live engines consumed all. An engine with no progress for
+                   timeout_s is evicted (evicted[e] = p + 1) and reported, the others go on;
+                   any failure sets aborted = p + 1
+  engine e, push p: (direct) wait until member[e] = p + 1 -> opened[e] = seq(p, 0)
+                   -> wait ready >= seq(p, 0) -> for bucket g: wait ready >= seq(p, g + 1)
+                   -> check trailer -> on_bucket (direct: the bytes are home) -> re-check
+                   (its slot may have been reused) -> consumed[e] = seq(p, g + 1)
+  Every check of the engine raises if the sender aborted p, evicted e, is on a later push, or
+  is on push p without member[e] = p + 1: the counters an engine that accepted too late (a
+  frozen one, thawed) sees were advanced for the others, not for it, so it commits nothing.
 """
 
 from __future__ import annotations
@@ -48,23 +55,26 @@ from rlsync.transports import (
     OnBucket,
     TransferStats,
     TransportError,
-    TransportTimeout,
     base,
     integrity,
 )
 from rlsync.transports.control import (
     MAX_PUSH_ID,
     SHM_DIR,
-    Backoff,
     Control,
     fence,
     layout,
     region_bytes,
     remove_orphan_segments,
     seq,
-    seq_push,
 )
 from rlsync.transports.integrity import TRAILER_BYTES
+from rlsync.transports.ipc_waits import (
+    OPEN_SLACK_S,
+    PushFollower,
+    await_engines,
+    name_members,
+)
 from rlsync.transports.store import MappedStore
 
 STALE_CHECK_S = 1.0
@@ -138,13 +148,19 @@ class IpcSender:
         offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         live = self._begin(push_id, readers, stats, timeout_s)
+        self.control.set_ready(seq(push_id, 0))
         if not plan.buckets:
             return stats
         try:
             for g, bucket in enumerate(plan.buckets):
                 if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?
-                    self._await(
-                        live, seq(push_id, g - self.num_slots + 1), push_id, stats, timeout_s
+                    await_engines(
+                        self.control,
+                        live,
+                        seq(push_id, g - self.num_slots + 1),
+                        push_id,
+                        stats,
+                        timeout_s,
                     )
                 if fill is not None:
                     self._fill_with(fill, g, bucket, offsets[g], stats)
@@ -154,7 +170,9 @@ class IpcSender:
                 self.control.set_ready(seq(push_id, g + 1))
             self._last = (push_id, len(plan.buckets), live)
             if wait:
-                self._await(live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s)
+                await_engines(
+                    self.control, live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s
+                )
         except BaseException:
             self.control.set_aborted(push_id)  # engines fail now, not at their timeout
             raise
@@ -177,8 +195,10 @@ class IpcSender:
 
         An engine's store is written only once it says it may be (`opened`: its receive
         has begun, so it is paused or the store is its shadow); one that neither opens nor
-        consumes for `timeout_s` is evicted and reported, the others go on. Returns once
-        every live engine has seen the whole push.
+        consumes for `timeout_s` is evicted and reported, the others go on. The push starts
+        (ready = seq(p, 0)) once every engine opened or was evicted, so nobody is evicted
+        between the first bucket and the last. Returns once every live engine has seen the
+        whole push.
         """
         t0 = time.perf_counter()
         if verify and self.data.numel() < TRAILER_BYTES * len(plan.buckets):
@@ -186,7 +206,11 @@ class IpcSender:
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         live = self._begin(push_id, sorted(stores), stats, timeout_s)
         try:
-            self._await(live, seq(push_id, 0), push_id, stats, timeout_s, self.control.opened)
+            await_engines(
+                self.control, live, seq(push_id, 0), push_id, stats, timeout_s, self.control.opened
+            )
+            fence()
+            self.control.set_ready(seq(push_id, 0))
             for g, bucket in enumerate(plan.buckets):
                 t = time.perf_counter()
                 regions = [
@@ -200,7 +224,9 @@ class IpcSender:
                 fence()
                 self.control.set_ready(seq(push_id, g + 1))
             self._last = (push_id, len(plan.buckets), live)
-            self._await(live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s)
+            await_engines(
+                self.control, live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s
+            )
         except BaseException:
             self.control.set_aborted(push_id)
             raise
@@ -237,17 +263,18 @@ class IpcSender:
     def _begin(
         self, push_id: int, readers: Sequence[int] | None, stats: TransferStats, timeout_s: float
     ) -> set[int]:
+        """Drain the previous push, then name the engines of this one (the caller starts it)."""
         if not 0 <= push_id <= MAX_PUSH_ID:
             raise ValueError(f"push_id {push_id} out of range")
-        if self._last is not None:
-            prev, count, live = self._last
-            if push_id <= prev:
-                raise ValueError(f"push_id {push_id} must be greater than the previous {prev}")
-            self._await(live, seq(prev, count), prev, stats, timeout_s)  # drain the last push
         live = set(range(self.control.num_engines) if readers is None else readers)
         if any(not 0 <= e < self.control.num_engines for e in live):
             raise ValueError(f"readers {sorted(live)} not in [0, {self.control.num_engines})")
-        self.control.set_ready(seq(push_id, 0))
+        if self._last is not None:
+            prev, count, last_live = self._last
+            if push_id <= prev:
+                raise ValueError(f"push_id {push_id} must be greater than the previous {prev}")
+            await_engines(self.control, last_live, seq(prev, count), prev, stats, timeout_s)
+        name_members(self.control, push_id, live)
         return live
 
     def _fill(
@@ -283,42 +310,6 @@ class IpcSender:
         if region.is_cuda:  # the bytes must be in device memory before we say "ready"
             torch.cuda.current_stream(region.device).synchronize()
         stats.add("pack", time.perf_counter() - t0)
-
-    def _await(
-        self,
-        live: set[int],
-        target: int,
-        push_id: int,
-        stats: TransferStats,
-        timeout_s: float,
-        counter: Callable[[int], int] | None = None,
-    ) -> None:
-        """Wait until every live engine's counter (default: consumed) reaches `target`;
-        evict each engine whose counter has not moved for `timeout_s`."""
-        counter = counter or self.control.consumed
-        t0 = time.perf_counter()
-        pending = {e: (counter(e), t0) for e in live}
-        backoff = Backoff()
-        while pending:
-            now = time.perf_counter()
-            for e, (last, since) in list(pending.items()):
-                value = counter(e)
-                if value >= target:
-                    del pending[e]
-                elif value != last:
-                    pending[e] = (value, now)
-                elif now - since > timeout_s:
-                    del pending[e]
-                    self._evict(e, push_id, live, stats)
-            if pending:
-                backoff.pause()
-        stats.add("wait", time.perf_counter() - t0)
-
-    def _evict(self, engine: int, push_id: int, live: set[int], stats: TransferStats) -> None:
-        self.control.evict(engine, push_id)
-        fence()  # visible to the engine before its slot is reused
-        live.discard(engine)
-        stats.timed_out_engines.append(engine)
 
     def close(self) -> None:
         """Release the data buffer and unlink the control segment."""
@@ -371,22 +362,24 @@ class IpcReceiver:
         verify: bool = False,
         timeout_s: float = 60.0,
         cancel: threading.Event | None = None,
-        first_timeout_s: float | None = None,
+        start_timeout_s: float | None = None,
     ) -> TransferStats:
         """Hand every bucket of push `push_id` to `on_bucket`, in order, as each becomes
-        ready; every wait for the next bucket is bounded by `timeout_s` (the first by
-        `first_timeout_s`, default the same) and stops early when `cancel` is set."""
+        ready. The wait for the sender to start the push (with this engine in it) is bounded
+        by `start_timeout_s` (default `timeout_s`), each bucket's after that by `timeout_s`;
+        every wait stops early when `cancel` is set."""
         if self.buffer is None or self.control is None or self.data is None:
             raise TransportError("ipc: receive before attach")
         t0 = time.perf_counter()
         engine = self.buffer.engine_index
         offsets = layout(plan, self.buffer.slot_bytes, self.buffer.num_slots, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+        follow = PushFollower(self.control, engine, push_id, cancel)
+        follow.wait_started(start_timeout_s or timeout_s, stats)
         for g, bucket in enumerate(plan.buckets):
-            wait_s = first_timeout_s if g == 0 and first_timeout_s is not None else timeout_s
-            self._await_ready(push_id, g, stats, wait_s, cancel)
+            follow.wait_bucket(g, timeout_s, stats)
             self._load(g, bucket, offsets[g], on_bucket, verify, stats)
-            self._check(push_id, g)  # evicted while loading: the slot may have been reused
+            follow.check(f"bucket {g}")  # evicted while loading: the slot may have been reused
             self.control.set_consumed(engine, seq(push_id, g + 1))
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -399,22 +392,26 @@ class IpcReceiver:
         *,
         verify: bool = False,
         timeout_s: float = 60.0,
-        first_timeout_s: float | None = None,
+        start_timeout_s: float | None = None,
     ) -> TransferStats:
-        """The engine side of `push_direct`: say the store may be written now, then follow
-        the sender's progress bucket by bucket (checking each trailer with verify); the
-        bytes are already home when a bucket is ready, so nothing is copied."""
+        """The engine side of `push_direct`: once the sender names this engine in the push
+        (bounded by `start_timeout_s`, default `timeout_s`), say the store may be written
+        now, then follow the sender's progress bucket by bucket (checking each trailer with
+        verify); the bytes are already home when a bucket is ready, so nothing is copied.
+        An engine the sender started the push without fails before it opens its store."""
         if self.buffer is None or self.control is None or self.data is None:
             raise TransportError("ipc: receive before attach")
         t0 = time.perf_counter()
         engine = self.buffer.engine_index
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
+        follow = PushFollower(self.control, engine, push_id, writer.cancel)
+        follow.wait_named(start_timeout_s or timeout_s, stats)
         writer.open_store()
         fence()
         self.control.set_opened(engine, seq(push_id, 0))
+        follow.wait_started(timeout_s + OPEN_SLACK_S, stats)  # the others open meanwhile
         for g, bucket in enumerate(plan.buckets):
-            wait_s = first_timeout_s if g == 0 and first_timeout_s is not None else timeout_s
-            self._await_ready(push_id, g, stats, wait_s, writer.cancel)
+            follow.wait_bucket(g, timeout_s, stats)
             t = time.perf_counter()
             region = writer.region(bucket)
             assert region is not None
@@ -423,50 +420,10 @@ class IpcReceiver:
                 integrity.check_apart(g, region, trailer)
                 stats.add("verify", time.perf_counter() - t)
             writer.landed(bucket)
-            self._check(push_id, g)
+            follow.check(f"bucket {g}")
             self.control.set_consumed(engine, seq(push_id, g + 1))
         stats.seconds = time.perf_counter() - t0
         return stats
-
-    def _await_ready(
-        self,
-        push_id: int,
-        g: int,
-        stats: TransferStats,
-        timeout_s: float,
-        cancel: threading.Event | None,
-    ) -> None:
-        t0 = time.perf_counter()
-        target, backoff = seq(push_id, g + 1), Backoff()
-        while (ready := self.control.ready()) < target:
-            self._check(push_id, g)
-            if cancel is not None and cancel.is_set():
-                raise base.Cancelled(f"ipc receive cancelled waiting for bucket {g}")
-            if time.perf_counter() - t0 > timeout_s:
-                raise TransportTimeout(
-                    f"ipc engine {self.buffer.engine_index}: push {push_id} bucket {g} not "
-                    f"ready after {timeout_s:.1f}s (sender pid {self.control.sender_pid})"
-                )
-            backoff.pause()
-        if seq_push(ready) != push_id:
-            raise TransportError(
-                f"ipc engine {self.buffer.engine_index}: push {push_id} bucket "
-                f"{g}: the sender is on push {seq_push(ready)}"
-            )
-        fence()
-        stats.add("wait", time.perf_counter() - t0)
-
-    def _check(self, push_id: int, g: int) -> None:
-        engine = self.buffer.engine_index
-        if self.control.aborted() == push_id + 1:
-            raise TransportError(
-                f"ipc engine {engine}: push {push_id} aborted by the sender (waiting on bucket {g})"
-            )
-        if self.control.evicted(engine) == push_id + 1:
-            raise TransportTimeout(
-                f"ipc engine {engine}: evicted from push {push_id} at bucket "
-                f"{g}: the sender timed out waiting for it"
-            )
 
     def _load(
         self,
@@ -722,8 +679,8 @@ class Receiver(base.Receiver):
             self._receive_payloads(msg, plan, writer)
             return
         self.active = True
-        # the pusher may wait timeout_s for other engines' accepts before it sends
-        bounds = dict(verify=msg.verify, timeout_s=msg.timeout_s, first_timeout_s=2 * msg.timeout_s)
+        # the pusher may wait timeout_s for other engines' accepts before it starts the push
+        bounds = dict(verify=msg.verify, timeout_s=msg.timeout_s, start_timeout_s=2 * msg.timeout_s)
         try:
             reader = self._reader(msg.buffer)
             if in_store(plan):
@@ -745,7 +702,7 @@ class Receiver(base.Receiver):
                 lambda g, _, region: delta.apply_region(g, plan.buckets[g], region, writer),
                 timeout_s=msg.timeout_s,
                 cancel=writer.cancel,
-                first_timeout_s=2 * msg.timeout_s,
+                start_timeout_s=2 * msg.timeout_s,
             )
         finally:
             self.active = False

@@ -359,6 +359,27 @@ def test_stale_push_id_and_bad_names_are_refused() -> None:
         sender.close()
 
 
+def test_an_engine_left_out_of_a_push_reads_nothing_of_it() -> None:
+    """Engine 1 accepted too late: the push went to engine 0 alone, and engine 1's receive
+    starts once the counters were advanced for engine 0."""
+    plan = make_plan()
+    sender = ShmSender(plan, num_engines=2)
+    on_time, late = ShmReceiver(sender.descriptor(0)), ShmReceiver(sender.descriptor(1))
+    try:
+        sender.push(plan, make_tensors(1), 1, readers=[0], wait=False)
+        got: dict[str, torch.Tensor] = {}
+        on_time.receive(plan, 1, collector(got), timeout_s=5)
+        assert mismatches(got, make_tensors(1)) == []
+        read: dict[str, torch.Tensor] = {}
+        with pytest.raises(TransportError, match="engine 1 is not taking part in push 1"):
+            late.receive(plan, 1, collector(read), timeout_s=5)
+        assert read == {}
+    finally:
+        on_time.close()
+        late.close()
+        sender.close()
+
+
 def test_fifty_pushes_and_reopens_leak_nothing() -> None:
     plan = make_plan()
     fds, segments = fd_count(), own_segments()
