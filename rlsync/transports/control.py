@@ -195,7 +195,7 @@ def _is_orphan(path: str) -> bool:
 class Control:
     """The counters shared by one sender and its engines: int64 words in a small segment,
     each written by one side only (the protocol is drawn in `ipc`). Per engine, one 64-byte
-    line: consumed, opened (the engine's words), evicted, member (the sender's)."""
+    line: consumed, opened, declined (the engine's words), evicted, member (the sender's)."""
 
     def __init__(self, seg: Segment):
         self.seg = seg
@@ -282,6 +282,14 @@ class Control:
 
     def set_member(self, engine: int, push_id: int) -> None:
         self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 3] = push_id + 1
+
+    def declined(self, engine: int) -> int:
+        """push_id + 1 of the last push this engine said it is out of (its word: it failed
+        before it took its part, e.g. its wait for idle ran out; the sender stops waiting)."""
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 4]
+
+    def set_declined(self, engine: int, push_id: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 4] = push_id + 1
 
     def close(self) -> None:
         self.words.release()

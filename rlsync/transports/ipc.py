@@ -28,6 +28,8 @@ pushes, so an older push's counters never pass for progress of this one):
   Every check of the engine raises if the sender aborted p, evicted e, is on a later push, or
   is on push p without member[e] = p + 1: the counters an engine that accepted too late (a
   frozen one, thawed) sees were advanced for the others, not for it, so it commits nothing.
+  An engine whose update fails (before it opened its store, or at any point) writes
+  declined[e] = p + 1; the sender evicts it at its next look instead of after timeout_s.
 """
 
 from __future__ import annotations
@@ -706,6 +708,23 @@ class Receiver(base.Receiver):
             )
         finally:
             self.active = False
+
+    def failed(self, msg: UpdateWeightsFromIPC) -> None:
+        """Say at once that this engine is out of the push (declined[e] = push_id + 1), so the
+        sender leaves it behind now instead of waiting `timeout_s` for it and stalling every
+        other engine: e.g. an in_place update whose wait for idle ran out before it opened its
+        store. Its own mapping of the control segment (the update may have failed before
+        anything was attached, and a worker still stopping may hold the reader's). A sender
+        that is gone needs no word: then nothing is written."""
+        buffer = msg.buffer
+        try:
+            control = Control.open(buffer)
+        except (TransportError, OSError):
+            return
+        try:
+            control.set_declined(buffer.engine_index, msg.push_id)
+        finally:
+            control.close()
 
     def _reader(self, buffer: IpcBuffer) -> IpcReceiver:
         current = self.readers.get(buffer.kind)

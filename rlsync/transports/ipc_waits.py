@@ -29,8 +29,9 @@ def await_engines(
     counter: Callable[[int], int] | None = None,
 ) -> None:
     """Wait until every live engine's counter (default: consumed) reaches `target`. An engine
-    whose counter has not moved for `timeout_s` is evicted (left behind: removed from `live`,
-    listed in `stats.timed_out_engines`) and the others go on."""
+    whose counter has not moved for `timeout_s`, or that declined push `push_id` (it failed
+    before taking its part and said so), is evicted (left behind: removed from `live`, listed
+    in `stats.timed_out_engines`) and the others go on."""
     counter = counter or control.consumed
     t0 = time.perf_counter()
     pending = {e: (counter(e), t0) for e in live}
@@ -41,6 +42,9 @@ def await_engines(
             value = counter(e)
             if value >= target:
                 del pending[e]
+            elif control.declined(e) == push_id + 1:
+                del pending[e]
+                evict(control, e, push_id, live, stats)
             elif value != last:
                 pending[e] = (value, now)
             elif now - since > timeout_s:

@@ -15,6 +15,7 @@ import torch
 from infer_side.weights import ModelWeights
 from rlsync.buckets import plan_in_store
 from rlsync.model_config import ModelConfig
+from rlsync.protocol import UpdateWeightsFromIPC
 from rlsync.transports import IntegrityError, TransportError, ipc
 from rlsync.transports.base import WeightWriter
 from rlsync.transports.shm import ShmReceiver, ShmSender
@@ -146,4 +147,21 @@ def test_an_engine_left_out_of_a_push_fails_before_it_opens_its_store(setup):
     assert status == "error" and isinstance(exc, TransportError)
     assert "engine 1 is not taking part in push 1" in str(exc)
     assert not out["1 writer"].touched and not out["1 writer"].exposed
+    assert not stores[1].flat.any()
+
+
+def test_an_engine_that_declines_is_left_behind_at_once(setup):
+    """Engine 1 accepted, then its update failed before it opened its store (say its wait for
+    idle ran out): it says so, and the push to engine 0 does not wait timeout_s for it."""
+    plan, sender, stores, mapped, tensors = setup
+    out: dict = {}
+    thread = _engine(sender, 0, stores[0], plan, 1, out)
+    ipc.Receiver().failed(UpdateWeightsFromIPC(buffer=sender.descriptor(1), plan=plan, push_id=1))
+    start = time.monotonic()
+    stats = sender.push_direct(
+        plan, tensors, 1, {0: mapped[0].flat, 1: mapped[1].flat}, timeout_s=30
+    )
+    assert time.monotonic() - start < 15  # a bound far below timeout_s, not a speed goal
+    thread.join(10)
+    assert stats.timed_out_engines == [1] and out[0][0] == "ok"
     assert not stores[1].flat.any()
