@@ -23,7 +23,8 @@ import torch
 from rlsync.protocol import BucketPlan, CudaShare, IpcBuffer
 from rlsync.transports import TransportError
 from rlsync.transports.control import Control, geometry
-from rlsync.transports.ipc import IpcReceiver, IpcSender
+from rlsync.transports.ipc import BucketWriter, IpcSender
+from rlsync.transports.ipc_reader import IpcReceiver
 
 _SHARE_FIELDS = (
     "device",
@@ -104,6 +105,7 @@ class CudaIpcSender(IpcSender):
         device: torch.device | str | int | None = None,
         num_slots: int | None = None,
         capacity_bytes: int | None = None,
+        writer: BucketWriter | None = None,
     ):
         if not 1 <= num_engines <= 4096:
             raise ValueError(f"num_engines must be in [1, 4096], got {num_engines}")
@@ -117,7 +119,8 @@ class CudaIpcSender(IpcSender):
         slots, slot_bytes, nbytes = geometry(plan, num_slots, capacity_bytes)
         # Zeroed so stale allocator contents never reach an engine.
         data = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
-        super().__init__(data, Control.create(num_engines, slots, slot_bytes), slots, slot_bytes)
+        control = Control.create(num_engines, slots, slot_bytes)
+        super().__init__(data, control, slots, slot_bytes, writer)
         self._name = f"cuda-{os.getpid()}-{secrets.token_hex(6)}"
         self._shared: dict[int, CudaShare] = {}
 

@@ -1,8 +1,10 @@
 """IPC transport: one persistent buffer of bucket regions that the trainer writes and every
 engine reads, plus a control segment of counters (`control`), created once and reused every
 push. Two buffer kinds run this one protocol: POSIX shared memory (`shm`, CPU) and CUDA
-memory shared through an IPC handle (`cuda_ipc`). The transport's two halves, `Sender`
-and `Receiver`, sit at the end of this module.
+memory shared through an IPC handle (`cuda_ipc`). Here: the writer side (`IpcSender`, and
+`BucketWriter`, the public hook that says who writes each bucket's bytes), then the
+transport's two halves, `Sender` and `Receiver`, at the end. The reader side is
+`ipc_reader.IpcReceiver`; the waits of both sides are `ipc_waits`.
 
 Engines map the buffer once (`attach`) and re-map only when a descriptor names another one.
 
@@ -35,7 +37,6 @@ pushes, so an older push's counters never pass for progress of this one):
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +55,6 @@ from rlsync.protocol import (
     UpdateWeightsFromIPC,
 )
 from rlsync.transports import (
-    OnBucket,
     TransferStats,
     TransportError,
     base,
@@ -71,29 +71,96 @@ from rlsync.transports.control import (
     seq,
 )
 from rlsync.transports.integrity import TRAILER_BYTES
-from rlsync.transports.ipc_waits import (
-    OPEN_SLACK_S,
-    PushFollower,
-    await_engines,
-    name_members,
-)
-from rlsync.transports.store import MappedStore
+from rlsync.transports.ipc_reader import IpcReceiver
+from rlsync.transports.ipc_waits import await_engines, name_members
+from rlsync.transports.store import MappedStores
 
 STALE_CHECK_S = 1.0
 
 
+class BucketWriter:
+    """How an `IpcSender` writes the bytes of each bucket: the public hook through which the
+    writers of a push can be others than this process (a sharded trainer, every rank writing
+    its own rows: `trainer_side.shard_buffer.RankRows`). This default packs each bucket from
+    the trainer's tensors; with several regions, one thread per region (the copies release
+    the GIL, so N engine stores cost about one copy's time while memory bandwidth lasts,
+    docs/TRANSPORTS.md, several engines on a host)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+
+    def begin(self, push_id: int, engines: Sequence[int]) -> None:
+        """Push `push_id` has started and its first bucket is due: the previous push is
+        drained and `engines` take part (a direct push: each opened its store, and none is
+        evicted from here to the last bucket, so every store written from now on is one its
+        engine handed out for this push)."""
+
+    def write(
+        self,
+        g: int,
+        bucket: Bucket,
+        tensors: Mapping[str, torch.Tensor],
+        regions: list[torch.Tensor],
+    ) -> None:
+        """Write bucket g into every region: each live engine's range of its store (direct),
+        or the bucket's region of the shared buffer (staged; longer than the bucket). Called
+        in bucket order; bucket g is published ready once this returns."""
+        if len(regions) > 1:
+            if self._pool is None or self._pool_size < len(regions):
+                self.close()
+                self._pool = ThreadPoolExecutor(len(regions), thread_name_prefix="ipc-write")
+                self._pool_size = len(regions)
+            for done in [self._pool.submit(pack_bucket, bucket, tensors, r) for r in regions]:
+                done.result()
+        elif regions:
+            pack_bucket(bucket, tensors, regions[0])
+
+    def close(self) -> None:
+        """Release what `write` made (a writer used again after this makes it anew)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+class PayloadWriter(BucketWriter):
+    """Writes bucket g's `rlsync.delta` payload, `encode(g)`, into its region (header, then
+    body); the payload carries its own checks."""
+
+    def __init__(self, encode: base.Encode):
+        super().__init__()
+        self.encode = encode
+
+    def write(
+        self,
+        g: int,
+        bucket: Bucket,
+        tensors: Mapping[str, torch.Tensor],
+        regions: list[torch.Tensor],
+    ) -> None:
+        for region in regions:
+            self.encode(g).write_into(region)
+
+
 class IpcSender:
     """Writer side of the slot protocol over a 1-D uint8 data buffer; the buffer kinds
-    (`shm.ShmSender`, `cuda_ipc.CudaIpcSender`) own the buffer and add descriptor fields."""
+    (`shm.ShmSender`, `cuda_ipc.CudaIpcSender`) own the buffer and add descriptor fields.
+    `writer` writes the buckets' bytes (default: packed from the trainer's tensors)."""
 
     kind = "shm"
 
-    def __init__(self, data: torch.Tensor, control: Control, num_slots: int, slot_bytes: int):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        control: Control,
+        num_slots: int,
+        slot_bytes: int,
+        writer: BucketWriter | None = None,
+    ):
         self.data, self.control = data, control
         self.num_slots, self.slot_bytes = num_slots, slot_bytes
+        self.writer = writer or BucketWriter()
         self._last: tuple[int, int, set[int]] | None = None  # push id, buckets, live engines
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
 
     @property
     def data_name(self) -> str:
@@ -135,18 +202,19 @@ class IpcSender:
         timeout_s: float = 60.0,
         readers: Sequence[int] | None = None,
         wait: bool = True,
-        fill: Callable[[int, Bucket, torch.Tensor], None] | None = None,
+        writer: BucketWriter | None = None,
     ) -> TransferStats:
-        """Pack bucket after bucket into its region, publishing each as ready.
+        """Write bucket after bucket into its region, publishing each as ready.
 
-        `readers` (engine indices, default: all) take part; one that makes no progress for `timeout_s` is
-        evicted and listed in `timed_out_engines` while the others go on. With `wait`, return
-        once every live engine consumed the whole push; else the next push waits for that
-        first (engines stuck there are evicted and reported in this push's stats).
-        `push_id` must grow from push to push. `fill(g, bucket, region)` writes bucket g
-        instead of packing it from `tensors` (delta payloads).
+        `readers` (engine indices, default: all) take part; one that makes no progress for
+        `timeout_s` is evicted and listed in `timed_out_engines` while the others go on. With
+        `wait`, return once every live engine consumed the whole push; else the next push
+        waits for that first (engines stuck there are evicted and reported in this push's
+        stats). `push_id` must grow from push to push. `writer` writes this push's buckets
+        instead of the buffer's own (delta payloads: `PayloadWriter`).
         """
         t0 = time.perf_counter()
+        writer = writer or self.writer
         offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         live = self._begin(push_id, readers, stats, timeout_s)
@@ -154,27 +222,20 @@ class IpcSender:
         if not plan.buckets:
             return stats
         try:
+            writer.begin(push_id, sorted(live))
             for g, bucket in enumerate(plan.buckets):
                 if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?
-                    await_engines(
-                        self.control,
-                        live,
-                        seq(push_id, g - self.num_slots + 1),
-                        push_id,
-                        stats,
-                        timeout_s,
-                    )
-                if fill is not None:
-                    self._fill_with(fill, g, bucket, offsets[g], stats)
-                else:
-                    self._fill(g, bucket, tensors, offsets[g], verify, stats)
-                fence()
-                self.control.set_ready(seq(push_id, g + 1))
+                    first = seq(push_id, g - self.num_slots + 1)
+                    await_engines(self.control, live, first, push_id, stats, timeout_s)
+                region = self.data[offsets[g] : offsets[g] + region_bytes(bucket.nbytes)]
+                self._write(writer, g, bucket, tensors, [region], stats)
+                if verify:
+                    integrity.seal(g, region, bucket.nbytes)
+                self._publish(push_id, g)
             self._last = (push_id, len(plan.buckets), live)
             if wait:
-                await_engines(
-                    self.control, live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s
-                )
+                last = seq(push_id, len(plan.buckets))
+                await_engines(self.control, live, last, push_id, stats, timeout_s)
         except BaseException:
             self.control.set_aborted(push_id)  # engines fail now, not at their timeout
             raise
@@ -197,10 +258,11 @@ class IpcSender:
 
         An engine's store is written only once it says it may be (`opened`: its receive
         has begun, so it is paused or the store is its shadow); one that neither opens nor
-        consumes for `timeout_s` is evicted and reported, the others go on. The push starts
-        (ready = seq(p, 0)) once every engine opened or was evicted, so nobody is evicted
-        between the first bucket and the last. Returns once every live engine has seen the
-        whole push.
+        consumes for `timeout_s`, or declines, is evicted and reported, the others go on.
+        The push starts (ready = seq(p, 0)) once every engine opened or was evicted, so
+        nobody is evicted between the first bucket and the last (what lets other writers,
+        `BucketWriter.begin`, trust the engines they are given). Returns once every live
+        engine has seen the whole push.
         """
         t0 = time.perf_counter()
         if verify and self.data.numel() < TRAILER_BYTES * len(plan.buckets):
@@ -208,27 +270,21 @@ class IpcSender:
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         live = self._begin(push_id, sorted(stores), stats, timeout_s)
         try:
-            await_engines(
-                self.control, live, seq(push_id, 0), push_id, stats, timeout_s, self.control.opened
-            )
+            opened = self.control.opened
+            await_engines(self.control, live, seq(push_id, 0), push_id, stats, timeout_s, opened)
             fence()
             self.control.set_ready(seq(push_id, 0))
+            self.writer.begin(push_id, sorted(live))
             for g, bucket in enumerate(plan.buckets):
-                t = time.perf_counter()
-                regions = [
-                    stores[e][bucket.store_offset : bucket.store_offset + bucket.nbytes]
-                    for e in sorted(live)
-                ]
-                self._write(bucket, tensors, regions)
+                at = slice(bucket.store_offset, bucket.store_offset + bucket.nbytes)
+                regions = [stores[e][at] for e in sorted(live)]
+                self._write(self.writer, g, bucket, tensors, regions, stats)
                 if verify and regions:
                     self._trailer(g).copy_(fingerprint(regions[0]).reshape(1).view(torch.uint8))
-                stats.add("pack", time.perf_counter() - t)
-                fence()
-                self.control.set_ready(seq(push_id, g + 1))
+                self._publish(push_id, g)
             self._last = (push_id, len(plan.buckets), live)
-            await_engines(
-                self.control, live, seq(push_id, len(plan.buckets)), push_id, stats, timeout_s
-            )
+            last = seq(push_id, len(plan.buckets))
+            await_engines(self.control, live, last, push_id, stats, timeout_s)
         except BaseException:
             self.control.set_aborted(push_id)
             raise
@@ -236,28 +292,24 @@ class IpcSender:
         return stats
 
     def _write(
-        self, bucket: Bucket, tensors: Mapping[str, torch.Tensor], regions: list[torch.Tensor]
+        self,
+        writer: BucketWriter,
+        g: int,
+        bucket: Bucket,
+        tensors: Mapping[str, torch.Tensor],
+        regions: list[torch.Tensor],
+        stats: TransferStats,
     ) -> None:
-        """Copy the bucket's tensors into every engine's region; with several engines, one
-        thread per engine (the copies release the GIL), so N stores cost about one copy's
-        time while memory bandwidth lasts (docs/TRANSPORTS.md, several engines on a host)."""
-        if len(regions) > 1:
-            if self._pool is None or self._pool_size < len(regions):
-                self._close_pool()
-                self._pool = ThreadPoolExecutor(len(regions), thread_name_prefix="ipc-write")
-                self._pool_size = len(regions)
-            for done in [self._pool.submit(pack_bucket, bucket, tensors, r) for r in regions]:
-                done.result()
-        elif regions:
-            pack_bucket(bucket, tensors, regions[0])
+        t0 = time.perf_counter()
+        writer.write(g, bucket, tensors, regions)
         for region in regions:
             if region.is_cuda:  # the bytes must be in device memory before we say "ready"
                 torch.cuda.current_stream(region.device).synchronize()
+        stats.add("pack", time.perf_counter() - t0)
 
-    def _close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+    def _publish(self, push_id: int, g: int) -> None:
+        fence()  # the bucket's bytes before the word that says they are there
+        self.control.set_ready(seq(push_id, g + 1))
 
     def _trailer(self, g: int) -> torch.Tensor:
         return self.data[TRAILER_BYTES * g : TRAILER_BYTES * (g + 1)]
@@ -279,199 +331,15 @@ class IpcSender:
         name_members(self.control, push_id, live)
         return live
 
-    def _fill(
-        self,
-        g: int,
-        bucket: Bucket,
-        tensors: Mapping[str, torch.Tensor],
-        offset: int,
-        verify: bool,
-        stats: TransferStats,
-    ) -> None:
-        t0 = time.perf_counter()
-        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
-        pack_bucket(bucket, tensors, region)
-        if verify:
-            integrity.seal(g, region, bucket.nbytes)
-        if region.is_cuda:  # the bytes must be in device memory before we say "ready"
-            torch.cuda.current_stream(region.device).synchronize()
-        stats.add("pack", time.perf_counter() - t0)
-
-    def _fill_with(
-        self,
-        fill: Callable[[int, Bucket, torch.Tensor], None],
-        g: int,
-        bucket: Bucket,
-        offset: int,
-        stats: TransferStats,
-    ) -> None:
-        """Bucket g's region written by `fill` (a delta payload: it carries its own checks)."""
-        t0 = time.perf_counter()
-        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
-        fill(g, bucket, region)
-        if region.is_cuda:  # the bytes must be in device memory before we say "ready"
-            torch.cuda.current_stream(region.device).synchronize()
-        stats.add("pack", time.perf_counter() - t0)
-
     def close(self) -> None:
         """Release the data buffer and unlink the control segment."""
-        self._close_pool()
+        self.writer.close()
         self.data = torch.empty(0, dtype=torch.uint8)
         self._close_data()
         self.control.close()
 
     def _close_data(self) -> None:
         pass
-
-
-class IpcReceiver:
-    """Reader side of the slot protocol: maps a sender's buffer once, keeps it across pushes
-    and re-maps only when a descriptor names another buffer."""
-
-    kind = "shm"
-
-    def __init__(self, buffer: IpcBuffer | None = None):
-        self.buffer: IpcBuffer | None = None
-        self.control: Control | None = None
-        self.data: torch.Tensor | None = None
-        if buffer is not None:
-            self.attach(buffer)
-
-    def attach(self, buffer: IpcBuffer) -> None:
-        """Map `buffer` unless it is the one already mapped (then only take its engine index)."""
-        if buffer.kind != self.kind:
-            raise TransportError(f"{type(self).__name__} cannot open a {buffer.kind!r} buffer")
-        if self.buffer is not None and _key(self.buffer) == _key(buffer):
-            if buffer.engine_index >= self.control.num_engines:
-                raise TransportError(f"ipc: engine_index {buffer.engine_index} out of range")
-            self.buffer = buffer
-            return
-        self.close()
-        control = Control.open(buffer)
-        try:
-            self.data = self._open_data(buffer)
-        except BaseException:
-            control.close()
-            raise
-        self.buffer, self.control = buffer, control
-
-    def receive(
-        self,
-        plan: BucketPlan,
-        push_id: int,
-        on_bucket: OnBucket,
-        *,
-        verify: bool = False,
-        timeout_s: float = 60.0,
-        cancel: threading.Event | None = None,
-        start_timeout_s: float | None = None,
-    ) -> TransferStats:
-        """Hand every bucket of push `push_id` to `on_bucket`, in order, as each becomes
-        ready. The wait for the sender to start the push (with this engine in it) is bounded
-        by `start_timeout_s` (default `timeout_s`), each bucket's after that by `timeout_s`;
-        every wait stops early when `cancel` is set."""
-        if self.buffer is None or self.control is None or self.data is None:
-            raise TransportError("ipc: receive before attach")
-        t0 = time.perf_counter()
-        engine = self.buffer.engine_index
-        offsets = layout(plan, self.buffer.slot_bytes, self.buffer.num_slots, self.data.numel())
-        stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
-        follow = PushFollower(self.control, engine, push_id, cancel)
-        follow.wait_started(start_timeout_s or timeout_s, stats)
-        for g, bucket in enumerate(plan.buckets):
-            follow.wait_bucket(g, timeout_s, stats)
-            self._load(g, bucket, offsets[g], on_bucket, verify, stats)
-            follow.check(f"bucket {g}")  # evicted while loading: the slot may have been reused
-            self.control.set_consumed(engine, seq(push_id, g + 1))
-        stats.seconds = time.perf_counter() - t0
-        return stats
-
-    def receive_direct(
-        self,
-        plan: BucketPlan,
-        push_id: int,
-        writer: base.WeightWriter,
-        *,
-        verify: bool = False,
-        timeout_s: float = 60.0,
-        start_timeout_s: float | None = None,
-    ) -> TransferStats:
-        """The engine side of `push_direct`: once the sender names this engine in the push
-        (bounded by `start_timeout_s`, default `timeout_s`), say the store may be written
-        now, then follow the sender's progress bucket by bucket (checking each trailer with
-        verify); the bytes are already home when a bucket is ready, so nothing is copied.
-        An engine the sender started the push without fails before it opens its store."""
-        if self.buffer is None or self.control is None or self.data is None:
-            raise TransportError("ipc: receive before attach")
-        t0 = time.perf_counter()
-        engine = self.buffer.engine_index
-        stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
-        follow = PushFollower(self.control, engine, push_id, writer.cancel)
-        follow.wait_named(start_timeout_s or timeout_s, stats)
-        writer.open_store()
-        fence()
-        self.control.set_opened(engine, seq(push_id, 0))
-        follow.wait_started(timeout_s + OPEN_SLACK_S, stats)  # the others open meanwhile
-        for g, bucket in enumerate(plan.buckets):
-            follow.wait_bucket(g, timeout_s, stats)
-            t = time.perf_counter()
-            region = writer.region(bucket)
-            assert region is not None
-            if verify:
-                trailer = self.data[TRAILER_BYTES * g : TRAILER_BYTES * (g + 1)]
-                integrity.check_apart(g, region, trailer)
-                stats.add("verify", time.perf_counter() - t)
-            writer.landed(bucket)
-            follow.check(f"bucket {g}")
-            self.control.set_consumed(engine, seq(push_id, g + 1))
-        stats.seconds = time.perf_counter() - t0
-        return stats
-
-    def _load(
-        self,
-        g: int,
-        bucket: Bucket,
-        offset: int,
-        on_bucket: OnBucket,
-        verify: bool,
-        stats: TransferStats,
-    ) -> None:
-        t0 = time.perf_counter()
-        region = self.data[offset : offset + region_bytes(bucket.nbytes)]
-        if verify:
-            integrity.check(g, region, bucket.nbytes)
-            stats.add("verify", time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        on_bucket(g, bucket, region[: bucket.nbytes])
-        if region.is_cuda:  # the engine's copies must finish before the slot is reused
-            torch.cuda.current_stream(region.device).synchronize()
-        fence()
-        stats.add("load", time.perf_counter() - t1)
-
-    def _open_data(self, buffer: IpcBuffer) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _close_data(self) -> None:
-        pass
-
-    def close(self) -> None:
-        """Unmap the buffer and the control segment (the sender owns and unlinks them)."""
-        self.data = None
-        self._close_data()
-        if self.control is not None:
-            self.control.close()
-        self.buffer, self.control = None, None
-
-
-def _key(buffer: IpcBuffer) -> tuple:
-    return (
-        buffer.kind,
-        buffer.name,
-        buffer.control_name,
-        buffer.nbytes,
-        buffer.num_slots,
-        buffer.slot_bytes,
-    )
 
 
 # ---------------------------------------------------------------- buffer kinds
@@ -484,23 +352,17 @@ def make_sender(
     device: torch.device | str | None = None,
     num_slots: int | None = None,
     capacity_bytes: int | None = None,
+    writer: BucketWriter | None = None,
 ) -> IpcSender:
     """A CUDA buffer when `device` is a GPU, else a shared-memory one."""
+    sizes = dict(num_engines=num_engines, num_slots=num_slots, capacity_bytes=capacity_bytes)
     if device is not None and torch.device(device).type == "cuda":
         from rlsync.transports.cuda_ipc import CudaIpcSender
 
-        return CudaIpcSender(
-            plan,
-            num_engines=num_engines,
-            device=device,
-            num_slots=num_slots,
-            capacity_bytes=capacity_bytes,
-        )
+        return CudaIpcSender(plan, device=device, writer=writer, **sizes)
     from rlsync.transports.shm import ShmSender
 
-    return ShmSender(
-        plan, num_engines=num_engines, num_slots=num_slots, capacity_bytes=capacity_bytes
-    )
+    return ShmSender(plan, writer=writer, **sizes)
 
 
 def open_receiver(buffer: IpcBuffer) -> IpcReceiver:
@@ -524,12 +386,17 @@ class Sender(base.Sender):
     trainer tensor is copied straight into every engine's own store (mapped once, kept
     across pushes), one copy per byte, and the shared buffer carries only trailers. Any
     other plan: one persistent staging buffer every engine reads and copies from (re-made
-    only when a plan no longer fits). The push id grows every push."""
+    only when a plan no longer fits). The push id grows every push.
+
+    `make_writer` (a public hook): makes the `BucketWriter` of each buffer this sender makes,
+    i.e. who writes the buckets' bytes (default: this process packs them; a sharded trainer
+    passes one that lets every rank write its rows, `trainer_side.shard_ipc`)."""
 
     kind = "ipc"
 
-    def __init__(self, *args: Any):
+    def __init__(self, *args: Any, make_writer: Callable[[], BucketWriter] = BucketWriter):
         super().__init__(*args)
+        self.make_writer = make_writer
         self.buffer: IpcSender | None = None
         self.direct: IpcSender | None = None
         self.push_id = 0
@@ -537,13 +404,13 @@ class Sender(base.Sender):
         """This push writes the engines' stores directly (its plan follows their layout)."""
         self.targets: dict[str, StoreRef] = {}
         """engine -> the store it named for this push (UpdateAccepted.store)."""
-        self.stores: dict[tuple, tuple[MappedStore, int]] = {}
-        """(kind, name, nbytes) -> (mapping, push id it was last written in)."""
+        self.stores = MappedStores()
         remove_orphan_segments()  # what a SIGKILLed pusher left in /dev/shm
 
     def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
         self.push_id += 1
         self.targets.clear()
+        self.stores.next_push()
         self.one_copy = in_store(plan)  # (never for delta payloads: their plan is packed)
         if self.cfg.delta and not self.one_copy:  # room for the largest payloads
             plan = delta.wire_plan(plan)
@@ -554,16 +421,27 @@ class Sender(base.Sender):
                     num_engines=len(self.engines.names),
                     device=self.device,
                     capacity_bytes=TRAILER_BYTES * max(len(plan.buckets), 1),
+                    writer=self.make_writer(),
                 )
         elif self.buffer is None or not self.buffer.fits(plan):
             self._close_buffer("buffer")
-            self.buffer = make_sender(plan, num_engines=len(self.engines.names), device=self.device)
+            self.buffer = make_sender(
+                plan,
+                num_engines=len(self.engines.names),
+                device=self.device,
+                writer=self.make_writer(),
+            )
+
+    @property
+    def current(self) -> IpcSender:
+        """The buffer this push goes through (after `prepare`)."""
+        buffer = self.direct if self.one_copy else self.buffer
+        assert buffer is not None, "prepare first"
+        return buffer
 
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromIPC:
-        buffer = self.direct if self.one_copy else self.buffer
-        assert buffer is not None
         return UpdateWeightsFromIPC(
-            buffer=buffer.descriptor(self.engines.index(engine)),
+            buffer=self.current.descriptor(self.engines.index(engine)),
             plan=update.plan,
             plan_id=update.plan_id,
             push_id=self.push_id,
@@ -592,7 +470,7 @@ class Sender(base.Sender):
             missing = [n for n in accepted if n not in self.targets]
             if missing:
                 raise TransportError(f"engines {missing} named no store to write this push into")
-            stores = {self.engines.index(n): self._mapped(self.targets[n]) for n in accepted}
+            stores = {self.engines.index(n): self.stores.flat(self.targets[n]) for n in accepted}
         except Exception:
             self.direct.control.set_aborted(self.push_id)
             raise
@@ -606,22 +484,7 @@ class Sender(base.Sender):
                 timeout_s=self.cfg.timeout_s,
             )
         finally:
-            self._unmap_stale()
-
-    def _mapped(self, ref: StoreRef) -> torch.Tensor:
-        """The engine store `ref` names, mapped on first use and kept."""
-        key = (ref.kind, ref.name, ref.nbytes)
-        mapping = self.stores[key][0] if key in self.stores else MappedStore(ref)
-        self.stores[key] = (mapping, self.push_id)
-        return mapping.flat
-
-    def _unmap_stale(self) -> None:
-        """An engine writes into two stores in turn (live, shadow); one not written for two
-        pushes was dropped or replaced by its engine: unmap it so its pages can go."""
-        for key, (mapping, last) in list(self.stores.items()):
-            if last < self.push_id - 2:
-                mapping.close()
-                del self.stores[key]
+            self.stores.unmap_stale()
 
     def _close_buffer(self, which: str) -> None:
         buffer = getattr(self, which)
@@ -638,15 +501,13 @@ class Sender(base.Sender):
             self.push_id,
             readers=[self.engines.index(n) for n in accepted],
             timeout_s=self.cfg.timeout_s,
-            fill=lambda g, bucket, region: encode(g).write_into(region),
+            writer=PayloadWriter(encode),
         )
 
     def close(self) -> None:
         self._close_buffer("buffer")
         self._close_buffer("direct")
-        for mapping, _ in self.stores.values():
-            mapping.close()
-        self.stores.clear()
+        self.stores.close()
 
 
 class Receiver(base.Receiver):

@@ -73,6 +73,22 @@ def name_members(control: Control, push_id: int, engines: Iterable[int]) -> None
     fence()
 
 
+def store_writable(control: Control, engine: int, push_id: int) -> bool:
+    """Whether another writer of push `push_id` (a sharded trainer's rank > 0) may write
+    `engine`'s store now: named in the push, opened its store for it, neither evicted nor
+    declined. The sender evicts only before the push starts (ready = seq(p, 0)) and after
+    every writer reported its last bucket, so a writer that checks this before each bucket
+    never writes a store after the sender gave up on its engine and let it go on; an engine
+    that declines later had opened its store, and discards a store it handed out."""
+    p = push_id + 1
+    return (
+        control.member(engine) == p
+        and control.opened(engine) == seq(push_id, 0)
+        and control.evicted(engine) != p
+        and control.declined(engine) != p
+    )
+
+
 class PushFollower:
     """Engine `engine`'s reading of push `push_id` in the control segment: each wait is bounded,
     stops early when `cancel` is set, and every check raises, naming the engine, the push and

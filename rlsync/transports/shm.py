@@ -8,7 +8,8 @@ import torch
 
 from rlsync.protocol import BucketPlan, IpcBuffer
 from rlsync.transports.control import Control, Segment, geometry, new_segment_name
-from rlsync.transports.ipc import IpcReceiver, IpcSender
+from rlsync.transports.ipc import BucketWriter, IpcSender
+from rlsync.transports.ipc_reader import IpcReceiver
 
 
 class ShmSender(IpcSender):
@@ -25,6 +26,7 @@ class ShmSender(IpcSender):
         num_engines: int,
         num_slots: int | None = None,
         capacity_bytes: int | None = None,
+        writer: BucketWriter | None = None,
     ):
         if not 1 <= num_engines <= 4096:
             raise ValueError(f"num_engines must be in [1, 4096], got {num_engines}")
@@ -35,7 +37,7 @@ class ShmSender(IpcSender):
         except BaseException:
             self.segment.close()
             raise
-        super().__init__(self.segment.tensor(), control, slots, slot_bytes)
+        super().__init__(self.segment.tensor(), control, slots, slot_bytes, writer)
 
     @property
     def data_name(self) -> str:

@@ -4,7 +4,9 @@ engines, in_place updates that wait for idle (`pause_mode` None) with a small
 after it accepted. That engine says so at once (`ipc.Receiver.failed` writes its declined
 word), so the push to the other completes without waiting `timeout_s` for it (before: the
 pusher waited the whole `timeout_s`, stalling every engine), and it keeps serving its old
-bytes under its old version.
+bytes under its old version. From a sharded trainer (two FSDP ranks) the same holds: before,
+rank 1 wrote its rows into the busy engine's live store anyway (rank 0 had left it behind),
+and the engine went on generating on rank 0's old rows plus rank 1's new ones.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from contextlib import contextmanager
 import pytest
 
 from infer_side.client import EngineClient, connect, launch_engine
+from rlsync.buckets import tensor_fingerprint
 from rlsync.config import SyncConfig
 from rlsync.protocol import SamplingParams
 from tests.checkpoints import make_hf_checkpoint
+from tests.e2e.shard_procs import host_store, run_ranks
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from trainer_side.pusher import WeightPusher
 
@@ -105,3 +109,27 @@ def test_a_busy_engine_that_fails_its_idle_wait_does_not_stall_the_push(engines,
         pusher.close()
     assert busy.fingerprints() == before  # old bytes, old version, nothing in flight
     assert [o.output_ids for o in busy.generate(PROMPTS, greedy())] == tokens
+
+
+def test_a_sharded_push_leaves_a_busy_engine_on_its_old_bytes(engines, ckpt, tmp_path):
+    idle, busy = engines
+    version = max(e.info().weight_version for e in engines) + 1
+    before = busy.fingerprints()
+    tokens = [o.output_ids for o in busy.generate(PROMPTS, greedy())]
+    endpoints = {"idle": idle.endpoint, "busy": busy.endpoint}
+    with generating(busy):
+        results = run_ranks(
+            2, host_store(), ckpt, endpoints, busy_config(), tmp_path, versions=(version,)
+        )
+    for rank, result in results.items():
+        assert result is not None and "error" not in result, (rank, result)
+    report = results[0]["pushes"][0]
+    assert report["failed"] == ["busy"], report
+    assert "not idle" in report["engines"]["busy"]["message"]
+    assert results[1]["pushes"][0]["bytes_written"] > 0
+    assert busy.fingerprints() == before  # exactly the old checkpoint's bytes, old version
+    assert [o.output_ids for o in busy.generate(PROMPTS, greedy())] == tokens
+    got = idle.fingerprints()
+    assert got.weight_version == version and not got.weights_incomplete
+    want = {n: tensor_fingerprint(t) for n, t in trainer_weights(ckpt, version).items()}
+    assert got.fingerprints == want  # fp32 engines: every rank's rows, bit for bit
