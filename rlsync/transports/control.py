@@ -76,10 +76,14 @@ class Segment:
     """A named POSIX shm segment mapped into this process; the creator unlinks it on close.
 
     The creator keeps the file open with an exclusive flock until `close`: the lock is what
-    tells `remove_orphan_segments` the segment is live (see there why not the pid).
+    tells `remove_orphan_segments` the segment is live (see there why not the pid), and what
+    lets a reader opened with `watch` see at once that the creator is gone
+    (`creator_alive`).
     """
 
-    def __init__(self, name: str, nbytes: int | None = None, *, create: bool = False):
+    def __init__(
+        self, name: str, nbytes: int | None = None, *, create: bool = False, watch: bool = False
+    ):
         if not _NAME.fullmatch(name):
             raise TransportError(f"shm: invalid segment name {name!r}")
         self.name, self.owner = name, create
@@ -89,6 +93,7 @@ class Segment:
         except OSError as e:
             raise TransportError(f"shm {name}: cannot open ({e})") from e
         self._lock_fd: int | None = fd if create else None
+        self._watch_fd: int | None = fd if watch and not create else None
         try:
             if create:
                 # Blocking: a cleaner may hold the lock for an instant while it looks at the
@@ -104,8 +109,21 @@ class Segment:
                 os.unlink(path)
             os.close(fd)
             raise
-        if not create:
+        if not create and not watch:
             os.close(fd)
+
+    def creator_alive(self) -> bool:
+        """Whether the creator still holds the segment: a shared lock on our own open file
+        succeeds only once its exclusive one is gone (the kernel drops it when the creator
+        dies, however it dies). True when not opened with `watch` (nothing to tell by)."""
+        if self._watch_fd is None:
+            return True
+        try:
+            fcntl.flock(self._watch_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._watch_fd, fcntl.LOCK_UN)
+        return False
 
     def _size(self, fd: int, nbytes: int | None, create: bool) -> int:
         if create:
@@ -147,6 +165,9 @@ class Segment:
         if self._lock_fd is not None:  # after the unlink: never a named, unlocked segment
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._watch_fd is not None:
+            os.close(self._watch_fd)
+            self._watch_fd = None
 
 
 def new_segment_name(role: str) -> str:
@@ -220,7 +241,7 @@ class Control:
     @classmethod
     def open(cls, buffer: IpcBuffer) -> Control:
         """Map the control segment a descriptor names and check it matches the descriptor."""
-        ctl = cls(Segment(buffer.control_name))
+        ctl = cls(Segment(buffer.control_name, watch=True))
         got = (ctl.words[_MAGIC_W], ctl.words[_SLOTS_W], ctl.words[_SLOT_BYTES_W])
         if (
             got != (_MAGIC, buffer.num_slots, buffer.slot_bytes)
@@ -241,6 +262,10 @@ class Control:
     @property
     def sender_pid(self) -> int:
         return self.words[_PID_W]
+
+    def sender_alive(self) -> bool:
+        """False once the segment's creator (the sender) is gone (see `Segment.creator_alive`)."""
+        return self.seg.creator_alive()
 
     def ready(self) -> int:
         return self.words[_READY_W]

@@ -32,6 +32,9 @@ pushes, so an older push's counters never pass for progress of this one):
   frozen one, thawed) sees were advanced for the others, not for it, so it commits nothing.
   An engine whose update fails (before it opened its store, or at any point) writes
   declined[e] = p + 1; the sender evicts it at its next look instead of after timeout_s.
+  Bounds of an engine's waits: the start (named, for direct) 2 x timeout_s (the pusher may
+  spend timeout_s on the other engines' accepts), each bucket after it timeout_s; and every
+  0.2 s it checks the sender still holds the control segment's flock (gone: fail at once).
 """
 
 from __future__ import annotations

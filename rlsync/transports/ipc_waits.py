@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 from rlsync.transports import TransferStats, TransportError, TransportTimeout, base
 from rlsync.transports.control import Backoff, Control, fence, seq, seq_push
 
+SENDER_CHECK_S = 0.2
+"""How often a waiting engine checks that the sender still lives (its control segment's
+flock): a SIGKILLed pusher fails the receive at once, not after `timeout_s`."""
 OPEN_SLACK_S = 1.0
 """A direct push starts once every engine named in it opened its store or was evicted for not
 opening within `timeout_s`; an engine that opened waits that long plus this (the sender's
@@ -91,8 +94,9 @@ def store_writable(control: Control, engine: int, push_id: int) -> bool:
 
 class PushFollower:
     """Engine `engine`'s reading of push `push_id` in the control segment: each wait is bounded,
-    stops early when `cancel` is set, and every check raises, naming the engine, the push and
-    what it waited for, once the engine must not go on (see `check`)."""
+    stops early when `cancel` is set or the sender is gone (checked every `SENDER_CHECK_S`),
+    and every check raises, naming the engine, the push and what it waited for, once the
+    engine must not go on (see `check`)."""
 
     def __init__(
         self,
@@ -162,8 +166,12 @@ class PushFollower:
     ) -> None:
         """Poll until `done`; `late` says what a timeout means (default: "<what> not ready")."""
         t0, backoff = time.perf_counter(), Backoff()
+        next_look = t0
         while not done():
             self.check(what)
+            if time.perf_counter() >= next_look:
+                next_look = time.perf_counter() + SENDER_CHECK_S
+                self._check_sender(what)
             if self.cancel is not None and self.cancel.is_set():
                 raise base.Cancelled(f"ipc receive cancelled waiting for {what}")
             if time.perf_counter() - t0 > timeout_s:
@@ -175,3 +183,10 @@ class PushFollower:
         fence()  # what the sender wrote before its counter is visible from here on
         self.check(what)
         stats.add("wait", time.perf_counter() - t0)
+
+    def _check_sender(self, what: str) -> None:
+        if not self.control.sender_alive():
+            raise TransportError(
+                f"ipc engine {self.engine}: push {self.push_id}: the sender (pid "
+                f"{self.control.sender_pid}) is gone (waiting on {what})"
+            )

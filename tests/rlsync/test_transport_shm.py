@@ -301,7 +301,8 @@ def _killed_sender(plan_frame: bytes, out: str) -> None:
     sender.push(plan, KillAt(make_tensors(1), victim_in_bucket(plan, 3)), 1, timeout_s=30)
 
 
-def test_sigkilled_sender_makes_the_engine_raise_within_its_timeout(tmp_path: Path) -> None:
+def test_sigkilled_sender_makes_the_engine_raise_at_once(tmp_path: Path) -> None:
+    """The engine sees the sender's flock on the control segment go (not its timeout_s)."""
     plan = make_plan()
     out = tmp_path / "sender.json"
     proc = start(_killed_sender, codec.encode(UpdateWeightsFromIPC(plan=plan)), str(out))
@@ -310,9 +311,10 @@ def test_sigkilled_sender_makes_the_engine_raise_within_its_timeout(tmp_path: Pa
     receiver = ShmReceiver(msg.buffer)
     got: dict[str, torch.Tensor] = {}
     t0 = time.monotonic()
-    with pytest.raises(TransportTimeout, match="bucket 3 not ready"):
-        receiver.receive(msg.plan, 1, collector(got), timeout_s=1.5)
-    assert time.monotonic() - t0 < 1.5 + 3.0
+    gone = rf"the sender \(pid {proc.pid}\) is gone \(waiting on bucket 3\)"
+    with pytest.raises(TransportError, match=gone):
+        receiver.receive(msg.plan, 1, collector(got), timeout_s=30)
+    assert time.monotonic() - t0 < 5.0  # a bound far below timeout_s, not a speed goal
     receiver.close()
     join_all([proc])
     assert proc.exitcode == -signal.SIGKILL
