@@ -5,17 +5,20 @@ Segments are our own `/dev/shm/rlsync-<pid>-<token>-<role>` files mapped with mm
 resource tracker). The creator holds an exclusive flock on the file for the segment's life
 and unlinks it on close; `remove_orphan_segments` cleans up after a creator that was killed,
 which the kernel shows by releasing its lock. Names read from the wire are validated before
-anything is opened. Nothing here knows tensors' meaning or who
+anything is opened, and a segment is opened only as the file itself (never through a
+symbolic link) and, when another process created it, only if it belongs to this user. Nothing here knows tensors' meaning or who
 reads them; `shm` and `cuda_ipc` build the sender/engine protocol on top.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 
@@ -88,10 +91,7 @@ class Segment:
             raise TransportError(f"shm: invalid segment name {name!r}")
         self.name, self.owner = name, create
         path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        except OSError as e:
-            raise TransportError(f"shm {name}: cannot open ({e})") from e
+        fd = _open(name, path, create)
         self._lock_fd: int | None = fd if create else None
         self._watch_fd: int | None = fd if watch and not create else None
         try:
@@ -168,6 +168,32 @@ class Segment:
         if self._watch_fd is not None:
             os.close(self._watch_fd)
             self._watch_fd = None
+
+
+def _open(name: str, path: str, create: bool) -> int:
+    """The segment's fd. Never through a symbolic link (O_NOFOLLOW: a name from the wire
+    must not make us map, or write, some other file), and, when not ours to create, only a
+    regular file that belongs to this process's user (someone else's file in the shared
+    /dev/shm is not a segment of ours, whatever its name)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise TransportError(f"shm {name}: is a symbolic link; refused") from None
+        raise TransportError(f"shm {name}: cannot open ({e})") from e
+    if create:
+        return fd
+    info = os.fstat(fd)
+    why = ""
+    if not stat.S_ISREG(info.st_mode):
+        why = "not a regular file"
+    elif info.st_uid != os.geteuid():
+        why = f"owned by uid {info.st_uid}, not this process's user (uid {os.geteuid()})"
+    if why:
+        os.close(fd)
+        raise TransportError(f"shm {name}: {why}; refused")
+    return fd
 
 
 def new_segment_name(role: str) -> str:
