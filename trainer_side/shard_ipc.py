@@ -156,9 +156,8 @@ class ShardWriter:
         if in_store(plan):
             flats = {e: self.stores.flat(ref) for e, ref in enumerate(refs) if ref is not None}
             return lambda g: _live_regions(flats, plan.buckets[g], control, msg.push_id)
-        buf = msg.buffer
         data = self._map_buffer(msg)
-        offsets = layout(plan, buf.slot_bytes, buf.num_slots, buf.nbytes)
+        offsets = layout(plan, msg.buffer.nbytes)
         return lambda g: [data[offsets[g] : offsets[g] + region_bytes(plan.buckets[g].nbytes)]]
 
     def _open_control(self, msg: UpdateWeightsFromIPC) -> Control:

@@ -1,5 +1,5 @@
 """Shared-memory plumbing of the IPC transports: named POSIX shm segments, the control
-segment of progress counters, and the geometry of the slot buffer.
+segment of progress counters, and the geometry of the data buffer.
 
 Segments are our own `/dev/shm/rlsync-<pid>-<token>-<role>` files mapped with mmap (no
 resource tracker). The creator holds an exclusive flock on the file for the segment's life
@@ -38,7 +38,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 _OWN_NAME = re.compile(rf"{PREFIX}-[0-9]+-[0-9a-f]+-[a-z]+")
 _MAGIC = 0x726C7379_6E6302  # 02: engines take part by name (member words)
 _HDR_WORDS, _ENGINE_WORDS = 16, 8  # one 64-byte line per engine: no false sharing
-_MAGIC_W, _ENGINES_W, _SLOTS_W, _SLOT_BYTES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 2, 3, 4, 8, 9
+_MAGIC_W, _ENGINES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 4, 8, 9
 _FENCE = threading.Lock()
 
 
@@ -250,16 +250,10 @@ class Control:
         self.num_engines = (len(self.words) - _HDR_WORDS) // _ENGINE_WORDS
 
     @classmethod
-    def create(cls, num_engines: int, num_slots: int, slot_bytes: int) -> Control:
+    def create(cls, num_engines: int) -> Control:
         nbytes = 8 * (_HDR_WORDS + _ENGINE_WORDS * num_engines)
         ctl = cls(Segment(new_segment_name("ctl"), nbytes, create=True))
-        for word, value in (
-            (_ENGINES_W, num_engines),
-            (_SLOTS_W, num_slots),
-            (_SLOT_BYTES_W, slot_bytes),
-            (_PID_W, os.getpid()),
-        ):
-            ctl.words[word] = value
+        ctl.words[_ENGINES_W], ctl.words[_PID_W] = num_engines, os.getpid()
         fence()
         ctl.words[_MAGIC_W] = _MAGIC
         return ctl
@@ -268,16 +262,14 @@ class Control:
     def open(cls, buffer: IpcBuffer) -> Control:
         """Map the control segment a descriptor names and check it matches the descriptor."""
         ctl = cls(Segment(buffer.control_name, watch=True))
-        got = (ctl.words[_MAGIC_W], ctl.words[_SLOTS_W], ctl.words[_SLOT_BYTES_W])
-        if (
-            got != (_MAGIC, buffer.num_slots, buffer.slot_bytes)
-            or buffer.engine_index >= ctl.num_engines
-        ):
+        magic = ctl.words[_MAGIC_W]
+        if magic != _MAGIC or buffer.engine_index >= ctl.num_engines:
             ctl.close()
             raise TransportError(
-                f"shm {buffer.control_name}: control segment (magic, slots, slot bytes) = {got} "
-                f"with {ctl.num_engines} engines does not match engine {buffer.engine_index}'s "
-                f"descriptor"
+                f"shm {buffer.control_name}: control segment (magic {magic:#x}, "
+                f"{ctl.num_engines} engines) does not match engine {buffer.engine_index}'s "
+                f"descriptor (magic {_MAGIC:#x}: another rlsync version, or not a control "
+                f"segment)"
             )
         return ctl
 
@@ -359,35 +351,25 @@ def packed_bytes(plan: BucketPlan) -> int:
     return sum(region_bytes(b.nbytes) for b in plan.buckets)
 
 
-def geometry(
-    plan: BucketPlan | None, num_slots: int | None, capacity_bytes: int | None
-) -> tuple[int, int, int]:
-    """(num_slots, slot_bytes, nbytes) of a data buffer; slot_bytes 0 = packed layout."""
+def geometry(plan: BucketPlan | None, capacity_bytes: int | None) -> int:
+    """Bytes of a data buffer that holds every bucket of `plan` one after the other, and at
+    least `capacity_bytes`."""
     if plan is None and capacity_bytes is None:
         raise ValueError("give a plan or capacity_bytes")
-    if num_slots is None:
-        nbytes = max(capacity_bytes or 0, packed_bytes(plan) if plan else 0)
-        return (max(1, len(plan.buckets)) if plan else 1), 0, align_up(nbytes, REGION_ALIGN)
-    if num_slots < 1:
-        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-    slot = max((region_bytes(b.nbytes) for b in plan.buckets), default=0) if plan else 0
-    slot = max(slot, (capacity_bytes or 0) // num_slots // REGION_ALIGN * REGION_ALIGN)
-    if slot <= 0:
-        raise ValueError("slot size is zero: give a plan or a larger capacity_bytes")
-    return num_slots, slot, num_slots * slot
+    nbytes = max(capacity_bytes or 0, packed_bytes(plan) if plan else 0)
+    return align_up(nbytes, REGION_ALIGN)
 
 
-def layout(plan: BucketPlan, slot_bytes: int, num_slots: int, capacity: int) -> list[int]:
-    """Byte offset of each bucket in the data buffer; raises if the plan does not fit."""
+def layout(plan: BucketPlan, capacity: int) -> list[int]:
+    """Byte offset of each bucket in the data buffer (bucket g after buckets 0..g-1, so a
+    whole push fits and the sender never waits on engines within one); raises if the plan
+    does not fit."""
     if len(plan.buckets) >= 1 << COUNT_BITS:
         raise TransportError(f"ipc: {len(plan.buckets)} buckets exceed the counter range")
     offsets, end = [], 0
-    for g, bucket in enumerate(plan.buckets):
-        size = region_bytes(bucket.nbytes)
-        if slot_bytes and size > slot_bytes:
-            raise TransportError(f"ipc: bucket {g} needs {size} bytes, slots hold {slot_bytes}")
-        offsets.append((g % num_slots) * slot_bytes if slot_bytes else end)
-        end += size
-    if not slot_bytes and end > capacity:
+    for bucket in plan.buckets:
+        offsets.append(end)
+        end += region_bytes(bucket.nbytes)
+    if end > capacity:
         raise TransportError(f"ipc: plan needs {end} bytes, the buffer holds {capacity}")
     return offsets

@@ -8,25 +8,25 @@ transport's two halves, `Sender` and `Receiver`, at the end. The reader side is
 
 Engines map the buffer once (`attach`) and re-map only when a descriptor names another one.
 
-Layout. `slot_bytes == 0` ("packed", the default): bucket g sits after buckets 0..g-1, so a
-whole model fits and the sender never waits on engines within a push. `slot_bytes > 0`
-("ring"): bucket g sits in slot g % num_slots, reused only after every live engine consumed
-it. Each region holds a bucket plus its 8-byte fingerprint trailer (`integrity`).
+Layout: bucket g sits after buckets 0..g-1 (`control.layout`), so a whole push fits and the
+sender never waits on engines within one; each region holds a bucket plus its 8-byte
+fingerprint trailer (`integrity`). A direct push (one copy) writes the engines' own stores
+instead and the buffer holds only the trailers. The descriptor's `num_slots`/`slot_bytes`
+stay on the wire, always 1 and 0 (an engine refuses anything else).
 
 Protocol (each counter written by one side only; seq(p, n) = (p + 1) << 20 | n grows over
 pushes, so an older push's counters never pass for progress of this one):
   sender, push p:  drain push p-1 -> member[e] = p + 1 for exactly the engines taking part
                    (those that accepted), fenced -> (direct) wait until each opened its store
                    -> ready = seq(p, 0) -> for bucket g:
-                     (ring) wait until live engines consumed the slot's last bucket
-                     -> pack + seal into the region -> ready = seq(p, g + 1)
+                     pack + seal into the region -> ready = seq(p, g + 1)
                    -> (wait) until live engines consumed all. An engine with no progress for
                    timeout_s is evicted (evicted[e] = p + 1) and reported, the others go on;
                    any failure sets aborted = p + 1
   engine e, push p: (direct) wait until member[e] = p + 1 -> opened[e] = seq(p, 0)
                    -> wait ready >= seq(p, 0) -> for bucket g: wait ready >= seq(p, g + 1)
                    -> check trailer -> on_bucket (direct: the bytes are home) -> re-check
-                   (its slot may have been reused) -> consumed[e] = seq(p, g + 1)
+                   (evicted meanwhile?) -> consumed[e] = seq(p, g + 1)
   Every check of the engine raises if the sender aborted p, evicted e, is on a later push, or
   is on push p without member[e] = p + 1: the counters an engine that accepted too late (a
   frozen one, thawed) sees were advanced for the others, not for it, so it commits nothing.
@@ -146,7 +146,7 @@ class PayloadWriter(BucketWriter):
 
 
 class IpcSender:
-    """Writer side of the slot protocol over a 1-D uint8 data buffer; the buffer kinds
+    """Writer side of the ipc protocol over a 1-D uint8 data buffer; the buffer kinds
     (`shm.ShmSender`, `cuda_ipc.CudaIpcSender`) own the buffer and add descriptor fields.
     `writer` writes the buckets' bytes (default: packed from the trainer's tensors)."""
 
@@ -156,12 +156,9 @@ class IpcSender:
         self,
         data: torch.Tensor,
         control: Control,
-        num_slots: int,
-        slot_bytes: int,
         writer: BucketWriter | None = None,
     ):
         self.data, self.control = data, control
-        self.num_slots, self.slot_bytes = num_slots, slot_bytes
         self.writer = writer or BucketWriter()
         self._last: tuple[int, int, set[int]] | None = None  # push id, buckets, live engines
 
@@ -178,8 +175,8 @@ class IpcSender:
             name=self.data_name,
             control_name=self.control.name,
             nbytes=self.data.numel(),
-            num_slots=self.num_slots,
-            slot_bytes=self.slot_bytes,
+            num_slots=1,
+            slot_bytes=0,
             engine_index=engine_index,
             **self._descriptor_fields(engine_index),
         )
@@ -190,7 +187,7 @@ class IpcSender:
     def fits(self, plan: BucketPlan) -> bool:
         """Whether `plan` can be pushed through this buffer."""
         try:
-            layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
+            layout(plan, self.data.numel())
         except TransportError:
             return False
         return True
@@ -218,7 +215,7 @@ class IpcSender:
         """
         t0 = time.perf_counter()
         writer = writer or self.writer
-        offsets = layout(plan, self.slot_bytes, self.num_slots, self.data.numel())
+        offsets = layout(plan, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         live = self._begin(push_id, readers, stats, timeout_s)
         self.control.set_ready(seq(push_id, 0))
@@ -227,9 +224,6 @@ class IpcSender:
         try:
             writer.begin(push_id, sorted(live))
             for g, bucket in enumerate(plan.buckets):
-                if self.slot_bytes and g >= self.num_slots:  # ring: is the slot free again?
-                    first = seq(push_id, g - self.num_slots + 1)
-                    await_engines(self.control, live, first, push_id, stats, timeout_s)
                 region = self.data[offsets[g] : offsets[g] + region_bytes(bucket.nbytes)]
                 self._write(writer, g, bucket, tensors, [region], stats)
                 if verify:
@@ -353,19 +347,18 @@ def make_sender(
     *,
     num_engines: int,
     device: torch.device | str | None = None,
-    num_slots: int | None = None,
     capacity_bytes: int | None = None,
     writer: BucketWriter | None = None,
 ) -> IpcSender:
     """A CUDA buffer when `device` is a GPU, else a shared-memory one."""
-    sizes = dict(num_engines=num_engines, num_slots=num_slots, capacity_bytes=capacity_bytes)
+    sizes = dict(num_engines=num_engines, capacity_bytes=capacity_bytes, writer=writer)
     if device is not None and torch.device(device).type == "cuda":
         from rlsync.transports.cuda_ipc import CudaIpcSender
 
-        return CudaIpcSender(plan, device=device, writer=writer, **sizes)
+        return CudaIpcSender(plan, device=device, **sizes)
     from rlsync.transports.shm import ShmSender
 
-    return ShmSender(plan, writer=writer, **sizes)
+    return ShmSender(plan, **sizes)
 
 
 def open_receiver(buffer: IpcBuffer) -> IpcReceiver:

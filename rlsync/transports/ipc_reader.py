@@ -1,4 +1,4 @@
-"""Reader side of the ipc slot protocol (drawn in `rlsync.transports.ipc`): an engine maps a
+"""Reader side of the ipc protocol (drawn in `rlsync.transports.ipc`): an engine maps a
 sender's buffer and control segment once, keeps them across pushes, and follows each push
 bucket by bucket (`ipc_waits.PushFollower` does the waiting and the checks). The buffer kinds
 (`shm.ShmReceiver`, `cuda_ipc.CudaIpcReceiver`) open the data buffer.
@@ -20,7 +20,7 @@ from rlsync.transports.ipc_waits import OPEN_SLACK_S, PushFollower
 
 
 class IpcReceiver:
-    """Reader side of the slot protocol: maps a sender's buffer once, keeps it across pushes
+    """Reader side of the ipc protocol: maps a sender's buffer once, keeps it across pushes
     and re-maps only when a descriptor names another buffer."""
 
     kind = "shm"
@@ -36,6 +36,12 @@ class IpcReceiver:
         """Map `buffer` unless it is the one already mapped (then only take its engine index)."""
         if buffer.kind != self.kind:
             raise TransportError(f"{type(self).__name__} cannot open a {buffer.kind!r} buffer")
+        if (buffer.num_slots, buffer.slot_bytes) != (1, 0):
+            raise TransportError(
+                f"ipc: buffer.num_slots {buffer.num_slots} / slot_bytes {buffer.slot_bytes}: "
+                "a ring of slots is no longer a layout; buckets sit one after the other "
+                "(num_slots 1, slot_bytes 0)"
+            )
         if self.buffer is not None and _key(self.buffer) == _key(buffer):
             if buffer.engine_index >= self.control.num_engines:
                 raise TransportError(f"ipc: engine_index {buffer.engine_index} out of range")
@@ -69,14 +75,14 @@ class IpcReceiver:
             raise TransportError("ipc: receive before attach")
         t0 = time.perf_counter()
         engine = self.buffer.engine_index
-        offsets = layout(plan, self.buffer.slot_bytes, self.buffer.num_slots, self.data.numel())
+        offsets = layout(plan, self.data.numel())
         stats = TransferStats(nbytes=plan_total_bytes(plan), buckets=len(plan.buckets))
         follow = PushFollower(self.control, engine, push_id, cancel)
         follow.wait_started(start_timeout_s or timeout_s, stats)
         for g, bucket in enumerate(plan.buckets):
             follow.wait_bucket(g, timeout_s, stats)
             self._load(g, bucket, offsets[g], on_bucket, verify, stats)
-            follow.check(f"bucket {g}")  # evicted while loading: the slot may have been reused
+            follow.check(f"bucket {g}")  # evicted while loading: the sender went on without it
             self.control.set_consumed(engine, seq(push_id, g + 1))
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -138,7 +144,7 @@ class IpcReceiver:
             stats.add("verify", time.perf_counter() - t0)
         t1 = time.perf_counter()
         on_bucket(g, bucket, region[: bucket.nbytes])
-        if region.is_cuda:  # the engine's copies must finish before the slot is reused
+        if region.is_cuda:  # the engine's copies must finish before it says "consumed"
             torch.cuda.current_stream(region.device).synchronize()
         fence()
         stats.add("load", time.perf_counter() - t1)
@@ -164,6 +170,4 @@ def _key(buffer: IpcBuffer) -> tuple:
         buffer.name,
         buffer.control_name,
         buffer.nbytes,
-        buffer.num_slots,
-        buffer.slot_bytes,
     )
