@@ -70,10 +70,12 @@ def test_an_engine_thawed_after_the_push_keeps_its_version_and_its_bytes(
     pusher = WeightPusher(cfg, {"on_time": on_time.endpoint, "late": late.endpoint}, tmp_path)
     try:
         freeze(late)
+        start = time.monotonic()
         try:
             report = pusher.push(trainer_weights(ckpt, version), version)
         finally:
             late.process.send_signal(signal.SIGCONT)
+        print(f"{load_mode}: push beside a frozen engine took {time.monotonic() - start:.2f}s")
         assert report.succeeded == ["on_time"] and report.failed == ["late"], report.summary()
         info = settled_through(pusher, "late", 4 * TIMEOUT_S + 10)
         assert not info.update_in_progress
