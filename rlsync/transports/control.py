@@ -1,21 +1,24 @@
 """Shared-memory plumbing of the IPC transports: named POSIX shm segments, the control
-segment of progress counters, and the geometry of the slot buffer.
+segment of progress counters, and the geometry of the data buffer.
 
 Segments are our own `/dev/shm/rlsync-<pid>-<token>-<role>` files mapped with mmap (no
 resource tracker). The creator holds an exclusive flock on the file for the segment's life
 and unlinks it on close; `remove_orphan_segments` cleans up after a creator that was killed,
 which the kernel shows by releasing its lock. Names read from the wire are validated before
-anything is opened. Nothing here knows tensors' meaning or who
+anything is opened, and a segment is opened only as the file itself (never through a
+symbolic link) and, when another process created it, only if it belongs to this user. Nothing here knows tensors' meaning or who
 reads them; `shm` and `cuda_ipc` build the sender/engine protocol on top.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 
@@ -33,9 +36,9 @@ COUNT_BITS = 20
 MAX_PUSH_ID = (1 << 42) - 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 _OWN_NAME = re.compile(rf"{PREFIX}-[0-9]+-[0-9a-f]+-[a-z]+")
-_MAGIC = 0x726C7379_6E6301
+_MAGIC = 0x726C7379_6E6302  # 02: engines take part by name (member words)
 _HDR_WORDS, _ENGINE_WORDS = 16, 8  # one 64-byte line per engine: no false sharing
-_MAGIC_W, _ENGINES_W, _SLOTS_W, _SLOT_BYTES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 2, 3, 4, 8, 9
+_MAGIC_W, _ENGINES_W, _PID_W, _READY_W, _ABORTED_W = 0, 1, 4, 8, 9
 _FENCE = threading.Lock()
 
 
@@ -76,19 +79,21 @@ class Segment:
     """A named POSIX shm segment mapped into this process; the creator unlinks it on close.
 
     The creator keeps the file open with an exclusive flock until `close`: the lock is what
-    tells `remove_orphan_segments` the segment is live (see there why not the pid).
+    tells `remove_orphan_segments` the segment is live (see there why not the pid), and what
+    lets a reader opened with `watch` see at once that the creator is gone
+    (`creator_alive`).
     """
 
-    def __init__(self, name: str, nbytes: int | None = None, *, create: bool = False):
+    def __init__(
+        self, name: str, nbytes: int | None = None, *, create: bool = False, watch: bool = False
+    ):
         if not _NAME.fullmatch(name):
             raise TransportError(f"shm: invalid segment name {name!r}")
         self.name, self.owner = name, create
         path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        except OSError as e:
-            raise TransportError(f"shm {name}: cannot open ({e})") from e
+        fd = _open(name, path, create)
         self._lock_fd: int | None = fd if create else None
+        self._watch_fd: int | None = fd if watch and not create else None
         try:
             if create:
                 # Blocking: a cleaner may hold the lock for an instant while it looks at the
@@ -104,8 +109,21 @@ class Segment:
                 os.unlink(path)
             os.close(fd)
             raise
-        if not create:
+        if not create and not watch:
             os.close(fd)
+
+    def creator_alive(self) -> bool:
+        """Whether the creator still holds the segment: a shared lock on our own open file
+        succeeds only once its exclusive one is gone (the kernel drops it when the creator
+        dies, however it dies). True when not opened with `watch` (nothing to tell by)."""
+        if self._watch_fd is None:
+            return True
+        try:
+            fcntl.flock(self._watch_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._watch_fd, fcntl.LOCK_UN)
+        return False
 
     def _size(self, fd: int, nbytes: int | None, create: bool) -> int:
         if create:
@@ -147,6 +165,35 @@ class Segment:
         if self._lock_fd is not None:  # after the unlink: never a named, unlocked segment
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._watch_fd is not None:
+            os.close(self._watch_fd)
+            self._watch_fd = None
+
+
+def _open(name: str, path: str, create: bool) -> int:
+    """The segment's fd. Never through a symbolic link (O_NOFOLLOW: a name from the wire
+    must not make us map, or write, some other file), and, when not ours to create, only a
+    regular file that belongs to this process's user (someone else's file in the shared
+    /dev/shm is not a segment of ours, whatever its name)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise TransportError(f"shm {name}: is a symbolic link; refused") from None
+        raise TransportError(f"shm {name}: cannot open ({e})") from e
+    if create:
+        return fd
+    info = os.fstat(fd)
+    why = ""
+    if not stat.S_ISREG(info.st_mode):
+        why = "not a regular file"
+    elif info.st_uid != os.geteuid():
+        why = f"owned by uid {info.st_uid}, not this process's user (uid {os.geteuid()})"
+    if why:
+        os.close(fd)
+        raise TransportError(f"shm {name}: {why}; refused")
+    return fd
 
 
 def new_segment_name(role: str) -> str:
@@ -194,7 +241,8 @@ def _is_orphan(path: str) -> bool:
 
 class Control:
     """The counters shared by one sender and its engines: int64 words in a small segment,
-    each written by one side only (see `shm` for the protocol)."""
+    each written by one side only (the protocol is drawn in `ipc`). Per engine, one 64-byte
+    line: consumed, opened, declined (the engine's words), evicted, member (the sender's)."""
 
     def __init__(self, seg: Segment):
         self.seg = seg
@@ -202,16 +250,10 @@ class Control:
         self.num_engines = (len(self.words) - _HDR_WORDS) // _ENGINE_WORDS
 
     @classmethod
-    def create(cls, num_engines: int, num_slots: int, slot_bytes: int) -> Control:
+    def create(cls, num_engines: int) -> Control:
         nbytes = 8 * (_HDR_WORDS + _ENGINE_WORDS * num_engines)
         ctl = cls(Segment(new_segment_name("ctl"), nbytes, create=True))
-        for word, value in (
-            (_ENGINES_W, num_engines),
-            (_SLOTS_W, num_slots),
-            (_SLOT_BYTES_W, slot_bytes),
-            (_PID_W, os.getpid()),
-        ):
-            ctl.words[word] = value
+        ctl.words[_ENGINES_W], ctl.words[_PID_W] = num_engines, os.getpid()
         fence()
         ctl.words[_MAGIC_W] = _MAGIC
         return ctl
@@ -219,17 +261,15 @@ class Control:
     @classmethod
     def open(cls, buffer: IpcBuffer) -> Control:
         """Map the control segment a descriptor names and check it matches the descriptor."""
-        ctl = cls(Segment(buffer.control_name))
-        got = (ctl.words[_MAGIC_W], ctl.words[_SLOTS_W], ctl.words[_SLOT_BYTES_W])
-        if (
-            got != (_MAGIC, buffer.num_slots, buffer.slot_bytes)
-            or buffer.engine_index >= ctl.num_engines
-        ):
+        ctl = cls(Segment(buffer.control_name, watch=True))
+        magic = ctl.words[_MAGIC_W]
+        if magic != _MAGIC or buffer.engine_index >= ctl.num_engines:
             ctl.close()
             raise TransportError(
-                f"shm {buffer.control_name}: control segment (magic, slots, slot bytes) = {got} "
-                f"with {ctl.num_engines} engines does not match engine {buffer.engine_index}'s "
-                f"descriptor"
+                f"shm {buffer.control_name}: control segment (magic {magic:#x}, "
+                f"{ctl.num_engines} engines) does not match engine {buffer.engine_index}'s "
+                f"descriptor (magic {_MAGIC:#x}: another rlsync version, or not a control "
+                f"segment)"
             )
         return ctl
 
@@ -240,6 +280,10 @@ class Control:
     @property
     def sender_pid(self) -> int:
         return self.words[_PID_W]
+
+    def sender_alive(self) -> bool:
+        """False once the segment's creator (the sender) is gone (see `Segment.creator_alive`)."""
+        return self.seg.creator_alive()
 
     def ready(self) -> int:
         return self.words[_READY_W]
@@ -274,6 +318,22 @@ class Control:
     def evict(self, engine: int, push_id: int) -> None:
         self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 1] = push_id + 1
 
+    def member(self, engine: int) -> int:
+        """push_id + 1 of the last push the sender named this engine in (sender's word,
+        written before that push starts: an engine not named commits nothing of it)."""
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 3]
+
+    def set_member(self, engine: int, push_id: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 3] = push_id + 1
+
+    def declined(self, engine: int) -> int:
+        """push_id + 1 of the last push this engine said it is out of (its word: it failed
+        before it took its part, e.g. its wait for idle ran out; the sender stops waiting)."""
+        return self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 4]
+
+    def set_declined(self, engine: int, push_id: int) -> None:
+        self.words[_HDR_WORDS + _ENGINE_WORDS * engine + 4] = push_id + 1
+
     def close(self) -> None:
         self.words.release()
         self.seg.close()
@@ -291,35 +351,25 @@ def packed_bytes(plan: BucketPlan) -> int:
     return sum(region_bytes(b.nbytes) for b in plan.buckets)
 
 
-def geometry(
-    plan: BucketPlan | None, num_slots: int | None, capacity_bytes: int | None
-) -> tuple[int, int, int]:
-    """(num_slots, slot_bytes, nbytes) of a data buffer; slot_bytes 0 = packed layout."""
+def geometry(plan: BucketPlan | None, capacity_bytes: int | None) -> int:
+    """Bytes of a data buffer that holds every bucket of `plan` one after the other, and at
+    least `capacity_bytes`."""
     if plan is None and capacity_bytes is None:
         raise ValueError("give a plan or capacity_bytes")
-    if num_slots is None:
-        nbytes = max(capacity_bytes or 0, packed_bytes(plan) if plan else 0)
-        return (max(1, len(plan.buckets)) if plan else 1), 0, align_up(nbytes, REGION_ALIGN)
-    if num_slots < 1:
-        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-    slot = max((region_bytes(b.nbytes) for b in plan.buckets), default=0) if plan else 0
-    slot = max(slot, (capacity_bytes or 0) // num_slots // REGION_ALIGN * REGION_ALIGN)
-    if slot <= 0:
-        raise ValueError("slot size is zero: give a plan or a larger capacity_bytes")
-    return num_slots, slot, num_slots * slot
+    nbytes = max(capacity_bytes or 0, packed_bytes(plan) if plan else 0)
+    return align_up(nbytes, REGION_ALIGN)
 
 
-def layout(plan: BucketPlan, slot_bytes: int, num_slots: int, capacity: int) -> list[int]:
-    """Byte offset of each bucket in the data buffer; raises if the plan does not fit."""
+def layout(plan: BucketPlan, capacity: int) -> list[int]:
+    """Byte offset of each bucket in the data buffer (bucket g after buckets 0..g-1, so a
+    whole push fits and the sender never waits on engines within one); raises if the plan
+    does not fit."""
     if len(plan.buckets) >= 1 << COUNT_BITS:
         raise TransportError(f"ipc: {len(plan.buckets)} buckets exceed the counter range")
     offsets, end = [], 0
-    for g, bucket in enumerate(plan.buckets):
-        size = region_bytes(bucket.nbytes)
-        if slot_bytes and size > slot_bytes:
-            raise TransportError(f"ipc: bucket {g} needs {size} bytes, slots hold {slot_bytes}")
-        offsets.append((g % num_slots) * slot_bytes if slot_bytes else end)
-        end += size
-    if not slot_bytes and end > capacity:
+    for bucket in plan.buckets:
+        offsets.append(end)
+        end += region_bytes(bucket.nbytes)
+    if end > capacity:
         raise TransportError(f"ipc: plan needs {end} bytes, the buffer holds {capacity}")
     return offsets

@@ -1,4 +1,4 @@
-"""CUDA IPC transport: the `shm` slot protocol over a persistent CUDA buffer on the trainer's
+"""CUDA IPC transport: the `ipc` protocol over a persistent CUDA buffer on the trainer's
 GPU, shared once through a CUDA IPC handle.
 
 The handle is written into `IpcBuffer` field by field (never pickled), from what
@@ -23,7 +23,8 @@ import torch
 from rlsync.protocol import BucketPlan, CudaShare, IpcBuffer
 from rlsync.transports import TransportError
 from rlsync.transports.control import Control, geometry
-from rlsync.transports.ipc import IpcReceiver, IpcSender
+from rlsync.transports.ipc import BucketWriter, IpcSender
+from rlsync.transports.ipc_reader import IpcReceiver
 
 _SHARE_FIELDS = (
     "device",
@@ -102,8 +103,8 @@ class CudaIpcSender(IpcSender):
         *,
         num_engines: int,
         device: torch.device | str | int | None = None,
-        num_slots: int | None = None,
         capacity_bytes: int | None = None,
+        writer: BucketWriter | None = None,
     ):
         if not 1 <= num_engines <= 4096:
             raise ValueError(f"num_engines must be in [1, 4096], got {num_engines}")
@@ -114,10 +115,10 @@ class CudaIpcSender(IpcSender):
         )
         if dev.type != "cuda" or dev.index is None:
             raise ValueError(f"CudaIpcSender needs a CUDA device with an index, got {dev}")
-        slots, slot_bytes, nbytes = geometry(plan, num_slots, capacity_bytes)
+        nbytes = geometry(plan, capacity_bytes)
         # Zeroed so stale allocator contents never reach an engine.
         data = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
-        super().__init__(data, Control.create(num_engines, slots, slot_bytes), slots, slot_bytes)
+        super().__init__(data, Control.create(num_engines), writer)
         self._name = f"cuda-{os.getpid()}-{secrets.token_hex(6)}"
         self._shared: dict[int, CudaShare] = {}
 

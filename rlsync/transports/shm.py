@@ -1,4 +1,4 @@
-"""The POSIX shared-memory buffer kind of the IPC transport (CPU): the slot protocol of
+"""The POSIX shared-memory buffer kind of the IPC transport (CPU): the protocol of
 `ipc` over a named /dev/shm segment, created and pre-faulted once by the sender.
 """
 
@@ -8,14 +8,15 @@ import torch
 
 from rlsync.protocol import BucketPlan, IpcBuffer
 from rlsync.transports.control import Control, Segment, geometry, new_segment_name
-from rlsync.transports.ipc import IpcReceiver, IpcSender
+from rlsync.transports.ipc import BucketWriter, IpcSender
+from rlsync.transports.ipc_reader import IpcReceiver
 
 
 class ShmSender(IpcSender):
     """`IpcSender` over a named shm data segment, created and pre-faulted once.
 
-    Sized from `plan` (packed: the whole plan; `num_slots`: that many slots of its largest
-    bucket) and/or `capacity_bytes`; `num_engines` fixes the number of consumed counters.
+    Sized for every bucket of `plan` and/or `capacity_bytes`; `num_engines` fixes the number
+    of engine lines in the control segment.
     """
 
     def __init__(
@@ -23,19 +24,19 @@ class ShmSender(IpcSender):
         plan: BucketPlan | None = None,
         *,
         num_engines: int,
-        num_slots: int | None = None,
         capacity_bytes: int | None = None,
+        writer: BucketWriter | None = None,
     ):
         if not 1 <= num_engines <= 4096:
             raise ValueError(f"num_engines must be in [1, 4096], got {num_engines}")
-        slots, slot_bytes, nbytes = geometry(plan, num_slots, capacity_bytes)
+        nbytes = geometry(plan, capacity_bytes)
         self.segment = Segment(new_segment_name("data"), nbytes, create=True)
         try:
-            control = Control.create(num_engines, slots, slot_bytes)
+            control = Control.create(num_engines)
         except BaseException:
             self.segment.close()
             raise
-        super().__init__(self.segment.tensor(), control, slots, slot_bytes)
+        super().__init__(self.segment.tensor(), control, writer)
 
     @property
     def data_name(self) -> str:

@@ -82,3 +82,39 @@ class MappedStore:
         if self.segment is not None:
             self.segment.close()
             self.segment = None
+
+
+class MappedStores:
+    """The engine stores one writer (the pusher, or a sharded trainer's rank) maps, each on
+    first use and kept across pushes. An engine writes into two stores in turn (live,
+    shadow): one not written for two pushes was dropped or replaced by its engine, and is
+    unmapped (`unmap_stale`) so its pages can go."""
+
+    def __init__(self) -> None:
+        self.maps: dict[tuple, tuple[MappedStore, int]] = {}
+        """(kind, name, nbytes) -> (mapping, the push it was last written in)."""
+        self.push = 0
+
+    def next_push(self) -> None:
+        self.push += 1
+
+    def flat(self, ref: StoreRef) -> torch.Tensor:
+        """The store `ref` names, as one flat uint8 tensor (mapped now if it is not yet)."""
+        key = (ref.kind, ref.name, ref.nbytes)
+        mapping = self.maps[key][0] if key in self.maps else MappedStore(ref)
+        self.maps[key] = (mapping, self.push)
+        return mapping.flat
+
+    def unmap_stale(self) -> None:
+        for key, (mapping, last) in list(self.maps.items()):
+            if last < self.push - 2:
+                mapping.close()
+                del self.maps[key]
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def close(self) -> None:
+        for mapping, _ in self.maps.values():
+            mapping.close()
+        self.maps.clear()

@@ -15,7 +15,8 @@ import torch
 from infer_side.weights import ModelWeights
 from rlsync.buckets import plan_in_store
 from rlsync.model_config import ModelConfig
-from rlsync.transports import IntegrityError, ipc
+from rlsync.protocol import UpdateWeightsFromIPC
+from rlsync.transports import IntegrityError, TransportError, ipc
 from rlsync.transports.base import WeightWriter
 from rlsync.transports.shm import ShmReceiver, ShmSender
 from rlsync.transports.store import MappedStore
@@ -59,6 +60,7 @@ def _engine(sender, index, store, plan, push_id, out, *, delay_s=0.0, verify=Fal
     """Run one engine's receive_direct on a thread; `out[index]` gets its result."""
     sink = Landed()
     writer = WeightWriter(store.hf_views(), threading.Event(), sink, flat=store.flat)
+    out[f"{index} writer"] = writer
 
     def run():
         reader = ShmReceiver(sender.descriptor(index))
@@ -129,3 +131,37 @@ def test_a_wrong_trailer_is_caught_naming_the_bucket(setup, monkeypatch):
     assert stats.timed_out_engines == [0]  # it stopped consuming at bucket 1
     status, exc = out[0]
     assert status == "error" and isinstance(exc, IntegrityError) and exc.bucket == 1
+
+
+def test_an_engine_left_out_of_a_push_fails_before_it_opens_its_store(setup):
+    """Engine 1 accepted too late (frozen, then thawed): the pusher wrote only engine 0's
+    store, and engine 1 receives when the counters already say "every bucket ready"."""
+    plan, sender, stores, mapped, tensors = setup
+    out: dict = {}
+    thread = _engine(sender, 0, stores[0], plan, 1, out)
+    stats = sender.push_direct(plan, tensors, 1, {0: mapped[0].flat}, timeout_s=5)
+    thread.join(10)
+    assert stats.timed_out_engines == [] and out[0][0] == "ok"
+    _engine(sender, 1, stores[1], plan, 1, out).join(10)
+    status, exc = out[1]
+    assert status == "error" and isinstance(exc, TransportError)
+    assert "engine 1 is not taking part in push 1" in str(exc)
+    assert not out["1 writer"].touched and not out["1 writer"].exposed
+    assert not stores[1].flat.any()
+
+
+def test_an_engine_that_declines_is_left_behind_at_once(setup):
+    """Engine 1 accepted, then its update failed before it opened its store (say its wait for
+    idle ran out): it says so, and the push to engine 0 does not wait timeout_s for it."""
+    plan, sender, stores, mapped, tensors = setup
+    out: dict = {}
+    thread = _engine(sender, 0, stores[0], plan, 1, out)
+    ipc.Receiver().failed(UpdateWeightsFromIPC(buffer=sender.descriptor(1), plan=plan, push_id=1))
+    start = time.monotonic()
+    stats = sender.push_direct(
+        plan, tensors, 1, {0: mapped[0].flat, 1: mapped[1].flat}, timeout_s=30
+    )
+    assert time.monotonic() - start < 15  # a bound far below timeout_s, not a speed goal
+    thread.join(10)
+    assert stats.timed_out_engines == [1] and out[0][0] == "ok"
+    assert not stores[1].flat.any()
