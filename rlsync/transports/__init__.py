@@ -11,7 +11,7 @@ Each transport is one module holding both halves (`Sender`, `Receiver`, lifecycl
 install never touches CUDA code (docs/TRANSPORTS.md):
 
 - `broadcast`: a dedicated gloo/NCCL group beside the trainer's own, double-buffered.
-- `ipc`: a persistent slot buffer plus a control segment of counters; its two buffer kinds
+- `ipc`: a persistent packed buffer plus a control segment of counters; its two buffer kinds
   are `shm` (POSIX shared memory, CPU) and `cuda_ipc` (CUDA memory shared by IPC handle).
 - `disk`: safetensors files in a directory, written atomically.
 - `integrity`: the per-bucket fingerprint trailer behind `verify=True`.
