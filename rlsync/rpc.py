@@ -147,6 +147,28 @@ class RpcClient:
         finally:
             self._abandon(waiting)
 
+    def forget(self, request_id: str) -> None:
+        """Give up on a request: drop its inbox, its `send` bookkeeping and any of its replies
+        not yet taken by `recv`; replies that arrive for it later are dropped on arrival.
+
+        Call it for every request sent with `send` whose final reply you will not wait for
+        (a timeout, an engine given up on). Without it the client keeps an entry per such
+        request for its whole life: unbounded growth against a flaky engine, and a stale
+        reply still handed to a later `recv`. Idempotent; unknown ids are ignored.
+        """
+        with self._lock:
+            self._inbox.pop(request_id, None)
+            if self._loose.pop(request_id, None) is not None:
+                kept = [r for r in self._loose_box if r.request_id != request_id]
+                self._loose_box.clear()
+                self._loose_box.extend(kept)
+
+    def pending(self) -> int:
+        """How many requests this client still keeps bookkeeping for (awaiting a reply or
+        not yet forgotten); bounded when every give-up path calls `forget`."""
+        with self._lock:
+            return len(self._inbox.keys() | self._loose.keys())
+
     def close(self) -> None:
         """Close the socket at once (linger 0: unsent messages are dropped)."""
         with self._lock:

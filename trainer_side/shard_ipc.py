@@ -32,6 +32,7 @@ from rlsync import codec
 from rlsync.buckets import in_store
 from rlsync.protocol import BucketPlan, StoreRef, UpdateAccepted, UpdateWeightsFromIPC
 from rlsync.transports import TransportError, ipc
+from rlsync.transports.base import PushKind
 from rlsync.transports.control import Control, Segment, layout, region_bytes
 from rlsync.transports.integrity import TRAILER_BYTES
 from rlsync.transports.store import MappedStore
@@ -77,7 +78,7 @@ class ShardIpcSender(ipc.Sender):
             raise TransportError("sharded ipc push: CPU shared memory only (use method gather)")
         self.channel, self.push_n = channel, 0
 
-    def prepare(self, plan: BucketPlan, tensors: Any, version: int) -> None:
+    def prepare(self, plan: BucketPlan, tensors: Any, version: int, kind: PushKind) -> None:
         """As `ipc.Sender.prepare`, with the sharded buffers."""
         self.push_id += 1
         self.targets.clear()
