@@ -131,11 +131,13 @@ class WeightPusher:
             report = self._retry_failed_delta(report, plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
                 self.engines.find_dead()
-                if set(self.engines.dead) - dead_before and self.cfg.commit == "independent":
+                lost = sorted(set(self.engines.dead) - dead_before)
+                if lost and self.cfg.commit == "independent":
                     # without them, once more (atomic: the version landed nowhere; it stays so)
                     self._rebuild()
                     again = self.delta.again(kind) if self.delta is not None else kind
-                    report = self._push_once(plan, tensors, version, again, "repeated whole")
+                    why = f"{why or 'a delta'}; repeated whole without {', '.join(lost)}"
+                    report = self._push_once(plan, tensors, version, again, why)
             # an engine whose update failed dropped the group: form a new one next time
             failed_now = set(report.failed) - dead_before
             self._stale_group = self.sender.can_rebuild and bool(failed_now)
