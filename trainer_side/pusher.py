@@ -7,22 +7,18 @@ Usage:
     pusher.close()
 
 Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> ping the engines
-given up on earlier (`EngineSet.revive`: one that answers is back, gets this push in full, and
-the report names it in `revived`; broadcast re-forms its group with it) -> decide the push's
-`PushKind` once -> the sender prepares (disk: writes files) -> announce the update to every
-live engine (the whole plan only to engines that do not hold its plan_id yet) -> collect
-UpdateAccepted -> the sender moves the bytes -> collect UpdateDone. An engine silent at the
-announcement, or with no UpdateDone in time, is told AbortUpdate (whenever it wakes up it
-drops that update at once instead of finishing a push the pusher gave up on) and is pinged;
-one that fails the ping too is marked dead and left out until a later ping answers. An engine
-that dies is reported by name and the others still get the version; for broadcast the group is
-rebuilt without it and the push repeated once. With `sync.commit: atomic` the engines report
-ready instead and `trainer_side.atomic_commit` makes all of them switch, or none (no repeat:
-the version lands nowhere, the report says why). The transport is looked up in
-`rlsync.transports.registry`; this module knows nothing of the engine's internals, only the
-protocol and the sender lifecycle. With `sync.delta` the bytes move as `rlsync.delta` payloads
-against the last version every engine acknowledged (`trainer_side.delta_push` decides delta,
-full or plain, push by push).
+given up on earlier (`EngineSet.revive`; one that answers is back and gets this push in full,
+named in `report.revived`) -> decide the `PushKind` once -> the sender prepares (disk: writes
+files) -> announce to every live engine (the whole plan only to engines that do not hold its
+plan_id) -> collect UpdateAccepted -> the sender moves the bytes -> collect UpdateDone. An
+engine the push gives up on (silent, or no UpdateDone in time) is told AbortUpdate, so it
+drops that update whenever it wakes; one silent at the announcement and at a ping is marked
+dead until a later ping answers. The others still get the version; for broadcast the group
+is rebuilt without the dead and the push repeated once. With `sync.commit: atomic` the
+engines report ready and `trainer_side.atomic_commit` makes all of them switch, or none. With
+`sync.delta` the bytes move as `rlsync.delta` payloads (`trainer_side.delta_push` decides
+delta, full or plain). The transport comes from `rlsync.transports.registry`; this module
+knows only the protocol and the sender lifecycle, nothing of the engine's internals.
 """
 
 from __future__ import annotations
@@ -198,15 +194,7 @@ class WeightPusher:
             self._send(report, plan, tensors, [], encode)  # disk: the payload files
         announced_at = time.monotonic()
         rids, replies = self._announce(names or self.engines.live(), version, report, delta)
-        silent = [n for n, r in replies.items() if isinstance(r, EngineDied)]
-        accepted, refused = [], {}
-        for name, reply in replies.items():
-            if isinstance(reply, UpdateAccepted):
-                accepted.append(name)
-                self.sender.accepted(name, reply)
-            else:
-                refused[name] = failed(reply) or "refused"
-                report.record(name, False, refused[name], _done(reply))
+        accepted, refused, silent = self._sort_answers(report, replies)
         if self.cfg.commit != "atomic":
             self._abort(version, silent)
         done: dict[str, Message] = {}
@@ -224,13 +212,33 @@ class WeightPusher:
         else:
             self._record_done(report, done)
             self._abort(version, [n for n, r in done.items() if not isinstance(r, UpdateDone)])
+        self._after(report, version, kind, silent)
+        return report
+
+    def _sort_answers(
+        self, report: PushReport, replies: Mapping[str, Message]
+    ) -> tuple[list[str], dict[str, str], list[str]]:
+        """The announcement's answers: who accepted (the sender is told), who refused or was
+        silent (recorded, with why), and who was silent."""
+        accepted, refused = [], {}
+        for name, reply in replies.items():
+            if isinstance(reply, UpdateAccepted):
+                accepted.append(name)
+                self.sender.accepted(name, reply)
+            else:
+                refused[name] = failed(reply) or "refused"
+                report.record(name, False, refused[name], _done(reply))
+        return accepted, refused, [n for n, r in replies.items() if isinstance(r, EngineDied)]
+
+    def _after(self, report: PushReport, version: int, kind: PushKind, silent: list[str]) -> None:
+        """Who is dead now (silent at the announcement, and a ping fails too), in the report;
+        delta mode: the base and the figures."""
         if silent:
-            self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
+            self.engines.find_dead()
         for name in self.engines.dead:
             report.record(name, False, "engine is dead")
         if self.delta is not None and kind.payloads:
             self.delta.finish(report, version, kind, self.engines)
-        return report
 
     def _new_report(self, version: int, plan: BucketPlan, kind: PushKind, why: str) -> PushReport:
         report = PushReport(version, self.cfg.transport, commit=self.cfg.commit)
