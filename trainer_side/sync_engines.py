@@ -14,6 +14,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+import zmq
+
 from rlsync.auth import ClientKeys
 from rlsync.endpoints import ipc_path
 from rlsync.model_config import ModelConfig
@@ -100,8 +102,8 @@ class EngineSet:
             client = self.clients[name]
             try:
                 client.forget(client.send(msg).request_id)
-            except (RpcTimeout, RuntimeError):  # a closed or stuck socket: reported elsewhere
-                continue
+            except (RpcTimeout, RuntimeError, zmq.ZMQError):  # a closed or stuck socket
+                continue  # (its missing reply is reported where one is awaited)
 
     def gather(self, rids: Mapping[str, str], timeout_s: float) -> dict[str, Message]:
         """The next reply to each request id, all within one shared deadline. A silent or dead
