@@ -38,6 +38,7 @@ from rlsync.netutil import node_address
 from trainer_side.config import TrainerRankConfig
 from trainer_side.learner import Learner, RolloutBatch
 from trainer_side.policy import LlamaPolicy
+from trainer_side.push_report import PushError
 
 if TYPE_CHECKING:
     from trainer_side.pusher import WeightPusher
@@ -246,11 +247,18 @@ class TrainerActor:
 
     def push(self) -> dict[str, Any]:
         """Rank 0 (every rank when sharded): push the current weights as `version`; rank 0's
-        PushReport as a dict (a sharded rank > 0: what it wrote)."""
+        PushReport as a dict (a sharded rank > 0: what it wrote), also when the version
+        reached no engine (the loop decides what then); a PushError without a report (bad
+        input, nothing sent) is raised."""
         if not self.sharded:
             self._require_rank0("push")
         assert self.pusher is not None, "connect_engines() first"
-        return self.pusher.push(self.policy, self.version).to_dict()
+        try:
+            return self.pusher.push(self.policy, self.version).to_dict()
+        except PushError as exc:
+            if exc.report is None:
+                raise
+            return exc.report.to_dict()
 
     # ------------------------------------------------------------ end of run
 

@@ -3,7 +3,14 @@
     announce (commit="atomic") -> UpdateAccepted -> bytes -> every engine UpdateReady?
         yes, and the commit window is still open -> CommitUpdate to all -> UpdateDone each
         no (a refusal, a failure, a death, a timeout) -> AbortUpdate to every engine that
-            accepted -> their UpdateDone (discarded; the old version keeps serving)
+            was announced to and has not ended its update (ready, still receiving, or
+            silent at the announcement) -> the UpdateDone of the ready ones (discarded; the
+            old version keeps serving)
+
+Why the silent ones too: an engine frozen at the announcement reads the update when it wakes
+and would accept it, receive nothing it can use, and hold admission (refusing every other
+update) until its own `commit_timeout_s`. The AbortUpdate waits in its socket right behind
+the update, so it drops the update at once instead.
 
 The window: an engine discards a ready update `commit_timeout_s` after its UpdateReady, and
 every UpdateReady follows the announcement, so a commit sent before `commit_timeout_s -
@@ -16,6 +23,7 @@ This module knows only the protocol and the EngineSet; the engines' side is
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rlsync.config import COMMIT_MARGIN_S
@@ -27,6 +35,7 @@ from rlsync.protocol import (
     UpdateReady,
     failed,
 )
+from trainer_side.push_report import PushReport
 from trainer_side.sync_engines import EngineSet
 
 PUSHER = "(pusher)"
@@ -43,6 +52,28 @@ class AtomicOutcome:
     committed: bool = False
     culprits: dict[str, str] = field(default_factory=dict)
     """engine -> why it stopped the commit (empty when committed)."""
+
+    def record_into(self, report: PushReport) -> list[str]:
+        """Each engine's outcome into `report`; returns those that switched. Committed: each
+        engine's UpdateDone (one missing means it died after the commit went out: the others
+        switched). Aborted: the culprits' reasons, then the others'."""
+        report.aborted_because = self.culprits
+        blame = "; ".join(f"{n}: {why}" for n, why in sorted(self.culprits.items()))
+        switched = []
+        for name, reply in self.replies.items():
+            why = failed(reply)
+            ok = self.committed and why is None
+            if ok:
+                switched.append(name)
+                message = "ok"
+            elif self.committed:
+                message = f"no switch confirmed after CommitUpdate (the others switched): {why}"
+            elif name in self.culprits:
+                message = self.culprits[name]
+            else:
+                message = f"aborted, nothing switched ({blame}): {why}"
+            report.record(name, ok, message, reply if isinstance(reply, UpdateDone) else None)
+        return switched
 
 
 @dataclass
@@ -62,9 +93,12 @@ class AtomicRound:
         first: dict[str, Message],
         refused: dict[str, str],
         transfer_error: str = "",
+        *,
+        silent: Iterable[str] = (),
     ) -> AtomicOutcome:
         """`first`: each accepting engine's reply after the bytes (UpdateReady or a failure);
-        `refused`: engines that refused or did not answer the announcement, with why."""
+        `refused`: engines that refused or did not answer the announcement, with why;
+        `silent`: those of them that did not answer at all (they may hold the update)."""
         ready = [n for n, r in first.items() if isinstance(r, UpdateReady)]
         culprits = dict(refused)
         culprits.update({n: _why(r) for n, r in first.items() if n not in ready})
@@ -79,7 +113,8 @@ class AtomicRound:
         out = AtomicOutcome(replies={n: r for n, r in first.items() if n not in ready})
         if culprits:
             out.culprits = culprits
-            self._tell(AbortUpdate, [n for n in first if _in_flight(first[n])])
+            holding = [n for n in first if _in_flight(first[n])]
+            self._tell(AbortUpdate, holding + [n for n in silent if n not in first])
         else:
             out.committed = True
             self._tell(CommitUpdate, ready)
@@ -93,13 +128,10 @@ class AtomicRound:
         return time.monotonic() - self.announced_at
 
     def _tell(self, kind: type[CommitUpdate] | type[AbortUpdate], names: list[str]) -> None:
-        """Send the word to each engine; one that cannot be reached does not stop the rest
-        (its missing UpdateDone is reported)."""
-        for name in names:
-            try:
-                self.engines.send({name: kind(weight_version=self.version)})
-            except Exception:  # a dead engine's socket: its gather below says so
-                continue
+        """Send the word to each engine, waiting for no reply (`EngineSet.tell`: the reply
+        is dropped, the client keeps nothing for it); one that cannot be reached does not
+        stop the rest (its missing UpdateDone is reported)."""
+        self.engines.tell({name: kind(weight_version=self.version) for name in names})
 
 
 def _in_flight(reply: Message) -> bool:

@@ -15,7 +15,13 @@ full. A delta that found every bucket dense (more than `sync.delta_max_changed` 
 fp32 policy under Adam changes every element every step) turns deltas off for the next
 `DENSE_PLAIN_PUSHES` pushes: they are plain pushes, through the transport's fastest path
 (in the engines' store where it can), keeping no base; then a full push takes a base again
-and a delta is tried. Knows the protocol and the encoder only.
+and a delta is tried. An engine that comes back after a missed push (`EngineSet.revive`) may
+hold any version, whatever it reports, so its push is full too.
+
+The kind is decided once per push (`begin`), as a `PushKind`, and handed to the sender: a
+sender never guesses it from `sync.delta` (a plain push in delta mode is still plain). A
+repeat of a push (`again`) is never a delta: the failed attempt dropped the base. Knows the
+protocol and the encoder only.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 from rlsync.config import SyncConfig
 from rlsync.delta_encode import DeltaEncoder, EncodeStats
 from rlsync.protocol import BucketPlan, DeltaInfo, GetWeightsFingerprint, WeightFingerprints
-from rlsync.transports.base import Encode, Tensors
+from rlsync.transports.base import Encode, PushKind, Tensors
 from trainer_side.push_report import PushReport
 from trainer_side.sync_engines import EngineSet
 
@@ -49,13 +55,13 @@ class DeltaPlanner:
         return self.plain_left > 0
 
     def begin(
-        self, plan: BucketPlan, plan_id: str, engines: EngineSet
-    ) -> tuple[DeltaInfo | None, str]:
-        """The DeltaInfo of the next push (None: a plain push), and why it is full ("" for a
-        delta)."""
+        self, plan: BucketPlan, plan_id: str, engines: EngineSet, revived: list[str] | None = None
+    ) -> tuple[PushKind, str]:
+        """The kind of the next push, and why it is not a delta ("" for a delta). `revived`:
+        engines back after a missed push (they get no delta)."""
         if self.plain_left > 0:
             self.plain_left -= 1
-            return None, (
+            return PushKind.PLAIN, (
                 f"plain: the last delta found {self.dense_share:.0%} changed; deltas again "
                 f"after {self.plain_left} more"
             )
@@ -64,9 +70,25 @@ class DeltaPlanner:
                 plan, checksum_raw=self.cfg.verify, max_changed=self.cfg.delta_max_changed
             )
             self.plan_id = plan_id
-        reason = self._why_full(engines)
+        back = f"{', '.join(revived)} came back after a missed push" if revived else ""
+        reason = back or self._why_full(engines)  # it may hold any version, whatever it says
         self.encoder.begin()
-        return DeltaInfo(base_version=None if reason else self.encoder.version), reason
+        return (PushKind.FULL_PAYLOADS, reason) if reason else (PushKind.DELTA, "")
+
+    def again(self, kind: PushKind) -> PushKind:
+        """The kind of a repeat of a push of `kind`: plain stays plain, payloads go whole."""
+        if kind is PushKind.PLAIN:
+            return kind
+        assert self.encoder is not None
+        self.encoder.begin()
+        return PushKind.FULL_PAYLOADS
+
+    def info(self, kind: PushKind) -> DeltaInfo | None:
+        """What the update messages of a push of `kind` say about payloads (None: plain)."""
+        if kind is PushKind.PLAIN:
+            return None
+        assert self.encoder is not None
+        return DeltaInfo(base_version=self.encoder.version if kind is PushKind.DELTA else None)
 
     def _why_full(self, engines: EngineSet) -> str:
         assert self.encoder is not None
@@ -95,18 +117,22 @@ class DeltaPlanner:
             self.encoder.encode(g, tensors, full=True)
         self.encoder.version = version
 
-    def encoder_for(self, tensors: Tensors, full: bool) -> Encode:
+    def encoder_for(self, tensors: Tensors, kind: PushKind) -> Encode:
+        """Bucket g -> its payload in a push of `kind` (FULL_PAYLOADS: every bucket RAW)."""
         assert self.encoder is not None
-        encoder = self.encoder
+        encoder, full = self.encoder, kind is not PushKind.DELTA
         return lambda g: encoder.encode(g, tensors, full=full)
 
     @property
     def stats(self) -> EncodeStats:
         return self.encoder.stats if self.encoder is not None else EncodeStats()
 
-    def finish(self, report: PushReport, version: int, full: bool, engines: EngineSet) -> None:
-        """Keep the base as `version` only if every live engine acknowledged it."""
+    def finish(self, report: PushReport, version: int, kind: PushKind, engines: EngineSet) -> None:
+        """After a payload push: keep the base as `version` only if every live engine
+        acknowledged it; a delta that found every bucket dense starts the plain pushes. The
+        report gets the encoder's figures."""
         assert self.encoder is not None
+        full = kind is not PushKind.DELTA
         reached = all(
             report.engines.get(n) is not None and report.engines[n].ok for n in engines.live()
         )
@@ -120,3 +146,5 @@ class DeltaPlanner:
         if not full and dense and stats.changed_fraction > self.cfg.delta_max_changed:
             self.plain_left, self.dense_share = DENSE_PLAIN_PUSHES, stats.changed_fraction
             self.encoder.invalidate()  # plain pushes keep no base
+        report.wire_bytes, report.encode_s = stats.wire_bytes, stats.seconds
+        report.changed_fraction = stats.changed_fraction

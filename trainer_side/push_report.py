@@ -53,6 +53,9 @@ class PushReport:
     """independent, or atomic (every engine switched to `version`, or none did)."""
     aborted_because: dict[str, str] = field(default_factory=dict)
     """atomic, not committed: engine -> why it stopped the commit ("(pusher)": the pusher)."""
+    revived: list[str] = field(default_factory=list)
+    """Engines given up on in an earlier push that answered the ping before this one: they
+    were announced this push again, in full (`EngineSet.revive`)."""
 
     @property
     def failed(self) -> list[str]:
@@ -102,6 +105,8 @@ class PushReport:
             parts.append(f"transfer: {self.transfer_error}")
         if self.aborted_because:
             parts.append(f"atomic commit aborted by {', '.join(sorted(self.aborted_because))}")
+        if self.revived:
+            parts.append(f"back after a missed push (sent in full): {', '.join(self.revived)}")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +129,7 @@ class PushReport:
             "commit": self.commit,
             "commit_skew_s": self.commit_skew_s,
             "aborted_because": dict(self.aborted_because),
+            "revived": list(self.revived),
             "engines": {n: _outcome_dict(o) for n, o in self.engines.items()},
         }
 

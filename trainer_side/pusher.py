@@ -6,17 +6,19 @@ Usage:
     assert not report.failed
     pusher.close()
 
-Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> the sender
-prepares (disk: writes files) -> announce the update to every live engine (the whole plan only
-to engines that do not hold its plan_id yet) -> collect UpdateAccepted -> the sender moves the
-bytes -> collect UpdateDone. An engine that dies is reported by name and the others still get
-the version; for broadcast the group is rebuilt without it and the push repeated once. With
-`sync.commit: atomic` the engines report ready instead and `trainer_side.atomic_commit` makes
-all of them switch, or none (no repeat: the version lands nowhere, the report says why). The
-transport is looked up in `rlsync.transports.registry`; this module knows nothing of the
-engine's internals, only the protocol and the sender lifecycle. With `sync.delta` the bytes
-move as `rlsync.delta` payloads against the last version every engine acknowledged
-(`trainer_side.delta_push` decides delta or full, push by push).
+Each push: plan buckets (cached while names/shapes/dtypes stay the same) -> ping the engines
+given up on earlier (`EngineSet.revive`; one that answers is back and gets this push in full,
+named in `report.revived`) -> decide the `PushKind` once -> the sender prepares (disk: writes
+files) -> announce to every live engine (the whole plan only to engines that do not hold its
+plan_id) -> collect UpdateAccepted -> the sender moves the bytes -> collect UpdateDone. An
+engine the push gives up on (silent, or no UpdateDone in time) is told AbortUpdate, so it
+drops that update whenever it wakes; one silent at the announcement and at a ping is marked
+dead until a later ping answers. The others still get the version; for broadcast the group
+is rebuilt without the dead and the push repeated once. With `sync.commit: atomic` the
+engines report ready and `trainer_side.atomic_commit` makes all of them switch, or none. With
+`sync.delta` the bytes move as `rlsync.delta` payloads (`trainer_side.delta_push` decides
+delta, full or plain). The transport comes from `rlsync.transports.registry`; this module
+knows only the protocol and the sender lifecycle, nothing of the engine's internals.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from rlsync.buckets import (
 )
 from rlsync.config import SyncConfig
 from rlsync.protocol import (
+    AbortUpdate,
     BucketPlan,
     DeltaInfo,
     EngineDied,
@@ -49,9 +52,9 @@ from rlsync.protocol import (
     failed,
     plan_id_of,
 )
-from rlsync.transports import registry
-from rlsync.transports.base import Announce, Encode, Sender
-from trainer_side.atomic_commit import AtomicOutcome, AtomicRound
+from rlsync.transports import TransportError, registry
+from rlsync.transports.base import Announce, Encode, PushKind, Sender
+from trainer_side.atomic_commit import AtomicRound
 from trainer_side.delta_push import DeltaPlanner
 from trainer_side.push_report import PushError, PushReport
 from trainer_side.sync_engines import EngineSet
@@ -117,24 +120,55 @@ class WeightPusher:
         plain = self.delta is None or self.delta.plain_next()
         plan = self._plan_for(tensors, packed=not plain)
         with torch.no_grad():
-            if self._stale_group:
-                self._rebuild()
+            revived = self._revive()
+            kind, why = self._kind(plan, revived)
             dead_before = set(self.engines.dead)
-            report = self._push_once(plan, tensors, version)
+            report = self._push_once(plan, tensors, version, kind, why)
             report = self._retry_failed_delta(report, plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
                 self.engines.find_dead()
-                if set(self.engines.dead) - dead_before and self.cfg.commit == "independent":
+                lost = sorted(set(self.engines.dead) - dead_before)
+                if lost and self.cfg.commit == "independent":
                     # without them, once more (atomic: the version landed nowhere; it stays so)
                     self._rebuild()
-                    report = self._push_once(plan, tensors, version)
+                    again = self.delta.again(kind) if self.delta is not None else kind
+                    why = f"{why or 'a delta'}; repeated whole without {', '.join(lost)}"
+                    report = self._push_once(plan, tensors, version, again, why)
             # an engine whose update failed dropped the group: form a new one next time
             failed_now = set(report.failed) - dead_before
             self._stale_group = self.sender.can_rebuild and bool(failed_now)
+        report.revived = revived
         report.finish(plan_total_bytes(plan), time.perf_counter() - start)
         if not report.succeeded:
             raise PushError(f"version {version} reached no engine: {report.summary()}", report)
         return report
+
+    def _revive(self) -> list[str]:
+        """Ping the engines given up on; those that answer are back (their plan is sent again:
+        they may have restarted). A broadcast group is re-formed now, with them, or without
+        them when they fail its rendezvous (they stay dead: pinged again next push)."""
+        revived = self.engines.revive()
+        for name in revived:
+            self.known_plans.pop(name, None)
+        if revived and self.sender.can_rebuild:
+            self._stale_group = True
+        if self._stale_group:
+            try:
+                self._rebuild()
+            except TransportError:
+                if not revived:
+                    raise
+                self.engines.dead.update(revived)
+                revived = []
+                self._rebuild()
+        return revived
+
+    def _kind(self, plan: BucketPlan, revived: list[str]) -> tuple[PushKind, str]:
+        """This push's kind, decided once (delta mode: `DeltaPlanner.begin`), and why it is
+        not a delta."""
+        if self.delta is None:
+            return PushKind.PLAIN, ""
+        return self.delta.begin(plan, self.plan_id, self.engines, revived)
 
     def _rebuild(self) -> None:
         self._stale_group = True  # stays set if the rendezvous fails: retried next push
@@ -146,21 +180,46 @@ class WeightPusher:
         plan: BucketPlan,
         tensors: dict[str, torch.Tensor],
         version: int,
+        kind: PushKind,
+        why: str = "",
         names: list[str] | None = None,
-        full: bool = False,
     ) -> PushReport:
-        """One announce + transfer to `names` (default: every live engine); `full` forbids a
-        delta (delta mode only)."""
-        report = PushReport(version, self.cfg.transport, commit=self.cfg.commit)
-        delta = self._begin_delta(plan, report, full)
-        encode = None
-        if delta is not None:
-            encode = self.delta.encoder_for(tensors, full=delta.base_version is None)
-        self.sender.prepare(plan, tensors, version)
+        """One announce + transfer of a push of `kind` to `names` (default: every live
+        engine). `why`: why a push in delta mode is not a delta (for the report)."""
+        report = self._new_report(version, plan, kind, why)
+        delta = self.delta.info(kind) if self.delta is not None else None
+        encode = self.delta.encoder_for(tensors, kind) if self.delta and kind.payloads else None
+        self.sender.prepare(plan, tensors, version, kind)
         if encode is not None and self.sender.encodes_before_announce:
             self._send(report, plan, tensors, [], encode)  # disk: the payload files
         announced_at = time.monotonic()
         rids, replies = self._announce(names or self.engines.live(), version, report, delta)
+        accepted, refused, silent = self._sort_answers(report, replies)
+        if self.cfg.commit != "atomic":
+            self._abort(version, silent)
+        done: dict[str, Message] = {}
+        if accepted:
+            if encode is None or not self.sender.encodes_before_announce:
+                self._send(report, plan, tensors, accepted, encode)
+            done = self.engines.gather({n: rids[n] for n in accepted}, self._done_wait_s())
+        if self.cfg.commit == "atomic":
+            atomic = AtomicRound(
+                self.engines, version, announced_at, self.cfg.commit_wait_s, self.cfg.timeout_s
+            )
+            outcome = atomic.finish(rids, done, refused, report.transfer_error, silent=silent)
+            for name in outcome.record_into(report):
+                self.known_plans[name] = self.plan_id
+        else:
+            self._record_done(report, done)
+            self._abort(version, [n for n, r in done.items() if not isinstance(r, UpdateDone)])
+        self._after(report, version, kind, silent)
+        return report
+
+    def _sort_answers(
+        self, report: PushReport, replies: Mapping[str, Message]
+    ) -> tuple[list[str], dict[str, str], list[str]]:
+        """The announcement's answers: who accepted (the sender is told), who refused or was
+        silent (recorded, with why), and who was silent."""
         accepted, refused = [], {}
         for name, reply in replies.items():
             if isinstance(reply, UpdateAccepted):
@@ -169,47 +228,31 @@ class WeightPusher:
             else:
                 refused[name] = failed(reply) or "refused"
                 report.record(name, False, refused[name], _done(reply))
-        if accepted:
-            if encode is None or not self.sender.encodes_before_announce:
-                self._send(report, plan, tensors, accepted, encode)
-            done = self.engines.gather({n: rids[n] for n in accepted}, self._done_wait_s())
-            if self.cfg.commit == "atomic":
-                atomic = AtomicRound(
-                    self.engines, version, announced_at, self.cfg.commit_wait_s, self.cfg.timeout_s
-                )
-                outcome = atomic.finish(rids, done, refused, report.transfer_error)
-                self._record_atomic(report, outcome)
-            else:
-                self._record_done(report, done)
-        elif self.cfg.commit == "atomic":
-            report.aborted_because = refused
-        if any(isinstance(r, EngineDied) for r in replies.values()):
-            self.engines.find_dead()  # silent at the announce: dead only if a ping fails too
+        return accepted, refused, [n for n, r in replies.items() if isinstance(r, EngineDied)]
+
+    def _after(self, report: PushReport, version: int, kind: PushKind, silent: list[str]) -> None:
+        """Who is dead now (silent at the announcement, and a ping fails too), in the report;
+        delta mode: the base and the figures."""
+        if silent:
+            self.engines.find_dead()
         for name in self.engines.dead:
             report.record(name, False, "engine is dead")
-        if delta is not None:
-            self._finish_delta(report, version, delta)
+        if self.delta is not None and kind.payloads:
+            self.delta.finish(report, version, kind, self.engines)
+
+    def _new_report(self, version: int, plan: BucketPlan, kind: PushKind, why: str) -> PushReport:
+        report = PushReport(version, self.cfg.transport, commit=self.cfg.commit)
+        if self.delta is not None:
+            report.delta = f"full: {why}" if kind is not PushKind.DELTA else "delta"
+        if self.delta is not None and kind is PushKind.PLAIN:  # all of the plan's bytes
+            report.wire_bytes, report.changed_fraction = plan_total_bytes(plan), 1.0
         return report
 
-    def _begin_delta(self, plan: BucketPlan, report: PushReport, full: bool) -> DeltaInfo | None:
-        """Delta mode: this push's DeltaInfo (None: a plain push), its kind in the report."""
-        if self.delta is None:
-            return None
-        info, reason = self.delta.begin(plan, self.plan_id, self.engines)
-        if full and info is not None and info.base_version is not None:
-            info, reason = DeltaInfo(base_version=None), "retry of a failed delta"
-        report.delta = f"full: {reason}" if reason else "delta"
-        if info is None:  # a plain push: the plan's bytes, all counted as changed
-            report.wire_bytes, report.changed_fraction = plan_total_bytes(plan), 1.0
-        return info
-
-    def _finish_delta(self, report: PushReport, version: int, info: DeltaInfo) -> None:
-        assert self.delta is not None
-        self.delta.finish(report, version, info.base_version is None, self.engines)
-        stats = self.delta.stats
-        report.wire_bytes = stats.wire_bytes
-        report.encode_s = stats.seconds
-        report.changed_fraction = stats.changed_fraction
+    def _abort(self, version: int, names: list[str]) -> None:
+        """Tell engines the pusher gave up on in this push (silent, or no UpdateDone in time)
+        to drop the update: a frozen engine reads it right after the update when it wakes, so
+        it never finishes a push the report calls failed, nor blocks the next one."""
+        self.engines.tell({n: AbortUpdate(weight_version=version) for n in names})
 
     def _retry_failed_delta(
         self, report: PushReport, plan: BucketPlan, tensors: dict[str, torch.Tensor], version: int
@@ -225,7 +268,9 @@ class WeightPusher:
         if self.sender.can_rebuild:
             self._rebuild()  # the failed members left the group
         why = report.engines[failed_now[0]].message[-300:]
-        retry = self._push_once(plan, tensors, version, names=failed_now, full=True)
+        assert self.delta is not None
+        again = self.delta.again(PushKind.DELTA)
+        retry = self._push_once(plan, tensors, version, again, "retry", names=failed_now)
         report.engines.update(retry.engines)
         report.delta = f"delta; full again to {', '.join(failed_now)} ({failed_now[0]}: {why})"
         report.wire_bytes += retry.wire_bytes
@@ -243,25 +288,6 @@ class WeightPusher:
             report.record(name, failed(reply) is None, failed(reply) or "ok", _done(reply))
             if failed(reply) is None:
                 self.known_plans[name] = self.plan_id
-
-    def _record_atomic(self, report: PushReport, outcome: AtomicOutcome) -> None:
-        """Committed: each engine's UpdateDone (one missing means it died after the commit
-        went out: the others switched). Aborted: the culprits' reasons, then the others'."""
-        report.aborted_because = outcome.culprits
-        blame = "; ".join(f"{n}: {why}" for n, why in sorted(outcome.culprits.items()))
-        for name, reply in outcome.replies.items():
-            why = failed(reply)
-            ok = outcome.committed and why is None
-            if ok:
-                self.known_plans[name] = self.plan_id
-                message = "ok"
-            elif outcome.committed:
-                message = f"no switch confirmed after CommitUpdate (the others switched): {why}"
-            elif name in outcome.culprits:
-                message = outcome.culprits[name]
-            else:
-                message = f"aborted, nothing switched ({blame}): {why}"
-            report.record(name, ok, message, _done(reply))
 
     def _announce(
         self,

@@ -80,7 +80,7 @@ class ShardBroadcastSender(broadcast.Sender):
         self._say(codec.encode(init))  # the other ranks join as rank 0 knows it does
         return join_as_sender(init, 0, self.device)
 
-    def prepare(self, plan: Any, tensors: base.Tensors, version: int) -> None:
+    def prepare(self, plan: Any, tensors: base.Tensors, version: int, kind: base.PushKind) -> None:
         self.rows = {name: row_splits(t, self.senders) for name, t in tensors.items()}
 
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDistributed:

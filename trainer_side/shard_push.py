@@ -8,11 +8,12 @@ Usage (every trainer rank, in lockstep; `store` is the store the ranks met at):
 
 Two methods:
 - "shards" (ipc, CPU shared memory; `shard_ipc`): rank 0 runs the normal `WeightPusher`
-  (plan, announce, collect accepts, commit) with a sender that lets every rank write. A
-  dim-0 shard of a row-major tensor is one contiguous byte range of the tensor's home (an
-  engine's store when the engines publish their layout, else a slot of rank 0's staging
-  buffer), so each rank writes its rows there itself, cast to the engine's dtype on the
-  write. Rank 0 tells the engines bucket g is ready only once every rank reported its rows
+  (plan, ping the engines it gave up on, announce, collect accepts, commit; an engine that
+  comes back gets the push in full, every rank writing its rows) with a sender that lets
+  every rank write. A dim-0 shard of a row-major tensor is one contiguous byte range of the
+  tensor's home (an engine's store when the engines publish their layout, else a slot of
+  rank 0's staging buffer), so each rank writes its rows there itself, cast to the
+  engine's dtype on the write. Rank 0 tells the engines bucket g is ready only once every rank reported its rows
   of g written (`shard_channel`); a rank that does not report within `timeout_s` aborts the
   push for every engine, and the error names that rank. No rank holds a tensor it does not
   own, and the bytes of ranks > 0 never pass through rank 0. The engine side is unchanged:
@@ -48,12 +49,14 @@ from trainer_side.pusher import WeightPusher, WeightsLike, named_tensors
 from trainer_side.shard_broadcast import END, RowSender, ShardBroadcastSender
 from trainer_side.shard_channel import ShardChannel
 from trainer_side.shard_ipc import ShardIpcSender, ShardWriter
+from trainer_side.sync_engines import PING_TIMEOUT_S
 
 PUSH_METHODS: tuple[str, ...] = ("shards", "gather")
 SHARD_TRANSPORTS: tuple[str, ...] = ("ipc", "broadcast")
 WORD_WAIT = 8
-"""Ranks > 0 wait this many `timeout_s` for rank 0's next word of a broadcast push: between
-two words it may form a group, wait for accepts and for the engines' done, and retry."""
+"""Ranks > 0 wait this many `timeout_s` (plus the ping of the engines rank 0 gave up on,
+`PING_TIMEOUT_S`, before a push) for rank 0's next word of a broadcast push: between two
+words it may ping, form a group, wait for accepts and for the engines' done, and retry."""
 
 
 @dataclass
@@ -157,7 +160,9 @@ class ShardedPusher:
     def _follow(self, tensors: dict[str, torch.Tensor]) -> RankPush:
         assert self.rows is not None
         t0 = time.perf_counter()
-        done = self.rows.follow(self.pushes, tensors, WORD_WAIT * self.cfg.timeout_s)
+        done = self.rows.follow(
+            self.pushes, tensors, WORD_WAIT * self.cfg.timeout_s + PING_TIMEOUT_S
+        )
         out = RankPush(rank=self.rank, method="shards", skipped=done.attempts == 0)
         out.bytes_written, out.seconds = done.bytes_sent, time.perf_counter() - t0
         out.errors = done.errors
@@ -176,8 +181,10 @@ class ShardedPusher:
     def _write_rows(self, tensors: dict[str, torch.Tensor]) -> RankPush:
         assert self.writer is not None
         t0 = time.perf_counter()
-        # rank 0 announces first: its engines may take 2 x timeout_s to accept
-        written = self.writer.write(self.pushes, tensors, 3 * self.cfg.timeout_s)
+        # rank 0 pings the engines it gave up on, then announces: its engines may take
+        # 2 x timeout_s to accept
+        wait_s = 3 * self.cfg.timeout_s + PING_TIMEOUT_S
+        written = self.writer.write(self.pushes, tensors, wait_s)
         out = RankPush(rank=self.rank, method="shards", skipped=written is None)
         out.bytes_written, out.seconds = written or 0, time.perf_counter() - t0
         return out

@@ -1,28 +1,41 @@
 """The engines a pusher serves: one RPC client each, bounded fan-out calls, and who is dead.
 
 Every wait shares one deadline across engines, so N engines never cost N timeouts. An engine
-that does not answer is reported by name; it is never waited on again until it answers a ping.
+that does not answer is reported by name and marked dead: it is left out of the next push's
+announcement, but `revive` pings it again before every push (one short ping shared by all
+of them), so an engine that was only frozen or slow comes back. A request given up on is
+forgotten by its client, and a late reply to it (a thawed engine answers everything it was
+sent while frozen) is dropped, never taken for the reply to a later request.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Mapping
 
+import zmq
+
 from rlsync.auth import ClientKeys
+from rlsync.endpoints import ipc_path
 from rlsync.model_config import ModelConfig
 from rlsync.protocol import (
     EngineDied,
     EngineInfo,
     GetInfo,
+    GetWeightsFingerprint,
     GetWeightSpecs,
     Message,
+    WeightFingerprints,
     WeightSpecs,
     failed,
 )
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
 
 PING_TIMEOUT_S = 3.0
+"""How long a ping (finding the dead after a push, reviving them before one) may wait."""
+REPING_S = 0.05
+"""Between two pings of a revived engine still busy with an update it was sent earlier."""
 
 
 class EngineSet:
@@ -81,6 +94,17 @@ class EngineSet:
         """Send one message per engine without waiting; returns name -> request_id."""
         return {name: self.clients[name].send(msg).request_id for name, msg in msgs.items()}
 
+    def tell(self, msgs: Mapping[str, Message]) -> None:
+        """Send one message per engine and wait for no reply (CommitUpdate, AbortUpdate): the
+        request is forgotten at once, so its reply, whenever it comes, is dropped. An engine
+        whose socket cannot take the message does not stop the others."""
+        for name, msg in msgs.items():
+            client = self.clients[name]
+            try:
+                client.forget(client.send(msg).request_id)
+            except (RpcTimeout, RuntimeError, zmq.ZMQError):  # a closed or stuck socket
+                continue  # (its missing reply is reported where one is awaited)
+
     def gather(self, rids: Mapping[str, str], timeout_s: float) -> dict[str, Message]:
         """The next reply to each request id, all within one shared deadline. A silent or dead
         engine gets an EngineDied saying so."""
@@ -99,13 +123,39 @@ class EngineSet:
         self.dead.update(found)
         return sorted(found)
 
+    def revive(self, timeout_s: float = PING_TIMEOUT_S) -> list[str]:
+        """Ping every engine marked dead, all at once within one shared deadline; each that
+        answers and has no update in flight is live again, and is returned. One still busy
+        with an update it was sent before it went silent is pinged again until that update
+        ended (the pusher aborted it), within the same deadline; one that stays busy or
+        silent stays dead until the next push pings it again. An ipc engine whose socket
+        nobody listens on any more (its process is gone) is not pinged: it costs nothing."""
+        deadline = time.monotonic() + timeout_s
+        waiting = [n for n in sorted(self.dead) if not _gone(self.clients[n].endpoint)]
+        back: list[str] = []
+        while waiting:
+            rids = self.send({n: GetWeightsFingerprint(names=[]) for n in waiting})
+            replies = self.gather(rids, max(deadline - time.monotonic(), 0.0))
+            alive = {n: r for n, r in replies.items() if isinstance(r, WeightFingerprints)}
+            back += [n for n, r in alive.items() if not r.update_in_progress]
+            waiting = [n for n, r in alive.items() if r.update_in_progress]
+            if not waiting or time.monotonic() + REPING_S >= deadline:
+                break
+            time.sleep(REPING_S)
+        self.dead.difference_update(back)
+        return sorted(back)
+
     def _next_reply(self, name: str, rid: str, deadline: float) -> Message:
+        """The reply to `rid`; replies to older requests are skipped (a thawed engine answers
+        what it was sent while frozen). Giving up forgets `rid`, so the client keeps nothing
+        for it and its late reply is dropped on arrival."""
         client = self.clients[name]
         while True:
             left = deadline - time.monotonic()
             try:
                 reply = client.recv(max(left, 0.0))
             except (RpcTimeout, EngineDead, RuntimeError) as exc:
+                client.forget(rid)
                 return EngineDied(request_id=rid, message=f"engine {name} did not answer: {exc}")
             if reply.request_id == rid:
                 return reply
@@ -113,6 +163,26 @@ class EngineSet:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
+
+
+def _gone(endpoint: str) -> bool:
+    """Whether nobody listens on an ipc:// endpoint any more: its socket file is missing or
+    refuses a connection (the process that bound it is gone). A frozen process still
+    accepts (the kernel queues the connection), so it is pinged. tcp://: never known."""
+    path = ipc_path(endpoint)
+    if path is None:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.2)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except OSError:  # a full backlog, a timeout: someone may still be there
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 def _layout(reply: WeightSpecs) -> dict[str, int] | None:

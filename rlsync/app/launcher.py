@@ -14,14 +14,19 @@ Then per step s (`RLRun.step`):
        trainer refuses rollouts of an older version, with staleness k it drops (and counts)
        the samples whose oldest token is more than k versions behind its own
     4. rank 0 pushes the new version to every engine (while they generate the batches
-       ahead, when staleness > 0); a failed engine ends the run
+       ahead, when staleness > 0). An engine the push missed (frozen, slow, dead) gets no
+       new batches until a later push reaches it (the pusher pings it before each push and
+       brings it back in full: `EngineRoster`); a push that reached no engine (an atomic
+       push one engine stopped) is made once more at once, now without the engines that
+       did not answer; only when that reaches none either does the run end
     5. one line in runs/NAME/metrics.jsonl; the progress bar shows reward, KL, push time
 With staleness 0 the engines sit idle while the trainer trains and pushes, and the trainer
 waits while they generate; with staleness k >= 1 the engines generate batch s+1 .. s+k
 meanwhile, off-policy by up to k versions (the PPO ratio is taken against the engine's
 own log-probs, the behaviour policy: see docs/ASYNC.md).
-At the end (`RLRun.finish`): the final checkpoint goes to runs/NAME/final, engine weights
-must equal the trainer's (fingerprints), metrics.png and summary.json are written. Every
+At the end (`RLRun.finish`): the final checkpoint goes to runs/NAME/final, the weights of
+every engine in use must equal the trainer's (fingerprints; engines still behind are named
+in summary.json as `engines_behind`), metrics.png and summary.json are written. Every
 wait is bounded: an actor that dies or hangs ends the run with a RunError naming it and
 the step.
 """
@@ -43,10 +48,12 @@ from rlsync.app import metrics, ray_session
 from rlsync.app.plot import plot_metrics
 from rlsync.app.ray_session import ActorCallError, gather
 from rlsync.app.rollouts import (
+    EngineRoster,
     PendingBatch,
     RolloutQueue,
     oldest_version,
     output_token_versions,
+    reached_any,
     version_stats,
 )
 from rlsync.app.run_config import RunConfig, to_dict
@@ -162,6 +169,7 @@ class RLRun:
         self.rng = random.Random(cfg.task.seed)
         self.trainers: dict[str, Any] = {}
         self.engines: dict[str, Any] = {}
+        self.roster = EngineRoster([f"engine{i}" for i in range(cfg.num_engines)])
         self.placement: ray_session.Placement | None = None
         self.auth_keys: str | None = None
         """CURVE key directory when the engines listen on tcp:// (disaggregated)."""
@@ -283,6 +291,7 @@ class RLRun:
             "engine_idle_frac": metrics.idle_fraction(list(gen_s.values()), step_s),
             "wall_s": time.perf_counter() - self.started,
             "pushed_version": report["version"],
+            "engines_behind": len(self.roster.behind),
         }
         self.metrics.write(row)
         return row
@@ -291,9 +300,13 @@ class RLRun:
         """Sample batch `step`'s prompts and hand each engine its share of whole groups."""
         task = self.cfg.task
         groups = self.task.sample_prompts(task.prompts_per_step, self.rng)
-        parts = deal(len(groups), len(self.engines))
+        names = self.roster.in_use()
+        if not names:  # (a push that reached no engine ends the run first)
+            raise RunError(f"step {step}: no engine holds the current version")
+        parts = deal(len(groups), len(names))
         calls = {}
-        for (name, engine), part in zip(self.engines.items(), parts, strict=True):
+        for name, part in zip(names, parts, strict=True):
+            engine = self.engines[name]
             prompts = [groups[g] for g in part for _ in range(task.group_size)]
             first = part.start * task.group_size
             sampling = self._sampling(step, first, len(prompts))
@@ -309,9 +322,9 @@ class RLRun:
             f"rollouts at step {step}",
             self.cfg.engine.call_timeout_s + SETUP_SLACK_S,
         )
-        outputs = [out for name in self.engines for out in results[name][0]]
+        outputs = [out for name in pending.calls for out in results[name][0]]
         self._check_outputs(outputs, step)
-        return outputs, {name: results[name][1] for name in self.engines}
+        return outputs, {name: results[name][1] for name in pending.calls}
 
     def _sampling(self, step: int, first: int, count: int) -> list[SamplingParams]:
         """One seeded stream per sample (task seed, step, index): a run replays exactly."""
@@ -362,13 +375,18 @@ class RLRun:
         }
 
     def _push(self, step: int, version: int) -> dict[str, Any]:
-        report = self._call_pushers("push", f"the push of version {version} at step {step}")
-        if report["failed"]:
+        """Push; a push that reached no engine is made once more (the engines that did not
+        answer are left out of it now). The engines it missed sit out (`EngineRoster`)."""
+        what = f"the push of version {version} at step {step}"
+        report = self._call_pushers("push", what)
+        if not reached_any(report):
+            report = self._call_pushers("push", f"{what} (made again: it reached no engine)")
+        if not reached_any(report):
             details = "; ".join(f"{n}: {report['engines'][n]['message']}" for n in report["failed"])
             raise RunError(
-                f"step {step}: the push of version {version} failed on "
-                f"{', '.join(report['failed'])} ({details})"
+                f"step {step}: the push of version {version} reached no engine ({details})"
             )
+        self.roster.after_push(report)
         return report
 
     # ------------------------------------------------------------ end of run
@@ -377,10 +395,11 @@ class RLRun:
         """Save the final checkpoint, compare engine and trainer weights, plot, summarise."""
         final = self.run_dir / "final"
         self._call_pushers("save_checkpoint", "saving the final checkpoint", str(final))
+        serving = {n: self.engines[n] for n in self.roster.in_use()}
         engines = self._wait(
-            self._each(self.engines, "fingerprints"), "fingerprints", self.cfg.engine.call_timeout_s
+            self._each(serving, "fingerprints"), "fingerprints", self.cfg.engine.call_timeout_s
         )
-        first = {"engine": next(iter(self.engines.values())).weight_specs.remote()}
+        first = {"engine": next(iter(serving.values())).weight_specs.remote()}
         specs = self._wait(first, "weight specs", self.cfg.engine.call_timeout_s)["engine"]
         dtypes = {s.name: s.dtype for s in specs.specs}
         ranks = self._wait(
@@ -400,6 +419,7 @@ class RLRun:
             mismatches=mismatches,
             weights_fingerprint=metrics.weights_fingerprint(ranks["trainer rank 0"]),
             engine_versions={n: p.weight_version for n, p in engines.items()},
+            engines_behind=sorted(self.roster.behind),
         )
         if any(mismatches.values()):
             bad = {n: m[:3] for n, m in mismatches.items() if m}

@@ -11,6 +11,8 @@ Keys of every line (`STEP_KEYS`), all plain numbers:
   push (engine_pause_ms: the longest any engine stopped generating); with two engines or
   more also commit_skew_ms (last engine's switch minus the first's). With `sync.delta`:
   push_delta (1: a delta, 0: a full push), push_wire_bytes, push_changed_fraction.
+  push_revived: engines a push had missed that this one reached again (in full);
+  engines_behind: engines the last push missed, which get no batch until one reaches them.
 - rollout_s: seconds the slowest engine spent generating this step's batch (measured in
   its actor, from the first request sent to the last output; a push landing mid-batch
   counts in it); rollout_wait_s: how long the loop waited for the batch (about rollout_s with
@@ -111,6 +113,7 @@ def push_stats(report: Mapping[str, Any]) -> dict[str, float]:
         "push_gbps": float(report["gbps"]),
         "push_bytes": float(report["bytes"]),
         "engine_pause_ms": float(report["engine_pause_ms"]),
+        "push_revived": float(len(report.get("revived", []))),
     }
     if report.get("commit_skew_s") is not None:
         out["commit_skew_ms"] = 1e3 * float(report["commit_skew_s"])

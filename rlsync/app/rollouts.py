@@ -5,6 +5,11 @@ With `staleness: k` the loop keeps up to k batches submitted ahead of the one it
 engines generate while the trainer trains and pushes. Batches are submitted, and so their
 prompts drawn, in step order, whatever k is: a run's prompts do not depend on k.
 
+Which engines get a batch (`EngineRoster`): those that hold the version the trainer pushed
+last. An engine a push missed (frozen, slow, or dead) sits out; the pusher pings it before
+every later push and brings it back with a full push (`PushReport.revived`), and from then
+on it gets batches again.
+
 The version helpers read `GenerateOutput.version_spans` (which version produced which
 tokens). Knows nothing about Ray beyond holding its ObjectRefs, and nothing about PPO.
 """
@@ -12,7 +17,7 @@ tokens). Knows nothing about Ray beyond holding its ObjectRefs, and nothing abou
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +55,30 @@ class RolloutQueue:
             self.pending.append(self.submit(self.next_step))
             self.next_step += 1
         return self.pending.popleft()
+
+
+class EngineRoster:
+    """The engines that hold the last pushed version, and those a push missed ("behind")."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.behind: set[str] = set()
+
+    def in_use(self) -> list[str]:
+        """The engines to deal the next batch to, in their order."""
+        return [n for n in self.names if n not in self.behind]
+
+    def after_push(self, report: Mapping[str, Any]) -> None:
+        """A push report (`PushReport.to_dict()`): the engines it failed on fall behind (an
+        engine on an older version would serve stale rollouts); those it reached, revived
+        ones included, are in use again."""
+        reached = {n for n, o in report["engines"].items() if o["ok"]}
+        self.behind = (self.behind | set(report["failed"])) - reached
+
+
+def reached_any(report: Mapping[str, Any]) -> bool:
+    """Whether a push report says some engine got the version."""
+    return any(o["ok"] for o in report["engines"].values())
 
 
 def output_token_versions(out: GenerateOutput) -> list[int]:

@@ -3,9 +3,10 @@
 Sender (trainer rank 0), per push:
 
     sender = Sender(cfg, engines, work_dir, device)      # open: groups, buffers, directories
-    sender.prepare(plan, tensors, version)              # work before the announcement
+    sender.prepare(plan, tensors, version, kind)        # work before the announcement
     msg = sender.announce(engine, fields)               # the UpdateWeights* for one engine
     sender.send(plan, tensors, accepted)                # move the bytes to those engines
+                                                        # (send_encoded: payload kinds)
     sender.rebuild()                                    # re-form without dead engines
     sender.close()
 
@@ -22,6 +23,7 @@ Nothing here knows an engine's internals or a trainer: named views in, bytes acr
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +42,26 @@ from rlsync.transports import TransportError
 Tensors = Mapping[str, torch.Tensor]
 Encode = Callable[[int], Payload]
 """Bucket index -> its delta payload (the pusher's `rlsync.delta_encode.DeltaEncoder`)."""
+
+
+class PushKind(enum.Enum):
+    """What one push moves. The pusher decides it once per push and hands it to the sender
+    (`prepare`); a sender acts on it and never guesses it from `sync.delta`: in delta mode a
+    push may still be plain (after a dense delta), and a sender that wrote payloads anyway
+    (or no files at all) would announce bytes no engine can take."""
+
+    PLAIN = "plain"
+    """The plan's bytes (packed, or in the engines' store layout): `send`."""
+    FULL_PAYLOADS = "full"
+    """Delta mode, full: every bucket as a whole (RAW) `rlsync.delta` payload, which also
+    sets the pusher's base: `send_encoded`."""
+    DELTA = "delta"
+    """Delta mode: payloads against the base every engine holds: `send_encoded`."""
+
+    @property
+    def payloads(self) -> bool:
+        """The bytes travel as `rlsync.delta` payloads (their plan is `delta.wire_plan`)."""
+        return self is not PushKind.PLAIN
 
 
 class Cancelled(TransportError):
@@ -94,8 +116,10 @@ class Sender:
     ):
         self.cfg, self.engines, self.work_dir, self.device = cfg, engines, work_dir, device
 
-    def prepare(self, plan: BucketPlan, tensors: Tensors, version: int) -> None:
-        """Work before the announcement (the disk transport writes its files here)."""
+    def prepare(self, plan: BucketPlan, tensors: Tensors, version: int, kind: PushKind) -> None:
+        """Work before the announcement (the disk transport writes a plain push's files
+        here). `kind` says what this push moves: plain bytes (`send` follows) or payloads
+        (`send_encoded` follows)."""
 
     def announce(self, engine: str, update: Announce) -> UpdateWeights:
         raise NotImplementedError

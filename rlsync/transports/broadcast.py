@@ -369,7 +369,11 @@ class Sender(base.Sender):
         rids = self.engines.send(
             {n: dataclasses.replace(init, rank_offset=i + 1) for i, n in enumerate(names)}
         )
-        self.group = self._join(init)
+        try:
+            self.group = self._join(init)
+        except BaseException:
+            self.engines.gather(rids, 0.0)  # give up on their joins: the clients forget them
+            raise
         replies = self.engines.gather(rids, cfg.timeout_s)
         refused = {n: why for n, r in replies.items() if (why := failed(r)) is not None}
         if refused:

@@ -183,13 +183,16 @@ class Sender(base.Sender):
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = path
 
-    def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+    def prepare(
+        self, plan: BucketPlan, tensors: base.Tensors, version: int, kind: base.PushKind
+    ) -> None:
         self.version = version
-        if not self.cfg.delta:  # delta mode writes the payloads in send_encoded instead
+        if not kind.payloads:  # a payload push writes its files in send_encoded instead
             self._write_full(plan, tensors, version)
 
     def announce(self, engine: str, update: base.Announce) -> UpdateWeightsFromDisk:
-        assert self.current is not None
+        if self.current != self.root / f"v{self.version}":  # never name an older push's files
+            raise TransportError(f"disk: no files written for version {self.version}")
         fields = dict(update.fields)
         if fields.get("delta") is not None:  # a disk update has no plan field: it rides here
             fields["delta"] = dataclasses.replace(

@@ -403,12 +403,14 @@ class Sender(base.Sender):
         self.stores = MappedStores()
         remove_orphan_segments()  # what a SIGKILLed pusher left in /dev/shm
 
-    def prepare(self, plan: BucketPlan, tensors: base.Tensors, version: int) -> None:
+    def prepare(
+        self, plan: BucketPlan, tensors: base.Tensors, version: int, kind: base.PushKind
+    ) -> None:
         self.push_id += 1
         self.targets.clear()
         self.stores.next_push()
         self.one_copy = in_store(plan)  # (never for delta payloads: their plan is packed)
-        if self.cfg.delta and not self.one_copy:  # room for the largest payloads
+        if kind.payloads and not self.one_copy:  # room for the largest payloads
             plan = delta.wire_plan(plan)
         if self.one_copy:
             if self.direct is None or self.direct.data.numel() < TRAILER_BYTES * len(plan.buckets):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -244,3 +245,43 @@ def test_an_engine_dead_after_the_commit_went_out_is_named_and_the_others_switch
             pusher.close()
     finally:
         doomed.close()
+
+
+def test_an_engine_frozen_at_the_announcement_drops_the_update_at_once_when_thawed(
+    engines, ckpt, tmp_path
+):
+    """One of two engines is stopped (SIGSTOP) before the announcement and thawed while the
+    push is still aborting. It wakes up with the update in its socket and, right behind it,
+    the AbortUpdate every engine not known done is told: it must drop the update at once
+    (not hold admission until its commit_timeout_s), keep its old bytes, and take the next
+    update right away."""
+    pair = {n: engines[n] for n in ("e0", "e1")}
+    frozen = engines["e1"]
+    cfg = atomic_cfg("ipc")
+    assert cfg.commit_wait_s > 20  # what the engine would otherwise hold the update for
+    before = snapshot(pair)
+    version = next_version(pair.values())
+    pusher = WeightPusher(cfg, {n: c.endpoint for n, c in pair.items()}, tmp_path)
+    try:
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        thaw = threading.Timer(TIMEOUT_S + 0.5, os.kill, (frozen.process.pid, signal.SIGCONT))
+        thaw.start()
+        try:
+            with pytest.raises(PushError) as info:
+                pusher.push(trainer_weights(ckpt, version), version)
+        finally:
+            thaw.join()
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        thawed_at = time.monotonic()
+        assert list(info.value.report.aborted_because) == ["e1"]
+        while frozen.fingerprints(names=[]).update_in_progress:
+            assert time.monotonic() - thawed_at < 5.0, "the thawed engine still holds the update"
+            time.sleep(0.05)
+        assert snapshot(pair) == before  # neither engine switched; e1's bytes are the old ones
+        start = time.monotonic()
+        again = pusher.push(trainer_weights(ckpt, version + 1), version + 1)
+        assert time.monotonic() - start < cfg.commit_wait_s / 2
+        assert again.failed == [] and again.aborted_because == {}, again.summary()
+        assert pusher.mismatches(trainer_weights(ckpt, version + 1)) == {"e0": [], "e1": []}
+    finally:
+        pusher.close()

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,10 +42,12 @@ from rlsync.app.metrics import (
     weights_fingerprint,
 )
 from rlsync.app.rollouts import (
+    EngineRoster,
     PendingBatch,
     RolloutQueue,
     oldest_version,
     output_token_versions,
+    reached_any,
     version_stats,
 )
 from rlsync.app.run_config import RunConfig, load_config
@@ -300,6 +303,62 @@ def test_stale_rollouts_then_dead_engine_then_dead_trainer(finished_runs: dict) 
     ray.kill(rl.trainers["trainer rank 0"])
     with pytest.raises(RunError, match=r"trainer rank 0 died during the PPO step at step 4"):
         rl._train(*rl._batch(*_fake_rollouts(rl, version=3), step=4), step=4)
+
+
+def _report(ok: dict[str, bool], revived: tuple[str, ...] = ()) -> dict:
+    """The parts of a PushReport.to_dict() the roster reads."""
+    failed = sorted(n for n, good in ok.items() if not good)
+    engines = {n: {"ok": good, "message": "ok" if good else "x"} for n, good in ok.items()}
+    return {"failed": failed, "engines": engines, "revived": list(revived)}
+
+
+def test_an_engine_a_push_missed_sits_out_until_a_push_reaches_it_again() -> None:
+    roster = EngineRoster(["engine0", "engine1", "engine2"])
+    roster.after_push(_report({"engine0": True, "engine1": False, "engine2": True}))
+    assert roster.in_use() == ["engine0", "engine2"] and roster.behind == {"engine1"}
+    roster.after_push(_report({"engine0": True, "engine1": False, "engine2": True}))  # dead
+    assert roster.in_use() == ["engine0", "engine2"]
+    back = _report({"engine0": True, "engine1": True, "engine2": True}, revived=("engine1",))
+    roster.after_push(back)
+    assert roster.in_use() == ["engine0", "engine1", "engine2"] and roster.behind == set()
+    assert reached_any(back) and not reached_any(_report({"engine0": False, "engine1": False}))
+
+
+def test_an_engine_frozen_across_a_push_sits_out_one_batch_and_comes_back(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    """Two engines; engine1's process is stopped (SIGSTOP) for the whole push of step 1 and
+    thawed after it. The loop goes on with engine0 (batch 2 is generated there alone, on the
+    version pushed last), the push of step 2 brings engine1 back in full, and the run ends
+    with both engines on the trainer's weights."""
+    import ray
+
+    extra = ["placement=colocated", "num_engines=2", "trainer.world_size=1", "sync.timeout_s=2"]
+    cfg = checked(tiny_config(tmp_path, "freeze", "steps=3", *extra))
+    with RLRun(cfg, prepare_run_dir(cfg)) as rl:
+        pid = ray.get(rl.engines["engine1"].pids.remote(), timeout=30)["engine"]
+        real = rl._call_pushers
+
+        def push_with_engine1_frozen(method: str, what: str, *args: object) -> object:
+            if method != "push" or "at step 1" not in what:
+                return real(method, what, *args)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                return real(method, what, *args)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+        rl._call_pushers = push_with_engine1_frozen  # fault injection around the real push
+        rows = [rl.step(step) for step in range(3)]
+        assert rl.roster.in_use() == ["engine0", "engine1"]
+        result = rl.finish(time.perf_counter() - rl.started)
+    assert [r["engines_behind"] for r in rows] == [0, 1, 0]
+    assert [r["push_revived"] for r in rows] == [0.0, 0.0, 1.0]
+    assert [r["weight_version"] for r in rows] == [0, 1, 2]  # every batch on the last push
+    assert result.mismatches and not any(result.mismatches.values())
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["engine_versions"] == {"engine0": 3, "engine1": 3}
+    assert summary["engines_behind"] == []
 
 
 def _fake_rollouts(rl: RLRun, version: int) -> tuple[list[list[int]], list[GenerateOutput]]:

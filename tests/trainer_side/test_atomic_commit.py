@@ -26,6 +26,14 @@ class FakeEngines:
             self.sent.append((name, type(msg), msg.weight_version))
         return {n: f"rid-{n}" for n in msgs}
 
+    def tell(self, msgs):
+        """As EngineSet.tell: an engine whose socket fails does not stop the others."""
+        for name, msg in msgs.items():
+            try:
+                self.send({name: msg})
+            except RuntimeError:
+                continue
+
     def gather(self, rids, timeout_s):
         told = {name: kind for name, kind, _ in self.sent}
         out = {}
@@ -104,3 +112,23 @@ def test_an_engine_unreachable_at_the_commit_is_reported_and_the_others_commit()
     assert out.committed and [n for n, _, _ in engines.sent] == ["a", "c"]
     assert out.replies["a"].success and out.replies["c"].success
     assert isinstance(out.replies["b"], EngineDied)  # the pusher names it in the report
+
+
+def test_an_engine_silent_at_the_announcement_is_told_to_abort_too():
+    """It may wake up holding the update: the AbortUpdate waiting behind it in its socket
+    makes it drop the update at once instead of holding admission for commit_timeout_s.
+    One that refused ended its update already and is not told."""
+    engines = FakeEngines()
+    refused = {"b": "engine b did not answer", "c": "weight_version 7 is not newer"}
+    out = new_round(engines).finish(RIDS, {"a": ready("a")}, refused, silent=["b"])
+    assert not out.committed and out.culprits == refused
+    assert engines.sent == [("a", AbortUpdate, 7), ("b", AbortUpdate, 7)]
+    assert out.replies["a"].message == "aborted"  # the ready one's UpdateDone is collected
+
+
+def test_nobody_accepting_still_aborts_the_silent_ones():
+    engines = FakeEngines()
+    refused = {"a": "engine a did not answer", "b": "engine b did not answer"}
+    out = new_round(engines).finish(RIDS, {}, refused, silent=["a", "b"])
+    assert not out.committed and out.culprits == refused
+    assert engines.sent == [("a", AbortUpdate, 7), ("b", AbortUpdate, 7)]
