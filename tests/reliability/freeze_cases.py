@@ -4,6 +4,7 @@ test module shares, brought back to one known version before every case.
 
 Moments (the hooks run in the process that pushes, once per push):
     ANNOUNCE  before the announcement is answered (the frozen engine never reads it in time)
+    FIRST     every engine accepted, no byte sent yet (a pusher process only)
     BUCKET0   mid-transfer: bucket 0 is out, bucket 1 not yet (ipc, broadcast)
     READY     atomic: every engine answered UpdateReady, the commit is not sent yet
 Thaw: AFTER the pusher's timeout (the frozen process comes back late), or BEFORE it (a
@@ -32,11 +33,10 @@ from trainer_side.push_report import PushError, PushReport
 from trainer_side.pusher import WeightPusher
 from trainer_side.sync_engines import PING_TIMEOUT_S
 
-ANNOUNCE, BUCKET0, READY = (
-    "before-it-answers-the-announcement",
-    "after-bucket-0",
-    "between-ready-and-commit",
-)
+ANNOUNCE = "before-it-answers-the-announcement"
+FIRST = "before-the-first-bucket"
+BUCKET0 = "after-bucket-0"
+READY = "between-ready-and-commit"
 AFTER, BEFORE = "after-the-timeout", "before-the-timeout"
 SLACK_S = 5.0
 """Added to every documented bound: a loaded 2-core machine, never a speed goal."""
@@ -58,14 +58,20 @@ class Case:
     one_copy: bool = True
 
     @property
-    def id(self) -> str:
+    def setup(self) -> str:
+        """ "2-engines-ipc-shadow-atomic": who pushes through what."""
         path = self.transport if self.one_copy or self.transport != "ipc" else "ipc-staged"
-        return (
-            f"{self.engines}-engine{'s' if self.engines > 1 else ''}-{path}-{self.load_mode}-"
-            f"{self.commit}-frozen-{self.moment}-thawed-{self.thaw}"
-        )
+        many = "s" if self.engines > 1 else ""
+        return f"{self.engines}-engine{many}-{path}-{self.load_mode}-{self.commit}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.setup}-frozen-{self.moment}-thawed-{self.thaw}"
 
     def sync(self, timeout_s: float, **kw: object) -> SyncConfig:
+        """The case's config: small buckets (several per push), a short idle wait, and an
+        atomic hold of 3 x timeout_s (an engine told nothing lets go soon)."""
+        atomic = self.commit == "atomic"
         return SyncConfig(
             transport=self.transport,
             load_mode=self.load_mode,
@@ -74,12 +80,15 @@ class Case:
             bucket_mb=0.02,
             timeout_s=timeout_s,
             idle_timeout_s=kw.pop("idle_timeout_s", 2.0),
+            commit_timeout_s=kw.pop("commit_timeout_s", 3 * timeout_s if atomic else None),
             **kw,
         )
 
 
-def param(case: Case, slow: bool = False) -> object:
-    return pytest.param(case, id=case.id, marks=[pytest.mark.slow] if slow else [])
+def param(case: Case, slow: bool = False, label: str | None = None) -> object:
+    """A pytest param of `case`, its id a sentence (`label`, default `case.id`)."""
+    marks = [pytest.mark.slow] if slow else []
+    return pytest.param(case, id=label or case.id, marks=marks)
 
 
 def push_bound_s(cfg: SyncConfig) -> float:

@@ -24,7 +24,7 @@ import pytest
 
 from rlsync.protocol import UpdateWeights
 from tests.e2e.sync_helpers import trainer_weights
-from tests.reliability.freeze_cases import ANNOUNCE, Case, Once, hook
+from tests.reliability.freeze_cases import ANNOUNCE, FIRST, Case, Once, hook
 from trainer_side.push_report import PushError
 from trainer_side.pusher import WeightPusher
 from trainer_side.sync_engines import EngineSet
@@ -48,6 +48,18 @@ def hook_announce(action: Once, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(EngineSet, "send", send_then)
 
 
+def hook_first(action: Once, sender: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`action` once the engines accepted, before the sender moves a byte."""
+    for name in ("send", "send_encoded"):
+        real = getattr(sender, name)
+
+        def then(self, *args, _real=real, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            action()
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(sender, name, then)
+
+
 def push(pusher: WeightPusher, ckpt: str, version: int) -> dict:
     start = time.monotonic()
     try:
@@ -69,6 +81,8 @@ def main() -> int:
     action = Once(stop_self)
     if case.moment == ANNOUNCE:
         hook_announce(action, patch)
+    elif case.moment == FIRST:
+        hook_first(action, type(pusher.sender), patch)
     else:
         hook(case.moment, action, patch)
     print("READY", flush=True)

@@ -57,6 +57,11 @@ class ShardRun:
         assert pid is not None
         return pid
 
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until every rank has built its pusher (engines found, groups formed)."""
+        keys = [f"freeze/ready/r{r}" for r in range(len(self.procs))]
+        self.store.wait(keys, timedelta(seconds=timeout_s))
+
     def go(self, i: int) -> None:
         self.store.set(f"freeze/go{i}", b"1")
 
@@ -136,6 +141,7 @@ def _push_all(
         world_size=world_size,
         connect_timeout_s=20,
     )
+    store.set(f"freeze/ready/r{rank}", b"1")
     try:
         for i, version in enumerate(versions, 1):
             store.wait([f"freeze/go{i}"], timedelta(seconds=KEY_WAIT_S))
