@@ -46,6 +46,7 @@ class PusherProc:
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr
         )
+        self.pushes_left = len(versions)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -73,7 +74,9 @@ class PusherProc:
                 raise AssertionError(f"pusher exited before {word}: {self.stderr_tail()}")
 
     def result(self, i: int, timeout_s: float) -> dict:
-        return json.loads(self.expect(f"RESULT{i}", timeout_s))
+        out = json.loads(self.expect(f"RESULT{i}", timeout_s))
+        self.pushes_left -= 1
+        return out
 
     def go(self) -> None:
         """Start the next push."""
@@ -95,6 +98,13 @@ class PusherProc:
         return self.stderr.read().decode(errors="replace")[-n:]
 
     def close(self) -> None:
+        """After its last push it closes its pusher and exits (let it: killed there, it
+        would leave its segments behind); otherwise it is killed now."""
+        if self.pushes_left == 0:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)

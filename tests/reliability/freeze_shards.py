@@ -77,9 +77,10 @@ class ShardRun:
         return json.loads(bytes(self.store.get(key)))
 
     def close(self) -> None:
+        """Ranks past their last push exit at once; one still waiting (a failed case) is
+        killed after a short grace."""
         for p in self.procs:
-            if p.is_alive():
-                p.join(10)
+            p.join(2)
             if p.is_alive():
                 p.kill()
                 p.join(10)
