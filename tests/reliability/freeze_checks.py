@@ -170,7 +170,11 @@ def freeze(pid: int) -> None:
 
 
 def thaw(pid: int) -> None:
-    os.kill(pid, signal.SIGCONT)
+    """SIGCONT `pid` (gone already: nothing to do)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 @contextmanager
