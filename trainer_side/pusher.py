@@ -56,8 +56,12 @@ from rlsync.transports import TransportError, registry
 from rlsync.transports.base import Announce, Encode, PushKind, Sender
 from trainer_side.atomic_commit import AtomicRound
 from trainer_side.delta_push import DeltaPlanner
-from trainer_side.push_report import PushError, PushReport
+from trainer_side.push_report import EngineOutcome, PushError, PushReport
 from trainer_side.sync_engines import EngineSet
+
+GIVEN_UP = "not answering: given up on, and pinged again before every push"
+"""The report's word for an engine the pusher gave up on (frozen, slow, or dead)."""
+_MISSING = EngineOutcome(False, "")
 
 WeightsLike = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -126,14 +130,9 @@ class WeightPusher:
             report = self._push_once(plan, tensors, version, kind, why)
             report = self._retry_failed_delta(report, plan, tensors, version)
             if report.transfer_error and self.sender.can_rebuild:
-                self.engines.find_dead()
-                lost = sorted(set(self.engines.dead) - dead_before)
-                if lost and self.cfg.commit == "independent":
-                    # without them, once more (atomic: the version landed nowhere; it stays so)
-                    self._rebuild()
-                    again = self.delta.again(kind) if self.delta is not None else kind
-                    why = f"{why or 'a delta'}; repeated whole without {', '.join(lost)}"
-                    report = self._push_once(plan, tensors, version, again, why)
+                report = self._repeat_without_lost(
+                    report, plan, tensors, version, (kind, why), dead_before
+                )
             # an engine whose update failed dropped the group: form a new one next time
             failed_now = set(report.failed) - dead_before
             self._stale_group = self.sender.can_rebuild and bool(failed_now)
@@ -158,7 +157,7 @@ class WeightPusher:
             except TransportError:
                 if not revived:
                     raise
-                self.engines.dead.update(revived)
+                self.engines.give_up(revived)
                 revived = []
                 self._rebuild()
         return revived
@@ -170,9 +169,38 @@ class WeightPusher:
             return PushKind.PLAIN, ""
         return self.delta.begin(plan, self.plan_id, self.engines, revived)
 
-    def _rebuild(self) -> None:
+    def _repeat_without_lost(
+        self,
+        report: PushReport,
+        plan: BucketPlan,
+        tensors: dict[str, torch.Tensor],
+        version: int,
+        kind_why: tuple[PushKind, str],
+        dead_before: set[str],
+    ) -> PushReport:
+        """A broadcast broke: find who stopped answering, and push once more, in a group of
+        just the live engines that do not hold the version yet (an engine may have received
+        every bucket before the group broke: it keeps its success, it is not asked again,
+        which it would refuse as "not newer"). Atomic: the version landed nowhere; it stays so."""
+        kind, why = kind_why
+        self.engines.find_dead()
+        lost = sorted(self.engines.dead - dead_before)
+        need = [n for n in self.engines.live() if not report.engines.get(n, _MISSING).ok]
+        if not lost or not need or self.cfg.commit != "independent":
+            return report
+        self._rebuild(need)
+        self._stale_group = True  # the next push re-forms the group with every live engine
+        again = self.delta.again(kind) if self.delta is not None else kind
+        why = f"{why or 'a delta'}; repeated whole without {', '.join(lost)}"
+        retry = self._push_once(plan, tensors, version, again, why, names=need)
+        for name in report.succeeded:
+            retry.engines[name] = report.engines[name]
+        retry.transfer_s += report.transfer_s
+        return retry
+
+    def _rebuild(self, names: list[str] | None = None) -> None:
         self._stale_group = True  # stays set if the rendezvous fails: retried next push
-        self.sender.rebuild()
+        self.sender.rebuild(names)
         self._stale_group = False
 
     def _push_once(
@@ -231,12 +259,12 @@ class WeightPusher:
         return accepted, refused, [n for n, r in replies.items() if isinstance(r, EngineDied)]
 
     def _after(self, report: PushReport, version: int, kind: PushKind, silent: list[str]) -> None:
-        """Who is dead now (silent at the announcement, and a ping fails too), in the report;
-        delta mode: the base and the figures."""
-        if silent:
-            self.engines.find_dead()
+        """Engines silent at the announcement are given up on (left out, pinged without a
+        wait: a later push finds them if they wake); every engine given up on is in the
+        report. Delta mode: the base and the figures."""
+        self.engines.give_up(silent)
         for name in self.engines.dead:
-            report.record(name, False, "engine is dead")
+            report.record(name, False, GIVEN_UP)
         if self.delta is not None and kind.payloads:
             self.delta.finish(report, version, kind, self.engines)
 

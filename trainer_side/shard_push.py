@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from rlsync.config import SyncConfig
+from rlsync.transports import TransportError
 from trainer_side.fsdp import full_tensors
 from trainer_side.push_report import PushReport
 from trainer_side.pusher import WeightPusher, WeightsLike, named_tensors
@@ -70,7 +71,8 @@ class RankPush:
     skipped: bool = False
     """Rank 0 moved no bytes this push (it failed before the transfer)."""
     errors: list[str] = field(default_factory=list)
-    """What failed on this rank (broadcast: a send or a join; rank 0's report says more)."""
+    """What failed on this rank (a send, a join, or rank 0 aborting the push while this rank
+    was frozen or slow); it does not raise: rank 0's report says what the engines hold."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,8 +186,13 @@ class ShardedPusher:
         # rank 0 pings the engines it gave up on, then announces: its engines may take
         # 2 x timeout_s to accept
         wait_s = 3 * self.cfg.timeout_s + PING_TIMEOUT_S
-        written = self.writer.write(self.pushes, tensors, wait_s)
-        out = RankPush(rank=self.rank, method="shards", skipped=written is None)
+        out = RankPush(rank=self.rank, method="shards")
+        try:
+            written = self.writer.write(self.pushes, tensors, wait_s)
+        except TransportError as exc:  # rank 0 gave up on this push (it was told why)
+            written = 0
+            out.errors.append(f"{type(exc).__name__}: {exc}")
+        out.skipped = written is None
         out.bytes_written, out.seconds = written or 0, time.perf_counter() - t0
         return out
 

@@ -1,9 +1,10 @@
 """The engines a pusher serves: one RPC client each, bounded fan-out calls, and who is dead.
 
 Every wait shares one deadline across engines, so N engines never cost N timeouts. An engine
-that does not answer is reported by name and marked dead: it is left out of the next push's
-announcement, but `revive` pings it again before every push (one short ping shared by all
-of them), so an engine that was only frozen or slow comes back. A request given up on is
+that does not answer is reported by name and given up on: it is left out of the next
+announcements and pinged at once, without waiting; before every push `revive` reads those
+pings (a few milliseconds at most), so an engine that was only frozen or slow comes back at
+the first push after it wakes, and one that stays silent costs the pushes nothing. A request given up on is
 forgotten by its client, and a late reply to it (a thawed engine answers everything it was
 sent while frozen) is dropped, never taken for the reply to a later request.
 """
@@ -33,9 +34,10 @@ from rlsync.protocol import (
 from rlsync.rpc import EngineDead, RpcClient, RpcTimeout
 
 PING_TIMEOUT_S = 3.0
-"""How long a ping (finding the dead after a push, reviving them before one) may wait."""
-REPING_S = 0.05
-"""Between two pings of a revived engine still busy with an update it was sent earlier."""
+"""How long `find_dead` waits for its pings (after a broken broadcast)."""
+REVIVE_WAIT_S = 0.05
+"""How long `revive` waits, in all, for pings it has not had an answer to: they were sent
+when their engines were given up on, so one that woke since has answered long ago."""
 
 
 class EngineSet:
@@ -54,6 +56,9 @@ class EngineSet:
             self.close()
             raise
         self.dead: set[str] = set()
+        """Engines given up on: left out of announcements until `revive` hears from them."""
+        self.pings: dict[str, str] = {}
+        """engine given up on -> the request id of its outstanding ping."""
         self.model_cfg: ModelConfig | None = None
         """The engines' model architecture, read by `discover`."""
         self.layout: dict[str, int] | None = None
@@ -116,34 +121,76 @@ class EngineSet:
         return self.gather(self.send({n: make() for n in self.live()}), timeout_s)
 
     def find_dead(self, timeout_s: float = PING_TIMEOUT_S) -> list[str]:
-        """Ping every live engine; those that do not answer are marked dead and returned."""
+        """Ping every live engine and wait; those that do not answer are given up on
+        (`give_up`) and returned. Only where the pusher must know now (a broken broadcast
+        group is re-formed without them)."""
         found = [
             n for n, r in self.call_all(GetInfo, timeout_s).items() if isinstance(r, EngineDied)
         ]
-        self.dead.update(found)
+        self.give_up(found)
         return sorted(found)
 
-    def revive(self, timeout_s: float = PING_TIMEOUT_S) -> list[str]:
-        """Ping every engine marked dead, all at once within one shared deadline; each that
-        answers and has no update in flight is live again, and is returned. One still busy
-        with an update it was sent before it went silent is pinged again until that update
-        ended (the pusher aborted it), within the same deadline; one that stays busy or
-        silent stays dead until the next push pings it again. An ipc engine whose socket
-        nobody listens on any more (its process is gone) is not pinged: it costs nothing."""
-        deadline = time.monotonic() + timeout_s
-        waiting = [n for n in sorted(self.dead) if not _gone(self.clients[n].endpoint)]
+    def give_up(self, names: list[str]) -> None:
+        """Leave `names` out of the next announcements and ping each at once, without waiting:
+        `revive` reads the answer before a later push. So a frozen or slow engine costs the
+        pushes after the one it missed nothing, and one that wakes is found at the next push."""
+        self.dead.update(names)
+        for name in names:
+            self._ping(name)
+
+    def revive(self, wait_s: float = REVIVE_WAIT_S) -> list[str]:
+        """Read the pings of the engines given up on (sent when they were, or after their
+        last answer), waiting at most `wait_s` in all; each that answered with no update in
+        flight is live again, and is returned. One still busy with an update it was sent
+        before it went silent (the pusher aborted it) is pinged again; one that has not
+        answered keeps its ping outstanding and stays out. An ipc engine whose socket nobody
+        listens on any more (its process is gone) costs nothing."""
+        deadline = time.monotonic() + wait_s
         back: list[str] = []
-        while waiting:
-            rids = self.send({n: GetWeightsFingerprint(names=[]) for n in waiting})
-            replies = self.gather(rids, max(deadline - time.monotonic(), 0.0))
-            alive = {n: r for n, r in replies.items() if isinstance(r, WeightFingerprints)}
-            back += [n for n, r in alive.items() if not r.update_in_progress]
-            waiting = [n for n, r in alive.items() if r.update_in_progress]
-            if not waiting or time.monotonic() + REPING_S >= deadline:
-                break
-            time.sleep(REPING_S)
+        for name in sorted(self.dead):
+            if _gone(self.clients[name].endpoint):
+                self._drop_ping(name)
+                continue
+            self._ping(name)
+            reply = self._ping_reply(name, deadline)
+            if isinstance(reply, WeightFingerprints) and not reply.update_in_progress:
+                back.append(name)
+            elif reply is not None:
+                self._ping(name)  # answered, but busy: ask again, read it next push
         self.dead.difference_update(back)
-        return sorted(back)
+        return back
+
+    def _ping(self, name: str) -> None:
+        """One ping outstanding per engine given up on (so a long freeze keeps one entry)."""
+        if name in self.pings:
+            return
+        client = self.clients[name]
+        try:
+            self.pings[name] = client.send(GetWeightsFingerprint(names=[])).request_id
+        except (RpcTimeout, RuntimeError, zmq.ZMQError):  # a stuck or closed socket
+            pass  # tried again at the next revive
+
+    def _ping_reply(self, name: str, deadline: float) -> Message | None:
+        """The answer to `name`'s outstanding ping, if it came by `deadline` (None: not yet,
+        and the ping stays outstanding). Replies to older requests are skipped."""
+        rid, client = self.pings.get(name), self.clients[name]
+        while rid is not None:
+            try:
+                reply = client.recv(max(deadline - time.monotonic(), 0.0))
+            except RpcTimeout:
+                return None
+            except (EngineDead, RuntimeError):
+                self._drop_ping(name)
+                return None
+            if reply.request_id == rid:
+                del self.pings[name]
+                return reply
+        return None
+
+    def _drop_ping(self, name: str) -> None:
+        rid = self.pings.pop(name, None)
+        if rid is not None:
+            self.clients[name].forget(rid)
 
     def _next_reply(self, name: str, rid: str, deadline: float) -> Message:
         """The reply to `rid`; replies to older requests are skipped (a thawed engine answers

@@ -7,7 +7,7 @@ Sender (trainer rank 0), per push:
     msg = sender.announce(engine, fields)               # the UpdateWeights* for one engine
     sender.send(plan, tensors, accepted)                # move the bytes to those engines
                                                         # (send_encoded: payload kinds)
-    sender.rebuild()                                    # re-form without dead engines
+    sender.rebuild(names)                               # re-form without dead engines
     sender.close()
 
 Receiver (engine), kept across updates:
@@ -136,8 +136,8 @@ class Sender:
         so encoding overlaps the transfer)."""
         raise NotImplementedError(f"the {self.kind} transport cannot send delta payloads")
 
-    def rebuild(self) -> None:
-        """Re-form around the live engines (only where `can_rebuild`)."""
+    def rebuild(self, names: list[str] | None = None) -> None:
+        """Re-form around `names` (default: the live engines; only where `can_rebuild`)."""
 
     def close(self) -> None:
         """Release buffers, groups and files this sender holds."""

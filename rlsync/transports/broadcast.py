@@ -348,7 +348,12 @@ class Sender(base.Sender):
         self._form(self.engines.live())
 
     def _form(self, names: list[str]) -> None:
-        """Rendezvous: every engine joins from its loop while rank 0 joins here; all bounded."""
+        """Rendezvous: every engine joins from its loop while rank 0 joins here; all bounded.
+        With no engine left to join (all given up on) there is no group: the push then
+        reaches nobody and says so, and the next push forms one with whoever is back."""
+        if not names:
+            self.group, self.members = None, []
+            return
         cfg = self.cfg
         backend = (
             cfg.backend
@@ -417,9 +422,9 @@ class Sender(base.Sender):
                 f"engines {refused} refused the update; a broadcast needs every member"
             )
 
-    def rebuild(self) -> None:
+    def rebuild(self, names: list[str] | None = None) -> None:
         self._dissolve()
-        self._form(self.engines.live())
+        self._form(self.engines.live() if names is None else names)
 
     def _dissolve(self) -> None:
         if self.group is not None:
