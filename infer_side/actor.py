@@ -1,6 +1,6 @@
 """InferenceActor: a thin Ray actor shell around one engine server process.
 
-The actor starts `python -m infer_side.server` through `launch_engine`, reports the endpoint
+The actor starts `python -m infer_side.process.server` through `launch_engine`, reports the endpoint
 the engine bound, and forwards generate / info / fingerprint calls to its `EngineClient`.
 The weights reach the engine directly from the trainer over that endpoint (the actor is not
 in the data path). Every call is bounded by the engine config's call timeout; a dead engine
@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from infer_side.client import EngineClient, generate_through_updates, launch_engine
+from infer_side.process.client import EngineClient, generate_through_updates, launch_engine
 from rlsync.config import EngineConfig
-from rlsync.netutil import node_address
-from rlsync.protocol import (
+from rlsync.wire.netutil import node_address
+from rlsync.wire.protocol import (
     EngineInfo,
     GenerateOutput,
     SamplingParams,
@@ -48,7 +48,7 @@ class InferenceActor:
     ) -> None:
         """`endpoint` None: the config's (default: a private ipc:// socket); "{host}" in it
         becomes this node's address, e.g. "tcp://{host}:*" for a cross-node engine.
-        `auth_keys`: a `rlsync.auth` key directory; the engine then accepts CURVE clients only."""
+        `auth_keys`: a `rlsync.wire.auth` key directory; the engine then accepts CURVE clients only."""
         self.name = name
         self.cfg = EngineConfig(**cfg)
         if endpoint is not None and "{host}" in endpoint:

@@ -1,7 +1,7 @@
 """Library config: how weights move (`SyncConfig`) and one inference engine (`EngineConfig`).
 
 Nested dataclasses built from plain mappings by `build`: every value is checked against its
-annotation by the one validator the wire codec uses too (`rlsync.annotations`), and every
+annotation by the one validator the wire codec uses too (`rlsync.wire.annotations`), and every
 error names the dotted key ("sync.timeout_s: expected float, got 'fast'"). Nothing here reads YAML, the environment or the command line; the RL application
 (`rlsync.app.run_config`) loads files and overrides on top of this.
 """
@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlsync import annotations
 from rlsync.model_config import ModelConfigError
-from rlsync.protocol import CommitMode, LoadMode, PauseMode, TransportKind
+from rlsync.wire import annotations
+from rlsync.wire.protocol import CommitMode, LoadMode, PauseMode, TransportKind
 
 COMMIT_MARGIN_S = 1.0
 """An atomic push sends its commit only while more than this is left of commit_timeout_s
@@ -97,7 +97,7 @@ class SyncConfig:
     """Directory for the disk transport; None: a folder in the run directory."""
     delta: bool = False
     """Send per bucket only what changed since the version every engine acknowledged
-    (`rlsync.delta`; lossless and checked). The pusher keeps that version's bytes in host
+    (`rlsync.plan.delta`; lossless and checked). The pusher keeps that version's bytes in host
     memory (one more copy of the model)."""
     delta_full_every: int = 50
     """With delta: every this many pushes, a full one (bounds what an unnoticed divergence

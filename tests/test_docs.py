@@ -14,8 +14,8 @@ import argparse
 import re
 from pathlib import Path
 
-from infer_side.server import add_arguments
-from rlsync import auth
+from infer_side.process.server import add_arguments
+from rlsync.wire import auth
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -36,7 +36,7 @@ def test_protocol_doc_says_tcp_is_curve_authenticated_unless_insecure() -> None:
         "--insecure-tcp",
         "insecure_tcp=True",
         "--auth-keys",
-        "python -m rlsync.auth",
+        "python -m rlsync.wire.auth",
         auth.SERVER_PUBLIC,
         auth.SERVER_SECRET,
         auth.CLIENT_SECRET,

@@ -1,10 +1,19 @@
-"""Layering: every import points down. library <- trainer_side / infer_side <- app, bench, cli.
+"""Layering: every import points down, folder by folder.
 
-The library (`rlsync`'s top-level modules and `rlsync.transports`) imports neither side, the
-application, the bench or the CLI, nor the packages only those need (Ray, YAML, progress bars,
-plots). The two sides never import each other, nor anything above them. Checked on the source
-(every `import`, at any depth, including ones inside functions), and by importing the library
-and both sides' core modules with those packages made unimportable.
+    rlsync.bench                     (above everything; only the CLI imports it)
+    rlsync.cli, rlsync.app           (the RL loop and the command line: both sides)
+    trainer_side.rl                  infer_side.process, infer_side.actor
+    trainer_side.sync                infer_side.engines.{native, vllm} (never each other)
+                                     infer_side.engines (what backends share)
+                                     infer_side.update (the update order, the engine interface)
+    the library core: rlsync.wire, rlsync.plan, rlsync.transports (+ .sharded), rlsync.config ...
+
+The core imports neither side, nor the app, the bench or the CLI, nor the packages only those
+need (Ray, YAML, progress bars, plots). The two sides never import each other. Inside a side
+each folder imports only folders below it: the pusher knows no PPO, the update machine knows
+no backend, a backend no other backend and no process shell. Checked on the source (every
+`import`, at any depth, including ones inside functions), and by importing the library and
+both sides' core modules with the app's packages made unimportable.
 """
 
 from __future__ import annotations
@@ -19,24 +28,36 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ABOVE = ("rlsync.app", "rlsync.cli", "rlsync.bench")
 APP_ONLY = ("ray", "yaml", "tqdm", "matplotlib")
+SIDE = ("trainer_side", "infer_side")
+SHELLS = ("infer_side.process", "infer_side.actor")
+BACKENDS = ("infer_side.engines.native", "infer_side.engines.vllm")
 FORBIDDEN = {
-    "core": ("trainer_side", "infer_side", *ABOVE, *APP_ONLY),
+    "core": (*SIDE, *ABOVE, *APP_ONLY),
     "trainer_side": ("infer_side", *ABOVE),
+    "trainer_side.sync": ("infer_side", "trainer_side.rl", *ABOVE),
     "infer_side": ("trainer_side", *ABOVE),
+    "infer_side.process": ("trainer_side", "infer_side.actor", *ABOVE),
+    "infer_side.update": ("trainer_side", "infer_side.engines", *SHELLS, *ABOVE),
+    "infer_side.engines": ("trainer_side", *BACKENDS, *SHELLS, *ABOVE),
+    "infer_side.engines.native": ("trainer_side", "infer_side.engines.vllm", *SHELLS, *ABOVE),
+    "infer_side.engines.vllm": ("trainer_side", "infer_side.engines.native", *SHELLS, *ABOVE),
+    "rlsync.app": ("rlsync.cli", "rlsync.bench"),
 }
+"""layer -> module prefixes it must not import. A file's layer is the longest key its module
+name starts with; the library core is every `rlsync` module outside app, cli and bench."""
 LIGHT_MODULES = [
-    "rlsync.protocol",
-    "rlsync.codec",
-    "rlsync.rpc",
+    "rlsync.wire.protocol",
+    "rlsync.wire.codec",
+    "rlsync.wire.rpc",
     "rlsync.config",
-    "rlsync.buckets",
+    "rlsync.plan.buckets",
     "rlsync.transports.broadcast",
     "rlsync.transports.shm",
     "rlsync.transports.disk",
-    "trainer_side.pusher",
-    "infer_side.engine_core",
-    "infer_side.server",
-    "infer_side.client",
+    "trainer_side.sync.pusher",
+    "infer_side.engines.native.engine_core",
+    "infer_side.process.server",
+    "infer_side.process.client",
 ]
 CLI_LIGHT = ["serve", "push", "info", "generate", "flush"]
 """Subcommands that work with the base install (their lazy imports are in LIGHT_MODULES)."""
@@ -45,12 +66,12 @@ BLOCKED = ("ray", "yaml", "tqdm", "matplotlib", "numpy")
 
 def layer(path: Path) -> str | None:
     """Which layer a source file belongs to (None: above every rule, or not ours)."""
-    parts = path.relative_to(ROOT).parts
-    if parts[0] in ("trainer_side", "infer_side"):
-        return parts[0]
-    if parts[0] == "rlsync" and (len(parts) == 2 or parts[1] == "transports"):
-        return "core"
-    return None
+    name = module_name(path)
+    if name.split(".")[0] == "rlsync" and not name.startswith(("rlsync.cli", "rlsync.bench")):
+        if not name.startswith("rlsync.app"):
+            return "core"
+    keys = [k for k in FORBIDDEN if name == k or name.startswith(k + ".")]
+    return max(keys, key=len, default=None)
 
 
 def module_name(path: Path) -> str:
@@ -105,15 +126,22 @@ def test_no_import_crosses_a_layer_the_wrong_way() -> None:
 @pytest.mark.parametrize(
     ("path", "source"),
     [
-        ("rlsync/codec.py", "import yaml\n"),
+        ("rlsync/wire/codec.py", "import yaml\n"),
         ("rlsync/transports/shm.py", "def f():\n    from rlsync.app import metrics\n"),
-        ("rlsync/buckets.py", "from trainer_side.pusher import WeightPusher\n"),
+        ("rlsync/plan/buckets.py", "from trainer_side.sync.pusher import WeightPusher\n"),
         ("rlsync/config.py", "from .app.run_config import RunConfig\n"),
-        ("trainer_side/pusher.py", "import infer_side.engine_core\n"),
-        ("infer_side/server.py", "from trainer_side import policy\n"),
+        ("trainer_side/sync/pusher.py", "import infer_side.engines.native.engine_core\n"),
+        ("infer_side/process/server.py", "from trainer_side import policy\n"),
         ("infer_side/actor.py", "from rlsync.app.ray_session import gather\n"),
-        ("trainer_side/actor.py", "from rlsync import cli\n"),
+        ("trainer_side/rl/actor.py", "from rlsync import cli\n"),
         ("rlsync/transports/__init__.py", "from ..bench import report\n"),
+        ("trainer_side/sync/pusher.py", "from trainer_side.rl.ppo import ppo_loss\n"),
+        ("infer_side/update/update_machine.py", "from infer_side.engines import weights\n"),
+        ("infer_side/engines/vllm/vllm_core.py", "from ..native import scheduler\n"),
+        ("infer_side/engines/native/engine_core.py", "import infer_side.engines.vllm\n"),
+        ("infer_side/engines/core_base.py", "from infer_side.process import server\n"),
+        ("rlsync/transports/sharded/ipc.py", "from trainer_side.rl.fsdp import shard_policy\n"),
+        ("rlsync/app/launcher.py", "from rlsync.bench import sync\n"),
     ],
 )
 def test_the_checker_catches_a_violating_import(path: str, source: str) -> None:
@@ -123,9 +151,19 @@ def test_the_checker_catches_a_violating_import(path: str, source: str) -> None:
 @pytest.mark.parametrize(
     ("path", "source"),
     [
-        ("rlsync/app/launcher.py", "import ray\nfrom trainer_side.actor import TrainerActor\n"),
-        ("trainer_side/actor.py", "import ray\nfrom rlsync.config import SyncConfig\n"),
-        ("rlsync/codec.py", "from rlsync.protocol import Message\nfrom . import protocol\n"),
+        ("rlsync/app/launcher.py", "import ray\nfrom trainer_side.rl.actor import TrainerActor\n"),
+        ("trainer_side/rl/actor.py", "import ray\nfrom rlsync.config import SyncConfig\n"),
+        ("trainer_side/rl/actor.py", "from trainer_side.sync import WeightPusher\n"),
+        (
+            "infer_side/engines/vllm/vllm_core.py",
+            "from infer_side.engines.request import Request\n",
+        ),
+        ("infer_side/process/server.py", "from infer_side.engines.native import engine_core\n"),
+        ("rlsync/cli/bench.py", "from rlsync.bench import sync\n"),
+        (
+            "rlsync/wire/codec.py",
+            "from rlsync.wire.protocol import Message\nfrom . import protocol\n",
+        ),
     ],
 )
 def test_the_checker_allows_imports_that_point_down(path: str, source: str) -> None:
@@ -176,5 +214,7 @@ def test_base_install_subcommands_parse_without_app_packages(command: str) -> No
         f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n"
         f"    assert e.code == 0, e.code\n"
     )
-    proc = import_without_app_packages(["rlsync.checkpoint_io", "trainer_side.push_report"], then)
+    proc = import_without_app_packages(
+        ["rlsync.checkpoint_io", "trainer_side.sync.push_report"], then
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -57,13 +57,13 @@ from rlsync.app.rollouts import (
     version_stats,
 )
 from rlsync.app.run_config import RunConfig, to_dict
-from rlsync.auth import generate_keys
 from rlsync.config import ConfigError
-from rlsync.protocol import GenerateOutput, SamplingParams
-from trainer_side.actor import TrainerActor
-from trainer_side.learner import RolloutBatch
-from trainer_side.policy import LlamaPolicy
-from trainer_side.task import get_task
+from rlsync.wire.auth import generate_keys
+from rlsync.wire.protocol import GenerateOutput, SamplingParams
+from trainer_side.rl.actor import TrainerActor
+from trainer_side.rl.learner import RolloutBatch
+from trainer_side.rl.policy import LlamaPolicy
+from trainer_side.rl.task import get_task
 
 TRAIN_TIMEOUT_S = 1800.0
 """Bound on one PPO step of one rank (no config key for it yet)."""
@@ -107,7 +107,7 @@ def checked(cfg: RunConfig) -> RunConfig:
 def check_staleness(cfg: RunConfig) -> None:
     """Sync settings under which rollouts submitted ahead would be lost. (Those that reach an
     engine while an in_place push writes its weights are refused, and sent again after it:
-    `infer_side.client.generate_through_updates`.)"""
+    `infer_side.process.client.generate_through_updates`.)"""
     if cfg.staleness >= 1 and cfg.sync.pause_mode == "abort":
         raise ConfigError(
             f"staleness={cfg.staleness} with sync.pause_mode=abort: every push would abort the "

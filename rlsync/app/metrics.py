@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlsync.protocol import WeightFingerprints
+from rlsync.wire.protocol import WeightFingerprints
 
 STEP_KEYS = (
     "step",

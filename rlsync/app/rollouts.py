@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlsync.protocol import GenerateOutput, token_versions
+from rlsync.wire.protocol import GenerateOutput, token_versions
 
 
 @dataclass

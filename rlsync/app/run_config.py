@@ -3,7 +3,7 @@ with `--set a.b=value`.
 
 `RunConfig` nests the library's `EngineConfig` / `SyncConfig` (`rlsync.config`), the model
 (`rlsync.model_config`) and the trainer's `TrainerConfig` / `TaskConfig`
-(`trainer_side.config`). Every value is checked against its annotation when the config is
+(`trainer_side.rl.config`). Every value is checked against its annotation when the config is
 built, and every error names the dotted key ("trainer.lr: expected float, got 'fast'").
 Nothing here reads the environment; the launcher passes what it needs explicitly.
 """
@@ -19,7 +19,7 @@ import yaml
 
 from rlsync.config import ConfigError, EngineConfig, SyncConfig, build, positive
 from rlsync.model_config import ModelConfig
-from trainer_side.config import TaskConfig, TrainerConfig
+from trainer_side.rl.config import TaskConfig, TrainerConfig
 
 __all__ = [
     "ConfigError",

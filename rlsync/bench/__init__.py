@@ -2,7 +2,7 @@
 `rlsync bench generate` (engine throughput vs Hugging Face `generate`).
 
 Like the CLI and the launcher, this package knows both sides: it drives a real
-`trainer_side.pusher.WeightPusher` against real `infer_side` engine processes. One role per
+`trainer_side.sync.pusher.WeightPusher` against real `infer_side` engine processes. One role per
 module:
 
 - `model`: the Llama-shaped benchmark model of a given size, its weights and checkpoint.

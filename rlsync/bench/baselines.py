@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 
 from rlsync.bench.procs import Receivers
 from rlsync.bench.stats import Row, median_phases
-from rlsync.buckets import dtype_name
 from rlsync.model_config import ModelConfig
-from rlsync.netutil import free_port
+from rlsync.plan.buckets import dtype_name
 from rlsync.procs import child_env
 from rlsync.transports.broadcast import BroadcastGroup
+from rlsync.wire.netutil import free_port
 
 NO_ENGINE = "no live engine: pause = receiver's receive+load time"
 

@@ -27,7 +27,7 @@ import torch
 
 from rlsync.bench import model as bench_model
 from rlsync.bench.stats import percentile
-from rlsync.protocol import COMMIT_MODES
+from rlsync.wire.protocol import COMMIT_MODES
 
 Log = Callable[[str], None]
 
@@ -59,7 +59,7 @@ class CommitBench:
 
 def run_commit(bench: CommitBench, log: Log = lambda s: print(s, file=sys.stderr)) -> dict:
     """Run the benchmark; returns {"machine", "config", "model", "rows"} (JSON-ready)."""
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
     from rlsync.bench.sync import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="rlsync-commit-", dir=bench.work_dir))
@@ -101,7 +101,7 @@ def measure(
 ) -> dict[str, Any]:
     """One configuration: skews (ms) and push seconds of `repeat` pushes."""
     from rlsync.config import SyncConfig
-    from trainer_side.pusher import WeightPusher
+    from trainer_side.sync.pusher import WeightPusher
 
     cfg = SyncConfig(
         transport=transport,  # type: ignore[arg-type]

@@ -27,8 +27,8 @@ import torch
 from rlsync.bench import model as bench_model
 from rlsync.bench.sync import machine_info
 from rlsync.config import SyncConfig
-from trainer_side.push_report import PushReport
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushReport
+from trainer_side.sync.pusher import WeightPusher
 
 Log = Callable[[str], None]
 FRACTIONS = (0.001, 0.01, 0.1, 1.0)
@@ -102,7 +102,7 @@ def perturb(tensors: dict[str, torch.Tensor], fraction: float, gen: torch.Genera
 
 def run_delta(bench: DeltaBench, log: Log = lambda s: print(s, file=sys.stderr)) -> dict:
     """Run the benchmark; returns {"machine", "config", "model", "rows"} (JSON-ready)."""
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
 
     work = Path(tempfile.mkdtemp(prefix="rlsync-delta-", dir=bench.work_dir))
     threads = torch.get_num_threads()

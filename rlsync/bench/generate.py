@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlsync.protocol import Generate, GenerateOutput, SamplingParams
+from rlsync.wire.protocol import Generate, GenerateOutput, SamplingParams
 
 SMALL = dict(
     vocab_size=1000,
@@ -161,7 +161,7 @@ def run_generate(
 
     from transformers import AutoModelForCausalLM
 
-    from infer_side.engine_core import EngineCore
+    from infer_side.engines.native.engine_core import EngineCore
     from rlsync.config import EngineConfig
 
     threads = threads or torch.get_num_threads()
@@ -197,7 +197,7 @@ def run_generate(
 
 
 def _launch(ckpt: Path, kv: int, threads: int, backend: str = "rlsync") -> Any:
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
 
     return launch_engine(
         ckpt,

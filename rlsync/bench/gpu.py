@@ -29,7 +29,7 @@ from rlsync.bench.ours import run_ours, timed_push
 from rlsync.bench.probe import StreamProbe
 from rlsync.bench.stats import Row, percentile
 from rlsync.config import SyncConfig
-from rlsync.protocol import LOAD_MODES
+from rlsync.wire.protocol import LOAD_MODES
 
 STREAMS = 4
 """Requests decoding on the engine while it updates (each a timed token stream)."""
@@ -46,7 +46,7 @@ def run_gpu(
     """Both experiments on one engine on `device` (the current GPU); see the module doc."""
     if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device: run `scripts/bench_sync.sh --gpu` on a GPU machine"}
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
 
     cfg = bench_model.bench_model_config(size_gib)
     cpu = bench_model.make_weights(cfg)
@@ -144,7 +144,7 @@ def flush_experiment(
     device: str,
 ) -> dict[str, Any]:
     """`pushes` shadow pushes (pause retract) while STREAMS requests decode on the engine."""
-    from trainer_side.pusher import WeightPusher
+    from trainer_side.sync.pusher import WeightPusher
 
     cfg = SyncConfig(
         transport="ipc",

@@ -18,12 +18,12 @@ import torch
 
 from rlsync.bench.probe import StreamProbe
 from rlsync.bench.stats import Row, median_phases
-from rlsync.buckets import in_store, plan_total_bytes
 from rlsync.config import SyncConfig
-from rlsync.protocol import BucketPlan
+from rlsync.plan.buckets import in_store, plan_total_bytes
 from rlsync.transports.broadcast import sent_as_is
-from trainer_side.push_report import PushReport
-from trainer_side.pusher import WeightPusher
+from rlsync.wire.protocol import BucketPlan
+from trainer_side.sync.push_report import PushReport
+from trainer_side.sync.pusher import WeightPusher
 
 PROBE_TOKENS_BEFORE = 6
 PROBE_TOKENS_AFTER = 2

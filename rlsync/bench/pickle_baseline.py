@@ -6,7 +6,7 @@ costs next to our transports. It is the ONLY pickle in the project, and it is fe
 - nothing imports this module; the benchmark runs it as its own process
   (`python -m rlsync.bench.pickle_baseline send ...`), which starts its own receivers;
 - each receiver unpickles only frames from its own parent, on a private ipc:// endpoint in
-  a fresh 0700 directory (`rlsync.endpoints.private_ipc_endpoint`), removed at the end;
+  a fresh 0700 directory (`rlsync.wire.endpoints.private_ipc_endpoint`), removed at the end;
 - it never touches an engine's socket, and no engine or trainer code path can reach it.
 
     python -m rlsync.bench.pickle_baseline send --checkpoint DIR --engines N --repeat R
@@ -28,9 +28,9 @@ import zmq
 
 from rlsync.bench.procs import stop_process
 from rlsync.checkpoint_io import iter_checkpoint_tensors
-from rlsync.endpoints import private_ipc_endpoint, remove_private_endpoint
 from rlsync.model_config import ModelConfig
 from rlsync.procs import child_env
+from rlsync.wire.endpoints import private_ipc_endpoint, remove_private_endpoint
 
 EXIT = b"exit"
 READY = b"ready"
@@ -121,7 +121,7 @@ def _rounds(
 
 
 def receive(args: argparse.Namespace) -> None:
-    from infer_side.weights import ModelWeights
+    from infer_side.engines.weights import ModelWeights
 
     torch.set_num_threads(1)
     views = ModelWeights.empty(ModelConfig.from_dir(args.checkpoint)).hf_views()

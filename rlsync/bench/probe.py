@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from infer_side.client import connect
-from rlsync.protocol import SamplingParams
+from infer_side.process.client import connect
+from rlsync.wire.protocol import SamplingParams
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 MAX_NEW_TOKENS = 3000

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from infer_side.weights import ModelWeights
+from infer_side.engines.weights import ModelWeights
 from rlsync.bench.limits import flat_copy_source
-from rlsync.buckets import bucket_views, pack_bucket, plan_buckets
 from rlsync.model_config import ModelConfig
+from rlsync.plan.buckets import bucket_views, pack_bucket, plan_buckets
 
 
 def best_of(run: Callable[[], Any], repeat: int) -> float:

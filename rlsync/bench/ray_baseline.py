@@ -29,7 +29,7 @@ class RayReceiver:
     """Engine side: hold a store; `load` gets the dict from the object store and copies it in."""
 
     def __init__(self, model: dict[str, Any]):
-        from infer_side.weights import ModelWeights
+        from infer_side.engines.weights import ModelWeights
 
         torch.set_num_threads(1)
         self.store = ModelWeights.empty(ModelConfig(**model))

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from infer_side.weights import ModelWeights
-from rlsync.buckets import dtype_from_name
+from infer_side.engines.weights import ModelWeights
 from rlsync.model_config import ModelConfig
+from rlsync.plan.buckets import dtype_from_name
 from rlsync.transports.broadcast import BroadcastGroup
 
 

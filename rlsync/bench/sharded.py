@@ -3,7 +3,7 @@
 Per model size: write the bench checkpoint, start one engine from it; per trainer world
 size and transport (ipc, broadcast): spawn that many ranks (`sharded_rank`), each holding
 only its dim-0 shards of the same weights, and time, in the same run on the same weights:
-- shards: every rank moves its own rows (`trainer_side.shard_push`): over ipc it writes
+- shards: every rank moves its own rows (`trainer_side.sync.shard_push`): over ipc it writes
   them into the engine's store (or rank 0's buffer); over broadcast it broadcasts them over
   a gloo group of its own with the engine, which receives them in place in its store;
 - gather: every rank all-gathers each parameter (`full_tensor()`), rank 0 pushes the whole
@@ -31,8 +31,8 @@ import torch.distributed as dist
 from rlsync.bench import model as bench_model
 from rlsync.bench.sharded_rank import spawn_ranks
 from rlsync.bench.sync import machine_info
-from rlsync.buckets import tensor_fingerprint
-from trainer_side.shard_push import SHARD_TRANSPORTS
+from rlsync.plan.buckets import tensor_fingerprint
+from trainer_side.sync.shard_push import SHARD_TRANSPORTS
 
 METHODS = ("shards", "gather")
 JOIN_SLACK_S = 120.0
@@ -74,7 +74,7 @@ def run_sharded(bench: ShardedBench, log: Any = None) -> dict[str, Any]:
 
 
 def _run_size(bench: ShardedBench, size: float, work: Path, log: Any) -> list[dict[str, Any]]:
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
 
     cfg = bench_model.bench_model_config(size, bench.layers)
     tensors = bench_model.make_weights(cfg)

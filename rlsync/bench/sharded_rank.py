@@ -67,7 +67,7 @@ def local_shards(size_gib: float, layers: int, rank: int, world: int) -> dict[st
 def _time_method(
     method: str, rank: int, world: int, store: dist.Store, params: dict, job: dict[str, Any]
 ) -> dict[str, Any]:
-    from trainer_side.shard_push import ShardedPusher
+    from trainer_side.sync.shard_push import ShardedPusher
 
     pusher = ShardedPusher(
         SyncConfig(**job["sync"]),

@@ -29,7 +29,7 @@ import torch
 
 from rlsync.bench import model as bench_model
 from rlsync.bench.stats import Row, add_ratios
-from rlsync.protocol import LOAD_MODES, TRANSPORT_KINDS
+from rlsync.wire.protocol import LOAD_MODES, TRANSPORT_KINDS
 
 LIMITS = ("memcpy", "raw-broadcast")
 OURS = (*TRANSPORT_KINDS, "ipc-staged", "broadcast-staged")
@@ -155,7 +155,7 @@ def _limits(
 def _ours(
     bench: SyncBench, new: Callable[..., Row], tensors: dict, ckpt: Path, work: Path, log: Log
 ) -> None:
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
     from rlsync.bench.ours import ours_methods, run_ours
 
     pairs = ours_methods([m for m in OURS if m in bench.methods], bench.modes)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from rlsync.bench.receiver import join_group, serve_commands
-from rlsync.buckets import dtype_from_name
+from rlsync.plan.buckets import dtype_from_name
 
 BACKEND = "rlsync_gloo"
 """The name our CPU weight-transfer backend is registered under in vLLM's factory."""

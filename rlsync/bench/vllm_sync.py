@@ -38,8 +38,8 @@ from rlsync.bench import model as bench_model
 from rlsync.bench.baselines import group_specs, record, sender_group
 from rlsync.bench.procs import Receivers
 from rlsync.bench.stats import Row, add_ratios, median_phases
-from rlsync.buckets import dtype_name
-from rlsync.protocol import LOAD_MODES, TRANSPORT_KINDS
+from rlsync.plan.buckets import dtype_name
+from rlsync.wire.protocol import LOAD_MODES, TRANSPORT_KINDS
 
 PEERS = ("disk-reload", "per-tensor", "native")
 PROMPT = [(7 * i + 3) % 97 + 1 for i in range(40)]
@@ -130,10 +130,10 @@ def _ours(
     log: Log,
 ) -> dict[str, list[int]]:
     """Our transports into one vLLM-backend engine; its greedy tokens after the pushes."""
-    from infer_side.client import launch_engine
+    from infer_side.process.client import launch_engine
     from rlsync.bench.ours import ours_methods, run_ours
     from rlsync.bench.sync import guarded
-    from rlsync.protocol import SamplingParams
+    from rlsync.wire.protocol import SamplingParams
 
     pairs = ours_methods(bench.transports, bench.modes)
     if not pairs:

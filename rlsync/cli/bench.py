@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlsync.protocol import LOAD_MODES
+from rlsync.wire.protocol import LOAD_MODES
 
 ENGINE_BACKENDS = ("rlsync", "vllm")
 """Engine backends the benchmarks can put side by side (`launch_engine(backend=...)`)."""
@@ -147,7 +147,7 @@ def _add_generate(kinds: argparse._SubParsersAction) -> None:
 
 
 def _add_commit(kinds: argparse._SubParsersAction) -> None:
-    from rlsync.protocol import COMMIT_MODES
+    from rlsync.wire.protocol import COMMIT_MODES
 
     c = kinds.add_parser("commit", help="commit skew across engines: independent vs atomic")
     c.add_argument("--engines", type=int, nargs="+", default=[2, 4], help="engine counts")
@@ -279,7 +279,7 @@ def run_delta_cmd(args: argparse.Namespace) -> int:
 def run_vllm_sync_cmd(args: argparse.Namespace) -> int:
     """`bench sync --engine vllm`: one size (the first of --size-gib), one engine."""
     from rlsync.bench.vllm_sync import VllmSyncBench, format_vllm_sync, run_vllm_sync
-    from rlsync.protocol import TRANSPORT_KINDS
+    from rlsync.wire.protocol import TRANSPORT_KINDS
 
     return _run_bench(
         args,

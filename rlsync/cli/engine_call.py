@@ -15,7 +15,7 @@ def add_connection_args(p: argparse.ArgumentParser, timeout_s: float) -> None:
         "--auth-keys",
         default=None,
         metavar="DIR",
-        help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)",
+        help="CURVE key directory of an engine served with --auth-keys (rlsync.wire.auth)",
     )
     p.add_argument(
         "--timeout", type=float, default=timeout_s, help="seconds to wait for the engine"
@@ -24,8 +24,8 @@ def add_connection_args(p: argparse.ArgumentParser, timeout_s: float) -> None:
 
 def call_engine(args: argparse.Namespace, call: Callable[[Any], Any]) -> tuple[int, Any]:
     """(exit code, what `call(engine)` returned, or None on failure)."""
-    from infer_side.client import UNREACHABLE_ERRORS, connect
-    from rlsync.rpc import RpcError
+    from infer_side.process.client import UNREACHABLE_ERRORS, connect
+    from rlsync.wire.rpc import RpcError
 
     try:
         with connect(args.endpoint, timeout_s=args.timeout, auth_keys=args.auth_keys) as engine:

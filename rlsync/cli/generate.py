@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from rlsync.protocol import GenerateOutput
+from rlsync.wire.protocol import GenerateOutput
 
 RECORD_FIELDS = (
     "output_ids",
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--auth-keys",
         default=None,
         metavar="DIR",
-        help="CURVE key directory of an engine served with --auth-keys (rlsync.auth)",
+        help="CURVE key directory of an engine served with --auth-keys (rlsync.wire.auth)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole batch")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per prompt")
@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from infer_side.client import UNREACHABLE_ERRORS, connect, launch_engine
-    from rlsync.codec import ProtocolError
+    from infer_side.process.client import UNREACHABLE_ERRORS, connect, launch_engine
+    from rlsync.wire.codec import ProtocolError
 
     try:
         sampling = _sampling(args)
@@ -99,8 +99,8 @@ def output_record(input_ids: list[int], out: GenerateOutput) -> dict[str, Any]:
 
 def _sampling(args: argparse.Namespace) -> Any:
     """SamplingParams from the options, range-checked like a wire message."""
-    from rlsync.codec import decode, encode
-    from rlsync.protocol import Generate, SamplingParams
+    from rlsync.wire.codec import decode, encode
+    from rlsync.wire.protocol import Generate, SamplingParams
 
     sampling = SamplingParams(
         max_new_tokens=args.max_new_tokens,

@@ -12,7 +12,7 @@ import json
 import sys
 import tempfile
 
-from rlsync.protocol import COMMIT_MODES, LOAD_MODES, PAUSE_MODES, TRANSPORT_KINDS
+from rlsync.wire.protocol import COMMIT_MODES, LOAD_MODES, PAUSE_MODES, TRANSPORT_KINDS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from infer_side.client import EngineUnreachable, check_reachable
-    from rlsync.endpoints import EndpointError
+    from infer_side.process.client import EngineUnreachable, check_reachable
+    from rlsync.wire.endpoints import EndpointError
 
     try:
         for endpoint in args.endpoint:  # before the heavy imports: nothing to wait for
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot reach an engine: {exc}", file=sys.stderr)
         return 2
     from rlsync.config import ConfigError, SyncConfig
-    from trainer_side.push_report import PushError
-    from trainer_side.pusher import WeightPusher
+    from trainer_side.sync.push_report import PushError
+    from trainer_side.sync.pusher import WeightPusher
 
     try:
         cfg = SyncConfig(
@@ -147,8 +147,8 @@ def disk_parent(endpoints: list[str], timeout_s: float) -> str | None:
     """Where a disk push writes its files: under the disk root every engine reports (an
     engine reads only under its root; docs/PROTOCOL.md, Disk root). None: no engine
     reports one (the temp dir, as before)."""
-    from rlsync.protocol import EngineInfo, GetInfo
-    from rlsync.rpc import RpcClient, RpcTimeout
+    from rlsync.wire.protocol import EngineInfo, GetInfo
+    from rlsync.wire.rpc import RpcClient, RpcTimeout
 
     roots = {}
     for endpoint in endpoints:

@@ -5,7 +5,7 @@
                  [--auth-keys DIR | --insecure-tcp]
 
 Prints `ready at ENDPOINT` once the model is loaded and the engine accepts requests. A
-tcp:// endpoint is refused without `--auth-keys DIR` (CURVE keys from `python -m rlsync.auth
+tcp:// endpoint is refused without `--auth-keys DIR` (CURVE keys from `python -m rlsync.wire.auth
 DIR`) unless `--insecure-tcp` is given.
 """
 
@@ -15,7 +15,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from infer_side.server import add_arguments
+    from infer_side.process.server import add_arguments
 
     p = sub.add_parser("serve", help="run an inference engine in the foreground")
     add_arguments(p)
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from infer_side.server import run_foreground
+    from infer_side.process.server import run_foreground
 
     try:
         return run_foreground(args)

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from rlsync.netutil import free_port
+from rlsync.wire.netutil import free_port
 
 PACKAGES = ("rlsync", "trainer_side", "infer_side")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlsync.protocol import Bucket
+from rlsync.wire.protocol import Bucket
 
 OnBucket = Callable[[int, Bucket, torch.Tensor], None]
 """Receiver callback: (bucket index, bucket layout, uint8 view of its bytes)."""

@@ -33,15 +33,15 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from rlsync.buckets import bucket_views
 from rlsync.config import SyncConfig
-from rlsync.delta import Payload
-from rlsync.protocol import Bucket, BucketPlan, Message, UpdateAccepted, UpdateWeights
+from rlsync.plan.buckets import bucket_views
+from rlsync.plan.delta import Payload
 from rlsync.transports import TransportError
+from rlsync.wire.protocol import Bucket, BucketPlan, Message, UpdateAccepted, UpdateWeights
 
 Tensors = Mapping[str, torch.Tensor]
 Encode = Callable[[int], Payload]
-"""Bucket index -> its delta payload (the pusher's `rlsync.delta_encode.DeltaEncoder`)."""
+"""Bucket index -> its delta payload (the pusher's `rlsync.plan.delta_encode.DeltaEncoder`)."""
 
 
 class PushKind(enum.Enum):
@@ -53,14 +53,14 @@ class PushKind(enum.Enum):
     PLAIN = "plain"
     """The plan's bytes (packed, or in the engines' store layout): `send`."""
     FULL_PAYLOADS = "full"
-    """Delta mode, full: every bucket as a whole (RAW) `rlsync.delta` payload, which also
+    """Delta mode, full: every bucket as a whole (RAW) `rlsync.plan.delta` payload, which also
     sets the pusher's base: `send_encoded`."""
     DELTA = "delta"
     """Delta mode: payloads against the base every engine holds: `send_encoded`."""
 
     @property
     def payloads(self) -> bool:
-        """The bytes travel as `rlsync.delta` payloads (their plan is `delta.wire_plan`)."""
+        """The bytes travel as `rlsync.plan.delta` payloads (their plan is `delta.wire_plan`)."""
         return self is not PushKind.PLAIN
 
 
@@ -131,7 +131,7 @@ class Sender:
         raise NotImplementedError
 
     def send_encoded(self, plan: BucketPlan, encode: Encode, accepted: list[str]) -> None:
-        """Move bucket payloads of `rlsync.delta` instead of packed buckets: `encode(g)`
+        """Move bucket payloads of `rlsync.plan.delta` instead of packed buckets: `encode(g)`
         returns bucket g's payload (called in bucket order, as late as the transport allows,
         so encoding overlaps the transfer)."""
         raise NotImplementedError(f"the {self.kind} transport cannot send delta payloads")
@@ -206,7 +206,7 @@ class WeightWriter:
         copies the store into its model loads as bytes arrive). `flat`: the store's one flat
         buffer, when it has one (buckets of a plan that follows the store land there).
         `base`: views of the store a delta update applies to when it is not `views` itself
-        (the live store, when a shadow store is written; `rlsync.delta`)."""
+        (the live store, when a shadow store is written; `rlsync.plan.delta`)."""
         self.views, self.cancel, self.sink, self.flat = views, cancel, sink, flat
         self.base = base
         self.touched = False
@@ -240,7 +240,7 @@ class WeightWriter:
 
     def patch(self, name: str, width: int, index: torch.Tensor, values: torch.Tensor) -> None:
         """Set the `width`-byte units at flat positions `index` of tensor `name` to `values`
-        (a delta's changed units; `rlsync.delta`)."""
+        (a delta's changed units; `rlsync.plan.delta`)."""
         self.check_cancel()
         start = time.perf_counter()
         self.touched = True

@@ -32,10 +32,13 @@ from typing import Any
 
 import torch
 
-from rlsync import delta
-from rlsync.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
-from rlsync.netutil import free_port
-from rlsync.protocol import (
+from rlsync.plan import delta
+from rlsync.plan.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
+from rlsync.transports import OnBucket, TransferStats, TransportError, base, integrity
+from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, as_wire, finish, holds
+from rlsync.transports.sharded.broadcast_rows import check_rows, recv_rows, sender_group
+from rlsync.wire.netutil import free_port
+from rlsync.wire.protocol import (
     Bucket,
     BucketPlan,
     DestroyWeightsGroup,
@@ -45,9 +48,6 @@ from rlsync.protocol import (
     UpdateWeightsFromDistributed,
     failed,
 )
-from rlsync.transports import OnBucket, TransferStats, TransportError, base, integrity
-from rlsync.transports.broadcast_group import IN_FLIGHT, BroadcastGroup, as_wire, finish, holds
-from rlsync.transports.broadcast_rows import check_rows, recv_rows, sender_group
 
 
 def _wire_bytes(buckets: list[Bucket], verify: bool) -> int:

@@ -1,7 +1,7 @@
 """The broadcast group itself: one rank's handle on a dedicated process group whose rank 0
 sends, built from its own store rendezvous with every wait bounded, and the small helpers
 every broadcast stream shares (`rlsync.transports.broadcast` for one sender,
-`rlsync.transports.broadcast_rows` for the ranks of a sharded trainer)."""
+`rlsync.transports.sharded.broadcast_rows` for the ranks of a sharded trainer)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, TCPStore
 
-from rlsync.buckets import dtype_name
+from rlsync.plan.buckets import dtype_name
 from rlsync.transports import TransferStats, TransportError, TransportTimeout
 
 Backend = Literal["gloo", "nccl"]
@@ -83,7 +83,7 @@ class BroadcastGroup:
         """Meet `members` processes at one store (`host`: this one serves it), then connect
         to every group of `ranks` (group name -> this process' rank in it), in that order;
         each group has `world_size` ranks. A sharded trainer's weights group is one group
-        per trainer rank over one store (`rlsync.transports.broadcast_rows`)."""
+        per trainer rank over one store (`rlsync.transports.sharded.broadcast_rows`)."""
         if world_size < 2 or not all(0 <= r < world_size for r in ranks.values()):
             raise ValueError(
                 f"ranks {dict(ranks)} / world_size {world_size}: need 0 <= rank < size"

@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from rlsync.buckets import align_up
-from rlsync.protocol import BucketPlan, IpcBuffer
+from rlsync.plan.buckets import align_up
 from rlsync.transports import TransportError
 from rlsync.transports.integrity import TRAILER_BYTES
+from rlsync.wire.protocol import BucketPlan, IpcBuffer
 
 SHM_DIR = "/dev/shm"
 PREFIX = "rlsync"

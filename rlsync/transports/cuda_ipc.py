@@ -20,11 +20,11 @@ import secrets
 
 import torch
 
-from rlsync.protocol import BucketPlan, CudaShare, IpcBuffer
 from rlsync.transports import TransportError
 from rlsync.transports.control import Control, geometry
 from rlsync.transports.ipc import BucketWriter, IpcSender
 from rlsync.transports.ipc_reader import IpcReceiver
+from rlsync.wire.protocol import BucketPlan, CudaShare, IpcBuffer
 
 _SHARE_FIELDS = (
     "device",

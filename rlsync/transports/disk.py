@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-from rlsync import delta
-from rlsync.buckets import dtype_from_name, tensor_fingerprint, tensor_nbytes
 from rlsync.checkpoint_io import (
     INDEX_FILE,
     CheckpointError,
@@ -35,8 +33,10 @@ from rlsync.checkpoint_io import (
     write_checkpoint,
 )
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import BucketPlan, UpdateWeightsFromDisk
+from rlsync.plan import delta
+from rlsync.plan.buckets import dtype_from_name, tensor_fingerprint, tensor_nbytes
 from rlsync.transports import IntegrityError, TransferStats, TransportError, TransportTimeout, base
+from rlsync.wire.protocol import BucketPlan, UpdateWeightsFromDisk
 
 VERSION_KEY = "rlsync_weight_version"
 FINGERPRINTS_KEY = "rlsync_fingerprints"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rlsync.buckets import fingerprint
+from rlsync.plan.buckets import fingerprint
 from rlsync.transports import IntegrityError
 
 TRAILER_BYTES = 8

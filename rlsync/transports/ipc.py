@@ -47,16 +47,8 @@ from typing import Any
 
 import torch
 
-from rlsync import delta
-from rlsync.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
-from rlsync.protocol import (
-    Bucket,
-    BucketPlan,
-    IpcBuffer,
-    StoreRef,
-    UpdateAccepted,
-    UpdateWeightsFromIPC,
-)
+from rlsync.plan import delta
+from rlsync.plan.buckets import fingerprint, in_store, pack_bucket, plan_total_bytes
 from rlsync.transports import (
     TransferStats,
     TransportError,
@@ -77,6 +69,14 @@ from rlsync.transports.integrity import TRAILER_BYTES
 from rlsync.transports.ipc_reader import IpcReceiver
 from rlsync.transports.ipc_waits import await_engines, name_members
 from rlsync.transports.store import MappedStores
+from rlsync.wire.protocol import (
+    Bucket,
+    BucketPlan,
+    IpcBuffer,
+    StoreRef,
+    UpdateAccepted,
+    UpdateWeightsFromIPC,
+)
 
 STALE_CHECK_S = 1.0
 
@@ -84,7 +84,7 @@ STALE_CHECK_S = 1.0
 class BucketWriter:
     """How an `IpcSender` writes the bytes of each bucket: the public hook through which the
     writers of a push can be others than this process (a sharded trainer, every rank writing
-    its own rows: `trainer_side.shard_buffer.RankRows`). This default packs each bucket from
+    its own rows: `rlsync.transports.sharded.buffer.RankRows`). This default packs each bucket from
     the trainer's tensors; with several regions, one thread per region (the copies release
     the GIL, so N engine stores cost about one copy's time while memory bandwidth lasts,
     docs/TRANSPORTS.md, several engines on a host)."""
@@ -127,7 +127,7 @@ class BucketWriter:
 
 
 class PayloadWriter(BucketWriter):
-    """Writes bucket g's `rlsync.delta` payload, `encode(g)`, into its region (header, then
+    """Writes bucket g's `rlsync.plan.delta` payload, `encode(g)`, into its region (header, then
     body); the payload carries its own checks."""
 
     def __init__(self, encode: base.Encode):
@@ -386,7 +386,7 @@ class Sender(base.Sender):
 
     `make_writer` (a public hook): makes the `BucketWriter` of each buffer this sender makes,
     i.e. who writes the buckets' bytes (default: this process packs them; a sharded trainer
-    passes one that lets every rank write its rows, `trainer_side.shard_ipc`)."""
+    passes one that lets every rank write its rows, `rlsync.transports.sharded.ipc`)."""
 
     kind = "ipc"
 
@@ -554,7 +554,7 @@ class Receiver(base.Receiver):
     def _receive_payloads(
         self, msg: UpdateWeightsFromIPC, plan: BucketPlan, writer: base.WeightWriter
     ) -> None:
-        """A delta update: each region holds a payload of `rlsync.delta`, not a packed bucket."""
+        """A delta update: each region holds a payload of `rlsync.plan.delta`, not a packed bucket."""
         self.active = True
         try:
             self._reader(msg.buffer).receive(

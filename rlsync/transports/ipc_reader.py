@@ -11,12 +11,12 @@ import time
 
 import torch
 
-from rlsync.buckets import plan_total_bytes
-from rlsync.protocol import Bucket, BucketPlan, IpcBuffer
+from rlsync.plan.buckets import plan_total_bytes
 from rlsync.transports import OnBucket, TransferStats, TransportError, base, integrity
 from rlsync.transports.control import Control, fence, layout, region_bytes, seq
 from rlsync.transports.integrity import TRAILER_BYTES
 from rlsync.transports.ipc_waits import OPEN_SLACK_S, PushFollower
+from rlsync.wire.protocol import Bucket, BucketPlan, IpcBuffer
 
 
 class IpcReceiver:

@@ -1,7 +1,7 @@
 """The one registry of transports: kind -> the module holding both halves.
 
 Adding a transport is one module (a `Sender` and a `Receiver` subclass of
-`rlsync.transports.base`, plus an UpdateWeights* message in `rlsync.protocol` whose
+`rlsync.transports.base`, plus an UpdateWeights* message in `rlsync.wire.protocol` whose
 `transport` names the kind) and one line in `MODULES`. Modules are imported on first use,
 so a CPU-only install never loads CUDA code it does not need.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from rlsync.protocol import TRANSPORT_KINDS, Message
 from rlsync.transports.base import Receiver, Sender
+from rlsync.wire.protocol import TRANSPORT_KINDS, Message
 
 MODULES: dict[str, str] = {
     "broadcast": "rlsync.transports.broadcast",

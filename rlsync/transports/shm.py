@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from rlsync.protocol import BucketPlan, IpcBuffer
 from rlsync.transports.control import Control, Segment, geometry, new_segment_name
 from rlsync.transports.ipc import BucketWriter, IpcSender
 from rlsync.transports.ipc_reader import IpcReceiver
+from rlsync.wire.protocol import BucketPlan, IpcBuffer
 
 
 class ShmSender(IpcSender):

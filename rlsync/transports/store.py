@@ -16,9 +16,9 @@ import weakref
 
 import torch
 
-from rlsync.protocol import StoreRef
 from rlsync.transports import TransportError
 from rlsync.transports.control import Segment, new_segment_name
+from rlsync.wire.protocol import StoreRef
 
 
 class EngineStore:

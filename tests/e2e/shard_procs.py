@@ -116,10 +116,10 @@ def _push_versions(
     versions: tuple[int, ...],
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    from trainer_side.fsdp import shard_policy
-    from trainer_side.policy import LlamaPolicy
-    from trainer_side.push_report import PushError
-    from trainer_side.shard_push import ShardedPusher
+    from trainer_side.rl.fsdp import shard_policy
+    from trainer_side.rl.policy import LlamaPolicy
+    from trainer_side.sync.push_report import PushError
+    from trainer_side.sync.shard_push import ShardedPusher
 
     device = f"cuda:{rank}" if device == "cuda" else device
     policy = LlamaPolicy.from_pretrained(ckpt, device=device)
@@ -149,7 +149,7 @@ def _push_versions(
 
 def _set_weights(policy: torch.nn.Module, tensors: dict[str, torch.Tensor], rank: int) -> None:
     """Each rank copies its own rows of the full tensors into its shards."""
-    from trainer_side.fsdp import dim0_shard
+    from rlsync.transports.sharded.dim0 import dim0_shard
 
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -160,7 +160,7 @@ def _set_weights(policy: torch.nn.Module, tensors: dict[str, torch.Tensor], rank
 
 def _die_after_bucket(bucket: int) -> None:
     """This rank SIGKILLs itself once it reported bucket `bucket` written (fault injection)."""
-    from trainer_side.shard_channel import ShardChannel
+    from rlsync.transports.sharded.channel import ShardChannel
 
     wrote = ShardChannel.wrote
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from infer_side.engine_core import EngineCore
-from infer_side.weights import ModelWeights
+from infer_side.engines.native.engine_core import EngineCore
+from infer_side.engines.weights import ModelWeights
 from rlsync.checkpoint_io import iter_checkpoint_tensors
 from rlsync.config import EngineConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import Generate, GenerateOutput, SamplingParams
+from rlsync.wire.protocol import Generate, GenerateOutput, SamplingParams
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [3, 3, 3]]
 

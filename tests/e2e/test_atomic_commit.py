@@ -15,20 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import rlsync.transports.ipc as ipc
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import ConfigError, SyncConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import (
+from rlsync.wire.protocol import (
     UpdateAccepted,
     UpdateDone,
     UpdateReady,
     UpdateWeightsFromDisk,
 )
-from rlsync.rpc import RpcClient
+from rlsync.wire.rpc import RpcClient
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, reference_tokens, trainer_weights
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 TIMEOUT_S = 3.0
 NAMES = ("e0", "e1", "e2")
@@ -217,7 +217,7 @@ def test_an_engine_dead_after_the_commit_went_out_is_named_and_the_others_switch
 ):
     """The window two phases cannot close (docs/RELIABILITY.md): every engine reported ready,
     then one dies just before the commit reaches it."""
-    from trainer_side import atomic_commit
+    from trainer_side.sync import atomic_commit
 
     doomed = launch_engine(ckpt, kv_tokens=256, threads=1)
     survivors = {n: engines[n] for n in ("e0", "e1")}

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.checkpoint_io import iter_checkpoint_tensors, write_checkpoint
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
 from tests.checkpoints import make_hf_checkpoint
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 
 def rlsync(*args: str) -> subprocess.CompletedProcess:

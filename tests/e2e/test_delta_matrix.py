@@ -19,12 +19,12 @@ import signal
 import pytest
 import torch
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side import delta_push
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync import delta_push
+from trainer_side.sync.pusher import WeightPusher
 
 TIMEOUT_S = 2.0
 NO_BASE = "full: no base yet"

@@ -16,11 +16,11 @@ import time
 import pytest
 import torch
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 TRANSPORTS = ["broadcast", "ipc", "disk"]
 TIMEOUT_S = 4.0
@@ -209,9 +209,9 @@ def test_a_full_push_every_n_versions(engines, ckpt, versions, tmp_path):
 SLOW_DELTA_PUSHER = r"""
 import sys, time, torch
 from rlsync.config import SyncConfig
-from rlsync.delta_encode import DeltaEncoder
+from rlsync.plan.delta_encode import DeltaEncoder
 from tests.e2e.sync_helpers import trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 endpoint, transport, load_mode, version, ckpt, timeout = *sys.argv[1:6], float(sys.argv[6])
 cfg = SyncConfig(
@@ -290,7 +290,7 @@ def _settled(engine, deadline_s: float):
 def test_dense_changes_turn_deltas_off_for_a_while(engines, ckpt, versions, tmp_path):
     """A delta that finds every bucket dense (Adam on fp32 weights) is followed by plain
     pushes (no payloads, no base kept), then a full push takes a base and deltas resume."""
-    from trainer_side.delta_push import DENSE_PLAIN_PUSHES
+    from trainer_side.sync.delta_push import DENSE_PLAIN_PUSHES
 
     gen = torch.Generator().manual_seed(14)
     weights = trainer_weights(ckpt, 70)
@@ -316,7 +316,7 @@ def test_a_bit_flipped_on_the_way_is_caught_and_the_push_repeated_in_full(
     """Fault injection on the wire: one bit of a SPARSE payload flips after its checksum was
     taken (in the shared buffer). Every engine refuses that payload before writing it, and
     the pusher sends the version again, whole; the engines end bit-exact."""
-    from rlsync.delta import SPARSE, Payload
+    from rlsync.plan.delta import SPARSE, Payload
 
     real = Payload.write_into
     flipped = []

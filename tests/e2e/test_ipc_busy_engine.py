@@ -18,14 +18,14 @@ from contextlib import contextmanager
 
 import pytest
 
-from infer_side.client import EngineClient, connect, launch_engine
-from rlsync.buckets import tensor_fingerprint
+from infer_side.process.client import EngineClient, connect, launch_engine
 from rlsync.config import SyncConfig
-from rlsync.protocol import SamplingParams
+from rlsync.plan.buckets import tensor_fingerprint
+from rlsync.wire.protocol import SamplingParams
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.shard_procs import host_store, run_ranks
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 POSITIONS = 16384
 """Long enough that one request keeps the engine busy for many seconds (~1.5 ms a token)."""

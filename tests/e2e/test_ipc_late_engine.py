@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from infer_side.client import EngineClient, launch_engine
+from infer_side.process.client import EngineClient, launch_engine
 from rlsync.config import SyncConfig
-from rlsync.protocol import GetWeightsFingerprint, WeightFingerprints
+from rlsync.wire.protocol import GetWeightsFingerprint, WeightFingerprints
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 TIMEOUT_S = 2.0
 

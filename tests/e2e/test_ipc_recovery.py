@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 20.0

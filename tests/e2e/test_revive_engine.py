@@ -19,13 +19,13 @@ import time
 
 import pytest
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, reference_tokens, trainer_weights
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 TIMEOUT_S = 2.0
 TRANSPORTS = ["ipc", "broadcast", "disk"]
@@ -134,7 +134,7 @@ def test_an_engine_still_frozen_costs_the_next_pushes_nothing_and_stays_out(
 ):
     """A truly unresponsive engine is pinged once, without a wait, when it is given up on;
     the pushes after the one it missed neither announce to it nor wait for it."""
-    from trainer_side.pusher import GIVEN_UP
+    from trainer_side.sync.pusher import GIVEN_UP
 
     frozen = engines["engine1"]
     v = max(c.info().weight_version for c in engines.values()) + 1

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from infer_side.client import launch_engine
-from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
+from rlsync.plan.buckets import dtype_from_name, tensor_fingerprint
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.shard_procs import JOIN_S, host_store
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
@@ -71,10 +71,11 @@ def rank_main(
 def _push_all(
     rank: int, store, ckpt: str, endpoints: dict, sync: SyncConfig, out: str, freeze_pid: int
 ) -> list:
-    from trainer_side.fsdp import dim0_shard, shard_policy
-    from trainer_side.policy import LlamaPolicy
-    from trainer_side.push_report import PushError
-    from trainer_side.shard_push import ShardedPusher
+    from rlsync.transports.sharded.dim0 import dim0_shard
+    from trainer_side.rl.fsdp import shard_policy
+    from trainer_side.rl.policy import LlamaPolicy
+    from trainer_side.sync.push_report import PushError
+    from trainer_side.sync.shard_push import ShardedPusher
 
     policy = LlamaPolicy.from_pretrained(ckpt)
     shard_policy(policy, 2, "cpu")

@@ -51,11 +51,11 @@ from rlsync.app.rollouts import (
     version_stats,
 )
 from rlsync.app.run_config import RunConfig, load_config
-from rlsync.buckets import tensor_fingerprint
 from rlsync.checkpoint_io import iter_checkpoint_tensors
 from rlsync.config import ConfigError
-from rlsync.protocol import GenerateOutput, VersionSpan, WeightFingerprints
-from trainer_side.actor import StaleRolloutError, check_versions, fresh_samples
+from rlsync.plan.buckets import tensor_fingerprint
+from rlsync.wire.protocol import GenerateOutput, VersionSpan, WeightFingerprints
+from trainer_side.rl.actor import StaleRolloutError, check_versions, fresh_samples
 
 TINY = [
     "model.vocab_size=32",

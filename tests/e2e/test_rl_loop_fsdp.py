@@ -18,7 +18,7 @@ import pytest
 
 from rlsync.app.launcher import RLRun, checked, prepare_run_dir, run_steps
 from rlsync.app.run_config import load_config
-from trainer_side.task import get_task
+from trainer_side.rl.task import get_task
 
 STEPS = 40
 QUICK = [

@@ -1,7 +1,7 @@
 """Sharded (FSDP2) trainers push to real engines: every rank moves only its own rows.
 
 Real pieces throughout: trainer ranks are spawned processes in a gloo group with the policy
-under `fully_shard`, engines are `infer_side.server` processes. Over ipc the bytes go
+under `fully_shard`, engines are `infer_side.process.server` processes. Over ipc the bytes go
 through shared memory: straight into the engines' own stores (their published layout, the
 default), or through rank 0's staging buffer (`one_copy=False`, the path of engines without
 a layout). Over broadcast every rank broadcasts its rows over a gloo group of its own with
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from infer_side.client import launch_engine
-from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
+from rlsync.plan.buckets import dtype_from_name, tensor_fingerprint
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.shard_procs import host_store, run_ranks
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.shard_procs import host_store, run_ranks

@@ -18,10 +18,10 @@ import sys
 import pytest
 import torch
 
-from infer_side.client import launch_engine
-from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
-from rlsync.protocol import SamplingParams
+from rlsync.plan.buckets import dtype_from_name, tensor_fingerprint
+from rlsync.wire.protocol import SamplingParams
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from tests.e2e.shard_procs import host_store, run_ranks
 from tests.e2e.sync_helpers import trainer_weights

@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 TIMEOUT_S = 4.0
 
@@ -28,7 +28,7 @@ import sys, time
 import rlsync.transports.broadcast as broadcast, rlsync.transports.ipc as shm
 from rlsync.config import SyncConfig
 from tests.e2e.sync_helpers import trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 endpoint, transport, load_mode, version, ckpt, TIMEOUT = *sys.argv[1:6], float(sys.argv[6])
 real_pack, packed = shm.pack_bucket, []

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from infer_side.client import connect, launch_engine
-from rlsync.buckets import plan_buckets
+from infer_side.process.client import connect, launch_engine
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import (
+from rlsync.plan.buckets import plan_buckets
+from rlsync.wire.protocol import (
     GetWeightSpecs,
     SamplingParams,
     UpdateDone,
@@ -22,11 +22,11 @@ from rlsync.protocol import (
     token_versions,
     version_spans,
 )
-from rlsync.rpc import RpcClient
+from rlsync.wire.rpc import RpcClient
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from tests.e2e.sync_helpers import trainer_weights
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 if os.environ.get("RLSYNC_NO_VLLM") or sys.version_info < (3, 11):
     pytest.skip(

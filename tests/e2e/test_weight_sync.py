@@ -11,13 +11,18 @@ import os
 import pytest
 import torch
 
-from infer_side.client import launch_engine
-from rlsync.buckets import in_store, plan_buckets, plan_in_store
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import GetWeightSpecs, UpdateDone, UpdateWeightsFromIPC, WeightFingerprints
-from rlsync.rpc import RpcClient
+from rlsync.plan.buckets import in_store, plan_buckets, plan_in_store
 from rlsync.transports.control import SHM_DIR
+from rlsync.wire.protocol import (
+    GetWeightSpecs,
+    UpdateDone,
+    UpdateWeightsFromIPC,
+    WeightFingerprints,
+)
+from rlsync.wire.rpc import RpcClient
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import (
     PROMPTS,
@@ -27,8 +32,8 @@ from tests.e2e.sync_helpers import (
     reference_tokens,
     trainer_weights,
 )
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 TRANSPORTS = ["broadcast", "ipc", "disk"]
 

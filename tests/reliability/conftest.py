@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer_side.client import EngineClient, launch_engine
+from infer_side.process.client import EngineClient, launch_engine
 from rlsync.model_config import ModelConfig
 from tests.reliability.model import make_checkpoint
 

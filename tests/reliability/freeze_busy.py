@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-from infer_side.client import EngineClient, connect
-from rlsync.protocol import GenerateOutput, SamplingParams
+from infer_side.process.client import EngineClient, connect
+from rlsync.wire.protocol import GenerateOutput, SamplingParams
 
 
 def long_prompts(n: int, length: int, vocab: int = 96) -> list[list[int]]:

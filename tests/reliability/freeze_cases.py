@@ -23,15 +23,15 @@ import pytest
 
 import rlsync.transports.broadcast as broadcast
 import rlsync.transports.ipc as ipc
-from infer_side.client import EngineClient
-from infer_side.update_machine import WORKER_GRACE_S
+from infer_side.process.client import EngineClient
+from infer_side.update.update_machine import WORKER_GRACE_S
 from rlsync.config import SyncConfig
 from rlsync.transports.broadcast_group import BroadcastGroup
 from tests.reliability.freeze_checks import Checkpoints, settle, verdict
-from trainer_side.atomic_commit import AtomicRound
-from trainer_side.push_report import PushError, PushReport
-from trainer_side.pusher import WeightPusher
-from trainer_side.sync_engines import PING_TIMEOUT_S
+from trainer_side.sync.atomic_commit import AtomicRound
+from trainer_side.sync.engine_set import PING_TIMEOUT_S
+from trainer_side.sync.push_report import PushError, PushReport
+from trainer_side.sync.pusher import WeightPusher
 
 ANNOUNCE = "before-it-answers-the-announcement"
 FIRST = "before-the-first-bucket"

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from infer_side.client import EngineClient
-from rlsync.buckets import dtype_from_name, tensor_fingerprint
+from infer_side.process.client import EngineClient
 from rlsync.checkpoint_io import iter_checkpoint_tensors
-from rlsync.protocol import WEIGHTS_INCOMPLETE, GetWeightsFingerprint, WeightFingerprints
-from rlsync.rpc import EngineDead, RpcError, RpcTimeout
+from rlsync.plan.buckets import dtype_from_name, tensor_fingerprint
+from rlsync.wire.protocol import WEIGHTS_INCOMPLETE, GetWeightsFingerprint, WeightFingerprints
+from rlsync.wire.rpc import EngineDead, RpcError, RpcTimeout
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 
 CALL_S = 10.0

@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from infer_side.client import EngineClient, launch_engine
+from infer_side.process.client import EngineClient, launch_engine
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
 from tests.e2e.sync_helpers import PROMPTS, greedy
 from tests.reliability.freeze_checks import Checkpoints, frozen, settle, verdict
 from tests.reliability.model import make_checkpoint, reference_outputs
-from trainer_side.push_report import PushError, PushReport
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError, PushReport
+from trainer_side.sync.pusher import WeightPusher
 
 ROWS = {
     "ipc-one-copy": ("ipc", True),

@@ -22,12 +22,12 @@ import time
 
 import pytest
 
-from rlsync.protocol import UpdateWeights
+from rlsync.wire.protocol import UpdateWeights
 from tests.e2e.sync_helpers import trainer_weights
 from tests.reliability.freeze_cases import ANNOUNCE, FIRST, Case, Once, hook
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
-from trainer_side.sync_engines import EngineSet
+from trainer_side.sync.engine_set import EngineSet
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 
 def stop_self() -> None:

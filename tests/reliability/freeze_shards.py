@@ -126,10 +126,10 @@ def _push_all(
     out: str,
     versions: list[int],
 ) -> None:
-    from trainer_side.fsdp import shard_policy
-    from trainer_side.policy import LlamaPolicy
-    from trainer_side.push_report import PushError
-    from trainer_side.shard_push import ShardedPusher
+    from trainer_side.rl.fsdp import shard_policy
+    from trainer_side.rl.policy import LlamaPolicy
+    from trainer_side.sync.push_report import PushError
+    from trainer_side.sync.shard_push import ShardedPusher
 
     policy = LlamaPolicy.from_pretrained(ckpt)
     shard_policy(policy, world_size, "cpu")
@@ -163,7 +163,7 @@ def _push_all(
 
 def _set_weights(policy: torch.nn.Module, tensors: dict[str, torch.Tensor], rank: int) -> None:
     """Each rank copies its own rows of the full tensors into its shards."""
-    from trainer_side.fsdp import dim0_shard
+    from rlsync.transports.sharded.dim0 import dim0_shard
 
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -174,7 +174,7 @@ def _set_weights(policy: torch.nn.Module, tensors: dict[str, torch.Tensor], rank
 
 def _stop_after_bucket_0() -> None:
     """This rank stops itself once it reported its rows of bucket 0 of its first push."""
-    from trainer_side.shard_channel import ShardChannel
+    from rlsync.transports.sharded.channel import ShardChannel
 
     wrote, done = ShardChannel.wrote, []
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from rlsync.codec import ProtocolError, decode, encode
-from rlsync.protocol import ContinueGeneration, EngineDied, Message, failed, is_final
+from rlsync.wire.codec import ProtocolError, decode, encode
+from rlsync.wire.protocol import ContinueGeneration, EngineDied, Message, failed, is_final
 from tests.reliability.fuzz_frames import Case, harmless
 
 WINDOW = 40

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import msgpack
 
-from rlsync.buckets import plan_buckets
-from rlsync.codec import ProtocolError, decode, encode
-from rlsync.protocol import (
+from rlsync.plan.buckets import plan_buckets
+from rlsync.wire.codec import ProtocolError, decode, encode
+from rlsync.wire.protocol import (
     CONTROL_MESSAGES,
     Abort,
     BucketPlan,

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rlsync.protocol import CudaShare, IpcBuffer
 from rlsync.transports.control import Segment, new_segment_name
+from rlsync.wire.protocol import CudaShare, IpcBuffer
 
 
 @dataclass

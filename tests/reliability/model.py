@@ -12,7 +12,7 @@ import torch
 
 from rlsync.checkpoint_io import write_checkpoint
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import SamplingParams
+from rlsync.wire.protocol import SamplingParams
 from tests.e2e.sync_helpers import run_core
 
 TINY = ModelConfig(
@@ -49,10 +49,10 @@ def reference_outputs(
 ) -> list[list[int]]:
     """Output ids of a fresh engine holding exactly `tensors`, one list per prompt (any
     sampling params: seeded sampling is reproducible too)."""
-    from infer_side.engine_core import EngineCore
-    from infer_side.weights import ModelWeights
+    from infer_side.engines.native.engine_core import EngineCore
+    from infer_side.engines.weights import ModelWeights
     from rlsync.config import EngineConfig
-    from rlsync.protocol import Generate
+    from rlsync.wire.protocol import Generate
 
     dtype = next(iter(tensors.values())).dtype
     weights = ModelWeights.empty(cfg, dtype, torch.device("cpu"))

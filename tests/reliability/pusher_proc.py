@@ -17,8 +17,8 @@ import rlsync.transports.broadcast as broadcast
 import rlsync.transports.ipc as ipc
 from rlsync.config import SyncConfig
 from tests.e2e.sync_helpers import trainer_weights
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 
 def stop_after_second_bucket() -> None:

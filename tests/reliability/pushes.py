@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infer_side.client import EngineClient
+from infer_side.process.client import EngineClient
 from rlsync.config import SyncConfig
 from tests.e2e.sync_helpers import trainer_weights
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 
 def push_next(

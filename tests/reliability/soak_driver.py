@@ -16,14 +16,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infer_side.client import EngineClient
+from infer_side.process.client import EngineClient
 from rlsync.config import SyncConfig
 from rlsync.model_config import ModelConfig
-from rlsync.protocol import GenerateOutput, SamplingParams
+from rlsync.wire.protocol import GenerateOutput, SamplingParams
 from tests.e2e.sync_helpers import trainer_weights
 from tests.reliability.model import reference_outputs
 from tests.reliability.procs import rss_kb
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 RETRY_LIMIT = 200
 REFUSED = "weights incomplete"

@@ -18,12 +18,19 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from infer_side.client import EngineStartError, connect, launch_engine
-from infer_side.server import run_engine
-from rlsync.auth import AuthError, ClientKeys, generate_keys, load_client_keys, load_server_keys
+from infer_side.process.client import EngineStartError, connect, launch_engine
+from infer_side.process.server import run_engine
 from rlsync.config import SyncConfig
-from rlsync.netutil import free_port
-from rlsync.protocol import (
+from rlsync.transports.disk import write_weights
+from rlsync.wire.auth import (
+    AuthError,
+    ClientKeys,
+    generate_keys,
+    load_client_keys,
+    load_server_keys,
+)
+from rlsync.wire.netutil import free_port
+from rlsync.wire.protocol import (
     FlushCache,
     Generate,
     GetInfo,
@@ -32,11 +39,10 @@ from rlsync.protocol import (
     UpdateWeightsFromDisk,
     is_final,
 )
-from rlsync.rpc import RpcClient, RpcTimeout
-from rlsync.transports.disk import write_weights
+from rlsync.wire.rpc import RpcClient, RpcTimeout
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGGED = {
@@ -169,7 +175,7 @@ def test_launch_engine_on_tcp_without_keys_refuses_to_start(ckpt):
 
 def _args(**kw) -> argparse.Namespace:
     """The engine's own options (every default from its parser), with `kw` set."""
-    from infer_side.server import add_arguments
+    from infer_side.process.server import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -1,4 +1,4 @@
-"""What tests/rlsync/test_codec_fuzz.py does not cover: every field's limit is enforced at
+"""What tests/rlsync/wire/test_codec_fuzz.py does not cover: every field's limit is enforced at
 its edge with an error naming that exact field; every prefix of every valid frame is
 refused; msgpack headers that declare gigabytes are refused without allocating them; and
 nesting, frame size and input type are bounded. All of it only ever raises ProtocolError.
@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlsync import protocol as p
-from rlsync.codec import MAX_DEPTH, MAX_FRAME_BYTES, ProtocolError, decode, encode
-from tests.rlsync.test_codec_fuzz import _message
+from rlsync.wire.codec import MAX_DEPTH, MAX_FRAME_BYTES, ProtocolError, decode, encode
+from tests.rlsync.wire.test_codec_fuzz import _message
 
 NAMES = sorted(p.MESSAGE_TYPES)
 REQUIRED = {"InitWeightsGroup": {"master_port": 1}}

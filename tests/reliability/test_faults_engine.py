@@ -16,16 +16,16 @@ import pytest
 
 import rlsync.transports.broadcast as broadcast
 import rlsync.transports.ipc as ipc
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from rlsync.config import SyncConfig
-from rlsync.protocol import InitWeightsGroup, Result, SamplingParams
+from rlsync.wire.protocol import InitWeightsGroup, Result, SamplingParams
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from tests.reliability.conftest import KV_TOKENS, next_version
 from tests.reliability.figures import record
 from tests.reliability.model import reference_outputs
 from tests.reliability.procs import Snapshot, local_threads_settled, own_segments, settled
 from tests.reliability.pushes import push_next
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 TIMEOUT_S = 2.0
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from infer_side.client import launch_engine
+from infer_side.process.client import launch_engine
 from tests.checkpoints import load_hf_model, make_hf_checkpoint
 from tests.e2e.sync_helpers import PROMPTS
 from tests.reliability.freeze_cases import ANNOUNCE, BUCKET0, Case, Rig, param

@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 
 from rlsync.config import SyncConfig
-from rlsync.protocol import WeightFingerprints
 from rlsync.transports import TransportError
 from rlsync.transports.shm import ShmSender
+from rlsync.wire.protocol import WeightFingerprints
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from tests.reliability.conftest import next_version
 from tests.reliability.figures import record
 from tests.reliability.model import reference_outputs
 from tests.reliability.procs import Snapshot, local_threads_settled, own_segments, settled
 from tests.reliability.pushes import push_next
-from trainer_side.push_report import PushError
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.push_report import PushError
+from trainer_side.sync.pusher import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 2.0

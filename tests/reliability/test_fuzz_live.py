@@ -12,16 +12,16 @@ import time
 import pytest
 import zmq
 
-from rlsync.codec import MAX_FRAME_BYTES
 from rlsync.config import SyncConfig
-from rlsync.protocol import GetWeightSpecs, WeightSpecs
+from rlsync.wire.codec import MAX_FRAME_BYTES
+from rlsync.wire.protocol import GetWeightSpecs, WeightSpecs
 from tests.e2e.sync_helpers import PROMPTS, greedy, trainer_weights
 from tests.reliability.figures import record
 from tests.reliability.fuzz_driver import fuzz_engine
 from tests.reliability.fuzz_frames import FrameFactory
 from tests.reliability.fuzz_targets import make_targets
 from tests.reliability.procs import Snapshot, peak_rss_kb, settled
-from trainer_side.pusher import WeightPusher
+from trainer_side.sync.pusher import WeightPusher
 
 
 def _state(engine) -> tuple[dict, list[list[int]]]:

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import zmq
 
-from infer_side.checkpoint import load_model
+from infer_side.engines.checkpoint import load_model
 from rlsync.checkpoint_io import CheckpointError
-from rlsync.codec import decode
-from rlsync.endpoints import ipc_path
-from rlsync.protocol import Result, UpdateDone, UpdateWeightsFromDisk
-from rlsync.rpc import RpcClient
+from rlsync.wire.codec import decode
+from rlsync.wire.endpoints import ipc_path
+from rlsync.wire.protocol import Result, UpdateDone, UpdateWeightsFromDisk
+from rlsync.wire.rpc import RpcClient
 from tests.reliability.pickle_scan import scan_file, scan_source
 
 ROOT = Path(__file__).resolve().parents[2]
