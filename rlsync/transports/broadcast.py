@@ -416,7 +416,14 @@ class Sender(base.Sender):
         send_payloads(self.group, len(plan.buckets), encode, timeout_s=self.cfg.timeout_s)
 
     def _check_accepted(self, accepted: list[str]) -> None:
+        """A broadcast needs every member. Without one, break the group before a byte
+        moves: the members that accepted are waiting in it, and a closed group fails their
+        receive at once instead of after their first-bucket timeout (which the pusher,
+        gathering their UpdateDone, would wait out too)."""
         if sorted(accepted) != sorted(self.members):
+            if self.group is not None:
+                self.group.destroy()
+                self.group = None
             refused = sorted(set(self.members) - set(accepted))
             raise TransportError(
                 f"engines {refused} refused the update; a broadcast needs every member"
