@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlsync import protocol as p
+from rlsync.wire import protocol as p
 from rlsync.wire.codec import MAX_DEPTH, MAX_FRAME_BYTES, ProtocolError, decode, encode
 from tests.rlsync.wire.test_codec_fuzz import _message
 

@@ -3,7 +3,7 @@ in_place push refused are sent again, with their own sampling, until served or o
 
 from __future__ import annotations
 
-from infer_side import client as client_module
+from infer_side.process import client as client_module
 from infer_side.process.client import generate_through_updates
 from rlsync.wire.protocol import WEIGHTS_INCOMPLETE, GenerateOutput, SamplingParams
 

@@ -18,7 +18,7 @@ from rlsync.bench.stats import Row, add_ratios, percentile
 from rlsync.cli import main
 
 pytestmark = pytest.mark.timeout(180)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 METHODS = ["memcpy", "ipc", "per-tensor", "pickle"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsync import buckets as B
+from rlsync.plan import buckets as B
 from rlsync.plan.buckets import PlanError, bucket_views, fingerprint, pack_bucket, plan_buckets
 from rlsync.wire.codec import decode, encode
 from rlsync.wire.protocol import Bucket, BucketPlan, TensorSpec, UpdateWeightsFromDistributed
@@ -395,7 +395,7 @@ def test_tensor_fingerprint_reads_logical_bytes_of_strided_tensors():
 
 
 def _doc_vectors() -> list[tuple[bytes, int]]:
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "PROTOCOL.md").read_text()
     section = doc.split("## Fingerprints")[1].split("\n## ")[0]
     rows = re.findall(r"^\| (empty|`[0-9a-f ]+`) \| `(-?\d+)` \|$", section, flags=re.M)
     return [(b"" if raw == "empty" else bytes.fromhex(raw.strip("`")), int(fp)) for raw, fp in rows]

@@ -16,7 +16,7 @@ import pytest
 
 from rlsync.transports.control import SHM_DIR, Segment, new_segment_name, remove_orphan_segments
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NO_SUCH_PID = 2**22 + 1  # above the largest pid_max Linux allows: never a pid here
 CREATOR = """
 import sys

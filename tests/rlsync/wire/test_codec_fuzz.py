@@ -16,7 +16,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlsync import protocol as p
+from rlsync.wire import protocol as p
 from rlsync.wire.codec import ProtocolError, decode, encode
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

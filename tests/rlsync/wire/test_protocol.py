@@ -16,8 +16,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from rlsync import protocol as p
 from rlsync.wire import codec
+from rlsync.wire import protocol as p
 from rlsync.wire.codec import ProtocolError, decode, encode
 
 PLAN = p.BucketPlan(
@@ -853,7 +853,7 @@ def test_pickled_message_is_refused_as_not_msgpack():
 # ---------------------------------------------------------------- the written protocol
 
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "PROTOCOL.md"
 
 
 def _doc_sections() -> dict[str, str]:

@@ -18,7 +18,7 @@ from rlsync.wire.protocol import BucketUpdate, Shutdown
 from rlsync.wire.rpc import RpcClient
 from tests.checkpoints import make_hf_checkpoint
 from tests.e2e.sync_helpers import trainer_weights
-from trainer_side import pusher as pusher_module
+from trainer_side.sync import pusher as pusher_module
 from trainer_side.sync.pusher import WeightPusher
 
 
